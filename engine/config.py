@@ -1,0 +1,112 @@
+"""Slotted, self-checking config dataclasses, one per component (built at the edge)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Architecture of a Llama-family model (Llama, SmolLM, Mistral, Qwen2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert self.num_heads % self.num_kv_heads == 0, "GQA needs num_heads % num_kv_heads == 0"
+        assert self.num_layers > 0 and self.head_dim > 0
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> ModelConfig:
+        """Build from a transformers `PretrainedConfig` (Llama / Mistral / Qwen2 style)."""
+        num_heads = hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        rope_theta = getattr(hf, "rope_theta", None)
+        rope_scaling = getattr(hf, "rope_scaling", None)
+        params = getattr(hf, "rope_parameters", None)  # transformers >= 5
+        if params:
+            rope_theta = params.get("rope_theta", rope_theta)
+            if params.get("rope_type", "default") != "default":
+                rope_scaling = dict(params)
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None
+        eos = hf.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        model_type = getattr(hf, "model_type", "llama")
+        bias = bool(getattr(hf, "attention_bias", False)) or model_type == "qwen2"
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=bias,
+            bos_token_id=getattr(hf, "bos_token_id", None),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """KV cache pool: `num_blocks` wins over `kv_cache_gib` when both are set."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, (
+            "block_size must be a power of two"
+        )
+        assert self.num_blocks is None or self.num_blocks > 0
+        assert self.kv_cache_gib > 0
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 64  # running sequences at most
+    max_num_batched_tokens: int = 2048  # tokens computed per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    policy: str = "fcfs"  # "fcfs" | "priority"
+    max_waiting: int = 1024  # queue bound; past it add_request raises EngineOverloadedError
+
+    def __post_init__(self) -> None:
+        assert self.max_num_seqs > 0 and self.max_num_batched_tokens > 0
+        assert self.max_waiting > 0
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything needed to build an `LLMEngine`. `model=None` is the bundled SmolLM2."""
+
+    model: str | None = None
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    device: str = "cpu"
+    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
