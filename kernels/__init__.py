@@ -1,0 +1,72 @@
+"""Attention backends behind one API, picked by name and device.
+
+    backend = get_attention_backend("auto", device)
+    backend.write_kv(key, value, kv_cache, slot_mapping)
+    out = backend.paged_attention(query, kv_cache, meta, scale)
+
+Every backend is a module-like object with those two functions; the table maps a name to a
+zero-argument factory so that optional backends (Triton) import their dependencies only when used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]
+
+
+class AttentionBackend(Protocol):
+    """What the model needs from an attention implementation (see `kernels.reference`)."""
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
+    def paged_attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor: ...
+
+
+def _torch_backend() -> AttentionBackend:
+    from kernels import reference
+
+    return reference
+
+
+# name -> factory returning the backend; "auto" is resolved per device by `_auto_name`.
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "torch": _torch_backend,
+}
+
+
+def _auto_name(device: torch.device) -> str:
+    """The fastest registered backend for a device: Triton on CUDA when present, else torch."""
+    if device.type == "cuda" and "triton" in _BACKENDS:
+        return "triton"
+    return "torch"
+
+
+def get_attention_backend(
+    name: str = "auto", device: torch.device | str = "cpu"
+) -> AttentionBackend:
+    """Return the attention backend `name` ("auto", "torch", ...) for `device`.
+
+    Raises:
+        ValueError: for a name that is not in the table.
+    """
+    if name == "auto":
+        name = _auto_name(torch.device(device))
+    factory = _BACKENDS.get(name)
+    if factory is None:
+        known = ", ".join(["auto", *sorted(_BACKENDS)])
+        raise ValueError(f"unknown attention backend {name!r} (known: {known})")
+    return factory()

@@ -1,0 +1,74 @@
+"""Test helpers shared across suites: a toy paged-cache allocator and tiny random models."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+
+
+def make_attention_metadata(
+    block_tables: Sequence[Sequence[int]],
+    seq_lens: Sequence[int],
+    query_lens: Sequence[int],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Metadata for a step where sequence s computes the last `query_lens[s]` of its tokens.
+
+    `block_tables[s]` must cover `seq_lens[s]` tokens; tables are padded with 0 to the longest.
+    """
+    assert len(block_tables) == len(seq_lens) == len(query_lens)
+    slots: list[int] = []
+    for table, seq_len, q_len in zip(block_tables, seq_lens, query_lens, strict=True):
+        assert 1 <= q_len <= seq_len and len(table) * block_size >= seq_len
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+    width = max(len(t) for t in block_tables)
+    padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_list=starts,
+        seq_lens_list=list(seq_lens),
+    )
+
+
+class ToyBlockAllocator:
+    """Hands out blocks in a shuffled order so block tables are non-contiguous, like a real pool.
+
+    Block 0 is never handed out: tables are padded with 0, so a kernel that reads padding would
+    read a block no sequence owns.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0) -> None:
+        self.block_size = block_size
+        self.free = list(range(1, num_blocks))
+        random.Random(seed).shuffle(self.free)
+        self.tables: dict[int, list[int]] = {}
+
+    def step(self, work: Sequence[tuple[int, int, int]]) -> AttentionMetadata:
+        """Metadata for one step; `work` holds (seq_id, seq_len after the step, q_len) per sequence.
+
+        Grows each sequence's block table to cover `seq_len` tokens.
+        """
+        for seq_id, seq_len, _ in work:
+            table = self.tables.setdefault(seq_id, [])
+            while len(table) * self.block_size < seq_len:
+                table.append(self.free.pop())
+        return make_attention_metadata(
+            [self.tables[s] for s, _, _ in work],
+            [n for _, n, _ in work],
+            [q for _, _, q in work],
+            self.block_size,
+        )
