@@ -50,25 +50,49 @@ class SamplingParams:
         """Raise `InvalidRequestError` naming the first invalid field."""
         checks: list[tuple[bool, str, str]] = [
             (self.n >= 1, "n", f"n must be at least 1, got {self.n}"),
-            (self.temperature >= 0.0, "temperature",
-             f"temperature must be >= 0, got {self.temperature}"),
+            (
+                self.temperature >= 0.0,
+                "temperature",
+                f"temperature must be >= 0, got {self.temperature}",
+            ),
             (0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
             (0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
-             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
-             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.repetition_penalty > 0.0, "repetition_penalty",
-             f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
-             f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (
+                -2.0 <= self.presence_penalty <= 2.0,
+                "presence_penalty",
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                "frequency_penalty",
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                self.repetition_penalty > 0.0,
+                "repetition_penalty",
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            ),
+            (
+                self.max_tokens is None or self.max_tokens >= 1,
+                "max_tokens",
+                f"max_tokens must be at least 1, got {self.max_tokens}",
+            ),
             (self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}"),
-            (self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS, "logprobs",
-             f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop",
-             "stop must be a list of non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-             "stop_token_ids must be non-negative integers"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
+                "logprobs",
+                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}",
+            ),
+            (
+                all(isinstance(s, str) and s for s in self.stop),
+                "stop",
+                "stop must be a list of non-empty strings",
+            ),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids",
+                "stop_token_ids must be non-negative integers",
+            ),
         ]
         for ok, param, message in checks:
             if not ok:

@@ -1,0 +1,228 @@
+"""AsyncEngine: the step loop in a background thread, per-request delta streams for asyncio.
+
+The event loop thread validates and enqueues; the engine thread owns every engine structure
+(scheduler, block manager, runner) and pushes each step's deltas back with
+`loop.call_soon_threadsafe`, so the server stays responsive while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, EngineOverloadedError
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger("prefixgate.engine")
+
+
+@dataclass(slots=True)
+class _Add:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    tenant: str
+    namespace: str | None
+    priority: int
+
+
+class RequestStream:
+    """Async iterator over one request's `RequestDelta`s; the last one has `finished=True`."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    def _put(self, item: RequestDelta | BaseException) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    async def aclose(self) -> None:
+        """Abort the request in the engine unless it already finished."""
+        self._abort()
+
+    def _abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Asyncio front of an `LLMEngine` running in a background thread."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer: Any = engine.tokenizer
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._pending = 0
+        self._ids = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._dead is None
+
+    # ---- requests (event loop thread) ------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        priority: int = 0,
+    ) -> RequestStream:
+        """Validate and enqueue; raises `InvalidRequestError`, `ContextLengthError`,
+        `EngineOverloadedError` or `EngineDeadError` before anything is allocated."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        self.engine.validate(prompt_token_ids, params)
+        limit = self.engine.config.scheduler.max_waiting
+        if self.engine.scheduler.num_waiting + self._pending >= limit:
+            raise EngineOverloadedError("the engine's waiting queue is full; retry later")
+        with self._lock:
+            self._ids += 1
+            request_id = request_id or f"req-{self._ids}"
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = stream
+        with self._lock:
+            self._pending += 1
+        self._commands.put(
+            _Add(list(prompt_token_ids), params, request_id, tenant, namespace, priority)
+        )
+        self._wakeup.set()
+        return stream
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, **kwargs: Any
+    ) -> AsyncIterator[RequestDelta]:
+        stream = self.add_request(prompt_token_ids, params, **kwargs)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(request_id)
+        self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not self.engine.has_unfinished:
+                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.clear()
+                    continue
+                for delta in self.engine.step():
+                    self._dispatch(delta)
+        except BaseException as exc:  # the loop must never die silently
+            log.exception("engine loop crashed")
+            self._dead = exc
+            for stream in list(self._streams.values()):
+                stream._put(EngineDeadError(f"engine loop crashed: {exc!r}"))
+            self._streams.clear()
+            return
+        for request_id in list(self.engine.scheduler.requests):
+            aborted = self.engine.abort(request_id)
+            if aborted is not None:
+                self._dispatch(aborted)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is None:
+                continue
+            if isinstance(cmd, str):
+                delta = self.engine.abort(cmd)
+                if delta is not None:
+                    self._dispatch(delta)
+                continue
+            with self._lock:
+                self._pending -= 1
+            try:
+                self.engine.add_request(
+                    cmd.prompt_token_ids,
+                    cmd.params,
+                    cmd.request_id,
+                    cmd.tenant,
+                    cmd.namespace,
+                    cmd.priority,
+                )
+            except Exception as exc:  # validated already; report rather than crash the loop
+                stream = self._streams.pop(cmd.request_id, None)
+                if stream is not None:
+                    stream._put(exc)
+
+    def _dispatch(self, delta: RequestDelta) -> None:
+        stream = self._streams.get(delta.request_id)
+        if stream is None:
+            return
+        if delta.finished:
+            del self._streams[delta.request_id]
+        stream._put(delta)

@@ -1,0 +1,210 @@
+"""LLMEngine: requests in, one step at a time, deltas out (synchronous core)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
+from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.models.loader import LoadedModel, load_model, resolve_dtype
+from engine.output_processor import OutputProcessor
+from engine.outputs import CompletionOutput, RequestDelta, RequestOutput
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    kv_usage: float  # 0..1, fraction of blocks held by sequences
+    prefix_queries_tokens: int  # cumulative
+    prefix_hits_tokens: int  # cumulative
+    num_preemptions: int  # cumulative
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged, prefix-cached KV pool."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        if loaded is None:
+            loaded = load_model(config.model, self.dtype, config.device, config.attention_backend)
+        self.model_config: ModelConfig = loaded.config
+        self.tokenizer: Any = loaded.tokenizer
+        self.model_name: str = loaded.name
+        mc = self.model_config
+        limit = config.scheduler.max_model_len or mc.max_position_embeddings
+        self.max_model_len = min(limit, mc.max_position_embeddings)
+        cache = config.cache
+        self.num_blocks = num_kv_blocks(mc, cache, self.dtype)
+        self.block_manager = BlockManager(
+            self.num_blocks, cache.block_size, cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(
+            loaded.model,
+            mc,
+            self.num_blocks,
+            cache.block_size,
+            self.dtype,
+            self.device,
+            config.seed,
+        )
+        self.eos_token_ids = set(mc.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int):
+            self.eos_token_ids.add(tok_eos)
+        self.runner.sampler.eos_token_ids = sorted(self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self._ids = itertools.count()
+
+    # ---- requests --------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the model and the pool; return its resolved max_tokens.
+
+        Raises:
+            InvalidRequestError / ContextLengthError naming the field, before anything is
+            allocated.
+        """
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        params.validate_for_model(vocab)
+        if n >= self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                f"prompt has {n} tokens (at least one output token must fit).",
+                param="prompt",
+            )
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+        elif n + max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {n} tokens and max_tokens asks for {max_tokens} more.",
+                param="max_tokens",
+            )
+        if self.block_manager.blocks_needed(n + max_tokens) > self.num_blocks:
+            raise ContextLengthError(
+                f"prompt ({n} tokens) plus max_tokens ({max_tokens}) does not fit in the KV "
+                f"cache ({self.num_blocks} blocks of {self.block_manager.block_size} tokens)",
+                param="max_tokens",
+            )
+        return max_tokens
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        priority: int = 0,
+    ) -> Request:
+        max_tokens = self.validate(prompt_token_ids, params)
+        if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
+            raise EngineOverloadedError("the engine's waiting queue is full; retry later")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
+        request = Request(
+            request_id, list(prompt_token_ids), params, max_tokens, tenant, namespace, priority
+        )
+        self.scheduler.add_request(request)
+        return request
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """Abort a request at any point; its blocks return to the pool at once."""
+        request = self.scheduler.abort_request(request_id)
+        if request is None:
+            return None
+        return self._delta(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager.stats()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=self.scheduler.num_waiting,
+            num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            kv_usage=bm.usage,
+            prefix_queries_tokens=bm.prefix_queries_tokens,
+            prefix_hits_tokens=bm.prefix_hits_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        """Schedule, run the model, sample, detokenize; return what each touched request made."""
+        out = self.scheduler.schedule()
+        sampled = self.runner.execute(out)
+        touched: dict[str, Request] = {}
+        for token in sampled:
+            seq = self.scheduler.seqs[token.seq_id]
+            seq.token_ids.append(token.token_id)
+            if token.logprob is not None:
+                if seq.logprobs is None:
+                    seq.logprobs = []
+                seq.logprobs.append(token.logprob)
+            stop = self.output_processor.check_stop(seq, token.token_id)
+            if stop is not None:
+                self.scheduler.finish(seq, *stop)
+            touched[seq.request.request_id] = seq.request
+        deltas = []
+        for request in touched.values():
+            delta = self._delta(request)
+            if delta.deltas or delta.finished:
+                deltas.append(delta)
+        return deltas
+
+    def _delta(self, request: Request) -> RequestDelta:
+        with_lp = request.params.logprobs is not None
+        deltas = [
+            d
+            for seq in request.seqs
+            if (d := self.output_processor.take_delta(seq, with_lp)) is not None
+        ]
+        return RequestDelta(
+            request.request_id,
+            deltas,
+            request.finished,
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+            request.num_cached_tokens,
+        )
+
+    # ---- offline helpers -------------------------------------------------------------------
+    @staticmethod
+    def final_output(request: Request) -> RequestOutput:
+        return RequestOutput(
+            request.request_id,
+            request.prompt_token_ids,
+            [
+                CompletionOutput(
+                    s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason, s.logprobs
+                )
+                for s in sorted(request.seqs, key=lambda s: s.index)
+            ],
+            request.finished,
+            request.num_cached_tokens,
+        )

@@ -1,0 +1,129 @@
+"""Runs one scheduled step on the model: owns the paged KV cache, builds inputs, samples.
+
+It sees only plain data from the scheduler (ids, tokens, block tables) and never calls the block
+manager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import CacheConfig, ModelConfig
+from engine.sampler import SampledToken, Sampler
+from engine.scheduler import SchedulerOutput
+from kernels.metadata import AttentionMetadata
+
+GIB = 1 << 30
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * elem
+
+
+def num_kv_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    """Pool size: `cache.num_blocks` if set, else as many blocks as `kv_cache_gib` holds."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    return max(
+        1, int(cache.kv_cache_gib * GIB) // kv_bytes_per_block(config, cache.block_size, dtype)
+    )
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor  # [R] int64: token index whose logits each sampled row needs
+
+
+class ModelRunner:
+    """Executes `SchedulerOutput`s over KV `[layers, 2, num_blocks, block_size, kv_heads, hd]`."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.device = device
+        self.kv_cache = torch.zeros(
+            config.num_layers,
+            2,
+            num_blocks,
+            block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views
+        self.sampler = Sampler(config.vocab_size, config.eos_token_ids, seed)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
+        """Run one step and return one sampled token per `out.samples` entry."""
+        self.sampler.forget(out.finished_seq_ids)
+        if out.block_copies:
+            src = torch.tensor([s for s, _ in out.block_copies], device=self.device)
+            dst = torch.tensor([d for _, d in out.block_copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if out.empty:
+            return []
+        inputs = self.prepare(out)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if not out.samples:
+            return []
+        logits = self.model.compute_logits(hidden[inputs.logits_rows])
+        return self.sampler(logits, out.samples)
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Flatten the scheduled sequences into one batch (see `AttentionMetadata`)."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        for s in out.seqs:
+            input_ids.extend(s.token_ids)
+            n = len(s.token_ids)
+            positions.extend(range(s.start_pos, s.start_pos + n))
+            starts.append(starts[-1] + n)
+            seq_lens.append(s.start_pos + n)
+        max_blocks = max(len(s.block_ids) for s in out.seqs)
+        tables = torch.zeros(len(out.seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(out.seqs):
+            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+        pos_t = torch.tensor(positions, dtype=torch.long)
+        row_of_token = torch.repeat_interleave(
+            torch.arange(len(out.seqs)), torch.tensor([len(s.token_ids) for s in out.seqs])
+        )
+        bs = self.block_size
+        slots = tables[row_of_token, pos_t // bs].long() * bs + pos_t % bs
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(self.device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=tables.to(self.device),
+            max_query_len=max(len(s.token_ids) for s in out.seqs),
+            max_seq_len=max(seq_lens),
+            query_start_loc_list=starts,
+            seq_lens_list=seq_lens,
+        )
+        logits_rows = torch.tensor([starts[spec.row + 1] - 1 for spec in out.samples])
+        return StepInputs(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            pos_t.to(self.device),
+            meta,
+            logits_rows.to(self.device),
+        )

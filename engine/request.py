@@ -1,0 +1,106 @@
+"""Request and sequence state (pure Python, no torch).
+
+A request asks for `n` completions of one prompt. Each completion is a `Sequence`: the unit the
+scheduler schedules, with its own tokens, block table and progress. With n > 1 the first sequence
+prefills the prompt alone; when its prompt is done the others are forked from it, sharing its
+blocks, and all n sample their first token from the same logits.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from engine.outputs import TokenLogprob
+from engine.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One completion in progress.
+
+    `token_ids` holds prompt + outputs; `num_computed_tokens` of them have KV in the cache:
+
+        | prompt ...................... | outputs ........ |
+        |<--- num_computed_tokens --->|  to compute next |
+    """
+
+    request: Request
+    index: int  # which of the request's n completions
+    token_ids: list[int]
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    num_computed_tokens: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # Output text bookkeeping, owned by the output processor.
+    text: str = ""  # full detokenized output text (stop strings trimmed once finished)
+    num_text_sent: int = 0  # characters already handed to the client
+    num_tokens_sent: int = 0  # output tokens already handed to the client
+    detok_state: object = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.request.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.request.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A user's request: one prompt, `params.n` sequences."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved: params.max_tokens or what the context leaves
+    tenant: str = "default"
+    namespace: str | None = None
+    priority: int = 0  # lower is served first by the priority policy
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
+    forked: bool = False  # the n - 1 siblings exist
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            self.seqs.append(Sequence(self, 0, list(self.prompt_token_ids)))
+        if self.params.n == 1:
+            self.forked = True
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.finished for s in self.seqs)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(s.num_output_tokens for s in self.seqs)

@@ -1,0 +1,233 @@
+"""Continuous batching: which sequences compute how many tokens this step (pure Python, no torch).
+
+One step's plan, under a token budget and a cap on running sequences:
+  1. running sequences, decodes first, then chunked prefills still in progress;
+     when blocks run out, preempt the newest running sequence not yet planned this step
+     (recompute: its blocks are freed but stay in the prefix cache, so the redo is mostly hits);
+  2. if nothing was preempted, admit waiting sequences in policy order while budget and blocks
+     last; a long prompt is cut into chunks (chunked prefill).
+A sequence samples a token in a step that computes its last known token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.policy import make_waiting_queue
+from engine.request import Request, SeqStatus, Sequence
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One sequence's work in a step (plain data for the model runner)."""
+
+    seq_id: int
+    token_ids: list[int]  # the new tokens to compute this step
+    start_pos: int  # position of the first new token (= tokens already in the cache)
+    block_ids: list[int]  # the sequence's block table (read only)
+
+
+@dataclass(slots=True)
+class SampleSpec:
+    """Sample one token for `seq_id` from the logits of scheduled row `row`'s last token."""
+
+    seq_id: int
+    row: int
+    params: SamplingParams
+    seed: int | None  # per-sequence seed (request seed + completion index), None: engine RNG
+    token_ids: list[int]  # prompt + outputs so far (read only; for penalties)
+    num_prompt_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    samples: list[SampleSpec] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before run
+    finished_seq_ids: list[int] = field(default_factory=list)  # runner may drop their state
+    num_batched_tokens: int = 0
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    """Owns waiting and running sequences and their blocks (through the block manager)."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting = make_waiting_queue(config.policy)
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id
+        self.num_preemptions = 0
+        self._finished_seq_ids: list[int] = []
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, "duplicate request id"
+        self.requests[request.request_id] = request
+        self.seqs[request.seqs[0].seq_id] = request.seqs[0]
+        self.waiting.push(request.seqs[0])
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Finish every sequence of the request with reason "abort" and free its blocks."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        request.forked = True  # no siblings will be forked any more
+        for seq in request.seqs:
+            if not seq.finished:
+                self.finish(seq, "abort")
+        return request
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.bm.free(seq.seq_id)
+        self.seqs.pop(seq.seq_id, None)
+        self._finished_seq_ids.append(seq.seq_id)
+        if seq.request.finished:
+            self.requests.pop(seq.request.request_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_seq_ids=self._finished_seq_ids)
+        self._finished_seq_ids = []
+        plan: list[tuple[Sequence, int]] = []
+        budget = self._schedule_running(plan, out, self.config.max_num_batched_tokens)
+        if out.num_preempted == 0:
+            self._schedule_waiting(plan, budget)
+        self._emit(plan, out)
+        return out
+
+    def _schedule_running(
+        self, plan: list[tuple[Sequence, int]], out: SchedulerOutput, budget: int
+    ) -> int:
+        planned: set[int] = set()
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):  # decodes first
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_uncomputed, budget)
+            copies = self._make_room(seq, num_new, planned, out)
+            if copies is None:
+                continue
+            out.block_copies.extend(copies)
+            planned.add(seq.seq_id)
+            plan.append((seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _make_room(
+        self, seq: Sequence, num_new: int, planned: set[int], out: SchedulerOutput
+    ) -> list[tuple[int, int]] | None:
+        """Append slots for `seq`, preempting newer unplanned sequences until it fits."""
+        while True:
+            copies = self.bm.append_slots(
+                seq.seq_id, seq.token_ids, seq.num_computed_tokens, num_new
+            )
+            if copies is not None:
+                return copies
+            victim = next(
+                (s for s in reversed(self.running) if s.seq_id not in planned and s is not seq),
+                seq,
+            )
+            self._preempt(victim)
+            out.num_preempted += 1
+            if victim is seq:
+                return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.push_front(seq)
+        self.num_preemptions += 1
+
+    def _running_slots(self) -> int:
+        return sum(1 if s.request.forked else s.request.params.n for s in self.running)
+
+    def _schedule_waiting(self, plan: list[tuple[Sequence, int]], budget: int) -> None:
+        slots = self._running_slots()
+        while len(self.waiting) > 0 and budget > 0:
+            seq = self.waiting.peek()
+            request = seq.request
+            need = 1 if request.forked else request.params.n
+            if slots + need > self.config.max_num_seqs:
+                break
+            num_cached = self.bm.allocate(
+                seq.seq_id, seq.token_ids, budget, request.namespace, request.tenant
+            )
+            if num_cached is None:
+                break
+            self.waiting.pop()
+            if seq.index == 0 and seq.num_output_tokens == 0:
+                request.num_cached_tokens = num_cached
+            seq.num_computed_tokens = num_cached
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            slots += need
+            num_new = min(seq.num_uncomputed, budget)
+            plan.append((seq, num_new))
+            budget -= num_new
+
+    def _emit(self, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> None:
+        for row, (seq, num_new) in enumerate(plan):
+            start = seq.num_computed_tokens
+            out.seqs.append(
+                ScheduledSeq(
+                    seq.seq_id,
+                    seq.token_ids[start : start + num_new],
+                    start,
+                    self.bm.block_ids(seq.seq_id),
+                )
+            )
+            seq.num_computed_tokens += num_new
+            out.num_batched_tokens += num_new
+            if seq.num_uncomputed == 0:
+                for sampler in self._fork_if_due(seq):
+                    out.samples.append(self._sample_spec(sampler, row))
+
+    def _fork_if_due(self, seq: Sequence) -> list[Sequence]:
+        """The sequences that sample from `seq`'s logits: itself, plus its n - 1 new siblings."""
+        request = seq.request
+        if request.forked:
+            return [seq]
+        request.forked = True
+        for index in range(1, request.params.n):
+            child = Sequence(request, index, list(seq.token_ids))
+            child.num_computed_tokens = seq.num_computed_tokens
+            child.status = SeqStatus.RUNNING
+            self.bm.fork(seq.seq_id, child.seq_id)
+            request.seqs.append(child)
+            self.seqs[child.seq_id] = child
+            self.running.append(child)
+        return request.seqs
+
+    @staticmethod
+    def _sample_spec(seq: Sequence, row: int) -> SampleSpec:
+        params = seq.request.params
+        seed = None if params.seed is None else params.seed + seq.index
+        return SampleSpec(seq.seq_id, row, params, seed, seq.token_ids, seq.num_prompt_tokens)
