@@ -1,0 +1,109 @@
+"""Scheduler: budgets, chunked prefill, decode first, preemption, abort, fork, policies."""
+
+from __future__ import annotations
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.request import Request, SeqStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+
+
+def make(num_blocks: int = 16, block_size: int = 4, **cfg: object) -> Scheduler:
+    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size))  # type: ignore[arg-type]
+
+
+def request(rid: str, n_tokens: int, n: int = 1, first: int = 0, priority: int = 0) -> Request:
+    params = SamplingParams(temperature=0.0, max_tokens=100, n=n)
+    return Request(rid, list(range(first, first + n_tokens)), params, 100, priority=priority)
+
+
+def run_samples(s: Scheduler, out: SchedulerOutput, token: int = 7) -> None:
+    """What the engine does after the model: append one sampled token per sample."""
+    for spec in out.samples:
+        s.seqs[spec.seq_id].token_ids.append(token)
+
+
+def test_chunked_prefill_then_decode() -> None:
+    s = make(max_num_batched_tokens=8)
+    s.add_request(request("a", 20))
+    sizes = []
+    for _ in range(4):
+        out = s.schedule()
+        sizes.append(out.num_batched_tokens)
+        run_samples(s, out)
+    assert sizes == [8, 8, 4, 1]  # 20-token prompt in chunks, then one decode token
+    assert s.schedule().samples  # every step after the prompt samples
+
+
+def test_decodes_are_scheduled_before_prefills() -> None:
+    s = make(max_num_batched_tokens=8)
+    s.add_request(request("a", 3))
+    run_samples(s, s.schedule())
+    s.add_request(request("b", 30, first=100))
+    out = s.schedule()
+    assert out.seqs[0].seq_id == s.requests["a"].seqs[0].seq_id
+    assert [len(x.token_ids) for x in out.seqs] == [1, 7]
+
+
+def test_max_num_seqs_caps_running() -> None:
+    s = make(max_num_seqs=2)
+    for i in range(3):
+        s.add_request(request(f"r{i}", 3, first=10 * i))
+    out = s.schedule()
+    assert len(out.seqs) == 2 and s.num_waiting == 1
+
+
+def test_preempts_newest_and_resumes_from_cache() -> None:
+    s = make(num_blocks=4, block_size=4)
+    s.add_request(request("old", 8))
+    s.add_request(request("new", 8, first=50))
+    run_samples(s, s.schedule())  # both prefilled: 2 blocks each, pool full
+    out = s.schedule()  # decodes need a third block each
+    assert out.num_preempted >= 1
+    new_seq = s.requests["new"].seqs[0]
+    assert new_seq.status is SeqStatus.WAITING and new_seq.num_computed_tokens == 0
+    assert s.num_preemptions >= 1
+    s.finish(s.requests["old"].seqs[0], "stop")
+    out = s.schedule()
+    assert out.seqs and out.seqs[0].seq_id == new_seq.seq_id
+    # Its first block came back from the cache (old's decode evicted the second).
+    assert out.seqs[0].start_pos == 4
+
+
+def test_abort_frees_everything_at_any_time() -> None:
+    s = make(max_num_batched_tokens=4)
+    s.add_request(request("a", 10))
+    s.add_request(request("b", 10, first=30, n=3))
+    s.schedule()
+    s.abort_request("a")
+    s.abort_request("b")  # still waiting
+    s.abort_request("missing")
+    assert not s.has_work and s.bm.num_free_blocks == s.bm.num_blocks
+    assert not s.requests and not s.seqs
+
+
+def test_fork_for_n_shares_prompt_blocks() -> None:
+    s = make()
+    s.add_request(request("a", 6, n=3))
+    out = s.schedule()
+    req = s.requests["a"]
+    assert len(req.seqs) == 3 and len(out.samples) == 3
+    assert {spec.row for spec in out.samples} == {0}
+    tables = {tuple(s.bm.block_ids(q.seq_id)) for q in req.seqs}
+    assert len(tables) == 1  # all three share the prompt's blocks
+    for i, spec in enumerate(out.samples):
+        s.seqs[spec.seq_id].token_ids.append(100 + i)
+    out = s.schedule()
+    assert len(out.block_copies) == 2  # two of three copy the shared partial block
+    for q in req.seqs:
+        s.finish(q, "stop")
+    assert s.bm.num_free_blocks == s.bm.num_blocks and not s.requests
+
+
+def test_priority_policy_orders_waiting() -> None:
+    s = make(max_num_seqs=1, policy="priority")
+    s.add_request(request("low", 3, priority=5))
+    s.add_request(request("high", 3, first=40, priority=0))
+    out = s.schedule()
+    assert out.seqs[0].seq_id == s.requests["high"].seqs[0].seq_id
