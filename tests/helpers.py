@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -72,3 +73,58 @@ class ToyBlockAllocator:
             [q for _, _, q in work],
             self.block_size,
         )
+
+
+TINY_SIZES: dict[str, Any] = {
+    "vocab_size": 49152,  # the bundled SmolLM2 tokenizer's vocabulary
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    # Large random weights: sharp, untied logits so greedy token comparisons are stable.
+    "initializer_range": 0.15,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+TINY_ARCHS = ("llama", "llama3", "qwen2")
+
+
+def make_tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> Any:
+    """A tiny random transformers causal LM in float32, eval mode, eager attention.
+
+    Args:
+        arch: "llama" (tied embeddings), "llama3" (llama3 RoPE scaling, untied) or "qwen2"
+            (q/k/v bias, untied).
+        seed: torch seed for the random weights.
+        overrides: config fields to change (e.g. `rope_parameters`, `num_hidden_layers`).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    fields = dict(TINY_SIZES)
+    if arch == "llama":
+        fields.update(tie_word_embeddings=True)
+    elif arch == "llama3":
+        fields.update(tie_word_embeddings=False, rope_parameters=dict(_LLAMA3_ROPE))
+    elif arch != "qwen2":
+        raise ValueError(f"unknown tiny arch {arch!r} (known: {TINY_ARCHS})")
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    config_cls: Any = Qwen2Config if arch == "qwen2" else LlamaConfig
+    model_cls: Any = Qwen2ForCausalLM if arch == "qwen2" else LlamaForCausalLM
+    if arch == "qwen2":
+        fields.setdefault("tie_word_embeddings", False)
+    model = model_cls(config_cls(**fields, attn_implementation="eager"))
+    return model.eval()
