@@ -41,6 +41,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype)
         if loaded is None:
             loaded = load_model(config.model, self.dtype, config.device, config.attention_backend)
+        self.loaded = loaded
         self.model_config: ModelConfig = loaded.config
         self.tokenizer: Any = loaded.tokenizer
         self.model_name: str = loaded.name
