@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,3 +131,31 @@ def make_tiny_hf_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> 
         fields.setdefault("tie_word_embeddings", False)
     model = model_cls(config_cls(**fields, attn_implementation="eager"))
     return model.eval()
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def make_tiny_model_dir(
+    path: str | os.PathLike[str], arch: str = "llama", seed: int = 0, **overrides: Any
+) -> str:
+    """Save a tiny random model (see `make_tiny_hf_model`) as a Hugging Face directory.
+
+    The directory gets float32 safetensors weights, config.json, and the bundled SmolLM2
+    tokenizer files (real vocabulary and chat template), so `load_model(path)` serves it.
+    Returns the directory as a string.
+    """
+    from engine.models.loader import bundled_model_dir
+
+    out = Path(path)
+    make_tiny_hf_model(arch, seed, **overrides).save_pretrained(out)
+    tokenizer_dir = Path(bundled_model_dir())
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return str(out)

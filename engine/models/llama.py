@@ -231,21 +231,21 @@ class LlamaForCausalLM(nn.Module):
             ValueError: when a weight we need is missing or the file has weights we cannot use.
         """
         used: set[str] = set()
-
-        def fetch(*names: str) -> torch.Tensor:
+        for ours, names in self._hf_name_map().items():
             missing = [n for n in names if n not in tensors]
             if missing:
                 raise ValueError(f"checkpoint is missing {missing}")
+            target, row = self.get_parameter(ours), 0
+            for name in names:  # fused weights: copy each part into its rows, no concatenation
+                part = tensors[name]
+                rows = target[row : row + part.shape[0]]
+                if part.shape != rows.shape:
+                    raise ValueError(f"{name}: shape {tuple(part.shape)} does not fit {ours}")
+                rows.copy_(part)
+                row += part.shape[0]
+            if row != target.shape[0]:
+                raise ValueError(f"{names}: {row} rows for {ours} of {target.shape[0]}")
             used.update(names)
-            parts = [tensors[n] for n in names]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-        for ours, names in self._hf_name_map().items():
-            target = self.get_parameter(ours)
-            source = fetch(*names)
-            if source.shape != target.shape:
-                raise ValueError(f"{names}: shape {tuple(source.shape)} != {tuple(target.shape)}")
-            target.copy_(source)
         if self.lm_head is None:
             used.add("lm_head.weight")  # tied: a saved copy of the embeddings is redundant
         extra = [n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
