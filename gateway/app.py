@@ -1,0 +1,116 @@
+"""The Starlette application factory.
+
+```
+AccessLogMiddleware      request id, one JSON access line, prefixgate_http_requests_total
+  ErrorMiddleware        anything unexpected -> OpenAI-shaped 500 (bad input never gets here)
+    BodySizeLimit        413 over settings.max_body_bytes
+      auth               Principal in the scope (AnonymousAuthMiddleware until the tenants phase)
+        router           routes.routes() + extra_routes (the tenants phase adds /admin here)
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
+
+from gateway.auth import AnonymousAuthMiddleware
+from gateway.engine_client import EngineClient, load_embedded_engine
+from gateway.errors import APIError
+from gateway.hooks import GenerationHooks
+from gateway.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, ErrorMiddleware
+from gateway.routes import routes
+from gateway.settings import Settings
+from gateway.state import EngineLoader, GatewayState
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine_client: EngineClient | None = None,
+    *,
+    engine_loader: EngineLoader = load_embedded_engine,
+    auth_middleware: Callable[[ASGIApp], ASGIApp] = AnonymousAuthMiddleware,
+    extra_routes: Sequence[BaseRoute] = (),
+    hooks: GenerationHooks | None = None,
+    on_engine_error: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """Build the gateway app.
+
+    Args:
+        settings: configuration; default reads `PREFIXGATE_*` from the environment.
+        engine_client: an already built engine (tests, remote replicas); the caller starts and
+            shuts it down. When None, the lifespan loads the embedded engine in the background
+            with `engine_loader` (`/ready` is 503 until it is up) and shuts it down at exit.
+        auth_middleware: ASGI middleware class that puts a `Principal` in the scope.
+        extra_routes: more routes (the tenants phase mounts `/admin` and `/v1/usage` here).
+        hooks: admission / settlement around each generation (quotas).
+        on_engine_error: called if the embedded engine fails to load (the CLI exits).
+    """
+    settings = settings or Settings()
+    state = GatewayState(settings, engine_client, hooks)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loading = None
+        if state.engine is None:
+            loading = asyncio.create_task(state.load_engine(engine_loader, on_engine_error))
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            if state.owns_engine and state.engine is not None:
+                state.engine.shutdown()
+
+    app = Starlette(
+        routes=[*routes(), *extra_routes],
+        middleware=[
+            Middleware(AccessLogMiddleware, metrics=state.metrics, enabled=settings.access_log),
+            Middleware(ErrorMiddleware),
+            Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes),
+            Middleware(auth_middleware),
+        ],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    return app
+
+
+def _error_response(error: APIError) -> Response:
+    return Response(
+        error.body_bytes(),
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/json",
+    )
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = APIError(404, f"Unknown path: {request.url.path}", code="not_found")
+    elif exc.status_code == 405:
+        error = APIError(
+            405, f"Method {request.method} not allowed here.", code="method_not_allowed"
+        )
+    else:
+        error = APIError(exc.status_code, str(exc.detail))
+    error.headers.update(exc.headers or {})
+    return _error_response(error)

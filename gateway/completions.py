@@ -1,0 +1,113 @@
+"""`/v1/completions`: one prompt (text or token ids) to text completion JSON.
+
+Batched prompts (a list of several prompts) are refused with a 400 naming `prompt`: send one
+request per prompt, concurrently; the engine batches them anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.outputs import Delta, TokenLogprob
+from gateway.errors import bad_request
+from gateway.generation import ChoiceState
+from gateway.protocol import Completion, CompletionChoice, CompletionLogprobs, Usage
+from gateway.tokens import TokenTexts
+
+
+def prompt_token_ids(
+    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[int]:
+    """Tokenize the prompt (special tokens such as BOS added as the model expects)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise bad_request(
+                f"Batched prompts are not supported (got {len(prompt)}); send one prompt per "
+                "request.",
+                param="prompt",
+            )
+        prompt = prompt[0]  # type: ignore[assignment]
+    if isinstance(prompt, str):
+        ids: list[int] = tokenizer.encode(prompt) if prompt else []
+    else:
+        ids = list(prompt)  # type: ignore[arg-type]
+        vocab = len(tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise bad_request(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
+    if not ids:
+        raise bad_request("The prompt must not be empty.", param="prompt")
+    return ids
+
+
+class CompletionFormat:
+    """Text completion JSON; streamed chunks have the same shape with `usage: null`."""
+
+    def __init__(
+        self,
+        *,
+        completion_id: str,
+        created: int,
+        model: str,
+        logprobs: int | None,
+        token_texts: TokenTexts,
+    ) -> None:
+        self.id = completion_id
+        self.created = created
+        self.model = model
+        self.logprobs = logprobs
+        self.texts = token_texts
+        self._offsets: dict[int, int] = {}  # per choice: characters streamed so far
+
+    def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        body = Completion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return body.model_dump_json().encode()
+
+    def opening_chunks(self) -> list[bytes]:
+        return []
+
+    def delta_chunks(self, delta: Delta) -> list[bytes]:
+        if not delta.text and delta.finish_reason is None and not delta.logprobs:
+            return []
+        choice = CompletionChoice(
+            index=delta.index,
+            text=delta.text,
+            logprobs=self._logprobs(delta.index, delta.logprobs),
+            finish_reason=delta.finish_reason,
+        )
+        return [self._body([choice])]
+
+    def usage_chunk(self, usage: Usage) -> bytes:
+        return self._body([], usage)
+
+    def final_body(self, choices: list[ChoiceState], usage: Usage) -> bytes:
+        return self._body(
+            [
+                CompletionChoice(
+                    index=c.index,
+                    text=c.text,
+                    logprobs=self._logprobs(c.index, c.logprobs),
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
+            usage,
+        )
+
+    def _logprobs(
+        self, index: int, logprobs: list[TokenLogprob] | None
+    ) -> CompletionLogprobs | None:
+        if self.logprobs is None or logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        offset = self._offsets.get(index, 0)
+        for lp in logprobs:
+            token = self.texts(lp.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self.texts(t): v for t, v in lp.top[: self.logprobs]})
+            out.text_offset.append(offset)
+            offset += len(token)
+        self._offsets[index] = offset
+        return out

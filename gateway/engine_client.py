@@ -1,0 +1,86 @@
+"""The gateway's view of an engine: the `EngineClient` protocol.
+
+The gateway never imports `engine.async_engine` outside the embedded-mode factory
+(`load_embedded_engine`), so its tests run against a small fake engine, and a remote client
+(engine replicas as separate services) can later implement the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+from engine.config import EngineConfig
+from engine.outputs import RequestDelta
+from engine.sampling_params import SamplingParams
+
+
+@runtime_checkable
+class EngineStats(Protocol):
+    """Engine counters read at scrape time (`num_preemptions` and `prefix_*` are cumulative)."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    kv_usage: float  # 0..1
+    prefix_queries_tokens: int
+    prefix_hits_tokens: int
+    num_preemptions: int
+
+
+class RequestStream(Protocol):
+    """Async iterator of one request's deltas; the last one has `finished=True`."""
+
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[RequestDelta]: ...
+
+    async def __anext__(self) -> RequestDelta: ...
+
+    async def aclose(self) -> None:
+        """Abort the request in the engine if it has not finished (idempotent)."""
+        ...
+
+
+class EngineClient(Protocol):
+    """What the gateway uses of an engine (in-process `AsyncEngine` today, remote later)."""
+
+    tokenizer: Any  # a transformers tokenizer: apply_chat_template, encode, decode
+    model_name: str
+    max_model_len: int
+
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        priority: int = 0,
+    ) -> RequestStream:
+        """Admit a request (event loop thread only).
+
+        Raises:
+            InvalidRequestError / ContextLengthError: bad request, nothing allocated.
+            EngineOverloadedError: the waiting queue is full (HTTP 503 + retry-after).
+            EngineDeadError: the engine loop has crashed.
+        """
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+def load_embedded_engine(config: EngineConfig) -> EngineClient:
+    """Build the in-process `AsyncEngine` (blocking: loads the model; run it in a thread)."""
+    from engine.async_engine import AsyncEngine
+
+    engine: EngineClient = AsyncEngine.from_config(config)
+    return engine

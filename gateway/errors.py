@@ -1,0 +1,139 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
+
+Everything the gateway refuses goes through `APIError`, so no bad input ever turns into a 500.
+Engine exceptions are translated by `from_engine_error`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from pydantic import ValidationError
+
+from engine.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+NOT_FOUND = "not_found_error"
+
+
+class APIError(Exception):
+    """An error response with OpenAI's body shape; `headers` go on the HTTP response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = INVALID_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def engine_not_ready() -> APIError:
+    return APIError(
+        503,
+        "The model is still loading; retry shortly.",
+        type=SERVER_ERROR,
+        code="engine_not_ready",
+        headers={"retry-after": "1"},
+    )
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(
+        413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large"
+    )
+
+
+def from_engine_error(exc: Exception) -> APIError:
+    """Translate an engine exception raised by `add_request` or mid-stream."""
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, exc.message, param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, exc.message, param=exc.param)
+    if isinstance(exc, EngineOverloadedError):
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return APIError(
+            503,
+            exc.message,
+            type=SERVER_ERROR,
+            code="engine_overloaded",
+            headers={"retry-after": retry},
+        )
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, "The engine has stopped.", type=SERVER_ERROR, code="engine_dead")
+    return APIError(500, "Internal server error.", type=SERVER_ERROR, code="internal_error")
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """The first pydantic error as a 400, with `param` as OpenAI writes it (`messages[0].role`)."""
+    err = exc.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return bad_request(
+            "We could not parse the JSON body of your request. The body must be valid JSON "
+            f"({err['msg']}).",
+            code="invalid_json",
+        )
+    if err["type"] == "model_type" and not err["loc"]:
+        return bad_request("The request body must be a JSON object.", code="invalid_json")
+    param = _param_from_loc(err["loc"])
+    if err["type"] == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param=param)
+    return bad_request(f"Invalid value for '{param}': {err['msg']}.", param=param)
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str:
+    # pydantic adds union members to the location ("str", "list[str]", "TextPart"); drop them:
+    # our field names are lowercase identifiers that are not builtin type names.
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item.isidentifier() and item.islower() and item not in _TYPE_NAMES:
+            parts.append(f".{item}" if parts else item)
+    return "".join(parts) or "body"

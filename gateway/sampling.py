@@ -1,0 +1,103 @@
+"""From an OpenAI request to engine `SamplingParams`, with the checks that need the prompt."""
+
+from __future__ import annotations
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from gateway.errors import APIError, bad_request
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def check_request(req: _SamplingRequest, max_n: int) -> None:
+    """Checks that need no tokenizer: n limit, unsupported fields, stream_options."""
+    if req.n > max_n:
+        raise bad_request(f"n must be at most {max_n}, got {req.n}.", param="n")
+    unsupported = req.unsupported_fields()
+    if unsupported:
+        name = unsupported[0]
+        raise bad_request(f"'{name}' is not supported by this server.", param=name)
+    if req.stream_options is not None and not req.stream:
+        raise bad_request(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+
+
+def resolve_max_tokens(
+    req: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, max_model_len: int
+) -> int:
+    """The per-completion token limit, checked against the context window.
+
+    Chat defaults to "until the context is full", text completions to 16 (clamped to the room
+    left). Raises a 400 `context_length_exceeded` when the prompt or prompt + max_tokens do not
+    fit.
+    """
+    where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    if prompt_tokens >= max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"{where} resulted in {prompt_tokens} tokens. Please reduce the length of the "
+            f"{where}.",
+            param=where,
+            code="context_length_exceeded",
+        )
+    room = max_model_len - prompt_tokens
+    requested = _requested_max_tokens(req)
+    if requested is None:
+        return (
+            room
+            if isinstance(req, ChatCompletionRequest)
+            else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)
+        )
+    if requested > room:
+        param = "max_completion_tokens" if _uses_max_completion_tokens(req) else "max_tokens"
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the {where}, "
+            f"{requested} in the completion). Please reduce the length of the {where} or "
+            "completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _uses_max_completion_tokens(req: _SamplingRequest) -> bool:
+    return isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None
+
+
+def _requested_max_tokens(req: _SamplingRequest) -> int | None:
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
+
+
+def sampling_params(req: _SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """Build validated engine params; a field the engine refuses becomes a 400 naming it."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(0, req.top_k or 0),
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            max_tokens=max_tokens,
+            min_tokens=min(req.min_tokens, max_tokens),
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+    except InvalidRequestError as exc:
+        raise bad_request(exc.message, param=exc.param) from exc

@@ -1,0 +1,75 @@
+"""Gateway configuration: environment variables `PREFIXGATE_*`, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+BUNDLED_MODEL_NAME = "smollm2"
+
+
+class Settings(BaseSettings):
+    """Everything `prefixgate serve` needs. `model=None` serves the bundled SmolLM2."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFIXGATE_", extra="ignore")
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "info"
+    access_log: bool = True
+
+    # Model and engine
+    model: str | None = None
+    served_model_name: str | None = None  # default: "smollm2" for the bundled model, else dir name
+    dtype: str = "auto"
+    device: str = "cpu"
+    attention_backend: str = "auto"
+    seed: int = 0
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    num_blocks: int | None = Field(default=None, ge=1)  # wins over kv_cache_gib
+    block_size: int = Field(default=16, ge=1)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_batched_tokens: int = Field(default=2048, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=1024, ge=1)  # waiting requests; past it: 503 + retry-after
+
+    # Request limits
+    max_n: int = Field(default=16, ge=1)
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
+
+    # Tenants phase (issue 5): unset means in-process store and no admin API.
+    redis_url: str | None = None
+    admin_key: SecretStr | None = None
+
+    def model_name(self) -> str:
+        """The name clients pass as `model`."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model is None:
+            return BUNDLED_MODEL_NAME
+        return Path(self.model.rstrip("/")).name or self.model
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            attention_backend=self.attention_backend,
+            seed=self.seed,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                num_blocks=self.num_blocks,
+                kv_cache_gib=self.kv_cache_gib,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_batched_tokens,
+                max_model_len=self.max_model_len,
+                max_waiting=self.max_queue,
+            ),
+        )

@@ -1,0 +1,97 @@
+"""What the app holds for its lifetime: settings, the engine client (once loaded), metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from starlette.requests import Request
+
+from engine.config import EngineConfig
+from gateway.engine_client import EngineClient, load_embedded_engine
+from gateway.errors import APIError, engine_not_ready, model_not_found
+from gateway.hooks import GenerationHooks
+from gateway.metrics import GatewayMetrics
+from gateway.settings import Settings
+from gateway.tokens import TokenTexts
+
+logger = logging.getLogger("prefixgate")
+
+EngineLoader = Callable[[EngineConfig], EngineClient]
+
+
+class GatewayState:
+    """Per-app state (`app.state.gateway`).
+
+    An injected engine client belongs to the caller (who starts and shuts it down); an engine
+    the app loads itself (embedded mode) is started and shut down by the app's lifespan.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: EngineClient | None = None,
+        hooks: GenerationHooks | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.owns_engine = engine is None
+        self.load_error: BaseException | None = None
+        self.hooks = hooks or GenerationHooks()
+        self.metrics = GatewayMetrics(lambda: self.engine)
+        self.created = int(time.time())
+        self.model_name = settings.served_model_name or (
+            engine.model_name if engine is not None else settings.model_name()
+        )
+        self._token_texts: TokenTexts | None = None
+
+    def require_engine(self) -> EngineClient:
+        if self.engine is None:
+            if self.load_error is not None:
+                raise APIError(
+                    503, "The model failed to load.", type="server_error", code="engine_failed"
+                )
+            raise engine_not_ready()
+        return self.engine
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise model_not_found(model)
+
+    def token_texts(self) -> TokenTexts:
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.require_engine().tokenizer)
+        return self._token_texts
+
+    async def load_engine(
+        self,
+        loader: EngineLoader = load_embedded_engine,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """Embedded mode: build the engine in a thread (the server answers /health meanwhile)."""
+        started = time.perf_counter()
+        try:
+            engine = await asyncio.to_thread(loader, self.settings.engine_config())
+            engine.start()
+        except Exception as exc:
+            self.load_error = exc
+            logger.exception("engine failed to load")
+            if on_error is not None:
+                on_error(exc)
+            return
+        self.engine = engine
+        line = {
+            "event": "engine_ready",
+            "model": self.model_name,
+            "max_model_len": engine.max_model_len,
+            "load_s": round(time.perf_counter() - started, 2),
+        }
+        logger.info(json.dumps(line))
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state

@@ -1,0 +1,317 @@
+"""A small deterministic engine implementing `gateway.engine_client.EngineClient`.
+
+Character-level tokenizer (one token per ASCII character, three special tokens), outputs that
+depend only on (prompt, seed, choice index) so tests can compare runs, stop strings held back
+like the real engine, n > 1, logprobs, a queue bound, aborts, and block accounting so the
+disconnect tests can watch blocks return to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+from engine.errors import ContextLengthError, EngineDeadError, EngineOverloadedError
+from engine.outputs import Delta, RequestDelta, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+EOS_ID = 0
+FIRST_CHAR_ID = len(SPECIALS)
+ALPHABET = "abcdefghij klmnopqrstuvwxyz.,"
+
+
+class FakeTokenizer:
+    """One token per character (ids 3..258 for code points 0..255), ChatML-like template."""
+
+    chat_template = "chatml"
+    eos_token_id = EOS_ID
+
+    def __len__(self) -> int:
+        return FIRST_CHAR_ID + 256
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = []
+        i = 0
+        while i < len(text):
+            special = next((s for s in SPECIALS if text.startswith(s, i)), None)
+            if special is not None:
+                ids.append(SPECIALS.index(special))
+                i += len(special)
+            else:
+                ids.append(FIRST_CHAR_ID + (ord(text[i]) if ord(text[i]) < 256 else ord("?")))
+                i += 1
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        out = []
+        for t in ids:
+            if t < FIRST_CHAR_ID:
+                if not skip_special_tokens:
+                    out.append(SPECIALS[t])
+            else:
+                out.append(chr(t - FIRST_CHAR_ID))
+        return "".join(out)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.decode([t]) for t in ids]
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, str]],
+        tokenize: bool = True,
+        add_generation_prompt: bool = False,
+    ) -> str | list[int]:
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conversation)
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return self.encode(text) if tokenize else text
+
+
+@dataclass
+class FakeStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    kv_usage: float
+    prefix_queries_tokens: int
+    prefix_hits_tokens: int
+    num_preemptions: int
+
+
+def char_id(c: str) -> int:
+    return FIRST_CHAR_ID + ord(c)
+
+
+def _stable_seed(*parts: object) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class _Choice:
+    def __init__(self, index: int, rng: random.Random) -> None:
+        self.index = index
+        self.rng = rng
+        self.text = ""
+        self.emitted = 0  # characters of `text` already sent
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+
+
+class FakeStream:
+    def __init__(self, engine: FakeEngine, request_id: str) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self.queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self.done = False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        self.done = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self._engine.abort(self.request_id)
+            self.done = True
+
+
+class FakeEngine:
+    """Generates one token per choice every `token_delay` seconds (0: as fast as the loop)."""
+
+    def __init__(
+        self,
+        *,
+        max_model_len: int = 512,
+        num_blocks: int = 256,
+        block_size: int = 16,
+        max_active: int = 64,
+        token_delay: float = 0.0,
+        eos_after: int | None = None,
+        fail_after: int | None = None,
+        model_name: str = "fake-model",
+    ) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_active = max_active
+        self.token_delay = token_delay
+        self.eos_after = eos_after  # emit EOS after this many tokens (unless ignore_eos)
+        self.fail_after = fail_after  # raise EngineDeadError mid-stream after this many steps
+        self.started = False
+        self.dead = False
+        self.blocks_held: dict[str, int] = {}
+        self.aborted: list[str] = []
+        self.requests: list[tuple[str, list[int], SamplingParams, str, str | None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._streams: dict[str, FakeStream] = {}
+        self._n: dict[str, int] = {}
+        self._cached_prefixes: set[tuple[int, ...]] = set()
+        self._ids = itertools.count()
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    # -- EngineClient -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started = True
+
+    def shutdown(self) -> None:
+        for request_id in list(self._tasks):
+            self.abort(request_id)
+        self.started = False
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        priority: int = 0,
+    ) -> FakeStream:
+        if self.dead:
+            raise EngineDeadError("fake engine is dead")
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        if len(prompt_token_ids) + max_tokens > self.max_model_len:
+            raise ContextLengthError("prompt + max_tokens over the context", param="max_tokens")
+        if len(self._tasks) >= self.max_active:
+            raise EngineOverloadedError("fake engine queue full", retry_after_s=2.0)
+        request_id = request_id or f"fake-{next(self._ids)}"
+        self.requests.append((request_id, list(prompt_token_ids), params, tenant, namespace))
+        stream = FakeStream(self, request_id)
+        self._streams[request_id] = stream
+        self._n[request_id] = params.n
+        loop = asyncio.get_running_loop()
+        coro = self._run(request_id, list(prompt_token_ids), params, max_tokens, stream)
+        self._tasks[request_id] = loop.create_task(coro)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        task = self._tasks.pop(request_id, None)
+        if task is None:
+            return
+        self.aborted.append(request_id)
+        task.cancel()
+        self.blocks_held.pop(request_id, None)
+        stream = self._streams.pop(request_id)
+        n = self._n.pop(request_id, 1)
+        deltas = [Delta(i, "", [], None, "abort") for i in range(n)]
+        stream.queue.put_nowait(RequestDelta(request_id, deltas, True, 0, 0, 0))
+
+    def stats(self) -> FakeStats:
+        used = sum(self.blocks_held.values())
+        return FakeStats(
+            num_running=len(self._tasks),
+            num_waiting=0,
+            num_blocks=self.num_blocks,
+            num_free_blocks=self.num_blocks - used,
+            kv_usage=used / self.num_blocks,
+            prefix_queries_tokens=self.prefix_queries,
+            prefix_hits_tokens=self.prefix_hits,
+            num_preemptions=0,
+        )
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _cached_tokens(self, prompt: list[int]) -> int:
+        bs = self.block_size
+        full = (len(prompt) - 1) // bs  # the last prompt token is always computed
+        cached = 0
+        for k in range(1, full + 1):
+            if tuple(prompt[: k * bs]) not in self._cached_prefixes:
+                break
+            cached = k * bs
+        for k in range(1, len(prompt) // bs + 1):
+            self._cached_prefixes.add(tuple(prompt[: k * bs]))
+        return cached
+
+    def _rng(self, prompt: list[int], params: SamplingParams, index: int) -> random.Random:
+        if params.greedy:
+            return random.Random(_stable_seed(prompt))
+        if params.seed is not None:
+            return random.Random(_stable_seed(prompt, params.seed, index))
+        return random.Random()
+
+    async def _run(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stream: FakeStream,
+    ) -> None:
+        cached = self._cached_tokens(prompt)
+        self.prefix_queries += len(prompt)
+        self.prefix_hits += cached
+        choices = [_Choice(i, self._rng(prompt, params, i)) for i in range(params.n)]
+        max_stop = max((len(s) for s in params.stop), default=0)
+        total = 0
+        for step in itertools.count():
+            await asyncio.sleep(self.token_delay)
+            if self.fail_after is not None and step >= self.fail_after:
+                self._finish(request_id)
+                self.dead = True
+                stream.queue.put_nowait(EngineDeadError("fake engine died"))
+                return
+            live = [c for c in choices if c.finish_reason is None]
+            deltas = [self._step(c, params, max_tokens, max_stop) for c in live]
+            total += len(live)
+            size = len(prompt) + max(c.num_tokens for c in choices)
+            self.blocks_held[request_id] = math.ceil(size / self.block_size) * params.n
+            finished = all(c.finish_reason is not None for c in choices)
+            if finished:
+                self._finish(request_id)
+            stream.queue.put_nowait(
+                RequestDelta(request_id, deltas, finished, len(prompt), total, cached)
+            )
+            if finished:
+                return
+
+    def _finish(self, request_id: str) -> None:
+        self._tasks.pop(request_id, None)
+        self._streams.pop(request_id, None)
+        self._n.pop(request_id, None)
+        self.blocks_held.pop(request_id, None)
+
+    def _step(self, c: _Choice, params: SamplingParams, max_tokens: int, max_stop: int) -> Delta:
+        c.num_tokens += 1
+        if self.eos_after is not None and c.num_tokens > self.eos_after and not params.ignore_eos:
+            token = EOS_ID
+            c.finish_reason = "stop"
+        else:
+            token = char_id(c.rng.choice(ALPHABET))
+            c.text += chr(token - FIRST_CHAR_ID)
+        stop_at = min((i for s in params.stop if (i := c.text.find(s)) >= 0), default=None)
+        if stop_at is not None:
+            c.text = c.text[:stop_at]
+            c.finish_reason = "stop"
+        elif c.num_tokens >= max_tokens and c.finish_reason is None:
+            c.finish_reason = "length"
+        hold = max(0, max_stop - 1)  # a stop string may still be completing: hold its prefix
+        safe = len(c.text) if c.finish_reason else max(c.emitted, len(c.text) - hold)
+        text = c.text[c.emitted : safe]
+        c.emitted = max(c.emitted, safe)
+        logprobs = None
+        if params.logprobs is not None:
+            alt = char_id("z") if token != char_id("z") else char_id("a")
+            top = [(token, -0.25), (alt, -1.5)][: params.logprobs]
+            logprobs = [TokenLogprob(token, -0.25, top)]
+        return Delta(c.index, text, [token], logprobs, c.finish_reason,
+                     params.stop[0] if stop_at is not None else None)  # fmt: skip
