@@ -45,8 +45,11 @@ def sse(data: bytes) -> bytes:
 
 
 async def run_until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]) -> bool:
-    """Run `work`, cancelling it if the client disconnects first. True if the client left."""
-    disconnected = False
+    """Run `work`, cancelling it if the client disconnects first.
+
+    Returns True if the client left before `work` completed.
+    """
+    disconnected = completed = False
     error: Exception | None = None  # raised after the task group, unwrapped
     async with anyio.create_task_group() as tg:
 
@@ -62,6 +65,7 @@ async def run_until_disconnect(receive: Receive, work: Callable[[], Awaitable[No
         tg.start_soon(watch)
         try:
             await work()
+            completed = True
         except OSError:  # ASGI spec >= 2.4 servers raise on send once the client is gone
             disconnected = True
         except Exception as exc:
@@ -69,7 +73,7 @@ async def run_until_disconnect(receive: Receive, work: Callable[[], Awaitable[No
         tg.cancel_scope.cancel()
     if error is not None:
         raise error
-    return disconnected
+    return disconnected and not completed
 
 
 def _encode_headers(extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
