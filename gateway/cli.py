@@ -1,0 +1,105 @@
+"""`prefixgate` command line: `prefixgate serve` (embedded gateway + engine, one process).
+
+Flags override `PREFIXGATE_*` environment variables, which override the defaults. The tenants
+phase adds an `admin` subcommand next to `serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+from gateway.app import create_app
+from gateway.logs import configure_logging
+from gateway.settings import Settings
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefixgate", description="Multi-tenant LLM serving with an OpenAI-compatible API."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API (gateway and engine in one process)",
+        description="Serve the OpenAI-compatible API. Every flag can also be set with the "
+        "environment variable PREFIXGATE_<FLAG> (e.g. PREFIXGATE_PORT=9000).",
+    )
+    add = serve.add_argument
+    add("--model", help="Hugging Face model dir or GGUF file (default: bundled SmolLM2-135M)")
+    add("--served-model-name", help="name clients pass as `model` (default: smollm2 / dir name)")
+    add("--host", help="bind address (default 127.0.0.1)")
+    add("--port", type=int, help="port (default 8000)")
+    add("--dtype", choices=DTYPES, help="weights and KV cache dtype (default auto)")
+    add("--device", help="torch device (default cpu)")
+    cache = serve.add_mutually_exclusive_group()
+    cache.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default 1)")
+    cache.add_argument("--num-blocks", type=int, help="KV cache size in blocks")
+    add("--block-size", type=int, help="tokens per KV block (default 16)")
+    add("--max-num-seqs", type=int, help="running sequences at most (default 64)")
+    add("--max-batched-tokens", type=int, help="tokens per engine step (default 2048)")
+    add("--max-model-len", type=int, help="context length (default: the model's)")
+    add("--max-queue", type=int, help="waiting requests before 503 (default 1024)")
+    add("--max-n", type=int, help="largest `n` accepted (default 16)")
+    add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    add("--no-access-log", dest="access_log", action="store_false", default=None)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Environment + flags (flags win). `--kv-cache-gib` clears a `PREFIXGATE_NUM_BLOCKS`."""
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if name in Settings.model_fields and value is not None
+    }
+    if args.kv_cache_gib is not None:
+        overrides["num_blocks"] = None
+    return Settings(**overrides)
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    failed = False
+
+    def on_engine_error(exc: BaseException) -> None:
+        nonlocal failed
+        failed = True
+        server.should_exit = True
+
+    app = create_app(settings, on_engine_error=on_engine_error)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,  # ours is structured: gateway.middleware.AccessLogMiddleware
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"prefixgate: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(settings)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

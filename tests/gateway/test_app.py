@@ -1,0 +1,80 @@
+"""The factory's lifespan: embedded engine loading, readiness, shutdown."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+
+from engine.config import EngineConfig
+from gateway.app import create_app
+from tests.gateway.conftest import make_settings, running_server
+from tests.gateway.fake_engine import FakeEngine
+from tests.gateway.test_routes import chat_body
+
+
+def test_ready_only_once_the_engine_is_loaded() -> None:
+    release = threading.Event()
+    engines: list[FakeEngine] = []
+    configs: list[EngineConfig] = []
+
+    def loader(config: EngineConfig) -> FakeEngine:
+        configs.append(config)
+        assert release.wait(10)
+        engines.append(FakeEngine())
+        return engines[-1]
+
+    settings = make_settings(served_model_name="fake-model", num_blocks=77)
+    with (
+        running_server(create_app(settings, engine_loader=loader)) as url,
+        httpx.Client(base_url=url) as http,
+    ):
+        assert http.get("/health").status_code == 200
+        r = http.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = http.post("/v1/chat/completions", json=chat_body())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
+        assert r.headers["retry-after"] == "1"
+        assert http.get("/v1/models").json()["data"][0]["id"] == "fake-model"
+        release.set()
+        for _ in range(500):
+            if http.get("/ready").status_code == 200:
+                break
+            threading.Event().wait(0.01)
+        assert http.get("/ready").json() == {
+            "status": "ready",
+            "model": "fake-model",
+            "detail": None,
+        }
+        assert engines[0].started
+        assert configs[0].cache.num_blocks == 77
+        assert http.post("/v1/chat/completions", json=chat_body(max_tokens=2)).status_code == 200
+    assert not engines[0].started  # the app owned it: shut down with the server
+
+
+def test_engine_that_fails_to_load() -> None:
+    errors: list[BaseException] = []
+
+    def loader(config: EngineConfig) -> Any:
+        raise RuntimeError("no such model")
+
+    app = create_app(make_settings(), engine_loader=loader, on_engine_error=errors.append)
+    with running_server(app) as url, httpx.Client(base_url=url) as http:
+        for _ in range(500):
+            if errors:
+                break
+            threading.Event().wait(0.01)
+        r = http.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed"
+        assert "no such model" in r.json()["detail"]
+        r = http.post("/v1/chat/completions", json=chat_body(model="smollm2"))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+
+
+def test_injected_engine_is_left_to_its_owner() -> None:
+    engine = FakeEngine()
+    engine.start()
+    with running_server(create_app(make_settings(), engine)):
+        pass
+    assert engine.started

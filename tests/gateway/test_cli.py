@@ -1,0 +1,47 @@
+"""`prefixgate serve` flags and their precedence over the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.cli import build_parser, main, settings_from_args
+
+
+def parse(*argv: str):  # type: ignore[no-untyped-def]
+    return settings_from_args(build_parser().parse_args(argv))
+
+
+def test_serve_flags() -> None:
+    s = parse(
+        "serve", "--model", "/m/tiny", "--host", "0.0.0.0", "--port", "8123", "--dtype",
+        "float32", "--num-blocks", "64", "--block-size", "32", "--max-num-seqs", "8",
+        "--max-batched-tokens", "512", "--no-access-log",
+    )  # fmt: skip
+    assert (s.model, s.host, s.port, s.dtype) == ("/m/tiny", "0.0.0.0", 8123, "float32")
+    assert (s.num_blocks, s.block_size, s.max_num_seqs, s.max_batched_tokens) == (64, 32, 8, 512)
+    assert s.access_log is False and s.model_name() == "tiny"
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFIXGATE_PORT", "9000")
+    monkeypatch.setenv("PREFIXGATE_NUM_BLOCKS", "99")
+    monkeypatch.setenv("PREFIXGATE_DTYPE", "bfloat16")
+    s = parse("serve", "--port", "9001", "--kv-cache-gib", "0.5")
+    assert (s.port, s.dtype, s.kv_cache_gib, s.num_blocks) == (9001, "bfloat16", 0.5, None)
+    assert parse("serve").num_blocks == 99
+
+
+def test_cache_size_flags_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--num-blocks", "4", "--kv-cache-gib", "1"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_invalid_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "port" in capsys.readouterr().err
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([])

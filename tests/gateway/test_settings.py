@@ -1,0 +1,38 @@
+"""Settings from the environment, and what they build."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.settings import Settings
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert (s.host, s.port, s.model, s.model_name()) == ("127.0.0.1", 8000, None, "smollm2")
+    assert s.redis_url is None and s.admin_key is None
+    config = s.engine_config()
+    assert config.model is None and config.cache.num_blocks is None
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFIXGATE_MODEL", "/models/Qwen2-0.5B/")
+    monkeypatch.setenv("PREFIXGATE_PORT", "9000")
+    monkeypatch.setenv("PREFIXGATE_NUM_BLOCKS", "128")
+    monkeypatch.setenv("PREFIXGATE_MAX_QUEUE", "7")
+    monkeypatch.setenv("PREFIXGATE_ADMIN_KEY", "secret")
+    s = Settings()
+    assert s.port == 9000 and s.model_name() == "Qwen2-0.5B"
+    assert s.admin_key is not None and s.admin_key.get_secret_value() == "secret"
+    assert "secret" not in repr(s)
+    config = s.engine_config()
+    assert config.model == "/models/Qwen2-0.5B/"
+    assert config.cache.num_blocks == 128 and config.scheduler.max_waiting == 7
+    monkeypatch.setenv("PREFIXGATE_SERVED_MODEL_NAME", "qwen")
+    assert Settings().model_name() == "qwen"
+
+
+def test_invalid_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFIXGATE_PORT", "-1")
+    with pytest.raises(ValueError, match="port"):
+        Settings()
