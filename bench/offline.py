@@ -153,7 +153,11 @@ def main() -> None:
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(engine.loaded.path, dtype=engine.dtype).eval()
+        from engine.models.loader import gguf_to_hf_dir
+
+        path = engine.loaded.path
+        hf_dir = gguf_to_hf_dir(path) if path.endswith(".gguf") else path
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=engine.dtype).eval()
         theirs = run_transformers(hf, work, args.hf_batch, pad=0)
         print(
             f"transformers : {theirs['seconds']:.1f}s  output {theirs['output_tps']:.1f} tok/s "
