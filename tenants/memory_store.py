@@ -1,0 +1,416 @@
+"""In-process `Store`: the embedded default, and the per-process fallback when Redis is down.
+
+It follows `lua/*.lua` step by step (same names, same order of checks), with the same
+semantics as `RedisStore` (see `store.py`); the contract suite runs both. Every method runs to
+completion without awaiting, so it is atomic for asyncio; a lock also makes it thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .models import ApiKey, Tenant
+from .periods import (
+    DAY_TTL_S,
+    MINUTE_TTL_S,
+    MONTH_TTL_S,
+    Periods,
+    bucket_expiry_ms,
+    bucket_of,
+    oldest_live_bucket,
+)
+from .store import (
+    AdmitRequest,
+    AdmitResult,
+    Consumption,
+    KeyLookup,
+    RawUsage,
+    Refusal,
+    Ticket,
+    WindowState,
+)
+
+RETRY_SOFT_MS = 1000  # retry hint when capacity is held by requests in flight
+
+
+@dataclass(slots=True)
+class _TenantState:
+    tenant: Tenant
+    key_ids: dict[str, str] = field(default_factory=dict)  # key_id -> sha256
+    rpm: dict[int, int] = field(default_factory=dict)  # bucket -> requests
+    tpm: dict[int, int] = field(default_factory=dict)  # bucket -> tokens
+    leases: dict[str, int] = field(default_factory=dict)  # member -> expiry ms
+    periods: dict[str, Counter[str]] = field(default_factory=dict)  # "day:<id>" -> counters
+    period_expiry: dict[str, int] = field(default_factory=dict)  # "day:<id>" -> expiry ms
+    minutes: dict[int, Counter[str]] = field(default_factory=dict)  # epoch minute -> counters
+
+
+class MemoryStore:
+    """A `Store` held in this process's memory."""
+
+    def __init__(self) -> None:
+        self._tenants: dict[str, _TenantState] = {}
+        self._keys: dict[str, ApiKey] = {}  # sha256 -> record
+        self._lock = threading.Lock()
+
+    # -- tenants ------------------------------------------------------------------------------
+
+    async def create_tenant(self, tenant: Tenant) -> bool:
+        with self._lock:
+            if tenant.id in self._tenants:
+                return False
+            self._tenants[tenant.id] = _TenantState(tenant)
+            return True
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None:
+        st = self._tenants.get(tenant_id)
+        return st.tenant if st else None
+
+    async def list_tenants(self) -> list[Tenant]:
+        with self._lock:
+            return [self._tenants[t].tenant for t in sorted(self._tenants)]
+
+    async def replace_tenant(self, tenant: Tenant) -> bool:
+        with self._lock:
+            st = self._tenants.get(tenant.id)
+            if st is None:
+                return False
+            st.tenant = tenant
+            return True
+
+    async def delete_tenant(self, tenant_id: str) -> bool:
+        with self._lock:
+            st = self._tenants.pop(tenant_id, None)
+            if st is None:
+                return False
+            for digest in st.key_ids.values():
+                self._keys.pop(digest, None)
+            return True
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    async def add_key(self, key: ApiKey) -> bool:
+        with self._lock:
+            st = self._tenants.get(key.tenant_id)
+            if st is None:
+                return False
+            self._keys[key.key_hash] = key
+            st.key_ids[key.key_id] = key.key_hash
+            return True
+
+    async def replace_key(self, key: ApiKey) -> bool:
+        with self._lock:
+            if key.key_hash not in self._keys:
+                return False
+            self._keys[key.key_hash] = key
+            return True
+
+    async def get_key(self, tenant_id: str, key_id: str) -> ApiKey | None:
+        st = self._tenants.get(tenant_id)
+        digest = st.key_ids.get(key_id) if st else None
+        return self._keys.get(digest) if digest else None
+
+    async def list_keys(self, tenant_id: str) -> list[ApiKey]:
+        with self._lock:
+            st = self._tenants.get(tenant_id)
+            keys = [self._keys[d] for d in st.key_ids.values()] if st else []
+            return sorted(keys, key=lambda k: (k.created_at, k.key_id))
+
+    async def find_key(self, key_hash: str) -> KeyLookup | None:
+        key = self._keys.get(key_hash)
+        if key is None:
+            return None
+        st = self._tenants.get(key.tenant_id)
+        return KeyLookup(key=key, tenant=st.tenant if st else None)
+
+    # -- admission and settlement (mirror lua/admit.lua and lua/settle.lua) -------------------
+
+    async def admit(self, req: AdmitRequest) -> AdmitResult | None:
+        with self._lock:
+            st = self._tenants.get(req.tenant_id)
+            if st is None:
+                return None
+            return _admit(st, req)
+
+    async def settle(self, ticket: Ticket, used: Consumption, periods: Periods) -> bool:
+        with self._lock:
+            st = self._tenants.get(ticket.tenant_id)
+            if st is None:
+                return False
+            return _settle(st, ticket, used, periods)
+
+    async def renew(self, ticket: Ticket, expires_ms: int, now_ms: int) -> bool:
+        with self._lock:
+            st = self._tenants.get(ticket.tenant_id)
+            if st is None or st.leases.get(ticket.member, now_ms) <= now_ms:
+                return False
+            st.leases[ticket.member] = expires_ms
+            return True
+
+    # -- usage --------------------------------------------------------------------------------
+
+    async def read_usage(self, tenant_id: str, periods: Periods) -> RawUsage:
+        with self._lock:
+            st = self._tenants.get(tenant_id)
+            if st is None:
+                return RawUsage(day={}, month={})
+            _reclaim_leases(st, periods.now_ms)
+            minutes = {m: dict(st.minutes[m]) for m in periods.recent_minutes() if m in st.minutes}
+            return RawUsage(
+                day=dict(st.periods.get(f"day:{periods.day}", {})),
+                month=dict(st.periods.get(f"month:{periods.month}", {})),
+                minutes=minutes,
+                in_flight=len(st.leases),
+            )
+
+    async def reset_usage(self, tenant_id: str, periods: Periods) -> None:
+        with self._lock:
+            st = self._tenants.get(tenant_id)
+            if st is None:
+                return
+            for name in (f"day:{periods.day}", f"month:{periods.month}"):
+                reserved = st.periods.get(name, Counter())["reserved"]
+                st.periods.pop(name, None)
+                if reserved > 0:
+                    st.periods[name] = Counter(charged=reserved, reserved=reserved)
+            st.minutes.clear()
+            st.rpm.clear()
+            st.tpm.clear()
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+# -- the algorithms, as plain functions over one tenant's state --------------------------------
+
+
+def _admit(st: _TenantState, req: AdmitRequest) -> AdmitResult:
+    """Mirror of lua/admit.lua."""
+    now = req.periods.now_ms
+    quota = st.tenant.quota
+    cost = req.cost
+    _reclaim_leases(st, now)
+    in_flight = len(st.leases)
+    day = st.periods.get(f"day:{req.periods.day}", Counter())
+    month = st.periods.get(f"month:{req.periods.month}", Counter())
+    rpm_used, rpm_live = _window(st.rpm, now)
+    tpm_used, tpm_live = _window(st.tpm, now)
+
+    refusals: list[Refusal] = []
+    if quota.max_tokens_per_request is not None and req.max_tokens > quota.max_tokens_per_request:
+        refusals.append(
+            Refusal(
+                "max_tokens_per_request",
+                None,
+                False,
+                quota.max_tokens_per_request,
+                0,
+                req.max_tokens,
+            )
+        )
+    _check_budget(
+        refusals,
+        "tokens_per_month",
+        quota.tokens_per_month,
+        month,
+        cost,
+        req.periods.month_end_ms - now,
+    )
+    _check_budget(
+        refusals, "tokens_per_day", quota.tokens_per_day, day, cost, req.periods.day_end_ms - now
+    )
+    limit = quota.max_concurrent_requests
+    if limit is not None and in_flight + 1 > limit:
+        refusals.append(
+            Refusal("max_concurrent_requests", RETRY_SOFT_MS, False, limit, in_flight, 1)
+        )
+    _check_window(
+        refusals, "requests_per_minute", quota.requests_per_minute, rpm_used, rpm_live, 1, now
+    )
+    _check_window(
+        refusals, "tokens_per_minute", quota.tokens_per_minute, tpm_used, tpm_live, cost, now
+    )
+
+    if refusals:
+        return AdmitResult(
+            admitted=False,
+            requests=_state(quota.requests_per_minute, rpm_used, rpm_live, now),
+            tokens=_state(quota.tokens_per_minute, tpm_used, tpm_live, now),
+            in_flight=in_flight,
+            refusals=tuple(refusals),
+        )
+    return _take(st, req, rpm_used, rpm_live, tpm_used, tpm_live, in_flight)
+
+
+def _take(
+    st: _TenantState,
+    req: AdmitRequest,
+    rpm_used: int,
+    rpm_live: list[tuple[int, int]],
+    tpm_used: int,
+    tpm_live: list[tuple[int, int]],
+    in_flight: int,
+) -> AdmitResult:
+    """All limits passed: lease, window charges, reservation."""
+    now = req.periods.now_ms
+    quota = st.tenant.quota
+    cost = req.cost
+    bucket = bucket_of(now)
+    expires = now + req.lease_ttl_ms
+    st.leases[req.member] = expires
+    if quota.requests_per_minute is not None:
+        st.rpm[bucket] = st.rpm.get(bucket, 0) + 1
+        rpm_used, rpm_live = rpm_used + 1, [*rpm_live, (bucket, 1)]
+    tpm_bucket = -1
+    if quota.tokens_per_minute is not None:
+        st.tpm[bucket] = st.tpm.get(bucket, 0) + cost
+        tpm_used, tpm_live, tpm_bucket = tpm_used + cost, [*tpm_live, (bucket, cost)], bucket
+    for name, ttl_s in (
+        (f"day:{req.periods.day}", DAY_TTL_S),
+        (f"month:{req.periods.month}", MONTH_TTL_S),
+    ):
+        counters = _counters(st, name, now + ttl_s * 1000)
+        counters["charged"] += cost
+        counters["reserved"] += cost
+    ticket = Ticket(
+        tenant_id=req.tenant_id,
+        lease_id=req.lease_id,
+        member=req.member,
+        reserved=cost,
+        day=req.periods.day,
+        month=req.periods.month,
+        tpm_bucket=tpm_bucket,
+        expires_ms=expires,
+    )
+    return AdmitResult(
+        admitted=True,
+        requests=_state(quota.requests_per_minute, rpm_used, rpm_live, now),
+        tokens=_state(quota.tokens_per_minute, tpm_used, tpm_live, now),
+        in_flight=in_flight + 1,
+        ticket=ticket,
+    )
+
+
+def _settle(st: _TenantState, ticket: Ticket, used: Consumption, periods: Periods) -> bool:
+    """Mirror of lua/settle.lua."""
+    now = periods.now_ms
+    live = st.leases.pop(ticket.member, None) is not None if ticket.member else False
+    names = (f"day:{ticket.day}", f"month:{ticket.month}")
+    if live:
+        for name in names:
+            _release_reservation(st, name, ticket.reserved)
+    delta = used.total - ticket.reserved
+    for name, ttl_s in zip(names, (DAY_TTL_S, MONTH_TTL_S), strict=True):
+        counters = _counters(st, name, now + ttl_s * 1000)
+        counters["charged"] = max(counters["charged"] + delta, 0)
+        _record(counters, used)
+    _record(st.minutes.setdefault(periods.minute, Counter()), used)
+    b = ticket.tpm_bucket
+    if b >= 0 and b >= oldest_live_bucket(now) and b in st.tpm:
+        st.tpm[b] = max(st.tpm[b] + delta, 0)
+    _expire(st, periods)
+    return live
+
+
+def _record(counters: Counter[str], used: Consumption) -> None:
+    counters["requests"] += 1
+    counters["prompt_tokens"] += used.prompt_tokens
+    counters["completion_tokens"] += used.completion_tokens
+    counters["cached_tokens"] += used.cached_tokens
+
+
+def _check_budget(
+    refusals: list[Refusal],
+    name: str,
+    limit: int | None,
+    counters: Counter[str],
+    cost: int,
+    until_end_ms: int,
+) -> None:
+    charged, reserved = counters["charged"], counters["reserved"]
+    if limit is None or charged + cost <= limit:
+        return
+    hard = charged - reserved + cost > limit
+    retry = None if cost > limit else (until_end_ms if hard else RETRY_SOFT_MS)
+    refusals.append(Refusal(name, retry, hard, limit, charged, cost))
+
+
+def _check_window(
+    refusals: list[Refusal],
+    name: str,
+    limit: int | None,
+    used: int,
+    live: list[tuple[int, int]],
+    cost: int,
+    now: int,
+) -> None:
+    if limit is None or used + cost <= limit:
+        return
+    refusals.append(Refusal(name, _wait_ms(live, used, cost, limit, now), False, limit, used, cost))
+
+
+def _window(buckets: dict[int, int], now: int) -> tuple[int, list[tuple[int, int]]]:
+    """Prune buckets that left the window; return (used, live buckets oldest first)."""
+    oldest = oldest_live_bucket(now)
+    for b in [b for b in buckets if b < oldest]:
+        del buckets[b]
+    live = sorted(buckets.items())
+    return sum(c for _, c in live), live
+
+
+def _wait_ms(live: list[tuple[int, int]], used: int, cost: int, limit: int, now: int) -> int | None:
+    """Until enough old buckets leave the window for `cost` to fit; None if it never fits."""
+    if cost > limit:
+        return None
+    freed = 0
+    for b, c in live:
+        freed += c
+        if used - freed + cost <= limit:
+            return bucket_expiry_ms(b) - now
+    return None
+
+
+def _state(
+    limit: int | None, used: int, live: list[tuple[int, int]], now: int
+) -> WindowState | None:
+    if limit is None:
+        return None
+    newest = max((b for b, c in live if c > 0), default=None)
+    reset = bucket_expiry_ms(newest) - now if newest is not None else 0
+    return WindowState(limit=limit, used=used, reset_ms=reset)
+
+
+def _reclaim_leases(st: _TenantState, now: int) -> None:
+    """Drop expired leases; their reservations stay charged but are no longer in flight."""
+    for member in [m for m, exp in st.leases.items() if exp <= now]:
+        del st.leases[member]
+        _, reserved, day, month = member.split("|")
+        for name in (f"day:{day}", f"month:{month}"):
+            _release_reservation(st, name, int(reserved))
+
+
+def _release_reservation(st: _TenantState, name: str, amount: int) -> None:
+    counters = st.periods.get(name)
+    if counters is not None:
+        counters["reserved"] = max(counters["reserved"] - amount, 0)
+
+
+def _counters(st: _TenantState, name: str, expires_ms: int) -> Counter[str]:
+    st.period_expiry[name] = expires_ms
+    return st.periods.setdefault(name, Counter())
+
+
+def _expire(st: _TenantState, periods: Periods) -> None:
+    """Forget counters past their retention, as Redis TTLs do."""
+    now = periods.now_ms
+    for name in [n for n, exp in st.period_expiry.items() if exp <= now]:
+        st.periods.pop(name, None)
+        del st.period_expiry[name]
+    oldest_minute = periods.minute - MINUTE_TTL_S // 60
+    for m in [m for m in st.minutes if m < oldest_minute]:
+        del st.minutes[m]

@@ -1,0 +1,170 @@
+"""Pydantic models of the tenant domain: Tenant, Quota, ApiKey, Usage, and the admin payloads.
+
+Models that are stored (Tenant, Quota, ApiKey) are frozen: a change is a `model_copy(update=...)`
+written back through the store, so a model handed out can never alias the store's state.
+All timestamps are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+# Tenant ids appear inside Redis key names and URLs: no braces, colons, spaces or glob characters.
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TenantId = Annotated[str, Field(pattern=TENANT_ID_PATTERN)]
+# Counts stay far below 2**53 so that Lua's doubles hold them exactly.
+MAX_COUNT = 10**15
+PositiveCount = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
+
+DEFAULT_TENANT_ID = "default"
+
+
+class Quota(BaseModel):
+    """Limits of one tenant. Every field is optional: absent or null means unlimited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: PositiveCount | None = None
+    tokens_per_minute: PositiveCount | None = None  # prompt + completion, reserved at admission
+    max_concurrent_requests: PositiveCount | None = None
+    tokens_per_day: PositiveCount | None = None  # UTC calendar day
+    tokens_per_month: PositiveCount | None = None  # UTC calendar month
+    max_tokens_per_request: PositiveCount | None = None  # bound on the request's `max_tokens`
+
+    def limits(self) -> dict[str, int]:
+        """The limits that are set, by field name."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Tenant(BaseModel):
+    """A customer of the service. Its quota lives in the same stored document."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: TenantId
+    name: str | None = Field(default=None, max_length=200)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    quota: Quota = Field(default_factory=Quota)
+    disabled: bool = False  # a disabled tenant's keys fail authentication
+    created_at: datetime
+    updated_at: datetime
+
+
+class TenantCreate(BaseModel):
+    """Body of `POST /admin/tenants`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: TenantId
+    name: str | None = Field(default=None, max_length=200)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    quota: Quota = Field(default_factory=Quota)
+    disabled: bool = False
+
+
+class TenantUpdate(BaseModel):
+    """Body of `PATCH /admin/tenants/{id}`: only the fields present are changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    metadata: dict[str, str] | None = None
+    quota: Quota | None = None
+    disabled: bool | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the client sent (null `name` clears it; null elsewhere is ignored)."""
+        out: dict[str, Any] = {}
+        for field in self.model_fields_set:
+            value = getattr(self, field)
+            if value is not None or field == "name":
+                out[field] = value
+        return out
+
+
+class ApiKey(BaseModel):
+    """What is stored about an API key: never the key itself, only its SHA-256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_id: str
+    tenant_id: TenantId
+    key_hash: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False)
+    prefix: str  # first characters of the key, for display ("pg-AbCd")
+    name: str | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked: bool = False
+    revoked_at: datetime | None = None
+
+    def is_active(self, now: datetime) -> bool:
+        """Not revoked and not expired at `now`."""
+        return not self.revoked and (self.expires_at is None or now < self.expires_at)
+
+    def public(self) -> dict[str, Any]:
+        """JSON-ready view for the admin API (the hash is not shown)."""
+        return self.model_dump(mode="json", exclude={"key_hash"})
+
+
+class IssuedKey(BaseModel):
+    """A freshly issued key: `key` is the only time the secret is ever available."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str = Field(repr=False)
+    api_key: ApiKey
+
+    def response(self) -> dict[str, Any]:
+        """Body of `POST /admin/tenants/{id}/keys`: `{"key": "pg-...", "key_id": ..., ...}`."""
+        return {"key": self.key, **self.api_key.public()}
+
+
+class KeyCreate(BaseModel):
+    """Body of `POST /admin/tenants/{id}/keys` (all optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    expires_at: datetime | None = None
+    expires_in_s: PositiveCount | None = None  # alternative to expires_at
+
+
+class UsageCounters(BaseModel):
+    """Counters of settled requests. `total_tokens` is what counts against the budgets."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # part of prompt_tokens served from the prefix cache
+    total_tokens: int = 0  # settled charge (prompt + completion, full reservation if never settled)
+    reserved_tokens: int = 0  # held by requests in flight, not yet settled
+
+
+class PeriodUsage(UsageCounters):
+    """Usage of one UTC calendar period (day "2025-01-31" or month "2025-01")."""
+
+    period: str
+    limit: int | None = None  # tokens_per_day / tokens_per_month
+    remaining: int | None = None  # limit - total - reserved, floored at 0
+    resets_at: datetime
+
+
+class MinuteUsage(UsageCounters):
+    """Usage settled during one UTC minute starting at `start`."""
+
+    start: datetime
+
+
+class Usage(BaseModel):
+    """Body of `GET /admin/tenants/{id}/usage` and `GET /v1/usage`."""
+
+    tenant_id: str
+    as_of: datetime
+    today: PeriodUsage
+    this_month: PeriodUsage
+    recent: list[MinuteUsage]  # minutes with activity, oldest first, last hour
+    in_flight: int  # live concurrency leases
+    quota: Quota

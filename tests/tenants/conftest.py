@@ -1,0 +1,129 @@
+"""Fixtures: a fake clock, both stores (Redis DB 13, flushed per test), a private redis-server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
+
+import pytest
+
+from tenants import MemoryStore, RedisStore, Store, TenantService
+from tenants.periods import UTC
+
+REDIS_URL = os.environ.get("PREFIXGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+START = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC).timestamp()
+
+
+class FakeClock:
+    """Epoch seconds that move only when told."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def set(self, when: datetime) -> None:
+        self.now = when.timestamp()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+async def fresh_redis_store(url: str = REDIS_URL) -> RedisStore:
+    store = RedisStore.from_url(url)
+    try:
+        await store.client.flushdb()
+    except Exception as exc:
+        await store.aclose()
+        pytest.fail(f"Redis is not reachable at {url} (start it with `make redis`): {exc}")
+    return store
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisStore]:
+    store = await fresh_redis_store()
+    yield store
+    await store.client.flushdb()
+    await store.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each contract test runs once per store."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    redis = await fresh_redis_store()
+    yield redis
+    await redis.client.flushdb()
+    await redis.aclose()
+
+
+@pytest.fixture
+async def service(store: Store, clock: FakeClock) -> AsyncIterator[TenantService]:
+    svc = TenantService(store, clock=clock, lease_ttl_s=60)
+    yield svc
+    for task in list(svc._tasks):
+        task.cancel()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of our own on a spare port, to stop and restart mid-test."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        pytest.fail(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()

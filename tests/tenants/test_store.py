@@ -1,0 +1,257 @@
+"""Contract suite of the `Store` primitives, run on MemoryStore and RedisStore alike, plus a
+differential test that drives both with the same random operations and compares every answer."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tenants import MemoryStore, Quota, RedisStore, Store, Tenant
+from tenants.keys import new_api_key
+from tenants.periods import UTC, Periods, to_ms
+from tenants.store import AdmitRequest, AdmitResult, Consumption, Ticket
+
+from .conftest import REDIS_URL, START
+
+NOW = datetime.fromtimestamp(START, tz=UTC)
+
+
+def tenant(tid: str = "acme", **quota: int) -> Tenant:
+    return Tenant(id=tid, quota=Quota(**quota), created_at=NOW, updated_at=NOW)
+
+
+def request(
+    now: float, lease: str = "l1", prompt: int = 10, max_tokens: int = 5, ttl_ms: int = 60_000
+) -> AdmitRequest:
+    return AdmitRequest("acme", lease, prompt, max_tokens, ttl_ms, Periods.at(now))
+
+
+async def admit(store: Store, req: AdmitRequest) -> AdmitResult:
+    result = await store.admit(req)
+    assert result is not None
+    return result
+
+
+async def test_tenant_crud(store: Store) -> None:
+    assert await store.create_tenant(tenant("b"))
+    assert await store.create_tenant(tenant("a", requests_per_minute=5))
+    assert not await store.create_tenant(tenant("a"))
+    got = await store.get_tenant("a")
+    assert got is not None and got.quota.requests_per_minute == 5
+    assert [t.id for t in await store.list_tenants()] == ["a", "b"]
+    assert await store.replace_tenant(tenant("a", requests_per_minute=7))
+    assert not await store.replace_tenant(tenant("zzz"))
+    got = await store.get_tenant("a")
+    assert got is not None and got.quota.requests_per_minute == 7
+    assert await store.delete_tenant("a")
+    assert not await store.delete_tenant("a")
+    assert await store.get_tenant("a") is None
+    assert [t.id for t in await store.list_tenants()] == ["b"]
+
+
+async def test_keys(store: Store) -> None:
+    await store.create_tenant(tenant())
+    _, k1 = new_api_key("acme", NOW, "ci", None)
+    _, k2 = new_api_key("acme", NOW + timedelta(seconds=1), None, None)
+    _, orphan = new_api_key("nobody", NOW, None, None)
+    assert await store.add_key(k1) and await store.add_key(k2)
+    assert not await store.add_key(orphan)
+    assert [k.key_id for k in await store.list_keys("acme")] == [k1.key_id, k2.key_id]
+    found = await store.find_key(k1.key_hash)
+    assert found is not None and found.key == k1 and found.tenant is not None
+    assert found.tenant.id == "acme"
+    assert await store.find_key("0" * 64) is None
+    assert await store.get_key("acme", k2.key_id) == k2
+    assert await store.get_key("acme", "key_missing") is None
+    revoked = k1.model_copy(update={"revoked": True})
+    assert await store.replace_key(revoked)
+    assert not await store.replace_key(orphan)
+    found = await store.find_key(k1.key_hash)
+    assert found is not None and found.key.revoked
+    await store.delete_tenant("acme")
+    assert await store.find_key(k2.key_hash) is None
+    assert await store.list_keys("acme") == []
+
+
+async def test_admit_unknown_tenant(store: Store) -> None:
+    assert await store.admit(request(START)) is None
+
+
+async def test_unlimited_tenant_takes_a_lease_and_no_windows(store: Store) -> None:
+    await store.create_tenant(tenant())
+    r = await admit(store, request(START))
+    assert r.admitted and r.requests is None and r.tokens is None and r.in_flight == 1
+    assert r.ticket is not None and r.ticket.reserved == 15 and r.ticket.tpm_bucket == -1
+    assert r.ticket.expires_ms == to_ms(START) + 60_000
+
+
+async def test_refusal_reports_every_limit_it_breaks(store: Store) -> None:
+    await store.create_tenant(tenant(requests_per_minute=1, tokens_per_minute=20))
+    assert (await admit(store, request(START, "a"))).admitted
+    r = await admit(store, request(START + 0.5, "b"))
+    assert not r.admitted and r.ticket is None and r.in_flight == 1
+    assert [x.limit for x in r.refusals] == ["requests_per_minute", "tokens_per_minute"]
+    rpm, tpm = r.refusals
+    assert (rpm.value, rpm.used, rpm.requested, rpm.retry_ms) == (1, 1, 1, 59_500)
+    assert (tpm.value, tpm.used, tpm.requested, tpm.retry_ms) == (20, 15, 15, 59_500)
+
+
+async def test_settle_releases_lease_and_charges_real_usage(store: Store) -> None:
+    await store.create_tenant(tenant(tokens_per_minute=100, max_concurrent_requests=1))
+    r = await admit(store, request(START, prompt=10, max_tokens=50))
+    assert r.ticket is not None and r.tokens is not None and r.tokens.used == 60
+    assert await store.settle(r.ticket, Consumption(10, 3, 4), Periods.at(START + 1))
+    raw = await store.read_usage("acme", Periods.at(START + 1))
+    assert raw.in_flight == 0
+    assert raw.day["charged"] == 13 and raw.day["reserved"] == 0
+    assert raw.day["cached_tokens"] == 4 and raw.month["requests"] == 1
+    r2 = await admit(store, request(START + 2, "l2", prompt=1, max_tokens=1))
+    assert r2.admitted and r2.tokens is not None and r2.tokens.used == 13 + 2
+
+
+async def test_lease_expiry_frees_slot_and_keeps_charge(store: Store) -> None:
+    await store.create_tenant(tenant(max_concurrent_requests=1))
+    r = await admit(store, request(START, "a", ttl_ms=5_000))
+    assert r.ticket is not None
+    assert not (await admit(store, request(START + 4.999, "b"))).admitted
+    assert (await admit(store, request(START + 5, "c"))).admitted
+    raw = await store.read_usage("acme", Periods.at(START + 5))
+    assert raw.in_flight == 1
+    assert raw.day["charged"] == 30 and raw.day["reserved"] == 15  # a's 15 stay charged
+    # a late settlement still replaces a's reservation with its real usage
+    assert not await store.settle(r.ticket, Consumption(10, 1), Periods.at(START + 6))
+    raw = await store.read_usage("acme", Periods.at(START + 6))
+    assert raw.day["charged"] == 11 + 15 and raw.day["reserved"] == 15
+
+
+async def test_renew(store: Store) -> None:
+    await store.create_tenant(tenant(max_concurrent_requests=1))
+    r = await admit(store, request(START, ttl_ms=5_000))
+    assert r.ticket is not None
+    assert await store.renew(r.ticket, to_ms(START) + 20_000, to_ms(START + 4))
+    assert not (await admit(store, request(START + 10, "b"))).admitted
+    assert not await store.renew(r.ticket, to_ms(START) + 60_000, to_ms(START + 20))
+    assert (await admit(store, request(START + 20, "c"))).admitted
+
+
+async def test_usage_only_settlement(store: Store) -> None:
+    await store.create_tenant(tenant())
+    ticket = Ticket("acme", "x", "", 0, "2025-03-14", "2025-03", -1, 0)
+    assert not await store.settle(ticket, Consumption(7, 2), Periods.at(START))
+    raw = await store.read_usage("acme", Periods.at(START))
+    assert raw.day["charged"] == 9 and raw.day["requests"] == 1
+    assert raw.minutes == {to_ms(START) // 60_000: raw.minutes[to_ms(START) // 60_000]}
+
+
+async def test_reset_usage_keeps_reservations_in_flight(store: Store) -> None:
+    await store.create_tenant(tenant(requests_per_minute=1))
+    a = await admit(store, request(START, "a"))
+    assert a.ticket is not None
+    await store.settle(Ticket("acme", "u", "", 0, "2025-03-14", "2025-03", -1, 0),
+                       Consumption(100, 0), Periods.at(START))  # fmt: skip
+    await store.reset_usage("acme", Periods.at(START + 1))
+    raw = await store.read_usage("acme", Periods.at(START + 1))
+    assert raw.day == {"charged": 15, "reserved": 15} and raw.minutes == {}
+    assert (await admit(store, request(START + 1, "b"))).admitted  # window cleared
+    await store.settle(a.ticket, Consumption(10, 0), Periods.at(START + 2))
+    raw = await store.read_usage("acme", Periods.at(START + 2))
+    assert raw.day["charged"] == 10 + 15 and raw.day["reserved"] == 15
+
+
+async def test_settle_after_tenant_deleted_is_a_no_op(store: Store) -> None:
+    await store.create_tenant(tenant())
+    r = await admit(store, request(START))
+    assert r.ticket is not None
+    await store.delete_tenant("acme")
+    assert not await store.settle(r.ticket, Consumption(1, 1), Periods.at(START))
+    assert await store.get_tenant("acme") is None
+
+
+async def test_delete_tenant_leaves_no_redis_keys(redis_store: RedisStore) -> None:
+    await redis_store.create_tenant(tenant(requests_per_minute=5, tokens_per_minute=100))
+    await redis_store.create_tenant(tenant("other"))
+    _, key = new_api_key("acme", NOW, None, None)
+    await redis_store.add_key(key)
+    r = await admit(redis_store, request(START))
+    assert r.ticket is not None
+    await redis_store.settle(r.ticket, Consumption(1, 1), Periods.at(START))
+    assert await redis_store.delete_tenant("acme")
+    left = sorted(await redis_store.client.keys("*"))
+    assert left == ["pg:tenants", "pg:{other}:tenant"]
+
+
+# -- differential: both stores, same operations, same answers ---------------------------------
+
+QUOTAS = st.fixed_dictionaries(
+    {
+        "requests_per_minute": st.none() | st.integers(1, 4),
+        "tokens_per_minute": st.none() | st.integers(5, 120),
+        "max_concurrent_requests": st.none() | st.integers(1, 3),
+        "tokens_per_day": st.none() | st.integers(10, 300),
+        "tokens_per_month": st.none() | st.integers(10, 600),
+        "max_tokens_per_request": st.none() | st.integers(1, 40),
+    }
+)
+STEPS_MS = [1, 400, 999, 1_000, 4_999, 5_000, 30_000, 59_000, 60_000, 3_600_000, 86_400_000]
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.integers(0, 30), st.integers(0, 40)),
+        st.tuples(st.just("settle"), st.integers(0, 20), st.integers(0, 40)),
+        st.tuples(st.just("advance"), st.sampled_from(STEPS_MS), st.just(0)),
+        st.tuples(st.just("renew"), st.integers(0, 20), st.just(0)),
+    ),
+    max_size=40,
+)
+# 23:59:50 on the last day of a month: sequences cross a minute, a day and a month.
+DIFF_START = datetime(2025, 1, 31, 23, 59, 50, tzinfo=UTC).timestamp()
+
+
+Quotas = dict[str, int | None]
+Ops = list[tuple[str, int, int]]
+
+
+async def _drive(store: Store, quota: Quotas, ops: Ops) -> list[object]:
+    await store.create_tenant(
+        Tenant(id="acme", quota=Quota(**quota), created_at=NOW, updated_at=NOW)
+    )
+    now, trace, tickets = DIFF_START, [], []
+    for i, (op, a, b) in enumerate(ops):
+        if op == "admit":
+            r = await store.admit(AdmitRequest("acme", f"l{i}", a, b, 5_000, Periods.at(now)))
+            trace.append(r)
+            if r is not None and r.ticket is not None:
+                tickets.append(r.ticket)
+        elif op == "advance":
+            now += a / 1000
+        elif tickets:
+            t = tickets[a % len(tickets)]
+            if op == "settle":
+                used = Consumption(t.reserved // 2, b % 20, 1)
+                done = await store.settle(t, used, Periods.at(now))
+                trace.append(("settled", done))
+            else:
+                trace.append(("renewed", await store.renew(t, to_ms(now) + 5_000, to_ms(now))))
+    raw = await store.read_usage("acme", Periods.at(now))
+    trace.append((raw.day, raw.month, raw.minutes, raw.in_flight))
+    return trace
+
+
+async def _both(quota: Quotas, ops: Ops) -> None:
+    redis = RedisStore.from_url(REDIS_URL)
+    try:
+        await redis.client.flushdb()
+        expected = await _drive(MemoryStore(), quota, ops)
+        got = await _drive(redis, quota, ops)
+    finally:
+        await redis.client.flushdb()
+        await redis.aclose()
+    assert got == expected
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quota=QUOTAS, ops=OPS)
+def test_memory_and_redis_agree(quota: Quotas, ops: Ops) -> None:
+    asyncio.run(_both(quota, ops))
