@@ -13,6 +13,8 @@ softmax runs in float32. On CPU this is much faster in bfloat16 than `scaled_dot
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels.metadata import AttentionMetadata
@@ -48,78 +50,131 @@ def paged_attention(
         scale: softmax scale, usually D ** -0.5.
 
     Returns:
-        [T, H, D] attention output in the query's dtype.
+        [T, H, D] attention output in the cache dtype.
     """
     query = query.to(kv_cache.dtype)
-    starts = meta.query_start_loc_list
-    seq_lens = meta.seq_lens_list
-    if meta.max_query_len == 1:  # all decodes: a single batched call, no copies of the output
-        return _decode_attention(query, kv_cache, meta.block_tables, seq_lens, scale)
+    plan = _plans.get(meta, kv_cache.shape[2], kv_cache.device)
+    decode = plan.decode
+    if decode is not None and decode.rows is None:  # all decodes: no scatter into an output
+        return _decode_attention(query, kv_cache, decode, scale)
     out = torch.empty_like(query)
-    decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
-    if decodes:
-        rows = torch.tensor([starts[s] for s in decodes], device=query.device)
-        out[rows] = _decode_attention(
-            query[rows], kv_cache, meta.block_tables[decodes], [seq_lens[s] for s in decodes], scale
-        )
-    for s in range(meta.num_seqs):
-        start, end = starts[s], starts[s + 1]
-        if end - start > 1:
-            out[start:end] = _prefill_attention(
-                query[start:end], kv_cache, meta.block_tables[s], seq_lens[s], scale
-            )
+    if decode is not None:
+        out[decode.rows] = _decode_attention(query[decode.rows], kv_cache, decode, scale)
+    for p in plan.prefills:
+        out[p.start : p.end] = _prefill_attention(query[p.start : p.end], kv_cache, p, scale)
     return out
 
 
+@dataclass(slots=True)
+class _DecodePlan:
+    """Every q_len == 1 sequence of a step, attended in one batch of S_d sequences."""
+
+    rows: torch.Tensor | None  # [S_d] their query rows; None when every row is a decode
+    blocks: torch.Tensor  # [S_d, n] int64 block ids, n = blocks of the longest context
+    pad: torch.Tensor  # [S_d, 1, 1, n * block_size] True past each sequence's length
+
+
+@dataclass(slots=True)
+class _PrefillPlan:
+    """One sequence with q_len > 1 (a prefill or a chunk of one)."""
+
+    start: int  # query rows start:end
+    end: int
+    seq_len: int
+    blocks: torch.Tensor  # [n] int64 block ids covering seq_len
+    future: torch.Tensor  # [Q, seq_len] True where the key comes after the query's position
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    decode: _DecodePlan | None
+    prefills: list[_PrefillPlan]
+
+
+class _PlanCache:
+    """Index tensors and masks derived from a step's metadata, built once and used by every layer.
+
+    Keyed on the metadata object's identity (it holds a reference, so the id cannot be reused);
+    the engine builds a fresh `AttentionMetadata` per step.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[AttentionMetadata, int, torch.device] | None = None
+        self._plan: _StepPlan | None = None
+
+    def get(self, meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
+        key = self._key
+        if key is None or key[0] is not meta or key[1] != block_size or key[2] != device:
+            self._plan = _make_plan(meta, block_size, device)
+            self._key = (meta, block_size, device)
+        assert self._plan is not None
+        return self._plan
+
+
+_plans = _PlanCache()
+
+
+def _make_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
+    starts, seq_lens = meta.query_start_loc_list, meta.seq_lens_list
+    tables = meta.block_tables.to(device=device, dtype=torch.int64)
+    decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
+    decode = None
+    if decodes:
+        lens = [seq_lens[s] for s in decodes]
+        num_blocks = -(-max(lens) // block_size)
+        all_rows = len(decodes) == meta.num_tokens
+        positions = torch.arange(num_blocks * block_size, device=device)
+        pad = positions >= torch.tensor(lens, device=device)[:, None]  # [S_d, L]
+        decode = _DecodePlan(
+            rows=None if all_rows else torch.tensor([starts[s] for s in decodes], device=device),
+            blocks=(tables if all_rows else tables[decodes])[:, :num_blocks],
+            pad=pad[:, None, None, :],
+        )
+    prefills = []
+    for s in range(meta.num_seqs):
+        start, end, seq_len = starts[s], starts[s + 1], seq_lens[s]
+        if end - start > 1:
+            # new token i sits at position seq_len - q_len + i and sees keys 0..that position
+            pos = torch.arange(seq_len - (end - start), seq_len, device=device)
+            future = torch.arange(seq_len, device=device) > pos[:, None]  # [Q, L]
+            blocks = tables[s, : -(-seq_len // block_size)]
+            prefills.append(_PrefillPlan(start, end, seq_len, blocks, future))
+    return _StepPlan(decode, prefills)
+
+
 def _decode_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: list[int],
-    scale: float,
+    query: torch.Tensor, kv_cache: torch.Tensor, plan: _DecodePlan, scale: float
 ) -> torch.Tensor:
-    """One new token per sequence. query [S, H, D], block_tables [S, >=blocks] -> [S, H, D]."""
+    """One new token per sequence: query [S, H, D] -> [S, H, D]."""
     num_seqs, num_heads, head_dim = query.shape
-    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    kv_heads = kv_cache.shape[3]
     group = num_heads // kv_heads
-    max_len = max(seq_lens)
-    num_blocks = -(-max_len // block_size)
     # [2, S, n, bs, KVH, D] -> K, V as [S, KVH, L, D] with L = n * bs (padded past each seq_len)
-    kv = kv_cache[:, block_tables[:, :num_blocks].long()]
-    kv = kv.view(2, num_seqs, num_blocks * block_size, kv_heads, head_dim).transpose(2, 3)
+    kv = kv_cache[:, plan.blocks].view(2, num_seqs, -1, kv_heads, head_dim).transpose(2, 3)
     q = query.view(num_seqs, kv_heads, group, head_dim)  # [S, KVH, G, D]
     scores = torch.matmul(q, kv[0].transpose(-1, -2)).float()  # [S, KVH, G, L]
-    lens = torch.tensor(seq_lens, device=query.device)
-    pad = torch.arange(num_blocks * block_size, device=query.device) >= lens[:, None]  # [S, L]
-    scores.mul_(scale).masked_fill_(pad[:, None, None, :], float("-inf"))
+    scores.mul_(scale).masked_fill_(plan.pad, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
     return torch.matmul(probs, kv[1]).view(num_seqs, num_heads, head_dim)  # [S, KVH, G, D]
 
 
 def _prefill_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_len: int,
-    scale: float,
+    query: torch.Tensor, kv_cache: torch.Tensor, plan: _PrefillPlan, scale: float
 ) -> torch.Tensor:
-    """One sequence's q_len new tokens over its whole context. query [Q, H, D] -> [Q, H, D]."""
+    """One sequence's q_len new tokens over its whole context: query [Q, H, D] -> [Q, H, D]."""
     q_len, num_heads, head_dim = query.shape
-    block_size, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    kv_heads = kv_cache.shape[3]
     group = num_heads // kv_heads
-    num_blocks = -(-seq_len // block_size)
     # [2, n, bs, KVH, D] -> K, V as [KVH, L, D], L = seq_len
-    kv = kv_cache[:, block_table[:num_blocks].long()].view(2, -1, kv_heads, head_dim)
-    kv = kv[:, :seq_len].transpose(1, 2)
+    kv = kv_cache[:, plan.blocks].view(2, -1, kv_heads, head_dim)[:, : plan.seq_len]
+    kv = kv.transpose(1, 2)
     # [Q, KVH, G, D] -> [KVH, G*Q, D]: the group's queries share one matmul against their K
     q = query.view(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.reshape(kv_heads, group * q_len, head_dim)
     scores = torch.matmul(q, kv[0].transpose(-1, -2)).float()  # [KVH, G*Q, L]
-    # new token i sits at position seq_len - q_len + i and sees keys 0..that position
-    pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-    future = torch.arange(seq_len, device=query.device) > pos[:, None]  # [Q, L]
-    scores.mul_(scale).masked_fill_(future.repeat(group, 1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    scores = scores.view(kv_heads, group, q_len, plan.seq_len)
+    scores.mul_(scale).masked_fill_(plan.future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(query.dtype).view(kv_heads, group * q_len, -1)
     out = torch.matmul(probs, kv[1])  # [KVH, G*Q, D]
     out = out.view(kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)  # [Q, KVH, G, D]
     return out.reshape(q_len, num_heads, head_dim)
