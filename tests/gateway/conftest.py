@@ -26,6 +26,39 @@ def make_settings(**overrides: Any) -> Settings:
     return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
 
 
+def spy_aborts(engine: Any) -> Any:
+    """Record the ids passed to `engine.abort` in `engine.aborted` (the fake does it itself)."""
+    engine.aborted = []
+    abort = engine.abort
+
+    def recording_abort(request_id: str) -> None:
+        engine.aborted.append(request_id)
+        abort(request_id)
+
+    engine.abort = recording_abort
+    return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tests.helpers import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("gateway") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: str) -> Iterator[Any]:
+    """The real `AsyncEngine` over a tiny random Llama (real SmolLM2 tokenizer), shared."""
+    from engine.async_engine import AsyncEngine
+    from engine.config import CacheConfig, EngineConfig
+
+    config = EngineConfig(model=tiny_model_dir, dtype="float32", cache=CacheConfig(num_blocks=512))
+    engine = spy_aborts(AsyncEngine.from_config(config))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine()

@@ -38,9 +38,15 @@ def serve_engine(engine: EngineClient) -> Iterator[Served]:
         yield Served(url, engine, engine.model_name)
 
 
-@pytest.fixture
-def served() -> Iterator[Served]:
-    yield from serve_engine(FakeEngine(token_delay=0.002))
+@pytest.fixture(params=["fake", "tiny"])
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """The same tests against the fake engine and the real engine with a tiny random model."""
+    if request.param == "fake":
+        yield from serve_engine(FakeEngine(token_delay=0.002))
+    else:
+        engine = request.getfixturevalue("tiny_engine")
+        engine.aborted.clear()
+        yield from serve_engine(engine)
 
 
 def messages(question: str, system: str = SYSTEM) -> list[Any]:
@@ -99,11 +105,12 @@ async def test_async_client_streamed_equals_non_streamed_with_seed(served: Serve
 
 async def test_cached_tokens_for_a_repeated_system_prompt(served: Served) -> None:
     client = served.async_client()
+    system = f"[{time.time_ns()}] {SYSTEM}"  # not cached by an earlier test on a shared engine
     first = await client.chat.completions.create(
-        model=served.model, messages=messages("First question?"), max_tokens=4
+        model=served.model, messages=messages("First question?", system), max_tokens=4
     )
     second = await client.chat.completions.create(
-        model=served.model, messages=messages("Second question?"), max_tokens=4
+        model=served.model, messages=messages("Second question?", system), max_tokens=4
     )
     assert first.usage and second.usage
     assert first.usage.prompt_tokens_details and second.usage.prompt_tokens_details
@@ -128,24 +135,29 @@ def _all_blocks_free(engine: Any) -> bool:
     return bool(stats.num_free_blocks == stats.num_blocks and stats.num_running == 0)
 
 
-def _slow_down(served: Served) -> None:
-    """Make generation slow enough that only an abort can free the blocks in time."""
+def _long_generation(served: Served) -> int:
+    """Make generation long enough that only an abort can free the blocks in time.
+
+    Returns the max_tokens to ask for: 150 tokens of the fake take 7.5 s, 400 tokens of the
+    tiny model about 2 s on two CPU cores.
+    """
     if isinstance(served.engine, FakeEngine):
-        served.engine.token_delay = 0.05  # 150 tokens: 7.5 s
+        served.engine.token_delay = 0.05
+        return 150
+    return 400
 
 
 def _assert_aborted(served: Served, started: float) -> None:
     assert wait_until(lambda: _all_blocks_free(served.engine), timeout=5)
     assert time.monotonic() - started < 5
-    if isinstance(served.engine, FakeEngine):
-        assert len(served.engine.aborted) == 1
+    assert len(served.engine.aborted) == 1
 
 
 def test_disconnect_mid_stream_frees_blocks(served: Served) -> None:
-    _slow_down(served)
+    max_tokens = _long_generation(served)
     started = time.monotonic()
     body = {
-        "model": served.model, "messages": messages("Go on forever."), "max_tokens": 150,
+        "model": served.model, "messages": messages("Go on forever."), "max_tokens": max_tokens,
         "temperature": 0, "stream": True, "ignore_eos": True,
     }  # fmt: skip
     with (
@@ -157,15 +169,15 @@ def test_disconnect_mid_stream_frees_blocks(served: Served) -> None:
         received = [line for _, line in zip(range(6), lines, strict=False)]
         assert any(line.startswith("data: {") for line in received)
         assert served.engine.stats().num_free_blocks < served.engine.stats().num_blocks
-    # The connection is closed here, long before 150 tokens.
+    # The connection is closed here, long before max_tokens.
     _assert_aborted(served, started)
 
 
 def test_disconnect_while_waiting_for_a_non_streamed_result(served: Served) -> None:
-    _slow_down(served)
+    max_tokens = _long_generation(served)
     started = time.monotonic()
     body = {
-        "model": served.model, "messages": messages("Long answer."), "max_tokens": 150,
+        "model": served.model, "messages": messages("Long answer."), "max_tokens": max_tokens,
         "temperature": 0, "ignore_eos": True,
     }  # fmt: skip
     with (
