@@ -1,0 +1,88 @@
+"""AsyncEngine: streamed deltas add up to the offline result; cancelling aborts and frees."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine import AsyncEngine, LLMEngine, SamplingParams
+from engine.config import CacheConfig, EngineConfig
+
+
+@pytest.fixture
+async def engine(tiny_dirs):
+    config = EngineConfig(
+        model=tiny_dirs["llama"], dtype="float32", cache=CacheConfig(num_blocks=64)
+    )
+    eng = AsyncEngine(LLMEngine(config))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+async def wait_all_free(eng: AsyncEngine, deadline_s: float = 5.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        s = eng.stats()
+        if s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"blocks not freed: {eng.stats()}")
+
+
+async def test_stream_adds_up(engine: AsyncEngine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, n=2)
+    texts = ["", ""]
+    tokens: list[list[int]] = [[], []]
+    last = None
+    async for delta in engine.generate([5, 6, 7, 8, 9], params):
+        for d in delta.deltas:
+            texts[d.index] += d.text
+            tokens[d.index] += d.token_ids
+        last = delta
+    assert last is not None and last.finished and last.completion_tokens == 40
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 20
+    assert texts[0] == engine.tokenizer.decode(tokens[0], skip_special_tokens=True)
+    await wait_all_free(engine)
+
+
+async def test_cancel_aborts_and_frees(engine: AsyncEngine) -> None:
+    stream = engine.add_request([1, 2, 3] * 20, SamplingParams(max_tokens=400, ignore_eos=True))
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    await stream.aclose()
+    await wait_all_free(engine)
+
+
+async def test_task_cancellation_aborts(engine: AsyncEngine) -> None:
+    async def consume() -> None:
+        async for _ in engine.generate([4] * 30, SamplingParams(max_tokens=400, ignore_eos=True)):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_all_free(engine)
+
+
+async def test_many_concurrent_streams_independent(engine: AsyncEngine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    async def one(i: int) -> list[int]:
+        out: list[int] = []
+        async for delta in engine.generate([10 + i, 20 + i, 30 + i], params):
+            for d in delta.deltas:
+                out += d.token_ids
+        return out
+
+    results = await asyncio.gather(*(one(i) for i in range(16)))
+    sequential = [await one(i) for i in (0, 7, 15)]
+    assert [results[0], results[7], results[15]] == sequential
+    await wait_all_free(engine)
