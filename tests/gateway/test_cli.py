@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 
 from gateway.cli import build_parser, main, settings_from_args
@@ -45,3 +54,40 @@ def test_invalid_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_end_to_end(tiny_model_dir: str) -> None:
+    """`prefixgate serve` in a subprocess: JSON logs, /ready, a completion, clean Ctrl-C."""
+    port = _free_port()
+    env = {**os.environ, "PREFIXGATE_PORT": str(port)}
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", tiny_model_dir,
+           "--dtype", "float32", "--num-blocks", "64", "--max-num-seqs", "4"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline and status != 200:
+            time.sleep(0.2)
+            try:
+                status = httpx.get(f"{base}/ready").status_code
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert status == 200
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3}
+        r = httpx.post(f"{base}/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]
+    access = [x for x in lines if x.get("event") == "access" and x["path"] == "/v1/completions"]
+    assert access[0]["status"] == 200 and access[0]["completion_tokens"] == 3
+    assert any(x.get("event") == "engine_ready" for x in lines)
