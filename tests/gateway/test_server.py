@@ -208,3 +208,41 @@ async def test_32_concurrent_streams_are_independent(served: Served) -> None:
     assert len(set(sequential)) > 1  # different prompts, different outputs
     await client.close()
     assert wait_until(lambda: _all_blocks_free(served.engine))
+
+
+@pytest.mark.slow
+def test_bundled_smollm2() -> None:
+    """The real bundled SmolLM2-135M-Instruct behind the gateway, through the openai client."""
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig
+
+    engine = AsyncEngine.from_config(EngineConfig())
+    engine.start()
+    try:
+        for served in serve_engine(engine):
+            assert served.model == "smollm2"
+            client = served.sync_client()
+            question = [{"role": "user", "content": "What is the capital of France?"}]
+            reply = client.chat.completions.create(
+                model="smollm2",
+                messages=question,
+                max_tokens=16,
+                temperature=0,
+            )
+            assert "Paris" in (reply.choices[0].message.content or "")
+            assert reply.choices[0].finish_reason == "stop"
+            stream = client.chat.completions.create(
+                model="smollm2", messages=question, max_tokens=16, temperature=0, stream=True,
+            )  # fmt: skip
+            streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            assert streamed == reply.choices[0].message.content
+            again = client.chat.completions.create(
+                model="smollm2",
+                messages=question,
+                max_tokens=4,
+                temperature=0,
+            )
+            assert again.usage and again.usage.prompt_tokens_details
+            assert again.usage.prompt_tokens_details.cached_tokens >= 16
+    finally:
+        engine.shutdown()
