@@ -11,6 +11,7 @@ zero-argument factory so that optional backends (Triton) import their dependenci
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.util import find_spec
 from typing import Protocol
 
 import torch
@@ -42,15 +43,28 @@ def _torch_backend() -> AttentionBackend:
     return reference
 
 
+def _triton_backend() -> AttentionBackend:
+    """Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1, for tests)."""
+    try:
+        from kernels import triton_attention
+    except ImportError as exc:
+        raise RuntimeError(
+            "attention backend 'triton' needs the triton package: "
+            "pip install 'prefixgate[triton]' (or use --attention-backend torch)"
+        ) from exc
+    return triton_attention
+
+
 # name -> factory returning the backend; "auto" is resolved per device by `_auto_name`.
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
     "torch": _torch_backend,
+    "triton": _triton_backend,
 }
 
 
 def _auto_name(device: torch.device) -> str:
     """The fastest registered backend for a device: Triton on CUDA when present, else torch."""
-    if device.type == "cuda" and "triton" in _BACKENDS:
+    if device.type == "cuda" and "triton" in _BACKENDS and find_spec("triton") is not None:
         return "triton"
     return "torch"
 

@@ -1,0 +1,343 @@
+"""Triton paged attention for GPUs: the same API as `kernels.reference`, which stays the oracle.
+
+    write_kv(key, value, kv_cache, slot_mapping)      reshape-and-cache into the paged blocks
+    paged_attention(query, kv_cache, meta, scale)     a mixed batch: decodes and (chunked) prefills
+
+`paged_attention` launches at most three kernels over the whole batch (see `kernels.triton_kernels`
+for the kernels themselves):
+
+    decodes (q_len == 1)  _decode_kernel   grid (S, KVH, num_splits)  flash-decoding over context
+                          _merge_kernel    grid (S, H)                only when the context is split
+    prefills (q_len > 1)  _prefill_kernel  grid (S, cdiv(max_q_len * G, BLOCK_M), KVH)
+    write_kv              _write_kv_kernel grid (cdiv(T, BLOCK_T),)
+
+Each kernel takes every sequence of the batch and skips at once the ones the other kernel owns, so
+the metadata is used as is: no index tensors are built or copied per layer.
+
+Triton is optional (`pip install 'prefixgate[triton]'`): importing this module without it raises
+ImportError, which `kernels.get_attention_backend("triton")` turns into a clear error. The kernels
+need CUDA tensors, or CPU tensors when Triton runs its interpreter (`TRITON_INTERPRET=1` set before
+this module is first imported), which is how the tests run them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from kernels.metadata import AttentionMetadata
+
+try:
+    import triton
+
+    from kernels import triton_kernels as _k
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the 'triton' attention backend needs the triton package: pip install 'prefixgate[triton]'"
+    ) from exc
+
+__all__ = [
+    "DecodeConfig",
+    "decode_attention",
+    "merge_partitions_reference",
+    "paged_attention",
+    "prefill_attention",
+    "write_kv",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """Tiling of the decode kernel.
+
+    partition: context tokens per split (flash-decoding); a multiple of `block_n`.
+    block_n: context tokens per K/V tile inside a split.
+    max_splits: a context longer than `partition * max_splits` gets longer partitions instead.
+    """
+
+    partition: int = 512
+    block_n: int = 64
+    max_splits: int = 64
+
+    def __post_init__(self) -> None:
+        if self.block_n & (self.block_n - 1) or self.partition % self.block_n:
+            raise ValueError("block_n must be a power of two dividing partition")
+
+
+DEFAULT_DECODE = DecodeConfig()
+PREFILL_BLOCK_M = 64  # query rows (token x group head) per program
+PREFILL_BLOCK_N = 64  # keys per tile
+WRITE_KV_ELEMENTS = 4096  # elements of K (and of V) per write_kv program
+
+
+def _check_device(tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cuda" and not _k.INTERPRETED:
+        raise RuntimeError(
+            f"the Triton attention kernels need CUDA tensors (got {tensor.device}); "
+            "use the 'torch' backend on CPU, or set TRITON_INTERPRET=1 before kernels.triton_* "
+            "is imported to run them slowly through the interpreter"
+        )
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    """Multiply in float32 for float32 caches (IEEE, not TF32), and for bfloat16 under the
+    interpreter, whose `tl.dot` does not handle bfloat16 operands."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _k.INTERPRETED)
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _cache_strides(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """(kv, block, token, head) strides of a [2, num_blocks, block_size, KVH, D] cache."""
+    if kv_cache.dim() != 5 or kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must be [2, num_blocks, block_size, KVH, D] with contiguous D")
+    return kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store the new tokens' keys and values into their cache slots, in place.
+
+    Same contract as `kernels.reference.write_kv`; a negative slot skips its token.
+
+    Args:
+        key, value: [T, KVH, D] for the T new tokens (any strides with contiguous D).
+        kv_cache: [2, num_blocks, block_size, KVH, D] for one layer.
+        slot_mapping: [T] int64, `block_id * block_size + offset` of each token.
+    """
+    _check_device(kv_cache)
+    num_tokens = key.shape[0]
+    if num_tokens == 0:
+        return
+    key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+    _, block_size, kv_heads, head_dim = kv_cache.shape[1:]
+    block_hd = _pow2(kv_heads * head_dim)
+    block_t = _pow2(min(num_tokens, max(1, WRITE_KV_ELEMENTS // block_hd)))
+    _k._write_kv_kernel[(triton.cdiv(num_tokens, block_t),)](
+        key,
+        value,
+        kv_cache,
+        slot_mapping,
+        num_tokens,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        *_cache_strides(kv_cache),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        HD=kv_heads * head_dim,
+        BLOCK_T=block_t,
+        BLOCK_HD=block_hd,
+    )
+
+
+def paged_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Causal attention of every new token over its sequence's paged context.
+
+    Same contract as `kernels.reference.paged_attention`: `write_kv` must already have stored this
+    step's keys and values. Decode rows and prefill rows of a mixed batch go to their own kernels,
+    which write disjoint rows of one output tensor.
+
+    Args:
+        query: [T, H, D] for the flattened batch described by `meta`.
+        kv_cache: [2, num_blocks, block_size, KVH, D] for one layer.
+        meta: the step's batch layout (query ranges, context lengths, block tables).
+        scale: softmax scale, usually D ** -0.5.
+
+    Returns:
+        [T, H, D] attention output in the cache dtype (the query is cast to it, as in the
+        reference).
+    """
+    out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
+    starts, lens = meta.query_start_loc_list, meta.seq_lens_list
+    q_lens = [b - a for a, b in itertools.pairwise(starts)]
+    decode_lens = [n for n, q in zip(lens, q_lens, strict=True) if q == 1]
+    if decode_lens:
+        decode_attention(query, kv_cache, meta, scale, out=out, max_decode_len=max(decode_lens))
+    if meta.max_query_len > 1:
+        prefill_attention(query, kv_cache, meta, scale, out=out)
+    return out
+
+
+def _num_splits(max_len: int, config: DecodeConfig) -> tuple[int, int]:
+    """(partition, num_splits) covering `max_len` tokens with at most `config.max_splits`."""
+    partition = config.partition
+    splits = -(-max_len // partition)
+    if splits > config.max_splits:  # grow the partition by whole tiles instead
+        per_split = -(-max_len // config.max_splits)
+        partition = -(-per_split // config.block_n) * config.block_n
+        splits = -(-max_len // partition)
+    return partition, splits
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    max_decode_len: int | None = None,
+    config: DecodeConfig = DEFAULT_DECODE,
+) -> torch.Tensor:
+    """Attention for the decode rows (q_len == 1) of `meta`'s batch; other rows are left as is.
+
+    The context of each decode is cut into partitions of `config.partition` tokens; a single
+    partition writes the output directly, several are merged by a second kernel (flash-decoding).
+
+    Args:
+        query, kv_cache, meta, scale: as in `paged_attention`.
+        out: [T, H, D] output to fill (allocated in the cache dtype when None).
+        max_decode_len: the longest decode context (computed from `meta` when None).
+        config: tiling (tests use small partitions to exercise the split path).
+
+    Returns:
+        `out`.
+    """
+    _check_device(query)
+    if out is None:
+        out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
+    if max_decode_len is None:
+        max_decode_len = meta.max_seq_len
+    num_seqs = meta.num_seqs
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    num_heads = query.shape[1]
+    group = num_heads // kv_heads
+    partition, splits = _num_splits(max_decode_len, config)
+    split = splits > 1
+    part_out = part_lse = out  # placeholders: the kernel does not touch them without SPLIT
+    if split:
+        part_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=out.device)
+        part_out = torch.empty(
+            num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=out.device
+        )
+    block_d = _pow2(head_dim, 16)
+    _k._decode_kernel[(num_seqs, kv_heads, splits)](
+        out,
+        part_out,
+        part_lse,
+        query,
+        kv_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        scale * _k.LOG2E,
+        splits,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *_cache_strides(kv_cache),
+        meta.block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        PARTITION=partition,
+        SPLIT=split,
+        BLOCK_G=_pow2(group, 16),
+        BLOCK_D=block_d,
+        BLOCK_N=config.block_n,
+        DOT_F32=_dot_f32(kv_cache.dtype),
+    )
+    if split:
+        _k._merge_kernel[(num_seqs, num_heads)](
+            out,
+            part_out,
+            part_lse,
+            meta.seq_lens,
+            meta.query_start_loc,
+            splits,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            PARTITION=partition,
+            BLOCK_SPLITS=_pow2(splits),
+            BLOCK_D=block_d,
+        )
+    return out
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    block_m: int = PREFILL_BLOCK_M,
+    block_n: int = PREFILL_BLOCK_N,
+) -> torch.Tensor:
+    """Causal attention for the prefill rows (q_len > 1) of `meta`'s batch, over cached context
+    plus the new tokens; decode rows are left as is.
+
+    Args:
+        query, kv_cache, meta, scale: as in `paged_attention`.
+        out: [T, H, D] output to fill (allocated in the cache dtype when None).
+        block_m, block_n: query rows and keys per tile (powers of two, at least 16).
+
+    Returns:
+        `out`.
+    """
+    _check_device(query)
+    if out is None:
+        out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    group = query.shape[1] // kv_heads
+    tiles = -(-meta.max_query_len * group // block_m)
+    _k._prefill_kernel[(meta.num_seqs, tiles, kv_heads)](
+        out,
+        query,
+        kv_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        scale * _k.LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *_cache_strides(kv_cache),
+        meta.block_tables.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_D=_pow2(head_dim, 16),
+        BLOCK_N=block_n,
+        DOT_F32=_dot_f32(kv_cache.dtype),
+    )
+    return out
+
+
+def merge_partitions_reference(
+    part_out: torch.Tensor, part_lse: torch.Tensor, used: torch.Tensor
+) -> torch.Tensor:
+    """PyTorch twin of `_merge_kernel`: softmax-weighted sum of split outputs.
+
+    Args:
+        part_out: [S, H, splits, D] each split's normalized output.
+        part_lse: [S, H, splits] each split's log2-sum-exp of its (log2-domain) scores.
+        used: [S] number of leading splits that held tokens for each sequence.
+
+    Returns:
+        [S, H, D] float32.
+    """
+    splits = part_lse.shape[-1]
+    unused = torch.arange(splits, device=used.device) >= used[:, None]  # [S, splits]
+    lse = part_lse.float().masked_fill(unused[:, None, :], float("-inf"))
+    weight = torch.softmax(lse * torch.log(torch.tensor(2.0)), dim=-1)  # 2^lse normalized
+    return (weight[..., None] * part_out.float().nan_to_num()).sum(dim=2)

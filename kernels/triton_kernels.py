@@ -1,0 +1,367 @@
+"""Triton kernels for paged attention; the host-side API is `kernels.triton_attention`.
+
+This module imports Triton unconditionally: import it only through `kernels.triton_attention`
+(or the "triton" backend), which turns a missing Triton into a clear error.
+
+Every kernel mirrors a function of `kernels.reference` (the oracle):
+
+    _write_kv_kernel        reference.write_kv
+    _decode_kernel          reference._decode_attention        (+ split-K partials)
+    _merge_kernel           triton_attention.merge_partitions_reference
+    _prefill_kernel         reference._prefill_attention
+
+Shapes (one layer), as in `kernels.reference`:
+
+    T, S        new tokens / sequences in the step
+    H, KVH, G   query heads, key-value heads, G = H // KVH query heads per KV head
+    D           head_dim (BLOCK_D = D rounded up to a power of two)
+    kv_cache    [2, num_blocks, block_size, KVH, D], last dim contiguous
+
+Grouped-query attention: one program handles all G query heads of one KV head, so each K/V tile is
+loaded once and multiplied against G query rows (a [G, D] x [D, N] matmul, not G vector products).
+Softmax is online (running max `m`, running sum `l`, rescaled accumulator) in float32, base 2:
+scores are pre-multiplied by scale * log2(e) and exponentiated with exp2.
+
+Under `TRITON_INTERPRET=1` the same kernels run on CPU tensors through NumPy (slow, but exact).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Whether the kernels below were built for the interpreter (decided when this module is imported).
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    """a @ b with float32 accumulation; DOT_F32 multiplies in exact float32 (no TF32)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr,
+    block_table_ptr,  # this sequence's row of block_tables
+    kvh,
+    tok,  # [BLOCK_N] logical token positions
+    valid,  # [BLOCK_N] tok is inside the range being read
+    d,  # [BLOCK_D]
+    stride_kv,
+    stride_block,
+    stride_tok,
+    stride_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Gather K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] for logical tokens `tok`.
+
+    Token n lives in physical block `block_table[n // BLOCK_SIZE]` at offset `n % BLOCK_SIZE`.
+    Invalid tokens and padded head-dim lanes read as 0.
+    """
+    block = tl.load(block_table_ptr + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    base = block * stride_block + (tok % BLOCK_SIZE) * stride_tok + kvh * stride_head  # [N]
+    d_ok = d < HEAD_DIM
+    k = tl.load(
+        cache_ptr + base[None, :] + d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0
+    )  # [BLOCK_D, BLOCK_N]
+    v = tl.load(
+        cache_ptr + stride_kv + base[:, None] + d[None, :],
+        mask=valid[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_N, BLOCK_D]
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_F32: tl.constexpr):
+    """Fold one K/V tile into the running (m, l, acc) of the query rows `q` [M, BLOCK_D].
+
+    allowed [M, BLOCK_N] marks the (row, key) pairs that may attend. Every row must have seen at
+    least one allowed key by the end of its first tile, so `m` is finite afterwards (no NaNs).
+    """
+    s = _dot(q, k, DOT_F32) * qk_scale  # [M, BLOCK_N] float32, log2 domain
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [M]
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    # like the reference, probabilities are rounded to the cache dtype before p @ V
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,  # [T, KVH, D]
+    value_ptr,  # [T, KVH, D]
+    cache_ptr,  # [2, num_blocks, block_size, KVH, D]
+    slot_ptr,  # [T] int64, block_id * block_size + offset; negative = skip (padding)
+    num_tokens,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kv,
+    stride_block,
+    stride_tok,
+    stride_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HD: tl.constexpr,  # KVH * D
+    BLOCK_T: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+):
+    """Grid (cdiv(T, BLOCK_T),): copy BLOCK_T tokens' keys and values, all heads, into their slots.
+
+    A token's [KVH, D] row is flattened to HD columns: column c is head c // D, dim c % D.
+    """
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1).to(tl.int64)
+    c = tl.arange(0, BLOCK_HD)
+    h = c // HEAD_DIM
+    d = c % HEAD_DIM
+    mask = (slot >= 0)[:, None] & (c < HD)[None, :]  # [BLOCK_T, BLOCK_HD]
+    t = t.to(tl.int64)[:, None]
+    k = tl.load(key_ptr + t * stride_kt + (h * stride_kh + d)[None, :], mask=mask)
+    v = tl.load(value_ptr + t * stride_vt + (h * stride_vh + d)[None, :], mask=mask)
+    row = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_tok  # [BLOCK_T]
+    dst = cache_ptr + row[:, None] + (h * stride_head + d)[None, :]
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr,  # [T, H, D]: written directly when not SPLIT
+    part_out_ptr,  # [S, H, num_splits, D] float32: each split's normalized output (SPLIT)
+    part_lse_ptr,  # [S, H, num_splits] float32: each split's log2-sum-exp of scores (SPLIT)
+    q_ptr,  # [T, H, D]
+    cache_ptr,  # [2, num_blocks, block_size, KVH, D]
+    block_tables_ptr,  # [S, max_blocks] int32
+    seq_lens_ptr,  # [S] int32
+    query_start_loc_ptr,  # [S + 1] int32
+    qk_scale,  # softmax scale * log2(e)
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_block,
+    stride_tok,
+    stride_head,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    PARTITION: tl.constexpr,  # tokens per split, a multiple of BLOCK_N
+    SPLIT: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Grid (S, KVH, num_splits): one decode token's G query heads over one context partition.
+
+    Sequences with q_len != 1 exit at once (the prefill kernel owns them), as do splits that start
+    past the sequence's end. Without SPLIT the single partition covers the whole context and the
+    result goes straight to `out`; with SPLIT (flash-decoding) each partition stores its normalized
+    output and log-sum-exp, and `_merge_kernel` combines them.
+    """
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * PARTITION
+    if start >= seq_len:
+        return
+    end = tl.minimum(start + PARTITION, seq_len)
+
+    g = tl.arange(0, BLOCK_G)  # query head within the group (rows >= GROUP are padding)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
+    row_ok = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(
+        q_ptr + q_row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=row_ok,
+        other=0.0,
+    ).to(cache_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        tok = n0 + tl.arange(0, BLOCK_N)
+        valid = tok < end
+        k, v = _load_kv_tile(
+            cache_ptr,
+            table,
+            kvh,
+            tok,
+            valid,
+            d,
+            stride_kv,
+            stride_block,
+            stride_tok,
+            stride_head,
+            HEAD_DIM,
+            BLOCK_SIZE,
+        )
+        m_i, l_i, acc = _online_softmax_step(
+            q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_F32
+        )
+
+    acc = acc / l_i[:, None]
+    if SPLIT:
+        part = (seq * NUM_HEADS + heads).to(tl.int64) * num_splits + split  # [BLOCK_G]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g < GROUP)
+    else:
+        dst = out_ptr + q_row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr,  # [T, H, D]
+    part_out_ptr,  # [S, H, num_splits, D] float32
+    part_lse_ptr,  # [S, H, num_splits] float32
+    seq_lens_ptr,  # [S] int32
+    query_start_loc_ptr,  # [S + 1] int32
+    num_splits,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PARTITION: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (S, H): combine one decode head's split outputs, weighted by 2^(lse - max lse)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
+        return
+    used = tl.cdiv(tl.load(seq_lens_ptr + seq), PARTITION)  # splits that held tokens
+    sp = tl.arange(0, BLOCK_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    sp_ok = sp < used
+    part = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + sp  # [BLOCK_SPLITS]
+    lse = tl.load(part_lse_ptr + part, mask=sp_ok, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))  # [BLOCK_SPLITS], 0 for unused splits
+    parts = tl.load(
+        part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
+        mask=sp_ok[:, None] & (d < HEAD_DIM)[None, :],
+        other=0.0,
+    )  # [BLOCK_SPLITS, BLOCK_D]
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    dst = out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + d
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    out_ptr,  # [T, H, D]
+    q_ptr,  # [T, H, D]
+    cache_ptr,  # [2, num_blocks, block_size, KVH, D]
+    block_tables_ptr,  # [S, max_blocks] int32
+    seq_lens_ptr,  # [S] int32
+    query_start_loc_ptr,  # [S + 1] int32
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_block,
+    stride_tok,
+    stride_head,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Grid (S, cdiv(max_q_len * G, BLOCK_M), KVH): causal attention of a tile of query rows.
+
+    A sequence's q_len new tokens and a KV head's G query heads form q_len * G rows, ordered
+    token-major (row r = token r // G, head r % G), so one K/V tile serves the whole group:
+
+        rows  | t0h0 t0h1 .. t0h(G-1) t1h0 ... |   BLOCK_M of them per program
+        keys  | 0 ........ ctx-1 | ctx ... seq_len-1 |   new token i sees keys 0 .. ctx + i
+
+    where ctx = seq_len - q_len is the cached context. Keys are read from the paged cache
+    (`write_kv` already stored the new tokens). Sequences with q_len == 1 exit at once (the decode
+    kernel owns them), as do tiles past a sequence's rows.
+    """
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_len == 1:
+        return
+    if tile * BLOCK_M >= q_len * GROUP:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * GROUP
+    tok = tl.where(row_ok, rows // GROUP, q_len - 1)  # padding rows repeat the last token
+    heads = kvh * GROUP + rows % GROUP
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
+    q = tl.load(q_ptr + q_off + d[None, :], mask=d_ok[None, :], other=0.0)
+    q = q.to(cache_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+    last_key = ctx + tok  # [BLOCK_M] last key position each row may see
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    end = tl.minimum(ctx + tl.max(tok, axis=0) + 1, seq_len)  # keys this tile needs
+    for n0 in range(0, end, BLOCK_N):
+        key = n0 + tl.arange(0, BLOCK_N)
+        valid = key < end
+        k, v = _load_kv_tile(
+            cache_ptr,
+            table,
+            kvh,
+            key,
+            valid,
+            d,
+            stride_kv,
+            stride_block,
+            stride_tok,
+            stride_head,
+            HEAD_DIM,
+            BLOCK_SIZE,
+        )
+        allowed = key[None, :] <= last_key[:, None]  # [BLOCK_M, BLOCK_N] causal
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_F32)
+
+    acc = acc / l_i[:, None]
+    o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh
+    tl.store(
+        out_ptr + o_off + d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
