@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -85,11 +87,13 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server of our own on a spare port, to stop and restart mid-test."""
+    """A redis-server of our own on a spare port, to kill, pause and restart mid-test.
+    Its append-only file (fsync always) lives in `data_dir`, so a restart keeps the data."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -98,7 +102,7 @@ class RedisServer:
             pytest.fail("redis-server is not installed")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -114,16 +118,28 @@ class RedisServer:
             time.sleep(0.02)
         pytest.fail(f"redis-server did not start on port {self.port}")
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL: connections are refused until `start`."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
 
+    def pause(self) -> None:
+        """SIGSTOP: connections hang, as with a stalled server or a network partition."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
     server.start()
     yield server
-    server.stop()
+    if server.proc is not None:
+        server.resume()
+    server.kill()

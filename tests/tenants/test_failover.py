@@ -1,0 +1,179 @@
+"""Redis stopped or stalled mid-test, in both failure modes: documented behaviour, no hang,
+recovery by itself, no leaked slots, usage replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import pytest
+
+from tenants import AuthenticationError, RedisStore, StoreUnavailable, TenantService
+from tenants.failover import Breaker
+
+from .conftest import FakeClock, RedisServer
+
+T = TypeVar("T")
+QUOTA = {"requests_per_minute": 3, "max_concurrent_requests": 2}
+
+
+async def quick(aw: Awaitable[T], limit: float = 1.5) -> T:
+    """Await, failing the test if it takes longer than `limit` seconds (never hang)."""
+    started = time.monotonic()
+    result = await asyncio.wait_for(aw, limit * 2)
+    assert time.monotonic() - started < limit
+    return result
+
+
+@pytest.fixture
+async def make_service(redis_server: RedisServer) -> AsyncIterator[object]:
+    made: list[TenantService] = []
+
+    def make(mode: str) -> TenantService:
+        store = RedisStore.from_url(
+            redis_server.url, socket_timeout=0.2, connect_timeout=0.2, op_timeout=0.6
+        )
+        svc = TenantService(store, failure_mode=mode, breaker_cooldown_s=0.1, lease_ttl_s=30)
+        made.append(svc)
+        return svc
+
+    yield make
+    for svc in made:
+        await svc.aclose()
+
+
+async def wait_until_available(svc: TenantService) -> None:
+    for _ in range(100):
+        if await svc.check():
+            for task in list(svc._tasks):
+                await task
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("store did not come back")
+
+
+async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisServer) -> None:
+    svc: TenantService = make_service("closed")
+    await svc.create_tenant({"id": "acme", "quota": QUOTA})
+    key = (await svc.issue_key("acme")).key
+    a = await svc.admit("acme", prompt_tokens=10, max_tokens=10)
+    b = await svc.admit("acme", prompt_tokens=10, max_tokens=10)
+    assert a.ticket is not None and b.ticket is not None
+
+    redis_server.kill()
+    with pytest.raises(StoreUnavailable) as exc:
+        await quick(svc.authenticate(key))
+    assert exc.value.http_status == 503 and exc.value.body()["error"]["code"] == "store_unavailable"
+    with pytest.raises(StoreUnavailable):
+        await quick(svc.admit("acme", prompt_tokens=1, max_tokens=1))
+    await quick(svc.settle(a.ticket, prompt_tokens=10, completion_tokens=2))  # queued, no raise
+    assert not svc.stats.available and svc.stats.errors_total >= 1
+    assert svc.stats.fast_failures_total >= 1 and svc.stats.pending_settlements == 1
+    with pytest.raises(StoreUnavailable):  # admin calls fail the same way
+        await quick(svc.get_usage("acme"))
+
+    redis_server.start()  # same data (append-only file), scripts gone from the script cache
+    await wait_until_available(svc)
+    assert svc.stats.available and svc.stats.settlements_replayed_total == 1
+    assert (await svc.authenticate(key)).tenant_id == "acme"
+    usage = await svc.get_usage("acme")
+    assert usage.in_flight == 1  # b still holds its slot
+    assert usage.today.total_tokens == 12 and usage.today.reserved_tokens == 20
+    await svc.settle(b.ticket, prompt_tokens=10, completion_tokens=0)
+    assert (await svc.get_usage("acme")).in_flight == 0  # no leaked slot
+    c = await svc.admit("acme", prompt_tokens=1, max_tokens=1)
+    assert c.admitted and c.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_closed_mode_stalled_redis_times_out(make_service, redis_server: RedisServer) -> None:
+    svc: TenantService = make_service("closed")
+    await svc.create_tenant({"id": "acme", "quota": QUOTA})
+    redis_server.pause()
+    with pytest.raises(StoreUnavailable):
+        await quick(svc.admit("acme", prompt_tokens=1, max_tokens=1))
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):  # breaker open: fails at once, no second timeout
+        await svc.admit("acme", prompt_tokens=1, max_tokens=1)
+    assert time.monotonic() - started < 0.05
+    redis_server.resume()
+    await wait_until_available(svc)
+    assert (await svc.admit("acme", prompt_tokens=1, max_tokens=1)).admitted
+
+
+async def test_open_mode_admits_locally_and_replays_usage(
+    make_service, redis_server: RedisServer
+) -> None:
+    svc: TenantService = make_service("open")
+    await svc.create_tenant({"id": "acme", "quota": QUOTA})
+    await svc.create_tenant({"id": "unseen"})
+    known = (await svc.issue_key("acme")).key
+    never_used = (await svc.issue_key("unseen")).key
+    await svc.authenticate(known)
+
+    redis_server.kill()
+    principal = await quick(svc.authenticate(known))
+    assert principal.degraded and principal.tenant_id == "acme"
+    with pytest.raises(StoreUnavailable):
+        await quick(svc.authenticate(never_used))  # cannot tell: 503, not 401
+    with pytest.raises(StoreUnavailable):
+        await quick(svc.authenticate("pg-wrong"))
+    decisions = [await quick(svc.admit("acme", prompt_tokens=5, max_tokens=5)) for _ in range(3)]
+    assert all(d.admitted and d.degraded for d in decisions[:2])
+    assert not decisions[2].admitted  # local max_concurrent_requests=2
+    for d in decisions[:2]:
+        assert d.ticket is not None and d.ticket.local
+        await svc.settle(d.ticket, prompt_tokens=5, completion_tokens=1, cached_tokens=2)
+    d = await svc.admit("acme", prompt_tokens=5, max_tokens=5)
+    assert d.admitted and d.headers["x-ratelimit-remaining-requests"] == "0"  # local rpm=3
+    assert d.ticket is not None
+    assert not (await svc.admit("acme", prompt_tokens=5, max_tokens=5)).admitted
+    await svc.settle(d.ticket, prompt_tokens=5, completion_tokens=0)
+    with pytest.raises(StoreUnavailable):
+        await svc.admit("unseen", prompt_tokens=1, max_tokens=1)  # no last-known quota
+    assert svc.stats.fallback_admissions_total == 5 and svc.stats.pending_settlements == 3
+    assert svc.stats.fallback_authentications_total == 1
+
+    redis_server.start()
+    await wait_until_available(svc)
+    assert svc.stats.pending_settlements == 0 and svc.stats.settlements_replayed_total == 3
+    usage = await svc.get_usage("acme")
+    assert usage.today.requests == 3 and usage.today.total_tokens == 17
+    assert usage.today.cached_tokens == 4 and usage.in_flight == 0
+    principal = await svc.authenticate(known)
+    assert not principal.degraded
+
+
+async def test_open_mode_refuses_revoked_key_seen_before(
+    make_service, redis_server: RedisServer
+) -> None:
+    svc: TenantService = make_service("open")
+    await svc.create_tenant({"id": "acme"})
+    issued = await svc.issue_key("acme")
+    await svc.authenticate(issued.key)
+    await svc.revoke_key("acme", issued.api_key.key_id)  # this process forgets the key
+    redis_server.kill()
+    with pytest.raises(StoreUnavailable):
+        await quick(svc.authenticate(issued.key))
+    redis_server.start()
+    await wait_until_available(svc)
+    with pytest.raises(AuthenticationError):
+        await svc.authenticate(issued.key)
+
+
+def test_breaker_probes_one_call_at_a_time() -> None:
+    clock = FakeClock()
+    breaker = Breaker(1.0, clock)
+    assert breaker.allow() and not breaker.is_open
+    breaker.failure()
+    assert not breaker.allow()
+    clock.advance(1.0)
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # others wait for it
+    breaker.failure()
+    assert not breaker.allow()
+    clock.advance(1.0)
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.allow() and breaker.allow() and not breaker.is_open
