@@ -94,21 +94,21 @@ class _StepPlan:
 class _PlanCache:
     """Index tensors and masks derived from a step's metadata, built once and used by every layer.
 
-    Keyed on the metadata object's identity (it holds a reference, so the id cannot be reused);
-    the engine builds a fresh `AttentionMetadata` per step.
+    Keyed on the metadata object's identity (the entry holds a reference, so the id cannot be
+    reused); the engine builds a fresh `AttentionMetadata` per step. One entry, read and replaced
+    as a whole, so concurrent engines in threads at worst rebuild a plan.
     """
 
     def __init__(self) -> None:
-        self._key: tuple[AttentionMetadata, int, torch.device] | None = None
-        self._plan: _StepPlan | None = None
+        self._entry: tuple[AttentionMetadata, int, torch.device, _StepPlan] | None = None
 
     def get(self, meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
-        key = self._key
-        if key is None or key[0] is not meta or key[1] != block_size or key[2] != device:
-            self._plan = _make_plan(meta, block_size, device)
-            self._key = (meta, block_size, device)
-        assert self._plan is not None
-        return self._plan
+        entry = self._entry
+        if entry is not None and entry[0] is meta and entry[1:3] == (block_size, device):
+            return entry[3]
+        plan = _make_plan(meta, block_size, device)
+        self._entry = (meta, block_size, device, plan)
+        return plan
 
 
 _plans = _PlanCache()
