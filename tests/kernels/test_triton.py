@@ -1,0 +1,319 @@
+"""The Triton kernels agree with the PyTorch reference, and the engine runs on them.
+
+On a machine without CUDA the kernels run through Triton's interpreter on CPU tensors:
+`TRITON_INTERPRET` is read when `@triton.jit` builds a kernel, so it is set before
+`kernels.triton_kernels` is imported, and the module is rebuilt if an earlier import in this process
+built it for the GPU. With CUDA the same tests run the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import sys
+from importlib.util import find_spec
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import get_attention_backend, reference
+from kernels.metadata import AttentionMetadata
+from tests.helpers import ToyBlockAllocator
+
+HAS_TRITON = find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if HAS_TRITON:
+    if DEVICE == "cpu":  # stays set: Triton also reads it when it launches a kernel
+        os.environ["TRITON_INTERPRET"] = "1"
+    from kernels import triton_kernels
+
+    if (DEVICE == "cpu") != triton_kernels.INTERPRETED:
+        importlib.reload(triton_kernels)
+    from kernels import triton_attention as ta
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
+]
+
+HEAD_DIM = 16
+KV_HEADS = 2
+SCALE = HEAD_DIM**-0.5
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+# batches of (seq_len after the step, q_len): q_len == 1 is a decode, q_len == seq_len a prefill
+# over an empty cache, anything between a chunked prefill over cached context.
+BATCHES = {
+    "one-decode": [(1, 1)],
+    "decodes": [(5, 1), (33, 1), (1, 1), (70, 1), (16, 1)],
+    "prefills": [(7, 7), (40, 40), (2, 2)],
+    "chunked": [(50, 13), (20, 2), (33, 17)],
+    "mixed": [(37, 1), (5, 5), (50, 13), (17, 1), (64, 64), (100, 1), (9, 2)],
+    "long-context": [(300, 1), (260, 20)],
+}
+
+
+class Step:
+    """One engine step on a random paged cache: the earlier tokens of each sequence are cached
+    by a previous step, this step's keys and values are still to be written."""
+
+    def __init__(
+        self,
+        batch: list[tuple[int, int]],
+        block_size: int,
+        group: int,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        num_blocks = sum(-(-n // block_size) for n, _ in batch) + 4
+        alloc = ToyBlockAllocator(num_blocks, block_size, seed=seed)
+        self.cache = torch.zeros(2, num_blocks, block_size, KV_HEADS, HEAD_DIM, dtype=dtype)
+        cached = [(s, n - q, n - q) for s, (n, q) in enumerate(batch) if n > q]
+        if cached:
+            meta = alloc.step(cached)
+            kv = torch.randn(2, meta.num_tokens, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+            reference.write_kv(kv[0], kv[1], self.cache, meta.slot_mapping)
+        self.meta = alloc.step([(s, n, q) for s, (n, q) in enumerate(batch)])
+        tokens = self.meta.num_tokens
+        # keys and values as strided views of one projection, like the model's qkv split
+        self.kv = torch.randn(tokens, 2, KV_HEADS, HEAD_DIM, generator=gen).to(dtype)
+        self.query = torch.randn(tokens, KV_HEADS * group, HEAD_DIM, generator=gen).to(dtype)
+        self.dtype = dtype
+
+    def to(self, device: str) -> Step:
+        m = self.meta
+        self.meta = AttentionMetadata(
+            *(t.to(device) for t in (m.slot_mapping, m.query_start_loc, m.seq_lens)),
+            m.block_tables.to(device),
+            m.max_query_len,
+            m.max_seq_len,
+            m.query_start_loc_list,
+            m.seq_lens_list,
+        )
+        self.cache, self.kv, self.query = (t.to(device) for t in (self.cache, self.kv, self.query))
+        return self
+
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cache after write_kv, attention output) from the PyTorch reference, on CPU."""
+        cache = self.cache.cpu().clone()
+        meta = self.meta
+        slots = meta.slot_mapping.cpu()
+        kv = self.kv.cpu()
+        reference.write_kv(kv[:, 0], kv[:, 1], cache, slots)
+        host = AttentionMetadata(
+            slots,
+            meta.query_start_loc.cpu(),
+            meta.seq_lens.cpu(),
+            meta.block_tables.cpu(),
+            meta.max_query_len,
+            meta.max_seq_len,
+            meta.query_start_loc_list,
+            meta.seq_lens_list,
+        )
+        return cache, reference.paged_attention(self.query.cpu(), cache, host, SCALE)
+
+    def write(self) -> None:
+        ta.write_kv(self.kv[:, 0], self.kv[:, 1], self.cache, self.meta.slot_mapping)
+
+    def attend(self) -> torch.Tensor:
+        self.write()
+        return ta.paged_attention(self.query, self.cache, self.meta, SCALE)
+
+
+def decode_rows(step: Step) -> list[int]:
+    starts = step.meta.query_start_loc_list
+    return [starts[s] for s in range(step.meta.num_seqs) if starts[s + 1] - starts[s] == 1]
+
+
+def assert_matches_reference(step: Step, out: torch.Tensor, rows: list[int] | None = None) -> None:
+    cache, expected = step.reference()
+    assert out.dtype == step.dtype
+    assert torch.equal(step.cache.cpu(), cache)
+    if rows is not None:
+        out, expected = out[rows], expected[rows]
+    torch.testing.assert_close(out.cpu().float(), expected.float(), **TOL[step.dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# write_kv
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_reference(block_size: int, dtype: torch.dtype) -> None:
+    step = Step(BATCHES["mixed"], block_size, 1, dtype).to(DEVICE)
+    step.write()
+    assert torch.equal(step.cache.cpu(), step.reference()[0])
+
+
+def test_write_kv_casts_and_skips_negative_slots() -> None:
+    cache = torch.zeros(2, 3, 4, 3, 5, device=DEVICE)  # odd KVH and D: masked lanes
+    key = torch.randn(4, 3, 5, dtype=torch.float64).to(DEVICE)
+    slots = torch.tensor([5, -1, 0, 11], device=DEVICE)
+    ta.write_kv(key, -key, cache, slots)
+    assert torch.equal(cache[0, 1, 1], key[0].float())
+    assert torch.equal(cache[1, 0, 0], -key[2].float())
+    assert torch.equal(cache[0, 2, 3], key[3].float())
+    assert cache.count_nonzero() == 2 * 3 * 3 * 5  # token 1 was not written
+
+
+# ---------------------------------------------------------------------------------------------
+# paged attention: decode, prefill and mixed batches
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("batch", list(BATCHES), ids=list(BATCHES))
+def test_float32_matches_reference(batch: str, group: int, block_size: int) -> None:
+    step = Step(BATCHES[batch], block_size, group).to(DEVICE)
+    assert_matches_reference(step, step.attend())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_reference(dtype: torch.dtype) -> None:
+    step = Step(BATCHES["mixed"], 16, 3, dtype, seed=1).to(DEVICE)
+    assert_matches_reference(step, step.attend())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ta.DecodeConfig(partition=32, block_n=16) if HAS_TRITON else None,
+        ta.DecodeConfig(partition=32, block_n=16, max_splits=3) if HAS_TRITON else None,
+    ],
+    ids=["split-k", "split-k-capped"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_decode_matches_reference(config: ta.DecodeConfig, dtype: torch.dtype) -> None:
+    """Contexts cut into several partitions (some sequences shorter than one), then merged."""
+    step = Step([(300, 1), (5, 1), (97, 1), (64, 1), (45, 9)], 4, 3, dtype, seed=2).to(DEVICE)
+    step.write()
+    out = torch.zeros_like(step.query)
+    ta.decode_attention(step.query, step.cache, step.meta, SCALE, out=out, config=config)
+    assert ta._num_splits(300, config)[1] > 1
+    assert_matches_reference(step, out, decode_rows(step))
+
+
+def test_small_prefill_tiles_match_reference() -> None:
+    """Many query tiles per sequence, whose rows do not align with tokens (G = 3)."""
+    step = Step([(70, 40), (33, 33), (260, 20)], 4, 3, seed=3).to(DEVICE)
+    step.write()
+    out = ta.prefill_attention(step.query, step.cache, step.meta, SCALE, block_m=16, block_n=16)
+    rows = [r for r in range(step.meta.num_tokens) if r not in decode_rows(step)]
+    assert_matches_reference(step, out, rows)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    batch=st.lists(
+        st.integers(1, 60).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))),
+        min_size=1,
+        max_size=5,
+    ),
+    block_size=st.sampled_from([1, 2, 8, 16]),
+    group=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+def test_random_batches_match_reference(
+    batch: list[tuple[int, int]], block_size: int, group: int, seed: int
+) -> None:
+    step = Step(batch, block_size, group, seed=seed).to(DEVICE)
+    assert_matches_reference(step, step.attend())
+
+
+def test_merge_reference_equals_one_softmax() -> None:
+    """Split-K combine rule: softmax over all keys == lse-weighted mix of per-split softmaxes."""
+    gen = torch.Generator().manual_seed(4)
+    ln2 = torch.log(torch.tensor(2.0))
+    scores = torch.randn(2, 3, 40, generator=gen) * 3  # [S, H, L], log2 domain
+    values = torch.randn(40, 8, generator=gen)
+    lengths = torch.tensor([40, 17])
+    parts, lses = [], []
+    for lo in range(0, 40, 16):
+        s = scores[..., lo : lo + 16].clone()
+        key = torch.arange(lo, lo + s.shape[-1])
+        s.masked_fill_(key >= lengths[:, None, None], float("-inf"))
+        lses.append(torch.logsumexp(s * ln2, -1) / ln2)
+        parts.append(torch.softmax(s * ln2, -1) @ values[lo : lo + 16])
+    merged = ta.merge_partitions_reference(
+        torch.stack(parts, 2), torch.stack(lses, 2), (lengths + 15) // 16
+    )
+    full = scores * ln2
+    full = full.masked_fill(torch.arange(40) >= lengths[:, None, None], float("-inf"))
+    torch.testing.assert_close(merged, torch.softmax(full, -1) @ values)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend table, errors
+
+
+def test_backend_table_has_triton() -> None:
+    assert get_attention_backend("triton", "cpu") is ta
+    assert get_attention_backend("auto", "cuda") is ta
+    assert get_attention_backend("auto", "cpu") is reference
+
+
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    if DEVICE == "cuda":
+        pytest.skip("the interpreter check applies to CPU tensors")
+    monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
+    step = Step(BATCHES["one-decode"], 4, 1)
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        step.attend()
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kernels
+
+    monkeypatch.delattr(kernels, "triton_attention", raising=False)
+    for name in ("triton", "kernels.triton_kernels", "kernels.triton_attention"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'prefixgate\[triton\]'"):
+        get_attention_backend("triton", "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine on the Triton backend
+
+
+def test_engine_greedy_matches_transformers(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Prefills, chunked prefills over prefix-cache hits and decodes, all through the kernels."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM, SamplingParams
+    from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tests.helpers import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
+    config = EngineConfig(
+        model=path,
+        dtype="float32",
+        device=DEVICE,  # CPU tensors run through the interpreter
+        attention_backend="triton",
+        cache=CacheConfig(block_size=4, num_blocks=64),
+        scheduler=SchedulerConfig(max_num_batched_tokens=16),  # chunked prefills
+    )
+    llm = LLM(config=config)
+    rng = random.Random(0)
+    system = [rng.randrange(3, 49000) for _ in range(9)]
+    prompts = [system + [rng.randrange(3, 49000) for _ in range(n)] for n in (4, 11, 2)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.generate(prompts[:1], params)
+    rest = llm.generate(prompts[1:], params)
+    assert all(o.num_cached_tokens == 8 for o in rest)  # two full blocks of the shared prefix
+
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    for prompt, out in zip(prompts, first + rest, strict=True):
+        with torch.inference_mode():
+            ids = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+        assert out.outputs[0].token_ids == ids[0, len(prompt) :].tolist()
