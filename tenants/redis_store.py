@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -147,6 +148,9 @@ class RedisStore:
     async def _do(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run one operation under the deadline, mapping transport failures."""
         try:
+            if sys.version_info >= (3, 11):  # no extra task per call, unlike wait_for
+                async with asyncio.timeout(self.op_timeout):
+                    return await op()
             return await asyncio.wait_for(op(), self.op_timeout)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
