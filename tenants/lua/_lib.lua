@@ -41,8 +41,10 @@ local function window(key, now)
   return used, live
 end
 
--- HINCRBY that never leaves the field below zero.
+-- HINCRBY that never leaves the field below zero. A zero delta is skipped: Lua's -0 would be
+-- sent as "-0", which HINCRBY rejects.
 local function incr_floor0(key, field, delta)
+  if delta == 0 then return end
   if redis.call('HINCRBY', key, field, delta) < 0 then redis.call('HSET', key, field, 0) end
 end
 

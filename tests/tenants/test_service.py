@@ -70,9 +70,10 @@ async def test_ensure_tenant(service: TenantService) -> None:
     assert a == b and a.quota == Quota()
 
 
-async def test_keys_issue_authenticate_revoke(service: TenantService) -> None:
+async def test_keys_issue_authenticate_revoke(service: TenantService, clock: FakeClock) -> None:
     await service.create_tenant({"id": "acme"})
     issued = await service.issue_key("acme", {"name": "ci"})
+    clock.advance(1)  # keys are listed by creation time
     assert issued.key.startswith("pg-") and len(issued.key) == 46
     body = issued.response()
     assert body["key"] == issued.key and body["tenant_id"] == "acme" and "key_hash" not in body

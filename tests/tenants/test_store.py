@@ -137,6 +137,15 @@ async def test_renew(store: Store) -> None:
     assert (await admit(store, request(START + 20, "c"))).admitted
 
 
+async def test_zero_token_request(store: Store) -> None:
+    await store.create_tenant(tenant(tokens_per_minute=10, max_concurrent_requests=1))
+    r = await admit(store, request(START, prompt=0, max_tokens=0))
+    assert r.admitted and r.ticket is not None and r.ticket.reserved == 0
+    assert await store.settle(r.ticket, Consumption(0, 0), Periods.at(START))
+    raw = await store.read_usage("acme", Periods.at(START))
+    assert raw.in_flight == 0 and raw.day["requests"] == 1 and raw.day["charged"] == 0
+
+
 async def test_usage_only_settlement(store: Store) -> None:
     await store.create_tenant(tenant())
     ticket = Ticket("acme", "x", "", 0, "2025-03-14", "2025-03", -1, 0)
@@ -251,7 +260,7 @@ async def _both(quota: Quotas, ops: Ops) -> None:
     assert got == expected
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(quota=QUOTAS, ops=OPS)
 def test_memory_and_redis_agree(quota: Quotas, ops: Ops) -> None:
     asyncio.run(_both(quota, ops))
