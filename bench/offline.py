@@ -120,6 +120,94 @@ def shared_prefix(llm_kwargs: dict[str, Any], loaded: Any, caching: bool, seed: 
     return elapsed, tokens / elapsed, cached, outs
 
 
+def gemm_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """The machine's matmul rate: a large square GEMM in `dtype`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def flops_per_token(engine: LLMEngine, with_head: bool) -> float:
+    """Matmul FLOPs per token of the decoder (2 x weights), plus the LM head when sampled."""
+    mc = engine.model_config
+    h, q, kv, ffn = (
+        mc.hidden_size,
+        mc.num_heads * mc.head_dim,
+        mc.num_kv_heads * mc.head_dim,
+        (mc.intermediate_size),
+    )
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * ffn
+    total = mc.num_layers * per_layer + (mc.vocab_size * h if with_head else 0)
+    return 2.0 * total
+
+
+def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> dict[str, float]:
+    """Per-phase ms of one decode step at `batch` running sequences (after their prefill)."""
+    engine = llm.engine
+    rng = random.Random(batch)
+    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request([rng.randrange(100, 40000) for _ in range(prompt_len)], params)
+    while (
+        any(s.num_uncomputed > 1 for s in engine.scheduler.running) or engine.scheduler.num_waiting
+    ):
+        engine.step()
+    engine.step()  # warm
+    engine.timings = type(engine.timings)()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - t0) / steps
+    split = engine.timings.per_step_ms()
+    for rid in list(engine.scheduler.requests):
+        engine.abort(rid)
+    return split | {"total": wall * 1000}
+
+
+def prefill_rate(llm: LLM, tokens: int = 2048) -> float:
+    """Prompt tokens/s of one full prefill step (caching off by using random prompts)."""
+    engine = llm.engine
+    rng = random.Random(7)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    n = tokens // 256
+    for _ in range(n):
+        engine.add_request([rng.randrange(100, 40000) for _ in range(256)], params)
+    t0 = time.perf_counter()
+    engine.step()
+    rate = n * 256 / (time.perf_counter() - t0)
+    while engine.has_unfinished:
+        engine.step()
+    return rate
+
+
+def roofline(llm: LLM) -> None:
+    engine = llm.engine
+    peak = gemm_gflops(engine.dtype)
+    prefill = prefill_rate(llm)
+    prefill_limit = peak * 1e9 / flops_per_token(engine, with_head=False)
+    decoder, head = flops_per_token(engine, False), flops_per_token(engine, True)
+    print(
+        f"roofline: {engine.dtype} GEMM {peak:.0f} GFLOP/s; decoder {decoder / 1e6:.0f} "
+        f"MFLOP/token (+LM head {(head - decoder) / 1e6:.0f})"
+    )
+    print(
+        f"  prefill-heavy: {prefill:.0f} tok/s of a {prefill_limit:.0f} tok/s limit = "
+        f"{prefill / prefill_limit:.0%}"
+    )
+    decode_limit = peak * 1e9 / flops_per_token(engine, with_head=True)
+    for batch in (1, 16, 64):
+        split = step_split(llm, batch)
+        rate = batch / (split["total"] / 1000)
+        parts = " ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "total")
+        print(
+            f"  decode batch {batch:>2}: step {split['total']:.1f} ms ({parts}) -> "
+            f"{rate:.0f} tok/s = {rate / decode_limit:.0%} of {decode_limit:.0f} tok/s limit"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -129,6 +217,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--only-roofline", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -141,6 +230,9 @@ def main() -> None:
         f"model={engine.model_name} dtype={engine.dtype} blocks={engine.num_blocks} "
         f"threads={torch.get_num_threads()}"
     )
+    roofline(llm)
+    if args.only_roofline:
+        return
     work = workload(llm.tokenizer, args.requests, args.seed)
     ours = run_engine(llm, work)
     print(

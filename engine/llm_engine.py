@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
-from engine.model_runner import ModelRunner, num_kv_blocks
+from engine.model_runner import ModelRunner, StepTimings, num_kv_blocks
 from engine.models.loader import LoadedModel, load_model, resolve_dtype
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, RequestDelta, RequestOutput
@@ -69,6 +70,7 @@ class LLMEngine:
             self.eos_token_ids.add(tok_eos)
         self.runner.sampler.eos_token_ids = sorted(self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self.timings = StepTimings()
         self._ids = itertools.count()
 
     # ---- requests --------------------------------------------------------------------------
@@ -157,8 +159,11 @@ class LLMEngine:
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         """Schedule, run the model, sample, detokenize; return what each touched request made."""
+        t = time.perf_counter()
         out = self.scheduler.schedule()
-        sampled = self.runner.execute(out)
+        self.timings.add("schedule", t)
+        sampled = self.runner.execute(out, self.timings)
+        t = time.perf_counter()
         touched: dict[str, Request] = {}
         for token in sampled:
             seq = self.scheduler.seqs[token.seq_id]
@@ -176,6 +181,8 @@ class LLMEngine:
             delta = self._delta(request)
             if delta.deltas or delta.finished:
                 deltas.append(delta)
+        self.timings.add("output", t)
+        self.timings.steps += 1
         return deltas
 
     def _delta(self, request: Request) -> RequestDelta:

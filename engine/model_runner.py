@@ -6,7 +6,8 @@ manager.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +32,26 @@ def num_kv_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -
     return max(
         1, int(cache.kv_cache_gib * GIB) // kv_bytes_per_block(config, cache.block_size, dtype)
     )
+
+
+@dataclass(slots=True)
+class StepTimings:
+    """Cumulative wall time per phase of `LLMEngine.step`, for the step-time split."""
+
+    steps: int = 0
+    phases: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("schedule", "prepare", "model", "sample", "output"), 0.0
+        )
+    )
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[phase] += now - since
+        return now
+
+    def per_step_ms(self) -> dict[str, float]:
+        return {k: 1000 * v / max(self.steps, 1) for k, v in self.phases.items()}
 
 
 @dataclass(slots=True)
@@ -72,8 +93,12 @@ class ModelRunner:
         self.sampler = Sampler(config.vocab_size, config.eos_token_ids, seed)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
+    def execute(
+        self, out: SchedulerOutput, timings: StepTimings | None = None
+    ) -> list[SampledToken]:
         """Run one step and return one sampled token per `out.samples` entry."""
+        timings = timings or StepTimings()
+        t = time.perf_counter()
         self.sampler.forget(out.finished_seq_ids)
         if out.block_copies:
             src = torch.tensor([s for s, _ in out.block_copies], device=self.device)
@@ -82,11 +107,16 @@ class ModelRunner:
         if out.empty:
             return []
         inputs = self.prepare(out)
+        t = timings.add("prepare", t)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         if not out.samples:
+            timings.add("model", t)
             return []
         logits = self.model.compute_logits(hidden[inputs.logits_rows])
-        return self.sampler(logits, out.samples)
+        t = timings.add("model", t)
+        sampled = self.sampler(logits, out.samples)
+        timings.add("sample", t)
+        return sampled
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Flatten the scheduled sequences into one batch (see `AttentionMetadata`)."""
