@@ -45,6 +45,7 @@ from .failover import Breaker, FailureMode, PendingSettlement, PendingSettlement
 from .keys import digests_match, hash_key, new_api_key
 from .memory_store import MemoryStore
 from .models import (
+    DEFAULT_TENANT_ID,
     MAX_COUNT,
     ApiKey,
     IssuedKey,
@@ -201,6 +202,13 @@ class TenantService:
         if not degraded:
             self._remember(digest, found)
         return Principal(tenant=found.tenant, key_id=found.key.key_id, degraded=degraded)
+
+    async def default_principal(self) -> Principal:
+        """Embedded mode without an admin key: requests without a key act as tenant `default`
+        (created unlimited on first use). The gateway must not call this in any other mode."""
+        tenant = await self.ensure_tenant(DEFAULT_TENANT_ID)
+        self._known_tenants[tenant.id] = tenant
+        return Principal(tenant=tenant, key_id="")
 
     def _remember(self, digest: str, found: KeyLookup) -> None:
         self._known_keys[digest] = found
@@ -378,8 +386,14 @@ class TenantService:
     async def update_tenant(
         self, tenant_id: str, patch: TenantUpdate | Mapping[str, Any]
     ) -> Tenant:
-        """Change the fields present in `patch` (PATCH semantics; last writer wins)."""
-        changes = _parse(TenantUpdate, patch).changes()
+        """Change the fields present in `patch` (JSON merge patch: inside `quota`, only the
+        limits sent change, and `null` makes one unlimited). Last writer wins."""
+        update = _parse(TenantUpdate, patch)
+        changes = update.changes()
+        if update.quota is not None:
+            current = await self.get_tenant(tenant_id)
+            sent = update.quota.model_dump(include=update.quota.model_fields_set)
+            changes["quota"] = Quota(**{**current.quota.model_dump(), **sent})
         return await self._replace(tenant_id, changes)
 
     async def set_quota(self, tenant_id: str, quota: Quota | Mapping[str, Any]) -> Tenant:
@@ -496,8 +510,20 @@ class TenantService:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """At gateway startup: load the Lua scripts into Redis. Never raises for an outage
+        (logged; the scripts load on first use once Redis is back)."""
+        load = getattr(self.store, "load_scripts", None)
+        if load is None:
+            return
+        try:
+            await self._call(load)
+        except StoreUnavailable as exc:
+            log.error("could not load scripts at startup: %s", exc.detail)
+
     async def check(self) -> bool:
-        """Readiness: whether the store answers now (through the breaker)."""
+        """Readiness: whether the store answers now (through the breaker). Also lets queued
+        settlements replay once the store is back, so a gateway may call it periodically."""
         try:
             await self._call(self.store.ping)
         except StoreUnavailable:

@@ -73,6 +73,8 @@ async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisSer
     assert svc.stats.fast_failures_total >= 1 and svc.stats.pending_settlements == 1
     with pytest.raises(StoreUnavailable):  # admin calls fail the same way
         await quick(svc.get_usage("acme"))
+    await quick(svc.start())  # a gateway starting during the outage does not crash
+    assert not await quick(svc.check())
 
     redis_server.start()  # same data (append-only file), scripts gone from the script cache
     await wait_until_available(svc)

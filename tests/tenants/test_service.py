@@ -64,6 +64,28 @@ async def test_invalid_bodies_are_400(service: TenantService, body: dict, param:
     assert exc.value.http_status == 400 and exc.value.param == param
 
 
+async def test_patch_merges_quota(service: TenantService) -> None:
+    await service.create_tenant(
+        {"id": "acme", "quota": {"requests_per_minute": 5, "tokens_per_day": 100}}
+    )
+    t = await service.update_tenant("acme", {"quota": {"tokens_per_day": 200}})
+    assert t.quota == Quota(requests_per_minute=5, tokens_per_day=200)
+    t = await service.update_tenant("acme", {"quota": {"requests_per_minute": None}})
+    assert t.quota == Quota(tokens_per_day=200)
+    with pytest.raises(InvalidError):
+        await service.update_tenant("acme", {"quota": {"tokens_per_day": -1}})
+    with pytest.raises(TenantNotFound):
+        await service.update_tenant("nobody", {"quota": {"tokens_per_day": 1}})
+
+
+async def test_default_principal_and_start(service: TenantService) -> None:
+    await service.start()
+    principal = await service.default_principal()
+    assert principal.tenant_id == "default" and principal.tenant.quota == Quota()
+    assert (await service.admit("default", prompt_tokens=1, max_tokens=1)).admitted
+    assert await service.check()
+
+
 async def test_ensure_tenant(service: TenantService) -> None:
     a = await service.ensure_tenant("default")
     b = await service.ensure_tenant("default", Quota(requests_per_minute=1))
