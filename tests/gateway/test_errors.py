@@ -65,6 +65,11 @@ BAD_REQUESTS = [
     ("top_p zero", CHAT, chat_body(top_p=0), 400, "top_p", None),
     ("top_p above one", COMPLETIONS, {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400,
      "top_p", None),
+    ("seed over int64", CHAT, chat_body(seed=2**64), 400, "seed", None),
+    ("top_k huge", CHAT, chat_body(top_k=10**30), 400, "top_k", None),
+    ("repetition_penalty infinite", CHAT, b'{"model": "fake-model", "messages": '
+     b'[{"role": "user", "content": "x"}], "repetition_penalty": 1e999}', 400,
+     "repetition_penalty", None),
     ("penalty out of range", CHAT, chat_body(presence_penalty=3), 400, "presence_penalty", None),
     ("top_logprobs too big", CHAT, chat_body(logprobs=True, top_logprobs=21), 400,
      "top_logprobs", None),

@@ -1,0 +1,346 @@
+"""Serving benchmark: one seeded streaming workload through HTTP, then straight into AsyncEngine.
+
+    python bench/serve.py                          # starts `prefixgate serve` (bundled SmolLM2)
+    python bench/serve.py --url http://host:8000   # drives a running server instead
+    python bench/serve.py --num-requests 128 --concurrency 32 --model path/to/model
+
+The workload: `--num-requests` prompts of `--prompt-tokens` random token ids (seeded), each
+asking for a seeded number of output tokens up to `--max-tokens` (greedy, ignore_eos, so both
+modes produce exactly the same tokens), `--concurrency` in flight at a time. The HTTP mode sends
+them to `/v1/completions` with `stream: true` from this process while the server runs in its own
+process (as in production); the engine mode adds the same requests to an in-process `AsyncEngine`
+with the same configuration. The two modes alternate for `--rounds` rounds (machine load that
+drifts hits both alike) and each mode's rounds are pooled. Printed: requests/s, output tokens/s,
+time to first token and inter-token latency percentiles per mode, and the HTTP overhead
+(targets: under 5% of throughput, under 2 ms of TTFT p50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.sampling_params import SamplingParams
+from gateway.settings import Settings
+
+# Token ids drawn for prompts: a band of ordinary vocabulary (no special tokens).
+TOKEN_ID_RANGE = (1000, 20000)
+
+
+@dataclass(slots=True)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass(slots=True)
+class Timing:
+    """One request as the client saw it (seconds)."""
+
+    ttft: float
+    itls: list[float]
+    latency: float
+    tokens: int
+
+
+@dataclass
+class Run:
+    name: str
+    wall: float = 0.0
+    timings: list[Timing] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        ttfts = [t.ttft for t in self.timings]
+        itls = [x for t in self.timings for x in t.itls]
+        tokens = sum(t.tokens for t in self.timings)
+        return {
+            "requests_per_s": len(self.timings) / self.wall,
+            "output_tokens_per_s": tokens / self.wall,
+            "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+            "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+            "itl_p50_ms": 1000 * percentile(itls, 50),
+            "itl_p99_ms": 1000 * percentile(itls, 99),
+            "output_tokens": tokens,
+            "wall_s": self.wall,
+        }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    lo = int(rank)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def make_workload(args: argparse.Namespace) -> list[Request]:
+    rng = random.Random(args.seed)
+    lo, hi = TOKEN_ID_RANGE
+    return [
+        Request(
+            prompt=[rng.randrange(lo, hi) for _ in range(args.prompt_tokens)],
+            max_tokens=rng.randint(max(1, args.max_tokens // 4), args.max_tokens),
+        )
+        for _ in range(args.num_requests)
+    ]
+
+
+async def run_all(name: str, workload: list[Request], concurrency: int, one: Any) -> Run:
+    run = Run(name)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(req: Request) -> None:
+        async with gate:
+            run.timings.append(await one(req))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(limited(r) for r in workload))
+    run.wall = time.perf_counter() - start
+    return run
+
+
+# ---- HTTP -------------------------------------------------------------------------------------
+
+
+async def http_request(client: httpx.AsyncClient, model: str, req: Request) -> Timing:
+    body = {
+        "model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    start = time.perf_counter()
+    first = last = None
+    itls: list[float] = []
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                if first is None:
+                    first = now
+                else:
+                    itls.append(now - last)  # type: ignore[operator]
+                last = now
+    end = time.perf_counter()
+    return Timing((first or end) - start, itls, end - start, tokens)
+
+
+async def run_http(
+    client: httpx.AsyncClient, model: str, workload: list[Request], concurrency: int
+) -> Run:
+    return await run_all(
+        "HTTP (gateway)", workload, concurrency, lambda r: http_request(client, model, r)
+    )
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, Path]:
+    port = args.port
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
+    cmd += server_flags(args)
+    log = Path(tempfile.mkstemp(prefix="prefixgate-bench-", suffix=".log")[1])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(cmd, stderr=log.open("wb"), stdout=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); log: {log}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"server not ready after 300 s; log: {log}")
+
+
+ENGINE_FLAGS = ("model", "dtype", "device", "num_blocks", "max_num_seqs", "max_batched_tokens")
+
+
+def server_flags(args: argparse.Namespace) -> list[str]:
+    flags = []
+    for name in ENGINE_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    if not args.access_log:
+        flags.append("--no-access-log")
+    return flags
+
+
+# ---- engine -----------------------------------------------------------------------------------
+
+
+async def engine_request(engine: Any, req: Request) -> Timing:
+    params = SamplingParams(temperature=0.0, max_tokens=req.max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    first = last = None
+    itls: list[float] = []
+    tokens = 0
+    stream = engine.add_request(req.prompt, params)
+    async for out in stream:
+        now = time.perf_counter()
+        if out.completion_tokens > tokens:
+            if first is None:
+                first = now
+            else:
+                itls.append(now - last)  # type: ignore[operator]
+            last = now
+        tokens = out.completion_tokens
+    end = time.perf_counter()
+    return Timing((first or end) - start, itls, end - start, tokens)
+
+
+async def build_engine(args: argparse.Namespace) -> Any:
+    from engine.async_engine import AsyncEngine
+
+    overrides = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    config = Settings(**overrides).engine_config()
+    engine = await asyncio.to_thread(AsyncEngine.from_config, config)
+    engine.start()
+    warm = [Request(list(reversed(range(1000, 1000 + args.prompt_tokens))), 4)]
+    await run_all("warmup", warm, 1, lambda r: engine_request(engine, r))
+    return engine
+
+
+async def run_engine(engine: Any, workload: list[Request], concurrency: int) -> Run:
+    return await run_all(
+        "engine (no HTTP)", workload, concurrency, lambda r: engine_request(engine, r)
+    )
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
+    print(
+        f"workload: {args.rounds} x {args.num_requests} streaming requests, "
+        f"concurrency {args.concurrency}, "
+        f"prompt {args.prompt_tokens} tokens, output {max(1, args.max_tokens // 4)}-"
+        f"{args.max_tokens} tokens (seed {args.seed}), model {args.model or 'bundled SmolLM2'}"
+    )
+    header = f"{'':18} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9}"
+    print(header + f" {'ITL p50':>8} {'ITL p99':>8}   (latencies in ms)")
+    out: dict[str, Any] = {}
+    for run in runs:
+        s = out[run.name] = run.summary()
+        print(
+            f"{run.name:18} {s['requests_per_s']:7.2f} {s['output_tokens_per_s']:10.1f} "
+            f"{s['ttft_p50_ms']:9.1f} {s['ttft_p99_ms']:9.1f} {s['itl_p50_ms']:8.1f} "
+            f"{s['itl_p99_ms']:8.1f}"
+        )
+    if len(runs) == 2:
+        http, direct = (out[r.name] for r in runs)
+        loss = 100 * (1 - http["output_tokens_per_s"] / direct["output_tokens_per_s"])
+        ttft = http["ttft_p50_ms"] - direct["ttft_p50_ms"]
+        out["overhead"] = {"throughput_loss_pct": loss, "ttft_p50_added_ms": ttft}
+        print(
+            f"HTTP overhead: throughput {loss:+.1f}% lost (target < 5%), "
+            f"TTFT p50 {ttft:+.1f} ms (target < 2 ms)"
+        )
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--url", help="drive this running server instead of starting one")
+    p.add_argument("--served-model-name", help="model name on --url (default: from /v1/models)")
+    p.add_argument("--skip-engine", action="store_true", help="HTTP run only")
+    p.add_argument("--skip-http", action="store_true", help="engine run only")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=160)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2, help="alternating HTTP / engine rounds")
+    p.add_argument("--port", type=int, default=8123, help="port for the server this starts")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--model")
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+    p.add_argument("--num-blocks", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-batched-tokens", type=int)
+    return p.parse_args(argv)
+
+
+def merge(runs: list[Run]) -> Run:
+    """All rounds of one mode as one run: summed wall time, pooled latencies."""
+    return Run(runs[0].name, sum(r.wall for r in runs), [t for r in runs for t in r.timings])
+
+
+async def bench(args: argparse.Namespace, url: str | None) -> list[Run]:
+    """Alternate HTTP and engine rounds, so drifting machine load hits both modes alike."""
+    workload = make_workload(args)
+    engine = None if args.skip_engine else await build_engine(args)
+    limits = httpx.Limits(
+        max_connections=args.concurrency, max_keepalive_connections=args.concurrency
+    )
+    http_runs: list[Run] = []
+    engine_runs: list[Run] = []
+    try:
+        async with httpx.AsyncClient(base_url=url or "", timeout=600, limits=limits) as client:
+            model = ""
+            if url is not None:
+                listed = (await client.get("/v1/models")).json()["data"][0]["id"]
+                model = args.served_model_name or listed
+                warm = [Request(list(range(1000, 1000 + args.prompt_tokens)), 4)]
+                await run_all("warmup", warm, 1, lambda r: http_request(client, model, r))
+            for i in range(args.rounds):
+                if url is not None:
+                    http_runs.append(await run_http(client, model, workload, args.concurrency))
+                    print(f"round {i + 1}: HTTP {http_runs[-1].wall:.1f} s", file=sys.stderr)
+                if engine is not None:
+                    engine_runs.append(await run_engine(engine, workload, args.concurrency))
+                    print(f"round {i + 1}: engine {engine_runs[-1].wall:.1f} s", file=sys.stderr)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+    return [merge(runs) for runs in (http_runs, engine_runs) if runs]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    proc = None
+    url = None if args.skip_http else args.url
+    if url is None and not args.skip_http:
+        proc, url, log = start_server(args)
+        print(f"server: {url} (log {log})", file=sys.stderr)
+    try:
+        runs = asyncio.run(bench(args, url))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    figures = report(args, runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
