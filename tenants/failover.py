@@ -6,6 +6,7 @@
 - `PendingSettlements`: settlements that could not reach Redis (and usage admitted by the local
   fallback in `open` mode), replayed in order once Redis answers again. Bounded: the oldest are
   dropped (and counted) past `maxlen`.
+- `StoreGuard`: every call to the shared store goes through it (breaker, stats, logging, replay).
 
 The failure modes themselves (`closed`: raise `StoreUnavailable`, `open`: admit with
 per-process limits) are applied by `TenantService`.
@@ -13,13 +14,20 @@ per-process limits) are applied by `TenantService`.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Any, TypeVar
 
+from .errors import StoreUnavailable
 from .periods import Periods
-from .store import Consumption, Ticket
+from .store import Consumption, Store, Ticket
+
+T = TypeVar("T")
+log = logging.getLogger("prefixgate.tenants")
 
 
 class FailureMode(str, Enum):
@@ -111,8 +119,104 @@ class PendingSettlements:
     def peek(self) -> PendingSettlement | None:
         return self._items[0] if self._items else None
 
-    def pop(self) -> None:
-        """Remove the head after it was replayed."""
+    def pop(self, *, replayed: bool = True) -> None:
+        """Remove the head after it was replayed (or dropped)."""
         self._items.popleft()
-        self._stats.settlements_replayed_total += 1
+        if replayed:
+            self._stats.settlements_replayed_total += 1
+        else:
+            self._stats.settlements_dropped_total += 1
         self._stats.pending_settlements = len(self._items)
+
+
+class StoreGuard:
+    """Calls to the shared store through the breaker, counting failures, logging the outage
+    once, and replaying queued settlements in the background once the store answers again."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float],
+        failure_mode: FailureMode,
+        cooldown_s: float = 1.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        self.store = store
+        self.failure_mode = failure_mode
+        self.stats = StoreStats()
+        self.breaker = Breaker(cooldown_s, clock)
+        self.pending = PendingSettlements(self.stats, max_pending)
+        self._flush_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run `op` against the store, or raise `StoreUnavailable` at once while the breaker
+        is open."""
+        if not self.breaker.allow():
+            self.stats.fast_failures_total += 1
+            raise StoreUnavailable("circuit open after a recent failure")
+        try:
+            result = await op()
+        except StoreUnavailable as exc:
+            self._on_failure(exc)
+            raise
+        except BaseException:
+            self.breaker.abandon()
+            raise
+        self._on_success()
+        return result
+
+    def defer(self, ticket: Ticket, used: Consumption, periods: Periods) -> None:
+        """Queue a settlement for replay."""
+        self.pending.push(PendingSettlement(ticket, used, periods))
+
+    async def flush(self) -> int:
+        """Replay queued settlements in order until done or the store fails; returns how many."""
+        done = 0
+        async with self._flush_lock:
+            while (item := self.pending.peek()) is not None:
+                try:
+                    await self.call(lambda i=item: self.store.settle(i.ticket, i.used, i.periods))  # type: ignore[misc]
+                except StoreUnavailable:
+                    break
+                except Exception:  # a bug, not an outage: drop it rather than block the queue
+                    log.exception("dropping a settlement that cannot be replayed: %s", item)
+                    self.pending.pop(replayed=False)
+                    continue
+                self.pending.pop()
+                done += 1
+        return done
+
+    async def aclose(self) -> None:
+        """Cancel a replay in progress (what is left stays queued)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _on_failure(self, exc: StoreUnavailable) -> None:
+        self.stats.errors_total += 1
+        self.breaker.failure()
+        if self.stats.available:
+            self.stats.available = False
+            action = (
+                "admitting known tenants with per-process limits"
+                if self.failure_mode is FailureMode.OPEN
+                else "answering 503"
+            )
+            log.error(
+                "tenant store unavailable (%s); failure mode %s: %s",
+                exc.detail,
+                self.failure_mode.value,
+                action,
+            )
+
+    def _on_success(self) -> None:
+        self.breaker.success()
+        if not self.stats.available:
+            self.stats.available = True
+            log.warning("tenant store available again; %d settlements to replay", len(self.pending))
+        if len(self.pending) and not self._tasks:
+            task = asyncio.ensure_future(self.flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)

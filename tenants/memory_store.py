@@ -189,87 +189,61 @@ class MemoryStore:
 # -- the algorithms, as plain functions over one tenant's state --------------------------------
 
 
+Window = tuple[int, list[tuple[int, int]]]  # (used, live buckets oldest first)
+
+
 def _admit(st: _TenantState, req: AdmitRequest) -> AdmitResult:
     """Mirror of lua/admit.lua."""
     now = req.periods.now_ms
-    quota = st.tenant.quota
-    cost = req.cost
     _reclaim_leases(st, now)
-    in_flight = len(st.leases)
-    day = st.periods.get(f"day:{req.periods.day}", Counter())
-    month = st.periods.get(f"month:{req.periods.month}", Counter())
-    rpm_used, rpm_live = _window(st.rpm, now)
-    tpm_used, tpm_live = _window(st.tpm, now)
-
-    refusals: list[Refusal] = []
-    if quota.max_tokens_per_request is not None and req.max_tokens > quota.max_tokens_per_request:
-        refusals.append(
-            Refusal(
-                "max_tokens_per_request",
-                None,
-                False,
-                quota.max_tokens_per_request,
-                0,
-                req.max_tokens,
-            )
-        )
-    _check_budget(
-        refusals,
-        "tokens_per_month",
-        quota.tokens_per_month,
-        month,
-        cost,
-        req.periods.month_end_ms - now,
-    )
-    _check_budget(
-        refusals, "tokens_per_day", quota.tokens_per_day, day, cost, req.periods.day_end_ms - now
-    )
-    limit = quota.max_concurrent_requests
-    if limit is not None and in_flight + 1 > limit:
-        refusals.append(
-            Refusal("max_concurrent_requests", RETRY_SOFT_MS, False, limit, in_flight, 1)
-        )
-    _check_window(
-        refusals, "requests_per_minute", quota.requests_per_minute, rpm_used, rpm_live, 1, now
-    )
-    _check_window(
-        refusals, "tokens_per_minute", quota.tokens_per_minute, tpm_used, tpm_live, cost, now
-    )
-
+    rpm, tpm = _window(st.rpm, now), _window(st.tpm, now)
+    refusals = _refusals(st, req, rpm, tpm)
     if refusals:
+        quota = st.tenant.quota
         return AdmitResult(
             admitted=False,
-            requests=_state(quota.requests_per_minute, rpm_used, rpm_live, now),
-            tokens=_state(quota.tokens_per_minute, tpm_used, tpm_live, now),
-            in_flight=in_flight,
+            requests=_state(quota.requests_per_minute, rpm, now),
+            tokens=_state(quota.tokens_per_minute, tpm, now),
+            in_flight=len(st.leases),
             refusals=tuple(refusals),
         )
-    return _take(st, req, rpm_used, rpm_live, tpm_used, tpm_live, in_flight)
+    return _take(st, req, rpm, tpm)
 
 
-def _take(
-    st: _TenantState,
-    req: AdmitRequest,
-    rpm_used: int,
-    rpm_live: list[tuple[int, int]],
-    tpm_used: int,
-    tpm_live: list[tuple[int, int]],
-    in_flight: int,
-) -> AdmitResult:
+def _refusals(st: _TenantState, req: AdmitRequest, rpm: Window, tpm: Window) -> list[Refusal]:
+    """Every limit the request breaks, in `quotas.Limit` order."""
+    quota, cost, p = st.tenant.quota, req.cost, req.periods
+    now = p.now_ms
+    out: list[Refusal] = []
+    limit = quota.max_tokens_per_request
+    if limit is not None and req.max_tokens > limit:
+        out.append(Refusal("max_tokens_per_request", None, False, limit, 0, req.max_tokens))
+    month = st.periods.get(f"month:{p.month}", Counter())
+    _check_budget(
+        out, "tokens_per_month", quota.tokens_per_month, month, cost, p.month_end_ms - now
+    )
+    day = st.periods.get(f"day:{p.day}", Counter())
+    _check_budget(out, "tokens_per_day", quota.tokens_per_day, day, cost, p.day_end_ms - now)
+    limit, in_flight = quota.max_concurrent_requests, len(st.leases)
+    if limit is not None and in_flight + 1 > limit:
+        out.append(Refusal("max_concurrent_requests", RETRY_SOFT_MS, False, limit, in_flight, 1))
+    _check_window(out, "requests_per_minute", quota.requests_per_minute, rpm, 1, now)
+    _check_window(out, "tokens_per_minute", quota.tokens_per_minute, tpm, cost, now)
+    return out
+
+
+def _take(st: _TenantState, req: AdmitRequest, rpm: Window, tpm: Window) -> AdmitResult:
     """All limits passed: lease, window charges, reservation."""
-    now = req.periods.now_ms
-    quota = st.tenant.quota
-    cost = req.cost
+    now, quota, cost = req.periods.now_ms, st.tenant.quota, req.cost
     bucket = bucket_of(now)
-    expires = now + req.lease_ttl_ms
-    st.leases[req.member] = expires
+    st.leases[req.member] = now + req.lease_ttl_ms
     if quota.requests_per_minute is not None:
         st.rpm[bucket] = st.rpm.get(bucket, 0) + 1
-        rpm_used, rpm_live = rpm_used + 1, [*rpm_live, (bucket, 1)]
+        rpm = (rpm[0] + 1, [*rpm[1], (bucket, 1)])
     tpm_bucket = -1
     if quota.tokens_per_minute is not None:
         st.tpm[bucket] = st.tpm.get(bucket, 0) + cost
-        tpm_used, tpm_live, tpm_bucket = tpm_used + cost, [*tpm_live, (bucket, cost)], bucket
+        tpm, tpm_bucket = (tpm[0] + cost, [*tpm[1], (bucket, cost)]), bucket
     for name, ttl_s in (
         (f"day:{req.periods.day}", DAY_TTL_S),
         (f"month:{req.periods.month}", MONTH_TTL_S),
@@ -285,13 +259,13 @@ def _take(
         day=req.periods.day,
         month=req.periods.month,
         tpm_bucket=tpm_bucket,
-        expires_ms=expires,
+        expires_ms=now + req.lease_ttl_ms,
     )
     return AdmitResult(
         admitted=True,
-        requests=_state(quota.requests_per_minute, rpm_used, rpm_live, now),
-        tokens=_state(quota.tokens_per_minute, tpm_used, tpm_live, now),
-        in_flight=in_flight + 1,
+        requests=_state(quota.requests_per_minute, rpm, now),
+        tokens=_state(quota.tokens_per_minute, tpm, now),
+        in_flight=len(st.leases),
         ticket=ticket,
     )
 
@@ -341,20 +315,15 @@ def _check_budget(
 
 
 def _check_window(
-    refusals: list[Refusal],
-    name: str,
-    limit: int | None,
-    used: int,
-    live: list[tuple[int, int]],
-    cost: int,
-    now: int,
+    refusals: list[Refusal], name: str, limit: int | None, window: Window, cost: int, now: int
 ) -> None:
+    used, live = window
     if limit is None or used + cost <= limit:
         return
     refusals.append(Refusal(name, _wait_ms(live, used, cost, limit, now), False, limit, used, cost))
 
 
-def _window(buckets: dict[int, int], now: int) -> tuple[int, list[tuple[int, int]]]:
+def _window(buckets: dict[int, int], now: int) -> Window:
     """Prune buckets that left the window; return (used, live buckets oldest first)."""
     oldest = oldest_live_bucket(now)
     for b in [b for b in buckets if b < oldest]:
@@ -375,11 +344,11 @@ def _wait_ms(live: list[tuple[int, int]], used: int, cost: int, limit: int, now:
     return None
 
 
-def _state(
-    limit: int | None, used: int, live: list[tuple[int, int]], now: int
-) -> WindowState | None:
+def _state(limit: int | None, window: Window, now: int) -> WindowState | None:
+    """Header state: the window resets when its newest non-empty bucket leaves it."""
     if limit is None:
         return None
+    used, live = window
     newest = max((b for b, c in live if c > 0), default=None)
     reset = bucket_expiry_ms(newest) - now if newest is not None else 0
     return WindowState(limit=limit, used=used, reset_ms=reset)

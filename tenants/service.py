@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -41,7 +41,7 @@ from .errors import (
     StoreUnavailable,
     TenantNotFound,
 )
-from .failover import Breaker, FailureMode, PendingSettlement, PendingSettlements, StoreStats
+from .failover import FailureMode, StoreGuard
 from .keys import digests_match, hash_key, new_api_key
 from .memory_store import MemoryStore
 from .models import (
@@ -109,62 +109,19 @@ class TenantService:
         self.clock = clock
         self.failure_mode = FailureMode(failure_mode)
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
-        self.stats = StoreStats()
-        self.breaker = Breaker(breaker_cooldown_s, clock)
-        self._pending = PendingSettlements(self.stats, max_pending_settlements)
+        self.guard = StoreGuard(
+            store,
+            clock=clock,
+            failure_mode=self.failure_mode,
+            cooldown_s=breaker_cooldown_s,
+            max_pending=max_pending_settlements,
+        )
+        self.stats = self.guard.stats  # for the metrics exporter
         self._local = MemoryStore()  # per-process fallback (open mode)
         self._known_keys: OrderedDict[str, KeyLookup] = OrderedDict()  # sha256 -> last lookup
         self._known_keys_size = known_keys_size
         self._known_tenants: dict[str, Tenant] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._last_fallback_log = float("-inf")
-
-    # -- the store call guard -----------------------------------------------------------------
-
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Call the store through the breaker, keeping the stats."""
-        if not self.breaker.allow():
-            self.stats.fast_failures_total += 1
-            raise StoreUnavailable("circuit open after a recent failure")
-        try:
-            result = await op()
-        except StoreUnavailable as exc:
-            self._on_failure(exc)
-            raise
-        except BaseException:
-            self.breaker.abandon()
-            raise
-        self._on_success()
-        return result
-
-    def _on_failure(self, exc: StoreUnavailable) -> None:
-        self.stats.errors_total += 1
-        self.breaker.failure()
-        if self.stats.available:
-            self.stats.available = False
-            log.error(
-                "tenant store unavailable (%s); failure mode %s: %s",
-                exc.detail,
-                self.failure_mode.value,
-                "admitting known tenants with per-process limits"
-                if self.failure_mode is FailureMode.OPEN
-                else "answering 503",
-            )
-
-    def _on_success(self) -> None:
-        self.breaker.success()
-        if not self.stats.available:
-            self.stats.available = True
-            log.warning(
-                "tenant store available again; %d settlements to replay", len(self._pending)
-            )
-        if len(self._pending) and not self._tasks:
-            self._spawn(self.flush_pending())
-
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _now(self) -> tuple[float, datetime]:
         now = self.clock()
@@ -186,7 +143,7 @@ class TenantService:
         _, now = self._now()
         degraded = False
         try:
-            found = await self._call(lambda: self.store.find_key(digest))
+            found = await self.guard.call(lambda: self.store.find_key(digest))
         except StoreUnavailable:
             found = self._known_keys.get(digest) if self.failure_mode is FailureMode.OPEN else None
             if found is None:
@@ -250,7 +207,7 @@ class TenantService:
             periods=Periods.at(now),
         )
         try:
-            result = await self._call(lambda: self.store.admit(req))
+            result = await self.guard.call(lambda: self.store.admit(req))
         except StoreUnavailable:
             if self.failure_mode is not FailureMode.OPEN:
                 raise
@@ -300,12 +257,12 @@ class TenantService:
                 tpm_bucket=-1,
                 expires_ms=0,
             )
-            self._pending.push(PendingSettlement(usage_only, used, periods))
+            self.guard.defer(usage_only, used, periods)
             return
         try:
-            await self._call(lambda: self.store.settle(ticket, used, periods))
+            await self.guard.call(lambda: self.store.settle(ticket, used, periods))
         except StoreUnavailable:
-            self._pending.push(PendingSettlement(ticket, used, periods))
+            self.guard.defer(ticket, used, periods)
 
     async def renew(self, ticket: Ticket) -> bool:
         """Extend the ticket's lease by `lease_ttl_s` from now; False if it was lost."""
@@ -316,7 +273,7 @@ class TenantService:
             if ticket.local:
                 ok = await self._local.renew(ticket, expires, now_ms)
             else:
-                ok = await self._call(lambda: self.store.renew(ticket, expires, now_ms))
+                ok = await self.guard.call(lambda: self.store.renew(ticket, expires, now_ms))
         except StoreUnavailable:
             return False
         if ok:
@@ -344,16 +301,9 @@ class TenantService:
                 log.warning("lease %s of tenant %s lost", ticket.lease_id, ticket.tenant_id)
 
     async def flush_pending(self) -> int:
-        """Replay queued settlements in order until done or the store fails; returns how many."""
-        done = 0
-        while (item := self._pending.peek()) is not None:
-            try:
-                await self._call(lambda i=item: self.store.settle(i.ticket, i.used, i.periods))  # type: ignore[misc]
-            except StoreUnavailable:
-                break
-            self._pending.pop()
-            done += 1
-        return done
+        """Replay queued settlements now (they also replay by themselves after any successful
+        store call); returns how many were replayed."""
+        return await self.guard.flush()
 
     # -- tenants ------------------------------------------------------------------------------
 
@@ -362,7 +312,7 @@ class TenantService:
         spec = _parse(TenantCreate, spec)
         _, now = self._now()
         tenant = Tenant(**spec.model_dump(), created_at=now, updated_at=now)
-        if not await self._call(lambda: self.store.create_tenant(tenant)):
+        if not await self.guard.call(lambda: self.store.create_tenant(tenant)):
             raise ConflictError(f"Tenant '{spec.id}' already exists.", code="tenant_exists")
         return tenant
 
@@ -374,14 +324,14 @@ class TenantService:
             return await self.get_tenant(tenant_id)
 
     async def get_tenant(self, tenant_id: str) -> Tenant:
-        tenant = await self._call(lambda: self.store.get_tenant(tenant_id))
+        tenant = await self.guard.call(lambda: self.store.get_tenant(tenant_id))
         if tenant is None:
             raise TenantNotFound(tenant_id)
         self._known_tenants[tenant_id] = tenant
         return tenant
 
     async def list_tenants(self) -> list[Tenant]:
-        return await self._call(self.store.list_tenants)
+        return await self.guard.call(self.store.list_tenants)
 
     async def update_tenant(
         self, tenant_id: str, patch: TenantUpdate | Mapping[str, Any]
@@ -405,14 +355,14 @@ class TenantService:
         _, now = self._now()
         tenant = current.model_copy(update={**changes, "updated_at": now})
         tenant = Tenant.model_validate(tenant.model_dump())  # re-validate the merged document
-        if not await self._call(lambda: self.store.replace_tenant(tenant)):
+        if not await self.guard.call(lambda: self.store.replace_tenant(tenant)):
             raise TenantNotFound(tenant_id)
         self._known_tenants[tenant_id] = tenant
         return tenant
 
     async def delete_tenant(self, tenant_id: str) -> None:
         """Delete the tenant, its keys (refused at once), windows, leases and usage."""
-        if not await self._call(lambda: self.store.delete_tenant(tenant_id)):
+        if not await self.guard.call(lambda: self.store.delete_tenant(tenant_id)):
             raise TenantNotFound(tenant_id)
         self._forget(lambda k: k.tenant_id == tenant_id)
         self._known_tenants.pop(tenant_id, None)
@@ -438,16 +388,16 @@ class TenantService:
             if expires_at <= now:
                 raise InvalidError("expires_at must be in the future.", param="expires_at")
         key, record = new_api_key(tenant_id, now, spec.name, expires_at)
-        if not await self._call(lambda: self.store.add_key(record)):
+        if not await self.guard.call(lambda: self.store.add_key(record)):
             raise TenantNotFound(tenant_id)
         return IssuedKey(key=key, api_key=record)
 
     async def list_keys(self, tenant_id: str) -> list[ApiKey]:
         await self.get_tenant(tenant_id)
-        return await self._call(lambda: self.store.list_keys(tenant_id))
+        return await self.guard.call(lambda: self.store.list_keys(tenant_id))
 
     async def get_key(self, tenant_id: str, key_id: str) -> ApiKey:
-        key = await self._call(lambda: self.store.get_key(tenant_id, key_id))
+        key = await self.guard.call(lambda: self.store.get_key(tenant_id, key_id))
         if key is None:
             raise KeyNotFound(tenant_id, key_id)
         return key
@@ -475,7 +425,7 @@ class TenantService:
         return issued
 
     async def _replace_key(self, key: ApiKey) -> ApiKey:
-        if not await self._call(lambda: self.store.replace_key(key)):
+        if not await self.guard.call(lambda: self.store.replace_key(key)):
             raise KeyNotFound(key.tenant_id, key.key_id)
         self._forget(lambda k: k.key_id == key.key_id)
         return key
@@ -487,7 +437,7 @@ class TenantService:
         tenant = await self.get_tenant(tenant_id)
         now, as_of = self._now()
         periods = Periods.at(now)
-        raw = await self._call(lambda: self.store.read_usage(tenant_id, periods))
+        raw = await self.guard.call(lambda: self.store.read_usage(tenant_id, periods))
         q = tenant.quota
         return Usage(
             tenant_id=tenant_id,
@@ -506,7 +456,7 @@ class TenantService:
         """Zero today's and this month's usage and the per-minute windows."""
         await self.get_tenant(tenant_id)
         now, _ = self._now()
-        await self._call(lambda: self.store.reset_usage(tenant_id, Periods.at(now)))
+        await self.guard.call(lambda: self.store.reset_usage(tenant_id, Periods.at(now)))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -517,7 +467,7 @@ class TenantService:
         if load is None:
             return
         try:
-            await self._call(load)
+            await self.guard.call(load)
         except StoreUnavailable as exc:
             log.error("could not load scripts at startup: %s", exc.detail)
 
@@ -525,16 +475,14 @@ class TenantService:
         """Readiness: whether the store answers now (through the breaker). Also lets queued
         settlements replay once the store is back, so a gateway may call it periodically."""
         try:
-            await self._call(self.store.ping)
+            await self.guard.call(self.store.ping)
         except StoreUnavailable:
             return False
         return True
 
     async def aclose(self) -> None:
         """Stop background replay and close the store."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.guard.aclose()
         await self.store.aclose()
 
 

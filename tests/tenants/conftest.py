@@ -19,6 +19,7 @@ from tenants.periods import UTC
 
 REDIS_URL = os.environ.get("PREFIXGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 START = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC).timestamp()
+NOW = datetime.fromtimestamp(START, tz=UTC)
 
 
 class FakeClock:
@@ -76,8 +77,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 async def service(store: Store, clock: FakeClock) -> AsyncIterator[TenantService]:
     svc = TenantService(store, clock=clock, lease_ttl_s=60)
     yield svc
-    for task in list(svc._tasks):
-        task.cancel()
+    await svc.guard.aclose()
 
 
 def _free_port() -> int:

@@ -10,10 +10,21 @@ from typing import TypeVar
 
 import pytest
 
-from tenants import AuthenticationError, RedisStore, StoreUnavailable, TenantService
-from tenants.failover import Breaker
+from tenants import (
+    AuthenticationError,
+    FailureMode,
+    MemoryStore,
+    RedisStore,
+    StoreUnavailable,
+    Tenant,
+    TenantService,
+    Ticket,
+)
+from tenants.failover import Breaker, StoreGuard
+from tenants.periods import Periods
+from tenants.store import Consumption
 
-from .conftest import FakeClock, RedisServer
+from .conftest import NOW, START, FakeClock, RedisServer
 
 T = TypeVar("T")
 QUOTA = {"requests_per_minute": 3, "max_concurrent_requests": 2}
@@ -47,8 +58,7 @@ async def make_service(redis_server: RedisServer) -> AsyncIterator[object]:
 async def wait_until_available(svc: TenantService) -> None:
     for _ in range(100):
         if await svc.check():
-            for task in list(svc._tasks):
-                await task
+            await svc.flush_pending()  # waits for the replay that check() started
             return
         await asyncio.sleep(0.05)
     raise AssertionError("store did not come back")
@@ -179,3 +189,34 @@ def test_breaker_probes_one_call_at_a_time() -> None:
     assert breaker.allow()
     breaker.success()
     assert breaker.allow() and breaker.allow() and not breaker.is_open
+
+
+class FlakyStore(MemoryStore):
+    """Settlement fails with an outage `outages` times, then with a bug for one lease id."""
+
+    def __init__(self, outages: int) -> None:
+        super().__init__()
+        self.outages = outages
+
+    async def settle(self, ticket: Ticket, used: Consumption, periods: Periods) -> bool:
+        if self.outages:
+            self.outages -= 1
+            raise StoreUnavailable("down")
+        if ticket.lease_id == "bug":
+            raise RuntimeError("not an outage")
+        return await super().settle(ticket, used, periods)
+
+
+async def test_replay_keeps_order_and_drops_what_cannot_succeed() -> None:
+    store, clock = FlakyStore(outages=1), FakeClock()
+    guard = StoreGuard(store, clock=clock, failure_mode=FailureMode.CLOSED, cooldown_s=0)
+    await store.create_tenant(Tenant(id="t", created_at=NOW, updated_at=NOW))
+    for lease in ("a", "bug", "c"):
+        guard.defer(Ticket("t", lease, "", 0, "2025-03-14", "2025-03", -1, 0),
+                    Consumption(1, 1), Periods.at(START))  # fmt: skip
+    assert await guard.flush() == 0 and len(guard.pending) == 3  # outage: stop, keep all
+    assert await guard.flush() == 2 and len(guard.pending) == 0
+    assert guard.stats.settlements_replayed_total == 2
+    assert guard.stats.settlements_dropped_total == 1
+    raw = await store.read_usage("t", Periods.at(START))
+    assert raw.day["requests"] == 2

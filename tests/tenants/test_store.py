@@ -14,9 +14,7 @@ from tenants.keys import new_api_key
 from tenants.periods import UTC, Periods, to_ms
 from tenants.store import AdmitRequest, AdmitResult, Consumption, Ticket
 
-from .conftest import REDIS_URL, START
-
-NOW = datetime.fromtimestamp(START, tz=UTC)
+from .conftest import NOW, REDIS_URL, START
 
 
 def tenant(tid: str = "acme", **quota: int) -> Tenant:
