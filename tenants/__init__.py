@@ -33,7 +33,7 @@ from .models import (
 )
 from .quotas import AdmissionDecision, Limit
 from .redis_store import RedisStore
-from .service import Principal, TenantService
+from .service import Caller, TenantService
 from .store import Store, Ticket
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "AdmissionDecision",
     "ApiKey",
     "AuthenticationError",
+    "Caller",
     "ConflictError",
     "FailureMode",
     "InvalidError",
@@ -52,7 +53,6 @@ __all__ = [
     "MinuteUsage",
     "NotFoundError",
     "PeriodUsage",
-    "Principal",
     "Quota",
     "RedisStore",
     "Store",

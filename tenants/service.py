@@ -2,8 +2,8 @@
 
 Per request, the gateway makes three store round trips::
 
-    principal = await svc.authenticate(bearer_token(headers.get("authorization")))   # 1
-    decision = await svc.admit(principal.tenant_id, prompt_tokens=n, max_tokens=m)  # 1
+    caller = await svc.authenticate(bearer_token(headers.get("authorization")))   # 1
+    decision = await svc.admit(caller.tenant_id, prompt_tokens=n, max_tokens=m)  # 1
     if not decision.admitted: 429/400 with decision.headers and decision.error_body()
     async with svc.hold(decision.ticket):        # renews the lease during long streams
         ... generate, stream, add decision.headers to the response ...
@@ -70,7 +70,7 @@ _NO_MATCH = "0" * 64  # compared against on a miss, so a miss does the compariso
 
 
 @dataclass(frozen=True, slots=True)
-class Principal:
+class Caller:
     """An authenticated caller."""
 
     tenant: Tenant
@@ -129,7 +129,7 @@ class TenantService:
 
     # -- authentication -----------------------------------------------------------------------
 
-    async def authenticate(self, presented: str | None) -> Principal:
+    async def authenticate(self, presented: str | None) -> Caller:
         """The caller of a bearer token (None or "" for a missing header).
 
         Missing, malformed, unknown, revoked and expired keys and disabled tenants all raise the
@@ -158,14 +158,14 @@ class TenantService:
             raise AuthenticationError()
         if not degraded:
             self._remember(digest, found)
-        return Principal(tenant=found.tenant, key_id=found.key.key_id, degraded=degraded)
+        return Caller(tenant=found.tenant, key_id=found.key.key_id, degraded=degraded)
 
-    async def default_principal(self) -> Principal:
+    async def default_caller(self) -> Caller:
         """Embedded mode without an admin key: requests without a key act as tenant `default`
         (created unlimited on first use). The gateway must not call this in any other mode."""
         tenant = await self.ensure_tenant(DEFAULT_TENANT_ID)
         self._known_tenants[tenant.id] = tenant
-        return Principal(tenant=tenant, key_id="")
+        return Caller(tenant=tenant, key_id="")
 
     def _remember(self, digest: str, found: KeyLookup) -> None:
         self._known_keys[digest] = found

@@ -125,8 +125,8 @@ async def test_open_mode_admits_locally_and_replays_usage(
     await svc.authenticate(known)
 
     redis_server.kill()
-    principal = await quick(svc.authenticate(known))
-    assert principal.degraded and principal.tenant_id == "acme"
+    caller = await quick(svc.authenticate(known))
+    assert caller.degraded and caller.tenant_id == "acme"
     with pytest.raises(StoreUnavailable):
         await quick(svc.authenticate(never_used))  # cannot tell: 503, not 401
     with pytest.raises(StoreUnavailable):
@@ -153,8 +153,8 @@ async def test_open_mode_admits_locally_and_replays_usage(
     usage = await svc.get_usage("acme")
     assert usage.today.requests == 3 and usage.today.total_tokens == 17
     assert usage.today.cached_tokens == 4 and usage.in_flight == 0
-    principal = await svc.authenticate(known)
-    assert not principal.degraded
+    caller = await svc.authenticate(known)
+    assert not caller.degraded
 
 
 async def test_open_mode_refuses_revoked_key_seen_before(

@@ -40,8 +40,8 @@ async def test_only_key_hashes_are_stored(redis_store: RedisStore, clock: FakeCl
     rotated = await svc.rotate_key("acme", issued[0].api_key.key_id)
     await svc.revoke_key("acme", issued[1].api_key.key_id)
     for k in (issued[2], rotated):
-        principal = await svc.authenticate(k.key)
-        d = await svc.admit(principal.tenant_id, prompt_tokens=5, max_tokens=5)
+        caller = await svc.authenticate(k.key)
+        d = await svc.admit(caller.tenant_id, prompt_tokens=5, max_tokens=5)
         assert d.ticket is not None
         await svc.settle(d.ticket, prompt_tokens=5, completion_tokens=1)
     dump = await dump_redis(redis_store)
@@ -128,13 +128,13 @@ async def test_one_round_trip_per_step(redis_store: RedisStore, clock: FakeClock
     key = (await svc.issue_key("acme")).key
     await redis_store.load_scripts()
     counter = CallCounter(redis_store)
-    principal = await svc.authenticate(key)
+    caller = await svc.authenticate(key)
     assert counter.take() == ["EVALSHA"]
-    d = await svc.admit(principal.tenant_id, prompt_tokens=10, max_tokens=20)
+    d = await svc.admit(caller.tenant_id, prompt_tokens=10, max_tokens=20)
     assert counter.take() == ["EVALSHA"] and d.ticket is not None
     await svc.settle(d.ticket, prompt_tokens=10, completion_tokens=5)
     assert counter.take() == ["EVALSHA"]
     await redis_store.client.script_flush()
     counter.take()
-    await svc.admit(principal.tenant_id, prompt_tokens=1, max_tokens=1)
+    await svc.admit(caller.tenant_id, prompt_tokens=1, max_tokens=1)
     assert counter.take() == ["EVALSHA", "SCRIPT", "EVALSHA"]  # NOSCRIPT, load, retry

@@ -78,10 +78,10 @@ async def test_patch_merges_quota(service: TenantService) -> None:
         await service.update_tenant("nobody", {"quota": {"tokens_per_day": 1}})
 
 
-async def test_default_principal_and_start(service: TenantService) -> None:
+async def test_default_caller_and_start(service: TenantService) -> None:
     await service.start()
-    principal = await service.default_principal()
-    assert principal.tenant_id == "default" and principal.tenant.quota == Quota()
+    caller = await service.default_caller()
+    assert caller.tenant_id == "default" and caller.tenant.quota == Quota()
     assert (await service.admit("default", prompt_tokens=1, max_tokens=1)).admitted
     assert await service.check()
 
@@ -101,8 +101,8 @@ async def test_keys_issue_authenticate_revoke(service: TenantService, clock: Fak
     assert body["key"] == issued.key and body["tenant_id"] == "acme" and "key_hash" not in body
     assert body["prefix"] == issued.key[:7]
     other = await service.issue_key("acme")
-    principal = await service.authenticate(issued.key)
-    assert principal.tenant_id == "acme" and principal.key_id == issued.api_key.key_id
+    caller = await service.authenticate(issued.key)
+    assert caller.tenant_id == "acme" and caller.key_id == issued.api_key.key_id
     assert [k.key_id for k in await service.list_keys("acme")] == [
         issued.api_key.key_id,
         other.api_key.key_id,
