@@ -197,6 +197,8 @@ def _admit(st: _TenantState, req: AdmitRequest) -> AdmitResult:
     now = req.periods.now_ms
     _reclaim_leases(st, now)
     rpm, tpm = _window(st.rpm, now), _window(st.tpm, now)
+    if req.member in st.leases:  # a resent admission: admitted already, charge nothing
+        return _admitted(st, req, rpm, tpm, st.leases[req.member])
     refusals = _refusals(st, req, rpm, tpm)
     if refusals:
         quota = st.tenant.quota
@@ -240,10 +242,9 @@ def _take(st: _TenantState, req: AdmitRequest, rpm: Window, tpm: Window) -> Admi
     if quota.requests_per_minute is not None:
         st.rpm[bucket] = st.rpm.get(bucket, 0) + 1
         rpm = (rpm[0] + 1, [*rpm[1], (bucket, 1)])
-    tpm_bucket = -1
     if quota.tokens_per_minute is not None:
         st.tpm[bucket] = st.tpm.get(bucket, 0) + cost
-        tpm, tpm_bucket = (tpm[0] + cost, [*tpm[1], (bucket, cost)]), bucket
+        tpm = (tpm[0] + cost, [*tpm[1], (bucket, cost)])
     for name, ttl_s in (
         (f"day:{req.periods.day}", DAY_TTL_S),
         (f"month:{req.periods.month}", MONTH_TTL_S),
@@ -251,15 +252,22 @@ def _take(st: _TenantState, req: AdmitRequest, rpm: Window, tpm: Window) -> Admi
         counters = _counters(st, name, now + ttl_s * 1000)
         counters["charged"] += cost
         counters["reserved"] += cost
+    return _admitted(st, req, rpm, tpm, now + req.lease_ttl_ms)
+
+
+def _admitted(
+    st: _TenantState, req: AdmitRequest, rpm: Window, tpm: Window, expires_ms: int
+) -> AdmitResult:
+    now, quota = req.periods.now_ms, st.tenant.quota
     ticket = Ticket(
         tenant_id=req.tenant_id,
         lease_id=req.lease_id,
         member=req.member,
-        reserved=cost,
+        reserved=req.cost,
         day=req.periods.day,
         month=req.periods.month,
-        tpm_bucket=tpm_bucket,
-        expires_ms=now + req.lease_ttl_ms,
+        tpm_bucket=bucket_of(now) if quota.tokens_per_minute is not None else -1,
+        expires_ms=expires_ms,
     )
     return AdmitResult(
         admitted=True,

@@ -7,7 +7,9 @@
 - Nothing waits unboundedly: socket connect and read timeouts, a blocking pool that waits at
   most `pool_timeout` for a free connection, one immediate retry on a broken connection (a
   restarted Redis), and an overall deadline per operation. Any of these failing raises
-  `StoreUnavailable`; a later call reconnects by itself.
+  `StoreUnavailable`; a later call reconnects by itself. A resent admission is recognised by its
+  lease and charged once; a settlement resent after its reply was lost (a connection cut at that
+  very moment) would be applied twice.
 - Times come from the caller (`Periods.now_ms`), never from Redis `TIME`, so tests drive them.
   Gateways must keep their clocks in sync (NTP): skew shifts windows by the skew.
 - Key names carry the tenant in a hash tag (`pg:{acme}:rpm`), so one tenant's keys share a
@@ -140,7 +142,9 @@ class RedisStore:
             timeout=pool_timeout,
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 1),  # one immediate retry: a connection Redis dropped
+            # One immediate retry when a pooled connection turns out broken (Redis restarted,
+            # idle connection dropped); never after a read timeout, when the script may have run.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
             decode_responses=True,
         )
         return cls(Redis.from_pool(pool), prefix=prefix, op_timeout=op_timeout)

@@ -16,6 +16,8 @@ local max_tokens = tonumber(ARGV[5])
 local cost = tonumber(ARGV[4]) + max_tokens
 
 reclaim(KEYS[4], ARGV[10], now)
+-- A resent call (its first reply was lost) finds its lease: admitted already, charge nothing.
+local held = redis.call('ZSCORE', KEYS[4], ARGV[2])
 local in_flight = redis.call('ZCARD', KEYS[4])
 local day = redis.call('HMGET', KEYS[5], 'charged', 'reserved')
 local month = redis.call('HMGET', KEYS[6], 'charged', 'reserved')
@@ -56,18 +58,20 @@ local function check_window(name, limit, used, live, need)
   refuse(name, wait_ms(live, used, need, limit), false, limit, used, need)
 end
 
-local max_per_request = opt(quota['max_tokens_per_request'])
-if max_per_request and max_tokens > max_per_request then
-  refuse('max_tokens_per_request', nil, false, max_per_request, 0, max_tokens)
+if not held then
+  local max_per_request = opt(quota['max_tokens_per_request'])
+  if max_per_request and max_tokens > max_per_request then
+    refuse('max_tokens_per_request', nil, false, max_per_request, 0, max_tokens)
+  end
+  check_budget('tokens_per_month', opt(quota['tokens_per_month']), month, tonumber(ARGV[7]) - now)
+  check_budget('tokens_per_day', opt(quota['tokens_per_day']), day, tonumber(ARGV[6]) - now)
+  local concurrency = opt(quota['max_concurrent_requests'])
+  if concurrency and in_flight + 1 > concurrency then
+    refuse('max_concurrent_requests', RETRY_SOFT_MS, false, concurrency, in_flight, 1)
+  end
+  check_window('requests_per_minute', rpm_limit, rpm_used, rpm_live, 1)
+  check_window('tokens_per_minute', tpm_limit, tpm_used, tpm_live, cost)
 end
-check_budget('tokens_per_month', opt(quota['tokens_per_month']), month, tonumber(ARGV[7]) - now)
-check_budget('tokens_per_day', opt(quota['tokens_per_day']), day, tonumber(ARGV[6]) - now)
-local concurrency = opt(quota['max_concurrent_requests'])
-if concurrency and in_flight + 1 > concurrency then
-  refuse('max_concurrent_requests', RETRY_SOFT_MS, false, concurrency, in_flight, 1)
-end
-check_window('requests_per_minute', rpm_limit, rpm_used, rpm_live, 1)
-check_window('tokens_per_minute', tpm_limit, tpm_used, tpm_live, cost)
 
 -- Window state for the headers: reset when the newest non-empty bucket leaves the window.
 local function state(limit, used, live)
@@ -82,7 +86,10 @@ local function state(limit, used, live)
 end
 
 local admitted, lease_expiry, tpm_bucket = 0, 0, -1
-if #refusals == 0 then
+if held then
+  admitted, lease_expiry = 1, tonumber(held)
+  if tpm_limit then tpm_bucket = math.floor(now / BUCKET_MS) end
+elseif #refusals == 0 then
   admitted, lease_expiry = 1, tonumber(ARGV[3])
   local bucket = math.floor(now / BUCKET_MS)
   local window_ttl = (BUCKETS + 1) * BUCKET_MS

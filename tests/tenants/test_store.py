@@ -86,6 +86,16 @@ async def test_unlimited_tenant_takes_a_lease_and_no_windows(store: Store) -> No
     assert r.ticket.expires_ms == to_ms(START) + 60_000
 
 
+async def test_resent_admission_is_charged_once(store: Store) -> None:
+    await store.create_tenant(tenant(requests_per_minute=2, tokens_per_minute=100))
+    first = await admit(store, request(START))
+    again = await admit(store, request(START))  # same lease: its first reply was lost
+    assert again.admitted and again.ticket == first.ticket
+    assert again.requests == first.requests and again.in_flight == 1
+    raw = await store.read_usage("acme", Periods.at(START))
+    assert raw.day["charged"] == 15 and raw.in_flight == 1
+
+
 async def test_refusal_reports_every_limit_it_breaks(store: Store) -> None:
     await store.create_tenant(tenant(requests_per_minute=1, tokens_per_minute=20))
     assert (await admit(store, request(START, "a"))).admitted
