@@ -345,3 +345,16 @@ def test_kernels_in_fresh_process() -> None:
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_kernels_compile_for_hopper_without_a_gpu() -> None:
+    """The interpreter never lowers the kernels: compile them to sm_90 cubins (ptxas included)."""
+    if find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "kernels.triton_compile", "--arch", "90", "--dtypes"]
+    cmd += ["fp16", "bf16"]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("smem") == 10
