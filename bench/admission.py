@@ -60,6 +60,7 @@ class Result:
     rt_admit: float | None = None
     rt_settle: float | None = None
     evalsha_per_request: float | None = None
+    server_us_per_script: float | None = None
 
     def row(self) -> str:
         def pct(xs: list[float], q: int) -> float:
@@ -73,14 +74,15 @@ class Result:
             f"{pct(self.admit_ms, 50):>8.3f} {pct(self.admit_ms, 99):>8.3f} "
             f"{pct(self.settle_ms, 50):>8.3f} {pct(self.settle_ms, 99):>8.3f} "
             f"{fmt(self.rt_admit):>6} {fmt(self.rt_settle):>6} {fmt(self.evalsha_per_request):>8}"
+            f" {fmt(self.server_us_per_script):>8}"
         )
 
 
 HEADER = (
     f"{'case':<26} {'reqs':>7} {'admit+s/s':>10} {'adm p50':>8} {'adm p99':>8} "
-    f"{'set p50':>8} {'set p99':>8} {'RT/adm':>6} {'RT/set':>6} {'EVALSHA':>8}\n"
+    f"{'set p50':>8} {'set p99':>8} {'RT/adm':>6} {'RT/set':>6} {'EVALSHA':>8} {'srv':>8}\n"
     f"{'':<26} {'':>7} {'':>10} {'(ms)':>8} {'(ms)':>8} {'(ms)':>8} {'(ms)':>8} "
-    f"{'':>6} {'':>6} {'per req':>8}"
+    f"{'':>6} {'':>6} {'per req':>8} {'us/call':>8}"
 )
 
 
@@ -109,7 +111,7 @@ async def run_case(
             settle_ms.append((t2 - t1) * 1000)
 
     counter = RoundTrips(store) if isinstance(store, RedisStore) else None
-    evalsha_before = await _evalsha_calls(store)
+    calls_before, usec_before = await _evalsha_stats(store)
     started = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     seconds = time.perf_counter() - started
@@ -117,15 +119,18 @@ async def run_case(
     if counter is not None:
         result.rt_admit = counter.by_phase["admit"] / requests
         result.rt_settle = counter.by_phase["settle"] / requests
-        result.evalsha_per_request = (await _evalsha_calls(store) - evalsha_before) / requests
+        calls, usec = await _evalsha_stats(store)
+        result.evalsha_per_request = (calls - calls_before) / requests
+        result.server_us_per_script = (usec - usec_before) / max(calls - calls_before, 1)
     return result
 
 
-async def _evalsha_calls(store: Store) -> int:
+async def _evalsha_stats(store: Store) -> tuple[int, int]:
+    """(calls, total µs) of EVALSHA on the server, Lua time included (server-wide counters)."""
     if not isinstance(store, RedisStore):
-        return 0
-    stats = await store.client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+        return 0, 0
+    stats = (await store.client.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
 async def main() -> None:
@@ -160,7 +165,8 @@ async def main() -> None:
     print(memory.row())
     print(
         "RT = client round trips per request (target 1 at admission, 1 at settlement); "
-        "EVALSHA = server-side script calls per request (admit + settle = 2)."
+        "EVALSHA = server-side script calls per request (admit + settle = 2); srv = Redis CPU "
+        "per script call, Lua included (server-wide counters: other clients can add to them)."
     )
 
 

@@ -22,7 +22,8 @@ local function oldest_live_bucket(now)
   return math.floor(now / BUCKET_MS) - BUCKETS + 1
 end
 
--- Prune buckets that left the window; return used and the live buckets, oldest first.
+-- Prune buckets that left the window; return used and the live buckets {second, count}
+-- (unordered: only a refusal needs them sorted).
 local function window(key, now)
   local oldest = oldest_live_bucket(now)
   local flat = redis.call('HGETALL', key)
@@ -37,7 +38,6 @@ local function window(key, now)
     end
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-  table.sort(live, function(x, y) return x[1] < y[1] end)
   return used, live
 end
 

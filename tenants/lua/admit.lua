@@ -45,6 +45,7 @@ end
 -- Until enough old buckets leave the window for `need` to fit; nil if it never fits.
 local function wait_ms(live, used, need, limit)
   if need > limit then return nil end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
   local freed = 0
   for _, e in ipairs(live) do
     freed = freed + e[2]
@@ -78,7 +79,7 @@ local function state(limit, used, live)
   if not limit then return -1, 0, 0 end
   local newest = nil
   for _, e in ipairs(live) do
-    if e[2] > 0 then newest = e[1] end
+    if e[2] > 0 and (not newest or e[1] > newest) then newest = e[1] end
   end
   local reset = 0
   if newest then reset = bucket_expiry(newest) - now end
