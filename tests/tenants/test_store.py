@@ -107,6 +107,16 @@ async def test_refusal_reports_every_limit_it_breaks(store: Store) -> None:
     assert (tpm.value, tpm.used, tpm.requested, tpm.retry_ms) == (20, 15, 15, 59_500)
 
 
+async def test_buckets_written_out_of_order(store: Store) -> None:
+    """Two gateways whose clocks disagree by seconds write buckets out of time order."""
+    await store.create_tenant(tenant(requests_per_minute=3))
+    for offset, lease in ((10, "a"), (5, "b"), (8, "c")):
+        assert (await admit(store, request(START + offset, lease))).admitted
+    r = await admit(store, request(START + 9, "d"))
+    assert r.requests is not None and r.requests.reset_ms == 61_000  # newest bucket: t=10
+    assert r.refusals[0].retry_ms == 56_000  # oldest bucket: t=5, leaves at t=65
+
+
 async def test_settle_releases_lease_and_charges_real_usage(store: Store) -> None:
     await store.create_tenant(tenant(tokens_per_minute=100, max_concurrent_requests=1))
     r = await admit(store, request(START, prompt=10, max_tokens=50))
