@@ -62,7 +62,6 @@ from .periods import UTC, Periods, to_ms, utc
 from .quotas import AdmissionDecision, decide
 from .store import AdmitRequest, Consumption, KeyLookup, Store, Ticket
 
-T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("prefixgate.tenants")
 
@@ -168,6 +167,9 @@ class TenantService:
         return Caller(tenant=tenant, key_id="")
 
     def _remember(self, digest: str, found: KeyLookup) -> None:
+        """Last-known good lookups, kept for `open` mode only (bounded, LRU)."""
+        if self.failure_mode is not FailureMode.OPEN:
+            return
         self._known_keys[digest] = found
         self._known_keys.move_to_end(digest)
         while len(self._known_keys) > self._known_keys_size:
