@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,9 @@ class AttentionMetadata:
     # The same numbers as Python lists, for backends that loop over sequences on the host.
     query_start_loc_list: list[int]
     seq_lens_list: list[int]
+    # What a backend derives from the above once per step (index tensors, masks) and reuses in
+    # every layer, keyed by backend name.
+    derived: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

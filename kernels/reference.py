@@ -53,7 +53,9 @@ def paged_attention(
         [T, H, D] attention output in the cache dtype.
     """
     query = query.to(kv_cache.dtype)
-    plan = _plans.get(meta, kv_cache.shape[2], kv_cache.device)
+    plan = meta.derived.get("torch")
+    if plan is None:
+        plan = meta.derived["torch"] = _make_plan(meta, kv_cache.shape[2], kv_cache.device)
     decode = plan.decode
     if decode is not None and decode.rows is None:  # all decodes: no scatter into an output
         return _decode_attention(query, kv_cache, decode, scale)
@@ -70,7 +72,7 @@ class _DecodePlan:
     """Every q_len == 1 sequence of a step, attended in one batch of S_d sequences."""
 
     rows: torch.Tensor | None  # [S_d] their query rows; None when every row is a decode
-    blocks: torch.Tensor  # [S_d, n] int64 block ids, n = blocks of the longest context
+    blocks: torch.Tensor  # [S_d * n] int64 block ids, row-major; n = blocks of the longest context
     pad: torch.Tensor  # [S_d, 1, 1, n * block_size] True past each sequence's length
 
 
@@ -91,29 +93,6 @@ class _StepPlan:
     prefills: list[_PrefillPlan]
 
 
-class _PlanCache:
-    """Index tensors and masks derived from a step's metadata, built once and used by every layer.
-
-    Keyed on the metadata object's identity (the entry holds a reference, so the id cannot be
-    reused); the engine builds a fresh `AttentionMetadata` per step. One entry, read and replaced
-    as a whole, so concurrent engines in threads at worst rebuild a plan.
-    """
-
-    def __init__(self) -> None:
-        self._entry: tuple[AttentionMetadata, int, torch.device, _StepPlan] | None = None
-
-    def get(self, meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
-        entry = self._entry
-        if entry is not None and entry[0] is meta and entry[1:3] == (block_size, device):
-            return entry[3]
-        plan = _make_plan(meta, block_size, device)
-        self._entry = (meta, block_size, device, plan)
-        return plan
-
-
-_plans = _PlanCache()
-
-
 def _make_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:
     starts, seq_lens = meta.query_start_loc_list, meta.seq_lens_list
     tables = meta.block_tables.to(device=device, dtype=torch.int64)
@@ -127,7 +106,7 @@ def _make_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -
         pad = positions >= torch.tensor(lens, device=device)[:, None]  # [S_d, L]
         decode = _DecodePlan(
             rows=None if all_rows else torch.tensor([starts[s] for s in decodes], device=device),
-            blocks=(tables if all_rows else tables[decodes])[:, :num_blocks],
+            blocks=(tables if all_rows else tables[decodes])[:, :num_blocks].reshape(-1),
             pad=pad[:, None, None, :],
         )
     prefills = []
@@ -149,13 +128,16 @@ def _decode_attention(
     num_seqs, num_heads, head_dim = query.shape
     kv_heads = kv_cache.shape[3]
     group = num_heads // kv_heads
-    # [2, S, n, bs, KVH, D] -> K, V as [S, KVH, L, D] with L = n * bs (padded past each seq_len)
-    kv = kv_cache[:, plan.blocks].view(2, num_seqs, -1, kv_heads, head_dim).transpose(2, 3)
+    # Gather whole blocks as contiguous rows, [2, S * n, bs * KVH * D] -> [2, S, L, KVH, D] with
+    # L = n * bs (padded past each seq_len); the matmuls read K, V through permuted views.
+    kv = kv_cache.flatten(2).index_select(1, plan.blocks)
+    kv = kv.view(2, num_seqs, -1, kv_heads, head_dim)
     q = query.view(num_seqs, kv_heads, group, head_dim)  # [S, KVH, G, D]
-    scores = torch.matmul(q, kv[0].transpose(-1, -2)).float()  # [S, KVH, G, L]
+    scores = torch.matmul(q, kv[0].permute(0, 2, 3, 1)).float()  # [S, KVH, G, L]
     scores.mul_(scale).masked_fill_(plan.pad, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    return torch.matmul(probs, kv[1]).view(num_seqs, num_heads, head_dim)  # [S, KVH, G, D]
+    out = torch.matmul(probs, kv[1].transpose(1, 2))  # [S, KVH, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def _prefill_attention(
