@@ -62,6 +62,7 @@ class Run:
     name: str
     wall: float = 0.0
     timings: list[Timing] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds in the run
 
     def summary(self) -> dict[str, float]:
         ttfts = [t.ttft for t in self.timings]
@@ -76,6 +77,7 @@ class Run:
             "itl_p99_ms": 1000 * percentile(itls, 99),
             "output_tokens": tokens,
             "wall_s": self.wall,
+            **{f"cpu_ms_per_token_{k}": 1000 * v / tokens for k, v in self.cpu.items()},
         }
 
 
@@ -101,17 +103,35 @@ def make_workload(args: argparse.Namespace) -> list[Request]:
     ]
 
 
-async def run_all(name: str, workload: list[Request], concurrency: int, one: Any) -> Run:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system, all threads) of a process; None: this one."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run_all(
+    name: str,
+    workload: list[Request],
+    concurrency: int,
+    one: Any,
+    processes: dict[str, int | None] | None = None,
+) -> Run:
+    """Run the workload; `processes` names the processes whose CPU time to record."""
     run = Run(name)
     gate = asyncio.Semaphore(concurrency)
+    processes = processes or {}
 
     async def limited(req: Request) -> None:
         async with gate:
             run.timings.append(await one(req))
 
+    cpu = {k: cpu_seconds(pid) for k, pid in processes.items()}
     start = time.perf_counter()
     await asyncio.gather(*(limited(r) for r in workload))
     run.wall = time.perf_counter() - start
+    run.cpu = {k: cpu_seconds(pid) - cpu[k] for k, pid in processes.items()}
     return run
 
 
@@ -119,6 +139,8 @@ async def run_all(name: str, workload: list[Request], concurrency: int, one: Any
 
 
 async def http_request(client: httpx.AsyncClient, model: str, req: Request) -> Timing:
+    """One streamed completion; events are split by hand and only the usage one is parsed,
+    so the load generator (sharing the machine with the server) stays cheap."""
     body = {
         "model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
@@ -127,32 +149,40 @@ async def http_request(client: httpx.AsyncClient, model: str, req: Request) -> T
     first = last = None
     itls: list[float] = []
     tokens = 0
+    buffer = b""
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for data in response.aiter_raw():
             now = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
-                if first is None:
-                    first = now
-                else:
-                    itls.append(now - last)  # type: ignore[operator]
-                last = now
+            *events, buffer = (buffer + data).split(b"\n\n")
+            for event in events:
+                if event.startswith(b'data: {"id"') and b'"choices":[]' in event:
+                    tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                elif event.startswith(b"data: {") and b'"text":""' not in event:
+                    if first is None:
+                        first = now
+                    else:
+                        itls.append(now - last)  # type: ignore[operator]
+                    last = now
     end = time.perf_counter()
     return Timing((first or end) - start, itls, end - start, tokens)
 
 
 async def run_http(
-    client: httpx.AsyncClient, model: str, workload: list[Request], concurrency: int
+    client: httpx.AsyncClient,
+    model: str,
+    workload: list[Request],
+    concurrency: int,
+    server_pid: int | None,
 ) -> Run:
+    processes: dict[str, int | None] = {"client": None}
+    if server_pid is not None:
+        processes["server"] = server_pid
     return await run_all(
-        "HTTP (gateway)", workload, concurrency, lambda r: http_request(client, model, r)
-    )
+        "HTTP (gateway)", workload, concurrency, lambda r: http_request(client, model, r),
+        processes,
+    )  # fmt: skip
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, Path]:
@@ -229,8 +259,9 @@ async def build_engine(args: argparse.Namespace) -> Any:
 
 async def run_engine(engine: Any, workload: list[Request], concurrency: int) -> Run:
     return await run_all(
-        "engine (no HTTP)", workload, concurrency, lambda r: engine_request(engine, r)
-    )
+        "engine (no HTTP)", workload, concurrency, lambda r: engine_request(engine, r),
+        {"engine": None},
+    )  # fmt: skip
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -262,6 +293,14 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
             f"HTTP overhead: throughput {loss:+.1f}% lost (target < 5%), "
             f"TTFT p50 {ttft:+.1f} ms (target < 2 ms)"
         )
+        if "cpu_ms_per_token_server" in http:
+            extra = http["cpu_ms_per_token_server"] - direct["cpu_ms_per_token_engine"]
+            out["overhead"]["server_cpu_ms_per_token_added"] = extra
+            print(
+                f"CPU per output token: server {http['cpu_ms_per_token_server']:.2f} ms "
+                f"(+ load generator {http['cpu_ms_per_token_client']:.2f} ms), engine alone "
+                f"{direct['cpu_ms_per_token_engine']:.2f} ms: the gateway adds {extra:+.2f} ms"
+            )
     return out
 
 
@@ -290,11 +329,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def merge(runs: list[Run]) -> Run:
-    """All rounds of one mode as one run: summed wall time, pooled latencies."""
-    return Run(runs[0].name, sum(r.wall for r in runs), [t for r in runs for t in r.timings])
+    """All rounds of one mode as one run: summed wall and CPU time, pooled latencies."""
+    cpu = {k: sum(r.cpu[k] for r in runs) for k in runs[0].cpu}
+    timings = [t for r in runs for t in r.timings]
+    return Run(runs[0].name, sum(r.wall for r in runs), timings, cpu)
 
 
-async def bench(args: argparse.Namespace, url: str | None) -> list[Run]:
+async def bench(args: argparse.Namespace, url: str | None, server_pid: int | None) -> list[Run]:
     """Alternate HTTP and engine rounds, so drifting machine load hits both modes alike."""
     workload = make_workload(args)
     engine = None if args.skip_engine else await build_engine(args)
@@ -313,7 +354,8 @@ async def bench(args: argparse.Namespace, url: str | None) -> list[Run]:
                 await run_all("warmup", warm, 1, lambda r: http_request(client, model, r))
             for i in range(args.rounds):
                 if url is not None:
-                    http_runs.append(await run_http(client, model, workload, args.concurrency))
+                    run = await run_http(client, model, workload, args.concurrency, server_pid)
+                    http_runs.append(run)
                     print(f"round {i + 1}: HTTP {http_runs[-1].wall:.1f} s", file=sys.stderr)
                 if engine is not None:
                     engine_runs.append(await run_engine(engine, workload, args.concurrency))
@@ -332,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         proc, url, log = start_server(args)
         print(f"server: {url} (log {log})", file=sys.stderr)
     try:
-        runs = asyncio.run(bench(args, url))
+        runs = asyncio.run(bench(args, url, proc.pid if proc is not None else None))
     finally:
         if proc is not None:
             proc.terminate()

@@ -12,7 +12,7 @@ from engine.outputs import Delta, TokenLogprob
 from gateway.errors import bad_request
 from gateway.generation import ChoiceState
 from gateway.protocol import Completion, CompletionChoice, CompletionLogprobs, Usage
-from gateway.tokens import TokenTexts
+from gateway.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
 
 
 def prompt_token_ids(
@@ -57,6 +57,10 @@ class CompletionFormat:
         self.logprobs = logprobs
         self.texts = token_texts
         self._offsets: dict[int, int] = {}  # per choice: characters streamed so far
+        # Fast path for the common chunk (text, no logprobs): the fixed JSON around it, once.
+        self._head, self._tail = chunk_frame(
+            Completion(id=completion_id, created=created, model=model, choices=[])
+        )
 
     def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         body = Completion(
@@ -70,6 +74,13 @@ class CompletionFormat:
     def delta_chunks(self, delta: Delta) -> list[bytes]:
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
             return []
+        if self.logprobs is None:  # same bytes as the pydantic path below, 10x cheaper
+            choice_json = b'{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s}' % (
+                delta.index,
+                json_str(delta.text),
+                json_opt_str(delta.finish_reason),
+            )
+            return [self._head + choice_json + self._tail]
         choice = CompletionChoice(
             index=delta.index,
             text=delta.text,

@@ -86,6 +86,8 @@ class Generation:
         self.cached_tokens = 0
         self.finished = False
         self.aborted = False  # the engine ended it with finish_reason "abort"
+        self._ttft_metric = metrics.ttft.labels(info.route)
+        self._itl_metric = metrics.itl.labels(info.route)
         self._last_token_at: float | None = None
         self._ttft: float | None = None
         self._closed = False
@@ -112,20 +114,19 @@ class Generation:
 
     def _observe(self, out: RequestDelta) -> None:
         now = time.perf_counter()
-        route = self.info.route
         if out.completion_tokens > self.completion_tokens:
             if self._last_token_at is None:
                 self._ttft = now - self.started_at
-                self.metrics.ttft.labels(route).observe(self._ttft)
+                self._ttft_metric.observe(self._ttft)
             else:
-                self.metrics.itl.labels(route).observe(now - self._last_token_at)
+                self._itl_metric.observe(now - self._last_token_at)
             self._last_token_at = now
         self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
         self.cached_tokens = out.cached_tokens
-        if any(d.finish_reason == "abort" for d in out.deltas):
-            self.aborted = True
-        self.finished = out.finished
+        if out.finished:
+            self.finished = True
+            self.aborted = any(d.finish_reason == "abort" for d in out.deltas)
 
     async def close(self, outcome: Outcome) -> None:
         """Abort if unfinished, settle hooks, count tokens. Idempotent; safe under cancellation."""

@@ -1,8 +1,11 @@
-"""Token ids to the strings OpenAI shows in `logprobs` (cached: a vocabulary is small)."""
+"""Token text for `logprobs`, and cheap JSON for the per-token streamed chunks."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from pydantic import BaseModel
 
 
 class TokenTexts:
@@ -21,3 +24,23 @@ class TokenTexts:
 
     def utf8(self, token_id: int) -> list[int]:
         return list(self(token_id).encode("utf-8"))
+
+
+def json_str(text: str) -> bytes:
+    """A JSON string literal, UTF-8 (as pydantic writes it)."""
+    return json.dumps(text, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def json_opt_str(text: str | None) -> bytes:
+    return b"null" if text is None else json_str(text)
+
+
+def chunk_frame(empty: BaseModel) -> tuple[bytes, bytes]:
+    """Split a chunk serialized with `choices=[]` into the bytes before and after one choice.
+
+    `head + choice_json + tail` is then the chunk with that single choice.
+    """
+    raw = empty.model_dump_json().encode()
+    marker = b'"choices":[]'
+    at = raw.index(marker) + len(marker) - 1
+    return raw[:at], raw[at:]
