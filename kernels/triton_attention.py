@@ -23,6 +23,7 @@ this module is first imported), which is how the tests run them.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +41,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "DecodeConfig",
+    "PrefillConfig",
     "decode_attention",
     "merge_partitions_reference",
     "paged_attention",
     "prefill_attention",
+    "tiling",
     "write_kv",
 ]
+
+
+def _is_pow2_at_least_16(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,23 +60,48 @@ class DecodeConfig:
     """Tiling of the decode kernel.
 
     partition: context tokens per split (flash-decoding); a multiple of `block_n`.
-    block_n: context tokens per K/V tile inside a split.
+    block_n: context tokens per K/V tile inside a split (a power of two, at least 16 for `tl.dot`).
     max_splits: a context longer than `partition * max_splits` gets longer partitions instead.
+    num_warps: warps per program on the GPU.
     """
 
     partition: int = 512
     block_n: int = 64
     max_splits: int = 64
+    num_warps: int = 4
 
     def __post_init__(self) -> None:
-        if self.block_n & (self.block_n - 1) or self.partition % self.block_n:
-            raise ValueError("block_n must be a power of two dividing partition")
+        if not _is_pow2_at_least_16(self.block_n) or self.partition % self.block_n:
+            raise ValueError("block_n must be a power of two >= 16 dividing partition")
 
 
-DEFAULT_DECODE = DecodeConfig()
-PREFILL_BLOCK_M = 64  # query rows (token x group head) per program
-PREFILL_BLOCK_N = 64  # keys per tile
+@dataclass(frozen=True, slots=True)
+class PrefillConfig:
+    """Tiling of the prefill kernel: `block_m` query rows (token x group head) per program against
+    `block_n` keys per step (powers of two, at least 16), on `num_warps` warps."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if not (_is_pow2_at_least_16(self.block_m) and _is_pow2_at_least_16(self.block_n)):
+            raise ValueError("block_m and block_n must be powers of two >= 16")
+
+
+# No register spills for H=32, KVH=8, D=128 on sm_80 and sm_90, nor for SmolLM2's H=9, KVH=3,
+# D=64 (`python -m kernels.triton_compile --registers`). Not tuned on a GPU yet: bench/kernels.py.
+# float32 multiplies exactly (no tensor cores), so it needs smaller tiles.
+_TILING = {
+    "half": (DecodeConfig(), PrefillConfig(num_warps=8)),
+    "float32": (DecodeConfig(block_n=32, num_warps=8), PrefillConfig(32, 32, num_warps=8)),
+}
 WRITE_KV_ELEMENTS = 4096  # elements of K (and of V) per write_kv program
+
+
+def tiling(dtype: torch.dtype) -> tuple[DecodeConfig, PrefillConfig]:
+    """The default (decode, prefill) tiling for a cache dtype."""
+    return _TILING["float32" if dtype == torch.float32 else "half"]
 
 
 def _check_device(tensor: torch.Tensor) -> None:
@@ -190,7 +222,7 @@ def decode_attention(
     *,
     out: torch.Tensor | None = None,
     max_decode_len: int | None = None,
-    config: DecodeConfig = DEFAULT_DECODE,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Attention for the decode rows (q_len == 1) of `meta`'s batch; other rows are left as is.
 
@@ -201,7 +233,8 @@ def decode_attention(
         query, kv_cache, meta, scale: as in `paged_attention`.
         out: [T, H, D] output to fill (allocated in the cache dtype when None).
         max_decode_len: the longest decode context (computed from `meta` when None).
-        config: tiling (tests use small partitions to exercise the split path).
+        config: tiling (default: `tiling(kv_cache.dtype)`; tests use small partitions to exercise
+            the split path).
 
     Returns:
         `out`.
@@ -211,6 +244,8 @@ def decode_attention(
         out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
     if max_decode_len is None:
         max_decode_len = meta.max_seq_len
+    if config is None:
+        config = tiling(kv_cache.dtype)[0]
     num_seqs = meta.num_seqs
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
@@ -251,6 +286,7 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=config.block_n,
         DOT_F32=_dot_f32(kv_cache.dtype),
+        num_warps=config.num_warps,
     )
     if split:
         _k._merge_kernel[(num_seqs, num_heads)](
@@ -278,8 +314,7 @@ def prefill_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
-    block_m: int = PREFILL_BLOCK_M,
-    block_n: int = PREFILL_BLOCK_N,
+    config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention for the prefill rows (q_len > 1) of `meta`'s batch, over cached context
     plus the new tokens; decode rows are left as is.
@@ -287,7 +322,7 @@ def prefill_attention(
     Args:
         query, kv_cache, meta, scale: as in `paged_attention`.
         out: [T, H, D] output to fill (allocated in the cache dtype when None).
-        block_m, block_n: query rows and keys per tile (powers of two, at least 16).
+        config: tiling (default: `tiling(kv_cache.dtype)`).
 
     Returns:
         `out`.
@@ -295,9 +330,11 @@ def prefill_attention(
     _check_device(query)
     if out is None:
         out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
+    if config is None:
+        config = tiling(kv_cache.dtype)[1]
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     group = query.shape[1] // kv_heads
-    tiles = -(-meta.max_query_len * group // block_m)
+    tiles = -(-meta.max_query_len * group // config.block_m)
     _k._prefill_kernel[(meta.num_seqs, tiles, kv_heads)](
         out,
         query,
@@ -315,10 +352,11 @@ def prefill_attention(
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_M=block_m,
+        BLOCK_M=config.block_m,
         BLOCK_D=_pow2(head_dim, 16),
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         DOT_F32=_dot_f32(kv_cache.dtype),
+        num_warps=config.num_warps,
     )
     return out
 
@@ -339,5 +377,5 @@ def merge_partitions_reference(
     splits = part_lse.shape[-1]
     unused = torch.arange(splits, device=used.device) >= used[:, None]  # [S, splits]
     lse = part_lse.float().masked_fill(unused[:, None, :], float("-inf"))
-    weight = torch.softmax(lse * torch.log(torch.tensor(2.0)), dim=-1)  # 2^lse normalized
+    weight = torch.softmax(lse * math.log(2.0), dim=-1)  # 2^lse, normalized
     return (weight[..., None] * part_out.float().nan_to_num()).sum(dim=2)

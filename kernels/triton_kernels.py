@@ -68,15 +68,11 @@ def _load_kv_tile(
     block = tl.load(block_table_ptr + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
     base = block * stride_block + (tok % BLOCK_SIZE) * stride_tok + kvh * stride_head  # [N]
     d_ok = d < HEAD_DIM
-    k = tl.load(
-        cache_ptr + base[None, :] + d[:, None], mask=valid[None, :] & d_ok[:, None], other=0.0
-    )  # [BLOCK_D, BLOCK_N]
-    v = tl.load(
-        cache_ptr + stride_kv + base[:, None] + d[None, :],
-        mask=valid[:, None] & d_ok[None, :],
-        other=0.0,
-    )  # [BLOCK_N, BLOCK_D]
-    return k, v
+    offs = base[:, None] + d[None, :]  # [BLOCK_N, BLOCK_D]
+    mask = valid[:, None] & d_ok[None, :]
+    k = tl.load(cache_ptr + offs, mask=mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(cache_ptr + stride_kv + offs, mask=mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    return tl.trans(k), v
 
 
 @triton.jit
