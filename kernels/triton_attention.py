@@ -22,6 +22,7 @@ this module is first imported), which is how the tests run them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -62,12 +63,15 @@ class DecodeConfig:
     partition: context tokens per split (flash-decoding); a multiple of `block_n`.
     block_n: context tokens per K/V tile inside a split (a power of two, at least 16 for `tl.dot`).
     max_splits: a context longer than `partition * max_splits` gets longer partitions instead.
+    programs_per_sm: split no further than it takes to give every SM this many programs (0: split
+        by `partition` alone, whatever the batch).
     num_warps: warps per program on the GPU.
     """
 
     partition: int = 512
     block_n: int = 64
     max_splits: int = 64
+    programs_per_sm: int = 4
     num_warps: int = 4
 
     def __post_init__(self) -> None:
@@ -193,25 +197,57 @@ def paged_attention(
         reference).
     """
     out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
-    starts, lens = meta.query_start_loc_list, meta.seq_lens_list
-    q_lens = [b - a for a, b in itertools.pairwise(starts)]
-    decode_lens = [n for n, q in zip(lens, q_lens, strict=True) if q == 1]
-    if decode_lens:
-        decode_attention(query, kv_cache, meta, scale, out=out, max_decode_len=max(decode_lens))
+    plan = _plan(meta)
+    if plan.num_decodes:
+        decode_attention(query, kv_cache, meta, scale, out=out, plan=plan)
     if meta.max_query_len > 1:
         prefill_attention(query, kv_cache, meta, scale, out=out)
     return out
 
 
-def _num_splits(max_len: int, config: DecodeConfig) -> tuple[int, int]:
-    """(partition, num_splits) covering `max_len` tokens with at most `config.max_splits`."""
-    partition = config.partition
-    splits = -(-max_len // partition)
-    if splits > config.max_splits:  # grow the partition by whole tiles instead
-        per_split = -(-max_len // config.max_splits)
-        partition = -(-per_split // config.block_n) * config.block_n
-        splits = -(-max_len // partition)
-    return partition, splits
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the launchers derive from a step's metadata once, for every layer."""
+
+    num_decodes: int  # sequences with q_len == 1
+    max_decode_len: int  # their longest context (0 without decodes)
+
+
+def _plan(meta: AttentionMetadata) -> _Plan:
+    plan = meta.derived.get("triton")
+    if plan is None:
+        starts, lens = meta.query_start_loc_list, meta.seq_lens_list
+        q_lens = [b - a for a, b in itertools.pairwise(starts)]
+        decode_lens = [n for n, q in zip(lens, q_lens, strict=True) if q == 1]
+        plan = _Plan(len(decode_lens), max(decode_lens, default=0))
+        meta.derived["triton"] = plan
+    return plan
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(
+    max_len: int, programs: int, config: DecodeConfig, num_sms: int = 0
+) -> tuple[int, int]:
+    """(partition, num_splits) for decode contexts of up to `max_len` tokens.
+
+    Contexts are cut every `config.partition` tokens, but into no more splits than it takes to
+    give each of `num_sms` SMs `config.programs_per_sm` programs (`programs` = decodes x KV heads
+    without splitting), and at most `config.max_splits`; the partition grows by whole tiles.
+    """
+    splits = -(-max_len // config.partition)
+    if num_sms and config.programs_per_sm:
+        splits = min(splits, -(-num_sms * config.programs_per_sm // programs))
+    splits = max(1, min(splits, config.max_splits))
+    per_split = -(-max_len // splits)
+    partition = -(-per_split // config.block_n) * config.block_n
+    return partition, -(-max_len // partition)
 
 
 def decode_attention(
@@ -221,20 +257,20 @@ def decode_attention(
     scale: float,
     *,
     out: torch.Tensor | None = None,
-    max_decode_len: int | None = None,
     config: DecodeConfig | None = None,
+    plan: _Plan | None = None,
 ) -> torch.Tensor:
     """Attention for the decode rows (q_len == 1) of `meta`'s batch; other rows are left as is.
 
-    The context of each decode is cut into partitions of `config.partition` tokens; a single
-    partition writes the output directly, several are merged by a second kernel (flash-decoding).
+    The context of each decode is cut into partitions (see `_num_splits`); a single partition
+    writes the output directly, several are merged by a second kernel (flash-decoding).
 
     Args:
         query, kv_cache, meta, scale: as in `paged_attention`.
         out: [T, H, D] output to fill (allocated in the cache dtype when None).
-        max_decode_len: the longest decode context (computed from `meta` when None).
         config: tiling (default: `tiling(kv_cache.dtype)`; tests use small partitions to exercise
             the split path).
+        plan: the step's plan (derived from `meta` when None).
 
     Returns:
         `out`.
@@ -242,15 +278,18 @@ def decode_attention(
     _check_device(query)
     if out is None:
         out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
-    if max_decode_len is None:
-        max_decode_len = meta.max_seq_len
     if config is None:
         config = tiling(kv_cache.dtype)[0]
+    if plan is None:
+        plan = _plan(meta)
+    if plan.num_decodes == 0:
+        return out
     num_seqs = meta.num_seqs
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
     group = num_heads // kv_heads
-    partition, splits = _num_splits(max_decode_len, config)
+    programs = plan.num_decodes * kv_heads
+    partition, splits = _num_splits(plan.max_decode_len, programs, config, _num_sms(query.device))
     split = splits > 1
     part_out = part_lse = out  # placeholders: the kernel does not touch them without SPLIT
     if split:
@@ -270,6 +309,7 @@ def decode_attention(
         meta.query_start_loc,
         scale * _k.LOG2E,
         splits,
+        partition,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -280,7 +320,6 @@ def decode_attention(
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        PARTITION=partition,
         SPLIT=split,
         BLOCK_G=_pow2(group, 16),
         BLOCK_D=block_d,
@@ -296,11 +335,11 @@ def decode_attention(
             meta.seq_lens,
             meta.query_start_loc,
             splits,
+            partition,
             out.stride(0),
             out.stride(1),
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
-            PARTITION=partition,
             BLOCK_SPLITS=_pow2(splits),
             BLOCK_D=block_d,
         )

@@ -94,7 +94,6 @@ def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Va
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        PARTITION=decode_cfg.partition,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d,
         BLOCK_N=decode_cfg.block_n,
@@ -110,7 +109,6 @@ def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Va
     merge = dict(
         NUM_HEADS=heads,
         HEAD_DIM=head_dim,
-        PARTITION=decode_cfg.partition,
         BLOCK_SPLITS=decode_cfg.max_splits,
         BLOCK_D=block_d,
     )

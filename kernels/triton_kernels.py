@@ -145,6 +145,7 @@ def _decode_kernel(
     query_start_loc_ptr,  # [S + 1] int32
     qk_scale,  # softmax scale * log2(e)
     num_splits,
+    partition,  # context tokens per split, a multiple of BLOCK_N
     stride_qt,
     stride_qh,
     stride_ot,
@@ -158,7 +159,6 @@ def _decode_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    PARTITION: tl.constexpr,  # tokens per split, a multiple of BLOCK_N
     SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -179,10 +179,10 @@ def _decode_kernel(
     if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * PARTITION
+    start = split * partition
     if start >= seq_len:
         return
-    end = tl.minimum(start + PARTITION, seq_len)
+    end = tl.minimum(start + partition, seq_len)
 
     g = tl.arange(0, BLOCK_G)  # query head within the group (rows >= GROUP are padding)
     d = tl.arange(0, BLOCK_D)
@@ -237,11 +237,11 @@ def _merge_kernel(
     seq_lens_ptr,  # [S] int32
     query_start_loc_ptr,  # [S + 1] int32
     num_splits,
+    partition,
     stride_ot,
     stride_oh,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    PARTITION: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -251,7 +251,7 @@ def _merge_kernel(
     q_row = tl.load(query_start_loc_ptr + seq)
     if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
         return
-    used = tl.cdiv(tl.load(seq_lens_ptr + seq), PARTITION)  # splits that held tokens
+    used = tl.cdiv(tl.load(seq_lens_ptr + seq), partition)  # splits that held tokens
     sp = tl.arange(0, BLOCK_SPLITS)
     d = tl.arange(0, BLOCK_D)
     sp_ok = sp < used

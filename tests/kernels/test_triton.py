@@ -203,8 +203,8 @@ def test_half_precision_matches_reference(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        ta.DecodeConfig(partition=32, block_n=16) if HAS_TRITON else None,
-        ta.DecodeConfig(partition=32, block_n=16, max_splits=3) if HAS_TRITON else None,
+        ta.DecodeConfig(32, 16, programs_per_sm=0) if HAS_TRITON else None,
+        ta.DecodeConfig(32, 16, max_splits=3, programs_per_sm=0) if HAS_TRITON else None,
     ],
     ids=["split-k", "split-k-capped"],
 )
@@ -215,8 +215,18 @@ def test_split_k_decode_matches_reference(config: ta.DecodeConfig, dtype: torch.
     step.write()
     out = torch.zeros_like(step.query)
     ta.decode_attention(step.query, step.cache, step.meta, SCALE, out=out, config=config)
-    assert ta._num_splits(300, config)[1] > 1
+    assert ta._num_splits(300, 5 * KV_HEADS, config)[1] > 1
     assert_matches_reference(step, out, decode_rows(step))
+
+
+def test_split_count_follows_length_occupancy_and_cap() -> None:
+    config = ta.DecodeConfig()  # partition 512, block_n 64, max 64 splits, 4 programs per SM
+    assert ta._num_splits(1000, 8, config) == (512, 2)  # no GPU: by length only
+    assert ta._num_splits(300, 8, config, num_sms=132) == (320, 1)
+    assert ta._num_splits(4096, 64 * 8, config, num_sms=132) == (2048, 2)  # 2 fill the GPU
+    assert ta._num_splits(4096, 256 * 8, config, num_sms=132) == (4096, 1)
+    partition, splits = ta._num_splits(100_000, 8, config, num_sms=132)
+    assert splits <= 64 and partition % 64 == 0 and (splits - 1) * partition < 100_000
 
 
 def test_small_prefill_tiles_match_reference() -> None:
