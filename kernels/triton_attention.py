@@ -12,7 +12,9 @@ for the kernels themselves):
     write_kv              _write_kv_kernel grid (cdiv(T, BLOCK_T),)
 
 Each kernel takes every sequence of the batch and skips at once the ones the other kernel owns, so
-the metadata is used as is: no index tensors are built or copied per layer.
+the metadata is used as is: no index tensors are built or copied. The host only counts the decodes
+and their longest context, once per step (kept in `meta.derived["triton"]` for every layer), to
+size the split-K grid.
 
 Triton is optional (`pip install 'prefixgate[triton]'`): importing this module without it raises
 ImportError, which `kernels.get_attention_backend("triton")` turns into a clear error. The kernels
