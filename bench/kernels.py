@@ -226,7 +226,9 @@ def load_triton(device: torch.device) -> Any:
         return None
     from kernels import get_attention_backend
 
-    return get_attention_backend("triton", device)
+    backend = get_attention_backend("triton", device)
+    print("tiling (decode, prefill):", *backend.tiling(torch.bfloat16), "\n")
+    return backend
 
 
 def main() -> None:
