@@ -220,14 +220,14 @@ def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> str:
     return line
 
 
-def load_triton(device: torch.device) -> Any:
+def load_triton(device: torch.device, dtype: torch.dtype) -> Any:
     if device.type != "cuda":
         print("Triton needs CUDA: measuring the reference and SDPA only.\n")
         return None
     from kernels import get_attention_backend
 
     backend = get_attention_backend("triton", device)
-    print("tiling (decode, prefill):", *backend.tiling(torch.bfloat16), "\n")
+    print("tiling (decode, prefill):", *backend.tiling(dtype), "\n")
     return backend
 
 
@@ -253,7 +253,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}, {args.dtype}, H={shape.heads} KVH={shape.kv_heads} D={shape.head_dim} "
           f"block_size={shape.block_size}")  # fmt: skip
-    backend = load_triton(device)
+    backend = load_triton(device, shape.dtype)
     header = f"{'case':<32}{'torch ms':>10}{'sdpa ms':>10}"
     if backend is not None:
         header += f"{'triton ms':>10}{'torch/tr':>10}{'sdpa/tr':>10}{'KV GB/s':>9}"
