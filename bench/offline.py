@@ -208,6 +208,55 @@ def roofline(llm: LLM) -> None:
         )
 
 
+# Figures measured on a machine like ours with the same model in bf16 (issue 3): vLLM 0.32 CPU with
+# prefix caching, and llama.cpp's server with 4-bit weights, 64 requests, 16 at a time.
+PEERS = {"vLLM 0.32 CPU": (260.0, 560.0, 26.0), "llama.cpp Q4": (110.0, None, 8.0)}
+
+
+def peer_workload(llm: LLM, concurrency: int, requests: int = 64, seed: int = 1) -> None:
+    """The peers' workload: ~160-token prompts, up to 128 output tokens, `concurrency` at a time."""
+    engine = llm.engine
+    rng = random.Random(seed)
+    tok = llm.tokenizer
+    work = [
+        (tok.encode(make_text(rng, 300), add_special_tokens=False)[:160], rng.randint(64, 128))
+        for _ in range(requests)
+    ]
+    saved = engine.scheduler.config.max_num_seqs
+    engine.scheduler.config.max_num_seqs = concurrency
+    try:
+        result = run_engine(llm, work)
+    finally:
+        engine.scheduler.config.max_num_seqs = saved
+    line = (
+        f"peer workload ({requests} requests, {concurrency} at a time): "
+        f"output {result['output_tps']:.0f} tok/s, total {result['total_tps']:.0f} tok/s"
+    )
+    for name, (out_tps, total_tps, _) in PEERS.items():
+        line += f"; vs {name} output {result['output_tps'] / out_tps:.2f}x"
+        if total_tps:
+            line += f" total {result['total_tps'] / total_tps:.2f}x"
+    print(line)
+
+
+def single_stream_itl(llm: LLM, tokens: int = 64) -> float:
+    """Median inter-token latency (ms) of one request decoding alone."""
+    engine = llm.engine
+    prompt = llm.encode(make_text(random.Random(3), 120))[:160]
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+    engine.step()  # prefill
+    gaps = []
+    while engine.has_unfinished:
+        t0 = time.perf_counter()
+        engine.step()
+        gaps.append(time.perf_counter() - t0)
+    gaps.sort()
+    itl = 1000 * gaps[len(gaps) // 2]
+    peers = ", ".join(f"{name} {p[2]:.0f} ms" for name, p in PEERS.items())
+    print(f"single-request inter-token latency: {itl:.1f} ms (p50; {peers})")
+    return itl
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -218,6 +267,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--only-roofline", action="store_true")
+    ap.add_argument("--only-peers", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -230,6 +280,11 @@ def main() -> None:
         f"model={engine.model_name} dtype={engine.dtype} blocks={engine.num_blocks} "
         f"threads={torch.get_num_threads()}"
     )
+    single_stream_itl(llm)
+    for concurrency in (16, 64):
+        peer_workload(llm, concurrency)
+    if args.only_peers:
+        return
     roofline(llm)
     if args.only_roofline:
         return

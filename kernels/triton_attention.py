@@ -96,7 +96,7 @@ class PrefillConfig:
 
 
 # No register spills for H=32, KVH=8, D=128 on sm_80 and sm_90, nor for SmolLM2's H=9, KVH=3,
-# D=64 (`python -m kernels.triton_compile --registers`). Not tuned on a GPU yet: bench/kernels.py.
+# D=64 (`python -m kernels.triton_compile --registers`). Not tuned on a GPU yet: bench/attention.py.
 # float32 multiplies exactly (no tensor cores), so it needs smaller tiles.
 _TILING = {
     "half": (DecodeConfig(), PrefillConfig(num_warps=8)),

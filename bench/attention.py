@@ -1,0 +1,268 @@
+"""Attention kernels: Triton vs the PyTorch reference vs PyTorch SDPA on contiguous KV.
+
+For each case (decodes, prefills over an empty cache, chunked prefills over cached context, and
+write_kv) it prints the time of each implementation, the ratios to Triton, and the KV bandwidth of
+the decode kernel, after checking the Triton output against the reference. SDPA runs on contiguous
+(not paged) K/V of the same lengths, a lower bound for what paging costs.
+
+Triton needs CUDA: on CPU only the reference and SDPA columns are measured (with smaller cases).
+
+Usage: python bench/attention.py [--dtype bfloat16] [--heads 32] [--kv-heads 8] [--head-dim 128]
+                               [--block-size 16] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# This script is named like the `kernels` package: keep its own folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import reference  # noqa: E402
+from kernels.metadata import AttentionMetadata  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: list[tuple[int, int]]  # (seq_len after the step, q_len) per sequence
+
+
+def decode_cases(quick: bool) -> list[Case]:
+    grid = [(1, 1024), (16, 1024), (64, 1024)] if quick else [
+        (1, 512), (1, 4096), (1, 32768), (16, 1024), (16, 8192), (64, 512), (64, 4096),
+        (256, 1024),
+    ]  # fmt: skip
+    return [Case(f"decode b={b} ctx={n}", [(n, 1)] * b) for b, n in grid]
+
+
+def prefill_cases(quick: bool) -> list[Case]:
+    grid = [(1, 0, 256), (2, 256, 64)] if quick else [
+        (1, 0, 512), (1, 0, 4096), (8, 0, 1024), (1, 4096, 512), (4, 2048, 256), (16, 8192, 64),
+    ]  # fmt: skip
+    return [Case(f"prefill b={b} ctx={c} q={q}", [(c + q, q)] * b) for b, c, q in grid]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(case: Case, shape: Shape, seed: int = 0) -> dict[str, Any]:
+    """A paged cache holding every sequence (blocks in shuffled order), queries, metadata, and
+    the same K/V gathered into contiguous [S, KVH, L, D] tensors for SDPA (all lengths equal)."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, dev = shape.block_size, shape.device
+    per_seq = [-(-n // bs) for n, _ in case.batch]
+    num_blocks = sum(per_seq) + 1
+    order = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0 stays unused
+    tables, start = [], 0
+    for n in per_seq:
+        tables.append(order[start : start + n].tolist())
+        start += n
+    cache = torch.randn(
+        2, num_blocks, bs, shape.kv_heads, shape.head_dim, generator=gen, dtype=torch.float32
+    ).to(dev, shape.dtype)
+    meta = make_metadata(tables, case.batch, bs, dev)
+    query = torch.randn(meta.num_tokens, shape.heads, shape.head_dim, generator=gen)
+    return {
+        "cache": cache,
+        "meta": meta,
+        "query": query.to(dev, shape.dtype),
+        "dense": dense_kv(cache, tables, [n for n, _ in case.batch]),
+    }
+
+
+def make_metadata(
+    tables: list[list[int]], batch: list[tuple[int, int]], block_size: int, device: torch.device
+) -> AttentionMetadata:
+    slots: list[int] = []
+    starts = [0]
+    for table, (seq_len, q_len) in zip(tables, batch, strict=True):
+        for pos in range(seq_len - q_len, seq_len):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        starts.append(starts[-1] + q_len)
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n for n, _ in batch], dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        max_query_len=max(q for _, q in batch),
+        max_seq_len=max(n for n, _ in batch),
+        query_start_loc_list=starts,
+        seq_lens_list=[n for n, _ in batch],
+    )
+
+
+def dense_kv(cache: torch.Tensor, tables: list[list[int]], lens: list[int]) -> torch.Tensor:
+    """[2, S, KVH, L, D] contiguous copy of each sequence's context (equal lengths only)."""
+    if len(set(lens)) != 1:
+        raise ValueError("SDPA comparison needs equal lengths")
+    idx = torch.tensor(tables, device=cache.device)  # [S, n]
+    kv = cache[:, idx]  # [2, S, n, bs, KVH, D]
+    kv = kv.flatten(2, 3)[:, :, : lens[0]]  # [2, S, L, KVH, D]
+    return kv.transpose(2, 3).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# the implementations
+
+
+def run_sdpa(inputs: dict[str, Any], case: Case, scale: float) -> torch.Tensor:
+    """SDPA over contiguous K/V: q [S, H, Q, D] against [S, KVH, L, D] with a causal offset."""
+    seq_len, q_len = case.batch[0]
+    num_seqs = len(case.batch)
+    q = inputs["query"].view(num_seqs, q_len, *inputs["query"].shape[1:]).transpose(1, 2)
+    k, v = inputs["dense"][0], inputs["dense"][1]
+    mask = None
+    if 1 < q_len < seq_len:  # chunked prefill: new token i sees keys 0 .. seq_len - q_len + i
+        pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device) <= pos[:, None]
+    causal = q_len == seq_len and q_len > 1
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2).reshape(-1, *inputs["query"].shape[1:])
+
+
+def implementations(backend: Any) -> dict[str, Callable[[dict[str, Any], Case, float], Any]]:
+    impls: dict[str, Callable[[dict[str, Any], Case, float], Any]] = {
+        "torch": lambda x, c, s: reference.paged_attention(x["query"], x["cache"], x["meta"], s),
+        "sdpa": run_sdpa,
+    }
+    if backend is not None:
+        impls["triton"] = lambda x, c, s: backend.paged_attention(
+            x["query"], x["cache"], x["meta"], s
+        )
+    return impls
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and report
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = 1.0) -> float:
+    """Median wall time of `fn` in ms (CUDA: triton's do_bench with its cache flush)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def kv_bytes(case: Case, shape: Shape) -> int:
+    elem = torch.empty((), dtype=shape.dtype).element_size()
+    return sum(n for n, _ in case.batch) * 2 * shape.kv_heads * shape.head_dim * elem
+
+
+def bench_attention(case: Case, shape: Shape, backend: Any) -> str:
+    inputs = make_inputs(case, shape)
+    scale = shape.head_dim**-0.5
+    impls = implementations(backend)
+    want = impls["torch"](inputs, case, scale).float()
+    for name in impls.keys() - {"torch"}:  # check before timing
+        err = (impls[name](inputs, case, scale).float() - want).abs().max().item()
+        if err > 5e-2:
+            raise AssertionError(f"{case.name}: {name} differs from the reference by {err:.3g}")
+    ms = {
+        name: time_ms(lambda f=fn: f(inputs, case, scale), shape.device)
+        for name, fn in impls.items()
+    }
+    line = f"{case.name:<32}" + "".join(f"{ms[n]:>10.3f}" for n in ("torch", "sdpa"))
+    if "triton" in ms:
+        t = ms["triton"]
+        gbs = kv_bytes(case, shape) / (t * 1e-3) / 1e9
+        line += f"{t:>10.3f}{ms['torch'] / t:>9.2f}x{ms['sdpa'] / t:>9.2f}x{gbs:>9.0f}"
+    return line
+
+
+def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> str:
+    gen = torch.Generator().manual_seed(0)
+    num_blocks = -(-tokens // shape.block_size) + 1
+    cache = torch.zeros(
+        2, num_blocks, shape.block_size, shape.kv_heads, shape.head_dim, dtype=shape.dtype
+    ).to(shape.device)
+    kv = torch.randn(2, tokens, shape.kv_heads, shape.head_dim, generator=gen)
+    kv = kv.to(shape.device, shape.dtype)
+    slots = (torch.randperm(tokens, generator=gen) + shape.block_size).to(shape.device)
+    ref = time_ms(lambda: reference.write_kv(kv[0], kv[1], cache, slots), shape.device)
+    line = f"{f'write_kv T={tokens}':<32}{ref:>10.3f}{'-':>10}"
+    if backend is not None:
+        t = time_ms(lambda: backend.write_kv(kv[0], kv[1], cache, slots), shape.device)
+        line += f"{t:>10.3f}{ref / t:>9.2f}x{'-':>10}"
+    return line
+
+
+def load_triton(device: torch.device, dtype: torch.dtype) -> Any:
+    if device.type != "cuda":
+        print("Triton needs CUDA: measuring the reference and SDPA only.\n")
+        return None
+    from kernels import get_attention_backend
+
+    backend = get_attention_backend("triton", device)
+    print("tiling (decode, prefill):", *backend.tiling(dtype), "\n")
+    return backend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="small cases (the default on CPU)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = Shape(
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        args.block_size,
+        getattr(torch, args.dtype),
+        device,
+    )
+    quick = args.quick or device.type != "cuda"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name}, {args.dtype}, H={shape.heads} KVH={shape.kv_heads} D={shape.head_dim} "
+          f"block_size={shape.block_size}")  # fmt: skip
+    backend = load_triton(device, shape.dtype)
+    header = f"{'case':<32}{'torch ms':>10}{'sdpa ms':>10}"
+    if backend is not None:
+        header += f"{'triton ms':>10}{'torch/tr':>10}{'sdpa/tr':>10}{'KV GB/s':>9}"
+    print(header)
+    for case in decode_cases(quick) + prefill_cases(quick):
+        print(bench_attention(case, shape, backend), flush=True)
+    for tokens in (16, 4096) if not quick else (16, 512):
+        print(bench_write_kv(tokens, shape, backend), flush=True)
+
+
+if __name__ == "__main__":
+    main()
