@@ -138,13 +138,13 @@ def _all_blocks_free(engine: Any) -> bool:
 def _long_generation(served: Served) -> int:
     """Make generation long enough that only an abort can free the blocks in time.
 
-    Returns the max_tokens to ask for: 150 tokens of the fake take 7.5 s, 400 tokens of the
-    tiny model about 2 s on two CPU cores.
+    Returns the max_tokens to ask for: 150 tokens of the fake take 7.5 s, 420 tokens of the
+    tiny model (nearly its whole 512-token context) about 2 s on two CPU cores.
     """
     if isinstance(served.engine, FakeEngine):
         served.engine.token_delay = 0.05
         return 150
-    return 400
+    return 420
 
 
 def _assert_aborted(served: Served, started: float) -> None:
@@ -181,7 +181,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_result(served: Served) -> N
         "temperature": 0, "ignore_eos": True,
     }  # fmt: skip
     with (
-        httpx.Client(base_url=served.url, timeout=0.3) as http,
+        httpx.Client(base_url=served.url, timeout=0.2) as http,
         pytest.raises(httpx.ReadTimeout),
     ):
         http.post("/v1/chat/completions", json=body)
