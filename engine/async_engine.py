@@ -47,6 +47,9 @@ class RequestStream:
     def _put(self, item: RequestDelta | BaseException) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
+    def _put_now(self, item: RequestDelta | BaseException) -> None:  # event loop thread
+        self._queue.put_nowait(item)
+
     def __aiter__(self) -> RequestStream:
         return self
 
@@ -75,6 +78,11 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
 
+def _deliver(items: list[tuple[RequestStream, RequestDelta]]) -> None:
+    for stream, delta in items:
+        stream._put_now(delta)
+
+
 class AsyncEngine:
     """Asyncio front of an `LLMEngine` running in a background thread."""
 
@@ -101,11 +109,14 @@ class AsyncEngine:
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
+            self._dead = None
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
             self._thread.start()
 
     def shutdown(self) -> None:
         self._stopping = True
+        if self._dead is None:
+            self._dead = RuntimeError("engine shut down")
         self._commands.put(None)
         self._wakeup.set()
         if self._thread is not None:
@@ -176,8 +187,7 @@ class AsyncEngine:
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                for delta in self.engine.step():
-                    self._dispatch(delta)
+                self._dispatch_all(self.engine.step())
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine loop crashed")
             self._dead = exc
@@ -220,9 +230,18 @@ class AsyncEngine:
                     stream._put(exc)
 
     def _dispatch(self, delta: RequestDelta) -> None:
-        stream = self._streams.get(delta.request_id)
-        if stream is None:
-            return
-        if delta.finished:
-            del self._streams[delta.request_id]
-        stream._put(delta)
+        self._dispatch_all([delta])
+
+    def _dispatch_all(self, deltas: list[RequestDelta]) -> None:
+        """Hand one step's deltas over with one wake-up per event loop (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestDelta]]] = {}
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue
+            if delta.finished:
+                del self._streams[delta.request_id]
+            by_loop.setdefault(stream._loop, []).append((stream, delta))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_deliver, items)

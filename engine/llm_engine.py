@@ -47,10 +47,13 @@ class LLMEngine:
         self.tokenizer: Any = loaded.tokenizer
         self.model_name: str = loaded.name
         mc = self.model_config
-        limit = config.scheduler.max_model_len or mc.max_position_embeddings
-        self.max_model_len = min(limit, mc.max_position_embeddings)
         cache = config.cache
         self.num_blocks = num_kv_blocks(mc, cache, self.dtype)
+        # A sequence can never outgrow the pool, so the context is capped at the pool's size too.
+        limit = config.scheduler.max_model_len or mc.max_position_embeddings
+        self.max_model_len = min(
+            limit, mc.max_position_embeddings, self.num_blocks * cache.block_size
+        )
         self.block_manager = BlockManager(
             self.num_blocks, cache.block_size, cache.enable_prefix_caching
         )
@@ -101,12 +104,6 @@ class LLMEngine:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
                 f"has {n} tokens and max_tokens asks for {max_tokens} more.",
-                param="max_tokens",
-            )
-        if self.block_manager.blocks_needed(n + max_tokens) > self.num_blocks:
-            raise ContextLengthError(
-                f"prompt ({n} tokens) plus max_tokens ({max_tokens}) does not fit in the KV "
-                f"cache ({self.num_blocks} blocks of {self.block_manager.block_size} tokens)",
                 param="max_tokens",
             )
         return max_tokens

@@ -56,6 +56,12 @@ class SamplingParams:
                 f"temperature must be >= 0, got {self.temperature}",
             ),
             (0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k < 2**31, "top_k", f"top_k must be below 2**31, got {self.top_k}"),
+            (
+                self.seed is None or 0 <= self.seed < 2**63 - self.n,
+                "seed",
+                f"seed must be in [0, 2**63 - n), got {self.seed}",
+            ),
             (0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
             (
                 -2.0 <= self.presence_penalty <= 2.0,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine import AsyncEngine, LLMEngine, SamplingParams
+from engine import AsyncEngine, EngineDeadError, LLMEngine, SamplingParams
 from engine.config import CacheConfig, EngineConfig
 
 
@@ -86,3 +86,9 @@ async def test_many_concurrent_streams_independent(engine: AsyncEngine) -> None:
     sequential = [await one(i) for i in (0, 7, 15)]
     assert [results[0], results[7], results[15]] == sequential
     await wait_all_free(engine)
+
+
+async def test_shutdown_refuses_new_requests(engine: AsyncEngine) -> None:
+    engine.shutdown()
+    with pytest.raises(EngineDeadError):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))

@@ -111,6 +111,8 @@ def test_bfloat16_logprobs_close_to_float32(tiny_dirs) -> None:
         (lambda: ([1, 2], SamplingParams(top_p=1.5)), "top_p"),
         (lambda: ([1, 2], SamplingParams(temperature=-1)), "temperature"),
         (lambda: ([1, -2], SamplingParams()), "prompt"),
+        (lambda: ([1, 2], SamplingParams(seed=2**64)), "seed"),
+        (lambda: ([1, 2], SamplingParams(top_k=2**40)), "top_k"),
     ],
 )
 def test_bad_input_refused_before_allocation(tiny_dirs, make, param: str) -> None:
@@ -124,7 +126,10 @@ def test_bad_input_refused_before_allocation(tiny_dirs, make, param: str) -> Non
     assert llm.engine.block_manager.num_free_blocks == 64
 
 
-def test_context_length_error_is_a_value_error(tiny_dirs) -> None:
+def test_context_is_capped_by_the_kv_pool(tiny_dirs) -> None:
     llm = LLM(tiny_dirs["llama"], dtype="float32", num_blocks=8, block_size=4, max_model_len=512)
-    with pytest.raises(ContextLengthError, match="KV cache"):
-        llm.engine.add_request([1] * 20, SamplingParams(max_tokens=20))  # 40 tokens > 32 slots
+    assert llm.engine.max_model_len == 32  # 8 blocks of 4 slots
+    with pytest.raises(ContextLengthError, match="maximum context length is 32"):
+        llm.engine.add_request([1] * 20, SamplingParams(max_tokens=20))
+    out = llm.generate([[1] * 20], SamplingParams(max_tokens=None, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 12 and out.outputs[0].finish_reason == "length"
