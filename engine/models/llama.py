@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.models.linear import linear, pack_weight
 from kernels import AttentionBackend, get_attention_backend
 from kernels.metadata import AttentionMetadata
 
@@ -108,6 +109,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = _param(hidden, **kw)
         self.gate_up_proj = _param(2 * self.inter, hidden, **kw)  # rows: gate | up
         self.down_proj = _param(hidden, self.inter, **kw)
+        self.packed: dict[str, torch.Tensor | None] = {}  # see `pack_weights`
+
+    def pack_weights(self) -> None:
+        """Pre-pack the matmul weights for oneDNN where that applies (bf16 on CPU)."""
+        for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            self.packed[name] = pack_weight(getattr(self, name))
 
     def forward(
         self,
@@ -122,9 +129,9 @@ class LlamaDecoderLayer(nn.Module):
             rms_norm(x, self.input_layernorm, self.eps), cos, sin, kv_cache, meta
         )
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
-        gate_up = F.linear(h, self.gate_up_proj)  # [T, 2 * inter]
-        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-        return x + F.linear(act, self.down_proj)
+        gate_up = linear(h, self.gate_up_proj, None, self.packed.get("gate_up_proj"))
+        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]  # [T, inter]
+        return x + linear(act, self.down_proj, None, self.packed.get("down_proj"))
 
     def _attention(
         self,
@@ -135,7 +142,8 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = h.shape[0]
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)  # [T, (H + 2 KVH) * D]
+        qkv = linear(h, self.qkv_proj, self.qkv_bias, self.packed.get("qkv_proj"))
+        # qkv: [T, (H + 2 KVH) * D]
         qk_size = self.q_size + self.kv_size
         # rotate q and k together: [T, H + KVH, D]
         qk = qkv[:, :qk_size].view(num_tokens, -1, self.head_dim)
@@ -145,7 +153,8 @@ class LlamaDecoderLayer(nn.Module):
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, kv_cache, meta.slot_mapping)
         out = self.backend.paged_attention(q, kv_cache, meta, self.scale)  # [T, H, D]
-        return F.linear(out.reshape(num_tokens, self.q_size), self.o_proj)
+        out = out.reshape(num_tokens, self.q_size)
+        return linear(out, self.o_proj, None, self.packed.get("o_proj"))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -177,6 +186,7 @@ class LlamaForCausalLM(nn.Module):
             for _ in range(config.num_layers)
         )
         self.norm = _param(config.hidden_size, **kw)
+        self.packed_head: torch.Tensor | None = None
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -219,7 +229,15 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> logits [N, vocab_size] in float32."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        return linear(hidden, head, None, self.packed_head).float()
+
+    def pack_weights(self) -> None:
+        """Pre-pack every matmul weight for oneDNN (bf16 on CPU; elsewhere a no-op)."""
+        for layer in self.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            layer.pack_weights()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        self.packed_head = pack_weight(head)
 
     @torch.no_grad()
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:

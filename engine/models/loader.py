@@ -195,6 +195,7 @@ def load_model(
     net = LlamaForCausalLM(config, attention_backend, dtype=dtype, device=device)
     with _SafetensorsDir(hf_dir) as tensors:
         net.load_hf_state_dict(tensors)
+    net.pack_weights()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     return LoadedModel(net.eval(), config, tokenizer, name, str(source))
 
