@@ -105,7 +105,7 @@ class EngineConfig:
 
     model: str | None = None
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    device: str = "cpu"
+    device: str = "auto"  # "auto": cuda when available, else cpu
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -27,6 +27,7 @@ class LLM:
         model: str | None = None,
         *,
         dtype: str = "auto",
+        device: str = "auto",
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_gib: float = 1.0,
@@ -44,6 +45,7 @@ class LLM:
             config = EngineConfig(
                 model=model,
                 dtype=dtype,
+                device=device,
                 attention_backend=attention_backend,
                 seed=seed,
                 cache=CacheConfig(block_size, num_blocks, kv_cache_gib, enable_prefix_caching),

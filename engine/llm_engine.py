@@ -21,6 +21,13 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_running: int
@@ -38,10 +45,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        self.dtype = resolve_dtype(config.dtype)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         if loaded is None:
-            loaded = load_model(config.model, self.dtype, config.device, config.attention_backend)
+            loaded = load_model(config.model, self.dtype, self.device, config.attention_backend)
         self.loaded = loaded
         self.model_config: ModelConfig = loaded.config
         self.tokenizer: Any = loaded.tokenizer

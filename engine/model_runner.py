@@ -90,7 +90,7 @@ class ModelRunner:
             device=device,
         )
         self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views
-        self.sampler = Sampler(config.vocab_size, config.eos_token_ids, seed)
+        self.sampler = Sampler(config.vocab_size, config.eos_token_ids, seed, device)
 
     @torch.inference_mode()
     def execute(

@@ -26,10 +26,17 @@ class SampledToken:
 class Sampler:
     """Turns logits into tokens for a batch of `SampleSpec`s."""
 
-    def __init__(self, vocab_size: int, eos_token_ids: Sequence[int], seed: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         self._seq_generators: dict[int, torch.Generator] = {}
 
     def forget(self, seq_ids: Sequence[int]) -> None:
@@ -67,7 +74,7 @@ class Sampler:
             s, p = specs[i], specs[i].params
             row = logits[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(s.token_ids)), dtype=torch.long)
+                seen = torch.tensor(sorted(set(s.token_ids)), dtype=torch.long, device=row.device)
                 vals = row[seen]
                 row[seen] = torch.where(
                     vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
@@ -75,23 +82,26 @@ class Sampler:
             out_ids = s.token_ids[s.num_prompt_tokens :]
             if out_ids and (p.presence_penalty or p.frequency_penalty):
                 counts = torch.bincount(
-                    torch.tensor(out_ids, dtype=torch.long), minlength=self.vocab_size
+                    torch.tensor(out_ids, dtype=torch.long, device=row.device),
+                    minlength=self.vocab_size,
                 )[: self.vocab_size].float()
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
             if p.min_tokens and len(out_ids) < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
-                row[torch.tensor(banned, dtype=torch.long)] = float("-inf")
+                row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
         return logits
 
     def _sample(
         self, logits: torch.Tensor, specs: Sequence[SampleSpec], greedy: list[bool]
     ) -> torch.Tensor:
+        dev = logits.device
         temps = torch.tensor(
-            [s.params.temperature if not g else 1.0 for s, g in zip(specs, greedy, strict=True)]
+            [s.params.temperature if not g else 1.0 for s, g in zip(specs, greedy, strict=True)],
+            device=dev,
         )
         scaled = logits / temps.unsqueeze(1)
         scaled = _filter_top_k_top_p(scaled, specs)
-        min_ps = torch.tensor([s.params.min_p for s in specs])
+        min_ps = torch.tensor([s.params.min_p for s in specs], device=dev)
         probs = torch.softmax(scaled, dim=-1)
         if bool((min_ps > 0).any()):
             top = probs.max(dim=-1, keepdim=True).values
@@ -99,21 +109,21 @@ class Sampler:
         noise = torch.empty_like(probs)
         unseeded = [i for i, s in enumerate(specs) if s.seed is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1]).exponential_(
-                generator=self.generator
-            )
+            noise[unseeded] = torch.empty(
+                len(unseeded), probs.shape[1], device=probs.device
+            ).exponential_(generator=self.generator)
         for i, s in enumerate(specs):
             if s.seed is not None:
                 noise[i].exponential_(generator=self._seq_generator(s))
         sampled = (probs / noise).argmax(dim=-1)
-        greedy_t = torch.tensor(greedy)
+        greedy_t = torch.tensor(greedy, device=dev)
         return torch.where(greedy_t, logits.argmax(dim=-1), sampled)
 
     def _seq_generator(self, spec: SampleSpec) -> torch.Generator:
         gen = self._seq_generators.get(spec.seq_id)
         if gen is None:
             assert spec.seed is not None
-            gen = torch.Generator().manual_seed(spec.seed)
+            gen = torch.Generator(self.device).manual_seed(spec.seed)
             self._seq_generators[spec.seq_id] = gen
         return gen
 
@@ -148,10 +158,10 @@ def _filter_top_k_top_p(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> to
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[1]
-    ks = torch.tensor([k if k > 0 else vocab for k in top_ks])
-    ranks = torch.arange(vocab).unsqueeze(0)
+    ks = torch.tensor([k if k > 0 else vocab for k in top_ks], device=logits.device)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
     mask = ranks >= ks.unsqueeze(1)
-    ps = torch.tensor(top_ps)
+    ps = torch.tensor(top_ps, device=logits.device)
     if bool((ps < 1.0).any()):
         probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
