@@ -108,5 +108,6 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     attention_backend: str = "auto"  # "auto" | "torch" | "triton"
     seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads for the model; None: all cores
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            # The model gets every core; the asyncio server thread only needs the GIL between
+            # torch ops, which release it.
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if loaded is None:
             loaded = load_model(config.model, self.dtype, self.device, config.attention_backend)
