@@ -4,9 +4,13 @@
 AccessLogMiddleware      request id, one JSON access line, prefixgate_http_requests_total
   ErrorMiddleware        anything unexpected -> OpenAI-shaped 500 (bad input never gets here)
     BodySizeLimit        413 over settings.max_body_bytes
-      auth               Principal in the scope (AnonymousAuthMiddleware until the tenants phase)
-        router           routes.routes() + extra_routes (the tenants phase adds /admin here)
+      ApiKeyAuth         API key -> tenant Principal in the scope, on /v1/* (401 / 503)
+        router           routes.routes() (OpenAI API, /v1/usage, operations)
+                         + admin.routes() (/admin/*, admin key) + extra_routes
 ```
+
+Around each generation, `QuotaHooks` admit (429 / 400 / 503) and settle with the tenant
+service, which the lifespan starts and closes with the engine.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from gateway.auth import AnonymousAuthMiddleware
+from gateway import admin
+from gateway.auth import ApiKeyAuthMiddleware
 from gateway.engine_client import EngineClient, load_embedded_engine
-from gateway.errors import APIError
+from gateway.errors import APIError, from_tenants_error
 from gateway.hooks import GenerationHooks
 from gateway.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, ErrorMiddleware
+from gateway.quota_hooks import QuotaHooks
 from gateway.routes import routes
 from gateway.settings import Settings
 from gateway.state import EngineLoader, GatewayState
+from tenants import TenantsError, TenantService
 
 
 def create_app(
@@ -38,7 +45,8 @@ def create_app(
     engine_client: EngineClient | None = None,
     *,
     engine_loader: EngineLoader = load_embedded_engine,
-    auth_middleware: Callable[[ASGIApp], ASGIApp] = AnonymousAuthMiddleware,
+    tenants: TenantService | None = None,
+    auth_middleware: Callable[[ASGIApp], ASGIApp] | None = None,
     extra_routes: Sequence[BaseRoute] = (),
     hooks: GenerationHooks | None = None,
     on_engine_error: Callable[[BaseException], None] | None = None,
@@ -50,17 +58,30 @@ def create_app(
         engine_client: an already built engine (tests, remote replicas); the caller starts and
             shuts it down. When None, the lifespan loads the embedded engine in the background
             with `engine_loader` (`/ready` is 503 until it is up) and shuts it down at exit.
-        auth_middleware: ASGI middleware class that puts a `Principal` in the scope.
-        extra_routes: more routes (the tenants phase mounts `/admin` and `/v1/usage` here).
-        hooks: admission / settlement around each generation (quotas).
+        tenants: the tenant service (tests with a fake clock); the caller starts and closes
+            it. When None, one is built from `settings` (Redis at `redis_url`, else in
+            process) and the lifespan starts and closes it.
+        auth_middleware: ASGI middleware class that puts a `Principal` in the scope (default:
+            `ApiKeyAuthMiddleware` over the tenant service).
+        extra_routes: more routes.
+        hooks: admission / settlement around each generation (default: `QuotaHooks`).
         on_engine_error: called if the embedded engine fails to load (the CLI exits).
     """
     settings = settings or Settings()
-    state = GatewayState(settings, engine_client, hooks)
+    state = GatewayState(settings, engine_client, hooks, tenants)
+    if hooks is None:
+        state.hooks = QuotaHooks(state.tenants, state.metrics)
+    auth = (
+        Middleware(auth_middleware)
+        if auth_middleware is not None
+        else Middleware(ApiKeyAuthMiddleware, tenants=state.tenants, anonymous=settings.anonymous)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loading = None
+        if state.owns_tenants:
+            await state.tenants.start()
         if state.engine is None:
             loading = asyncio.create_task(state.load_engine(engine_loader, on_engine_error))
         try:
@@ -72,16 +93,22 @@ def create_app(
                     await loading
             if state.owns_engine and state.engine is not None:
                 state.engine.shutdown()
+            if state.owns_tenants:
+                await state.tenants.aclose()
 
     app = Starlette(
-        routes=[*routes(), *extra_routes],
+        routes=[*routes(), *admin.routes(), *extra_routes],
         middleware=[
             Middleware(AccessLogMiddleware, metrics=state.metrics, enabled=settings.access_log),
             Middleware(ErrorMiddleware),
             Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes),
-            Middleware(auth_middleware),
+            auth,
         ],
-        exception_handlers={APIError: _api_error, HTTPException: _http_error},
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            TenantsError: _tenants_error,
+        },
         lifespan=lifespan,
     )
     app.state.gateway = state
@@ -100,6 +127,11 @@ def _error_response(error: APIError) -> Response:
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return _error_response(exc)
+
+
+async def _tenants_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TenantsError)
+    return _error_response(from_tenants_error(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -17,6 +17,7 @@ from engine.errors import (
     EngineOverloadedError,
     InvalidRequestError,
 )
+from tenants import AuthenticationError, StoreUnavailable, TenantsError
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -105,6 +106,23 @@ def from_engine_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineDeadError):
         return APIError(503, "The engine has stopped.", type=SERVER_ERROR, code="engine_dead")
     return APIError(500, "Internal server error.", type=SERVER_ERROR, code="internal_error")
+
+
+def from_tenants_error(exc: TenantsError) -> APIError:
+    """Translate a tenants-library error (401, 400, 404, 409, 503) to the same status and body."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, AuthenticationError):
+        headers["www-authenticate"] = "Bearer"
+    if isinstance(exc, StoreUnavailable):
+        headers["retry-after"] = "1"
+    return APIError(
+        exc.http_status,
+        exc.message,
+        type=exc.error_type,
+        param=exc.param,
+        code=exc.code,
+        headers=headers,
+    )
 
 
 def from_validation_error(exc: ValidationError) -> APIError:

@@ -1,7 +1,8 @@
 """Prometheus metrics, one `CollectorRegistry` per app (tests build many apps in one process).
 
-Request and token counters carry a `tenant` label (always "default" until the tenants phase).
-Engine gauges are read from `EngineClient.stats()` at scrape time, never pushed.
+Request, token and quota-refusal counters carry a `tenant` label ("" for requests without a
+tenant: health checks, scrapes, admin calls, failed authentication). Engine gauges are read from
+`EngineClient.stats()` and the tenant store's health from `StoreStats` at scrape time.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway.engine_client import EngineClient
+from tenants import StoreStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -82,10 +84,43 @@ class EngineStatsCollector(Collector):
         )
 
 
+_STORE_HELP = {
+    "errors_total": "Tenant store (Redis) calls that failed.",
+    "fast_failures_total": "Tenant store calls refused at once after a recent failure.",
+    "fallback_authentications_total": "Keys accepted from memory while the store was down.",
+    "fallback_admissions_total": "Requests admitted with per-process limits (degraded, open mode).",
+    "settlements_queued_total": "Settlements queued while the store was down.",
+    "settlements_replayed_total": "Queued settlements replayed once the store was back.",
+    "settlements_dropped_total": "Queued settlements dropped (queue overflow): usage lost.",
+    "available": "1 if the last tenant store call succeeded.",
+    "pending_settlements": "Settlements waiting for the tenant store.",
+}
+
+
+class TenantStoreCollector(Collector):
+    """`prefixgate_tenant_store_*`: the tenant store's `StoreStats`, read at each scrape."""
+
+    def __init__(self, stats: StoreStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        for name, value in self._stats.as_dict().items():
+            help_text = _STORE_HELP.get(name, name)
+            if name.endswith("_total"):
+                base = f"prefixgate_tenant_store_{name.removesuffix('_total')}"
+                yield CounterMetricFamily(base, help_text, value)
+            else:
+                yield GaugeMetricFamily(f"prefixgate_tenant_store_{name}", help_text, value)
+
+
 class GatewayMetrics:
     """All gateway metrics on a private registry; `render()` is the `/metrics` body."""
 
-    def __init__(self, get_engine: Callable[[], EngineClient | None]) -> None:
+    def __init__(
+        self,
+        get_engine: Callable[[], EngineClient | None],
+        store_stats: StoreStats | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -127,7 +162,15 @@ class GatewayMetrics:
             ["tenant"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "prefixgate_rate_limited_requests",
+            "Requests refused by a tenant quota (429, or 400 for max_tokens_per_request).",
+            ["tenant", "limit"],
+            registry=r,
+        )
         r.register(EngineStatsCollector(get_engine))
+        if store_stats is not None:
+            r.register(TenantStoreCollector(store_stats))
 
     def count_tokens(self, tenant: str, prompt: int, completion: int, cached: int) -> None:
         self.prompt_tokens.labels(tenant).inc(prompt)

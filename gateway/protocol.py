@@ -253,6 +253,8 @@ class HealthResponse(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    status: Literal["ready", "loading", "failed"]
+    status: Literal["ready", "loading", "failed", "unavailable"]
     model: str
+    # With Redis configured only: whether it answers.
+    tenant_store: Literal["ok", "unavailable"] | None = Field(default=None, exclude_if=_is_none)
     detail: str | None = None

@@ -31,6 +31,7 @@ from gateway.protocol import (
 from gateway.responses import GenerationResponse, OutputFormat, StreamingGenerationResponse
 from gateway.sampling import check_request, resolve_max_tokens, sampling_params
 from gateway.state import GatewayState, get_state
+from tenants import FailureMode
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -105,12 +106,15 @@ async def _generate(
     fmt: ChatFormat | CompletionFormat,
     started: float,
 ) -> Response:
-    max_tokens = resolve_max_tokens(req, len(prompt), engine.max_model_len)
+    principal = get_principal(request.scope)
+    cap = principal.max_tokens_per_request
+    default_cap = None if cap is None else cap // req.n
+    max_tokens = resolve_max_tokens(req, len(prompt), engine.max_model_len, default_cap)
     params = sampling_params(req, max_tokens, logprobs)
     route = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
     info = GenerationInfo(
         request_id=fmt.id,
-        principal=get_principal(request.scope),
+        principal=principal,
         route=route,
         prompt_tokens=len(prompt),
         max_completion_tokens=max_tokens * req.n,
@@ -162,15 +166,38 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    """200 once the engine is up and, with Redis configured, Redis answers; while Redis is
+    down, 503 in closed mode (this gateway refuses every /v1 request) and 200 in open mode
+    (it admits with per-process limits), both with `tenant_store: unavailable`."""
     state = get_state(request)
-    if state.engine is not None:
+    if state.engine is None:
+        if state.load_error is not None:
+            failed = ReadyResponse(
+                status="failed", model=state.model_name, detail=str(state.load_error)
+            )
+            return JSON(failed, status_code=503)
+        return JSON(ReadyResponse(status="loading", model=state.model_name), status_code=503)
+    if not state.settings.redis_url:
         return JSON(ReadyResponse(status="ready", model=state.model_name))
-    if state.load_error is not None:
-        failed = ReadyResponse(
-            status="failed", model=state.model_name, detail=str(state.load_error)
+    if await state.tenants.check():
+        return JSON(ReadyResponse(status="ready", model=state.model_name, tenant_store="ok"))
+    if state.tenants.failure_mode is FailureMode.OPEN:
+        detail = "Redis is unreachable: admitting with per-process limits (open mode)."
+        body = ReadyResponse(
+            status="ready", model=state.model_name, tenant_store="unavailable", detail=detail
         )
-        return JSON(failed, status_code=503)
-    return JSON(ReadyResponse(status="loading", model=state.model_name), status_code=503)
+        return JSON(body)
+    detail = "Redis is unreachable: API requests get 503 (closed mode)."
+    body = ReadyResponse(
+        status="unavailable", model=state.model_name, tenant_store="unavailable", detail=detail
+    )
+    return JSON(body, status_code=503)
+
+
+async def usage(request: Request) -> Response:
+    """The caller's own usage: today, this month, the last hour by minute, and its quota."""
+    state = get_state(request)
+    return JSON(await state.tenants.get_usage(get_principal(request.scope).tenant))
 
 
 async def metrics(request: Request) -> Response:
@@ -187,6 +214,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+        Route("/v1/usage", usage, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -28,13 +28,17 @@ def check_request(req: _SamplingRequest, max_n: int) -> None:
 
 
 def resolve_max_tokens(
-    req: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, max_model_len: int
+    req: ChatCompletionRequest | CompletionRequest,
+    prompt_tokens: int,
+    max_model_len: int,
+    default_cap: int | None = None,
 ) -> int:
     """The per-completion token limit, checked against the context window.
 
     Chat defaults to "until the context is full", text completions to 16 (clamped to the room
-    left). Raises a 400 `context_length_exceeded` when the prompt or prompt + max_tokens do not
-    fit.
+    left); `default_cap` (the tenant's max_tokens_per_request / n) caps that default too, so a
+    request that sets no max_tokens is not refused for its default. Raises a 400
+    `context_length_exceeded` when the prompt or prompt + max_tokens do not fit.
     """
     where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
     if prompt_tokens >= max_model_len:
@@ -49,11 +53,12 @@ def resolve_max_tokens(
     room = max_model_len - prompt_tokens
     requested = _requested_max_tokens(req)
     if requested is None:
-        return (
+        default = (
             room
             if isinstance(req, ChatCompletionRequest)
             else min(COMPLETIONS_DEFAULT_MAX_TOKENS, room)
         )
+        return default if default_cap is None else max(1, min(default, default_cap))
     if requested > room:
         param = "max_completion_tokens" if _uses_max_completion_tokens(req) else "max_tokens"
         raise APIError(

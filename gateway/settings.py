@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from tenants import FailureMode, TenantsConfig
 
 BUNDLED_MODEL_NAME = "smollm2"
 
@@ -42,9 +44,12 @@ class Settings(BaseSettings):
     max_n: int = Field(default=16, ge=1)
     max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
 
-    # Tenants phase (issue 5): unset means in-process store and no admin API.
+    # Tenants, keys and quotas. No Redis URL: in-process store (one gateway process).
+    # No admin key: admin API off, and without Redis too, /v1/* needs no key (tenant `default`).
     redis_url: str | None = None
     admin_key: SecretStr | None = None
+    redis_failure_mode: Literal["closed", "open"] = "closed"  # while Redis is unreachable
+    lease_ttl_s: float = Field(default=300.0, gt=0)  # a concurrency slot outlives a crash so long
 
     def model_name(self) -> str:
         """The name clients pass as `model`."""
@@ -53,6 +58,33 @@ class Settings(BaseSettings):
         if self.model is None:
             return BUNDLED_MODEL_NAME
         return Path(self.model.rstrip("/")).name or self.model
+
+    @field_validator("redis_url", "admin_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("redis_failure_mode", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def anonymous(self) -> bool:
+        """Embedded mode (no Redis) without an admin key: `/v1/*` needs no API key and every
+        request is tenant `default`."""
+        return not self.redis_url and self.admin_key is None
+
+    def admin_key_value(self) -> str | None:
+        return self.admin_key.get_secret_value() if self.admin_key is not None else None
+
+    def tenants_config(self) -> TenantsConfig:
+        return TenantsConfig(
+            redis_url=self.redis_url or None,
+            admin_key=self.admin_key_value(),
+            failure_mode=FailureMode(self.redis_failure_mode),
+            lease_ttl_s=self.lease_ttl_s,
+        )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -1,4 +1,5 @@
-"""What the app holds for its lifetime: settings, the engine client (once loaded), metrics."""
+"""What the app holds for its lifetime: settings, the engine client (once loaded), the tenant
+service, hooks, metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from gateway.hooks import GenerationHooks
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 from gateway.tokens import TokenTexts
+from tenants import TenantService, build_service
 
 logger = logging.getLogger("prefixgate")
 
@@ -26,8 +28,9 @@ EngineLoader = Callable[[EngineConfig], EngineClient]
 class GatewayState:
     """Per-app state (`app.state.gateway`).
 
-    An injected engine client belongs to the caller (who starts and shuts it down); an engine
-    the app loads itself (embedded mode) is started and shut down by the app's lifespan.
+    An injected engine client or tenant service belongs to the caller (who starts and shuts it
+    down); the ones the app builds itself are started and shut down by the app's lifespan. The
+    tenant service built from settings makes no connection until it is first used.
     """
 
     def __init__(
@@ -35,13 +38,16 @@ class GatewayState:
         settings: Settings,
         engine: EngineClient | None = None,
         hooks: GenerationHooks | None = None,
+        tenants: TenantService | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.owns_engine = engine is None
         self.load_error: BaseException | None = None
+        self.owns_tenants = tenants is None
+        self.tenants = tenants or build_service(settings.tenants_config())
         self.hooks = hooks or GenerationHooks()
-        self.metrics = GatewayMetrics(lambda: self.engine)
+        self.metrics = GatewayMetrics(lambda: self.engine, self.tenants.stats)
         self.created = int(time.time())
         self.model_name = settings.served_model_name or (
             engine.model_name if engine is not None else settings.model_name()

@@ -27,11 +27,16 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     doc = r.json()
     assert doc["openapi"].startswith("3.1")
     app = create_app(make_settings(), FakeEngine())
+    methods: dict[str, set[str]] = {}  # several routes may share a path (one per method)
     for route in app.routes:
         assert isinstance(route, Route)
         path = route.path.replace("{model:path}", "{model}")
+        methods.setdefault(path, {"parameters"} if "{" in path and "admin" in path else set())
+        methods[path] |= {m.lower() for m in route.methods or ()} - {"head"}
+    for path, expected in methods.items():
         assert path in doc["paths"], path
-        assert set(doc["paths"][path]) == {m.lower() for m in route.methods or ()} - {"head"}
+        assert set(doc["paths"][path]) == expected, path
+    assert set(doc["paths"]) == set(methods)
     schemas = doc["components"]["schemas"]
     for ref in refs(doc):
         assert ref.startswith("#/components/schemas/")
@@ -40,7 +45,8 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ChatCompletionRequest"
     }
-    assert set(chat["responses"]) == {"200", "400", "404", "413", "503"}
+    assert set(chat["responses"]) == {"200", "400", "401", "404", "413", "429", "503"}
+    assert chat["security"] == [{"apiKey": []}]
     request = schemas["ChatCompletionRequest"]
     assert {"model", "messages"} <= set(request["required"])
     assert request["properties"]["temperature"]["anyOf"][0]["maximum"] == 2.0
@@ -48,3 +54,29 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     assert "prompt_tokens_details" in usage["required"]
     delta = schemas["ChatDelta"]["properties"]
     assert set(delta) == {"role", "content"}
+
+
+async def test_openapi_documents_the_admin_api(client: httpx.AsyncClient) -> None:
+    doc = (await client.get("/openapi.json")).json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["adminKey"] == schemes["apiKey"] | {
+        "description": schemes["adminKey"]["description"]
+    }
+    create = doc["paths"]["/admin/tenants"]["post"]
+    assert create["security"] == [{"adminKey": []}]
+    assert create["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TenantCreate"
+    }
+    assert set(create["responses"]) == {"201", "400", "401", "403", "409", "503"}
+    issue = doc["paths"]["/admin/tenants/{tenant_id}/keys"]["post"]
+    assert issue["requestBody"]["required"] is False
+    schemas = doc["components"]["schemas"]
+    assert "key" in schemas["IssuedApiKey"]["required"]
+    assert "key_hash" not in schemas["ApiKeyInfo"]["properties"]
+    quota = schemas["Quota"]["properties"]
+    assert set(quota) == {
+        "requests_per_minute", "tokens_per_minute", "max_concurrent_requests",
+        "tokens_per_day", "tokens_per_month", "max_tokens_per_request",
+    }  # fmt: skip
+    usage = doc["paths"]["/v1/usage"]["get"]["responses"]["200"]
+    assert usage["content"]["application/json"]["schema"]["$ref"].endswith("/TenantUsage")
