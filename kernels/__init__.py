@@ -6,6 +6,8 @@
 
 Every backend is a module-like object with those two functions; the table maps a name to a
 zero-argument factory so that optional backends (Triton) import their dependencies only when used.
+"torch" is the pure PyTorch reference (the oracle); "cpu" runs decodes through a C++ kernel that is
+compiled on first use and falls back to the reference when it can't be.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def _torch_backend() -> AttentionBackend:
     return reference
 
 
+def _cpu_backend() -> AttentionBackend:
+    """The C++ decode kernel on CPU (reference for prefills, and wherever it can't be built)."""
+    from kernels import cpu_attention
+
+    return cpu_attention
+
+
 def _triton_backend() -> AttentionBackend:
     """Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1, for tests)."""
     try:
@@ -57,22 +66,26 @@ def _triton_backend() -> AttentionBackend:
 
 # name -> factory returning the backend; "auto" is resolved per device by `_auto_name`.
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "cpu": _cpu_backend,
     "torch": _torch_backend,
     "triton": _triton_backend,
 }
 
 
 def _auto_name(device: torch.device) -> str:
-    """The fastest registered backend for a device: Triton on CUDA when present, else torch."""
+    """The fastest registered backend for a device: Triton on CUDA when present, the C++ kernel
+    on CPU, else the torch reference."""
     if device.type == "cuda" and "triton" in _BACKENDS and find_spec("triton") is not None:
         return "triton"
+    if device.type == "cpu" and "cpu" in _BACKENDS:
+        return "cpu"
     return "torch"
 
 
 def get_attention_backend(
     name: str = "auto", device: torch.device | str = "cpu"
 ) -> AttentionBackend:
-    """Return the attention backend `name` ("auto", "torch", ...) for `device`.
+    """Return the attention backend `name` ("auto", "cpu", "torch", "triton") for `device`.
 
     Raises:
         ValueError: for a name that is not in the table.

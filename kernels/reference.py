@@ -53,18 +53,34 @@ def paged_attention(
         [T, H, D] attention output in the cache dtype.
     """
     query = query.to(kv_cache.dtype)
-    plan = meta.derived.get("torch")
-    if plan is None:
-        plan = meta.derived["torch"] = _make_plan(meta, kv_cache.shape[2], kv_cache.device)
+    plan = _step_plan(meta, kv_cache)
     decode = plan.decode
     if decode is not None and decode.rows is None:  # all decodes: no scatter into an output
         return _decode_attention(query, kv_cache, decode, scale)
     out = torch.empty_like(query)
     if decode is not None:
         out[decode.rows] = _decode_attention(query[decode.rows], kv_cache, decode, scale)
-    for p in plan.prefills:
-        out[p.start : p.end] = _prefill_attention(query[p.start : p.end], kv_cache, p, scale)
+    prefill_attention(query, kv_cache, meta, scale, out)
     return out
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Write the output rows of the step's prefills (q_len > 1) into `out`, in place.
+
+    Decode rows of `out` are left untouched, for a backend that computes them another way.
+
+    Args:
+        query: [T, H, D] in the cache dtype; out: [T, H, D] the same.
+        kv_cache, meta, scale: as for `paged_attention`.
+    """
+    for p in _step_plan(meta, kv_cache).prefills:
+        out[p.start : p.end] = _prefill_attention(query[p.start : p.end], kv_cache, p, scale)
 
 
 @dataclass(slots=True)
@@ -91,6 +107,14 @@ class _PrefillPlan:
 class _StepPlan:
     decode: _DecodePlan | None
     prefills: list[_PrefillPlan]
+
+
+def _step_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
+    """The step's plan, made by the first layer and reused by the others."""
+    plan = meta.derived.get("torch")
+    if plan is None:
+        plan = meta.derived["torch"] = _make_plan(meta, kv_cache.shape[2], kv_cache.device)
+    return plan
 
 
 def _make_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> _StepPlan:

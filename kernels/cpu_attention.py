@@ -1,0 +1,218 @@
+"""CPU attention backend: decode rows through a C++ kernel that reads the paged cache in place.
+
+The reference (`kernels.reference`) gathers every decoding sequence's whole context into a padded
+copy in every layer of every step. The kernel in `csrc/cpu_attention.cpp` instead walks each
+sequence's block table and reads K and V rows where they lie, once per KV head for all the query
+heads of its group, with float32 scores, softmax and accumulation.
+
+    decode rows  (q_len == 1)   -> C++ kernel   [S_d, H, D] -> [S_d, H, D]
+    prefill rows (q_len > 1)    -> reference    (`reference.prefill_attention`)
+    write_kv                    -> reference
+
+The extension is compiled on first use (one translation unit, about 20 s) with
+`torch.utils.cpp_extension` into `$PREFIXGATE_CACHE_DIR/torch_extensions` (default
+`~/.cache/prefixgate/torch_extensions`), in a folder keyed by the source, the compiler flags,
+torch, Python and the CPU, under a file lock so that concurrent processes build it once. When it
+cannot be built (no compiler, no ninja) one warning is logged and the reference runs instead.
+`PREFIXGATE_CPU_ATTENTION=torch` forces the reference.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import reference
+from kernels.metadata import AttentionMetadata
+from kernels.reference import write_kv
+
+__all__ = ["kernel_available", "load_kernel", "paged_attention", "paged_decode", "write_kv"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
+_NAME = "prefixgate_cpu_attention"
+# Tried in order: the host's vector units first, portable code if the compiler refuses.
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
+
+Kernel = Callable[..., None]  # (out, query, kv_cache, block_tables, seq_lens, scale) -> None
+
+_lock = threading.Lock()
+_kernel: Kernel | None = None
+_tried = False
+
+
+def load_kernel() -> Kernel | None:
+    """The compiled decode kernel, built on first call; None (after one warning) if it can't be."""
+    global _kernel, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _kernel = _build()
+            except Exception as exc:  # any build failure falls back, it never fails the engine
+                log.warning("CPU attention kernel unavailable, using the reference: %s", exc)
+    return _kernel
+
+
+def kernel_available() -> bool:
+    """True when decodes on CPU run through the C++ kernel (built, and not switched off)."""
+    return os.environ.get(ENV_SWITCH, "").lower() != "torch" and load_kernel() is not None
+
+
+def paged_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kernel: Kernel | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context, with the C++ kernel.
+
+    Args:
+        query: [S, H, D] in the cache dtype (the last dim contiguous).
+        kv_cache: [2, num_blocks, block_size, KVH, D] for one layer.
+        block_tables: [S, max_blocks] int32 or int64; seq_lens: [S] int32 or int64.
+        scale: softmax scale.
+        kernel: the loaded kernel (default: `load_kernel()`, which must succeed).
+
+    Returns:
+        [S, H, D] in the cache dtype.
+    """
+    kernel = kernel or load_kernel()
+    if kernel is None:
+        raise RuntimeError("the CPU attention kernel is not available")
+    out = torch.empty(query.shape, dtype=kv_cache.dtype)
+    kernel(out, query, kv_cache, block_tables, seq_lens, scale)
+    return out
+
+
+def paged_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """`reference.paged_attention` with the decode rows computed by the C++ kernel."""
+    plan = meta.derived.get("cpu")
+    if plan is None:
+        plan = meta.derived["cpu"] = _make_plan(meta, kv_cache)
+    if plan.kernel is None or plan.seq_lens is None:  # no kernel, or no decodes in this step
+        return reference.paged_attention(query, kv_cache, meta, scale)
+    query = query.to(kv_cache.dtype)
+    if plan.rows is None:  # all decodes
+        return paged_decode(query, kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel)
+    out = torch.empty_like(query)
+    out[plan.rows] = paged_decode(
+        query[plan.rows], kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel
+    )
+    reference.prefill_attention(query, kv_cache, meta, scale, out)
+    return out
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The step's decode sequences, found once and reused by every layer."""
+
+    kernel: Kernel | None  # None: run the reference for the whole step
+    rows: torch.Tensor | None  # [S_d] query rows of the decodes; None when every row is one
+    block_tables: torch.Tensor  # [S_d, max_blocks] their block tables
+    seq_lens: torch.Tensor | None  # [S_d] their context lengths; None when there are no decodes
+
+
+def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
+    kernel = load_kernel() if kv_cache.device.type == "cpu" and kernel_available() else None
+    starts = meta.query_start_loc_list
+    decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
+    if kernel is None or not decodes:
+        return _Plan(kernel, None, meta.block_tables, None)
+    if len(decodes) == meta.num_tokens:
+        return _Plan(kernel, None, meta.block_tables, meta.seq_lens)
+    index = torch.tensor(decodes)
+    return _Plan(
+        kernel,
+        rows=torch.tensor([starts[s] for s in decodes]),
+        block_tables=meta.block_tables.index_select(0, index),
+        seq_lens=meta.seq_lens.index_select(0, index),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# building the extension
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("PREFIXGATE_CACHE_DIR") or Path.home() / ".cache" / "prefixgate"
+    return Path(root) / "torch_extensions"
+
+
+def _cpu_id() -> str:
+    """What `-march=native` depends on: the CPU model and its feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in info if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _build_dir(flags: list[str]) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for part in (" ".join(flags), torch.__version__, sys.version, platform.machine(), _cpu_id()):
+        key.update(b"\0" + part.encode())
+    return _cache_root() / f"cpu_attention-{key.hexdigest()[:16]}"
+
+
+def _build() -> Kernel:
+    errors = []
+    for flags in _FLAG_SETS:
+        try:
+            _compile(flags)
+        except Exception as exc:
+            errors.append(f"{' '.join(flags)}: {exc}")
+            continue
+        op: Kernel = torch.ops.prefixgate_cpu.paged_decode_attention
+        return op
+    raise RuntimeError("; ".join(errors))
+
+
+def _compile(flags: list[str]) -> None:
+    """Build (or reuse) and load the library; loading registers `torch.ops.prefixgate_cpu`."""
+    build_dir = _build_dir(flags)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library, done = build_dir / f"{_NAME}.so", build_dir / "built"
+    with open(build_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if this process dies
+        if not done.exists():
+            _run_build(flags, build_dir)
+            done.touch()
+    torch.ops.load_library(str(library))
+
+
+def _run_build(flags: list[str], build_dir: Path) -> None:
+    from torch.utils import cpp_extension
+
+    cpp_extension.verify_ninja_availability()
+    # torch's own lock file is a plain file: one left by a killed build would block forever
+    (build_dir / "lock").unlink(missing_ok=True)
+    with warnings.catch_warnings():  # compiler-version notes are not our users' problem
+        warnings.simplefilter("ignore")
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
