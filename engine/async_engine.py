@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -107,6 +108,10 @@ class AsyncEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        # The engine thread drops the GIL inside every torch op and must get it back between
+        # ops; with the default 5 ms switch interval a busy event loop can hold it that long
+        # each time. 1 ms keeps the model fed while the server streams.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         if self._thread is None:
             self._stopping = False
             self._dead = None
