@@ -1,7 +1,7 @@
-"""`prefixgate` command line: `prefixgate serve` (embedded gateway + engine, one process).
+"""`prefixgate` command line: `prefixgate serve` (embedded gateway + engine, one process) and
+`prefixgate admin ...` (the admin REST API of a running gateway, see `admin_cli.py`).
 
-Flags override `PREFIXGATE_*` environment variables, which override the defaults. The tenants
-phase adds an `admin` subcommand next to `serve`.
+Flags of `serve` override `PREFIXGATE_*` environment variables, which override the defaults.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+from gateway.admin_cli import add_admin_parser, run_admin
 from gateway.app import create_app
 from gateway.logs import configure_logging
 from gateway.settings import Settings
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-n", type=int, help="largest `n` accepted (default 16)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     add("--no-access-log", dest="access_log", action="store_false", default=None)
+    add_admin_parser(commands)
     return parser
 
 
@@ -93,6 +95,8 @@ def serve(settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        return run_admin(args)
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:

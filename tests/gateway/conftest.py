@@ -1,22 +1,25 @@
-"""Fixtures: the fake engine, an app around it, an httpx ASGI client, a real uvicorn server."""
+"""Fixtures: the fake engine, an app around it, an httpx ASGI client, a real uvicorn server;
+for the tenant tests, Redis DB 12 (flushed per test) and apps over it (`make_gateway`)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
 import httpx
 import pytest
+import redis
 import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.gateway.fake_engine import FakeEngine
+from tests.gateway.tenancy import ADMIN_KEY, REDIS_URL, Gateway
 
 MODEL = "fake-model"
 
@@ -112,3 +115,39 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """Redis DB 12 (the tenants tests use 13), empty before and after the test."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        client.close()
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} (start it with `make redis`): {exc}")
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(redis_url: str) -> AsyncIterator[MakeGateway]:
+    """`await make_gateway(engine=None, **settings)`: an app over Redis with the admin key set,
+    its lifespan running (tenant service started), and an httpx client on it."""
+    async with AsyncExitStack() as stack:
+
+        async def make(engine: Any = None, **overrides: Any) -> Gateway:
+            overrides = {"redis_url": redis_url, "admin_key": ADMIN_KEY} | overrides
+            engine = engine if engine is not None else FakeEngine()
+            app = create_app(make_settings(**overrides), engine)
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            transport = httpx.ASGITransport(app=app)
+            client = httpx.AsyncClient(transport=transport, base_url="http://gateway")
+            await stack.enter_async_context(client)
+            return Gateway(app, client, engine)
+
+        yield make

@@ -161,7 +161,7 @@ class FakeEngine:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: dict[str, FakeStream] = {}
         self._n: dict[str, int] = {}
-        self._cached_prefixes: set[tuple[int, ...]] = set()
+        self._cached_prefixes: set[tuple[str | int | None, ...]] = set()
         self._ids = itertools.count()
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -199,7 +199,7 @@ class FakeEngine:
         self._streams[request_id] = stream
         self._n[request_id] = params.n
         loop = asyncio.get_running_loop()
-        coro = self._run(request_id, list(prompt_token_ids), params, max_tokens, stream)
+        coro = self._run(request_id, list(prompt_token_ids), namespace, params, max_tokens, stream)
         self._tasks[request_id] = loop.create_task(coro)
         return stream
 
@@ -230,16 +230,17 @@ class FakeEngine:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _cached_tokens(self, prompt: list[int]) -> int:
+    def _cached_tokens(self, prompt: list[int], namespace: str | None) -> int:
+        """Full blocks of the prompt seen before in the same cache namespace."""
         bs = self.block_size
         full = (len(prompt) - 1) // bs  # the last prompt token is always computed
         cached = 0
         for k in range(1, full + 1):
-            if tuple(prompt[: k * bs]) not in self._cached_prefixes:
+            if (namespace, *prompt[: k * bs]) not in self._cached_prefixes:
                 break
             cached = k * bs
         for k in range(1, len(prompt) // bs + 1):
-            self._cached_prefixes.add(tuple(prompt[: k * bs]))
+            self._cached_prefixes.add((namespace, *prompt[: k * bs]))
         return cached
 
     def _rng(self, prompt: list[int], params: SamplingParams, index: int) -> random.Random:
@@ -253,11 +254,12 @@ class FakeEngine:
         self,
         request_id: str,
         prompt: list[int],
+        namespace: str | None,
         params: SamplingParams,
         max_tokens: int,
         stream: FakeStream,
     ) -> None:
-        cached = self._cached_tokens(prompt)
+        cached = self._cached_tokens(prompt, namespace)
         self.prefix_queries += len(prompt)
         self.prefix_hits += cached
         choices = [_Choice(i, self._rng(prompt, params, i)) for i in range(params.n)]
