@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     redis_failure_mode: Literal["closed", "open"] = "closed"  # while Redis is unreachable
     lease_ttl_s: float = Field(default=300.0, gt=0)  # a concurrency slot outlives a crash so long
+    # Connect and read timeout of one Redis call; a whole operation gets 4x (retry included).
+    redis_timeout_s: float = Field(default=0.5, gt=0)
 
     def model_name(self) -> str:
         """The name clients pass as `model`."""
@@ -84,6 +86,10 @@ class Settings(BaseSettings):
             admin_key=self.admin_key_value(),
             failure_mode=FailureMode(self.redis_failure_mode),
             lease_ttl_s=self.lease_ttl_s,
+            socket_timeout_s=self.redis_timeout_s,
+            connect_timeout_s=self.redis_timeout_s,
+            pool_timeout_s=2 * self.redis_timeout_s,
+            op_timeout_s=4 * self.redis_timeout_s,
         )
 
     def engine_config(self) -> EngineConfig:
