@@ -88,7 +88,7 @@ _STORE_HELP = {
     "errors_total": "Tenant store (Redis) calls that failed.",
     "fast_failures_total": "Tenant store calls refused at once after a recent failure.",
     "fallback_authentications_total": "Keys accepted from memory while the store was down.",
-    "fallback_admissions_total": "Requests admitted with per-process limits (degraded, open mode).",
+    "fallback_admissions_total": "Admission decisions made with per-process limits (open mode).",
     "settlements_queued_total": "Settlements queued while the store was down.",
     "settlements_replayed_total": "Queued settlements replayed once the store was back.",
     "settlements_dropped_total": "Queued settlements dropped (queue overflow): usage lost.",

@@ -1,0 +1,152 @@
+"""Redis killed, stalled and restarted under a gateway, in both failure modes: the documented
+answers (503 in closed mode, per-process limits in open mode), no hang, recovery by itself, no
+leaked concurrency slot, usage replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gateway.conftest import MakeGateway, wait_until
+from tests.gateway.fake_engine import FakeEngine
+from tests.gateway.tenancy import Gateway, bearer
+from tests.tenants.conftest import RedisServer
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of our own (append-only file in tmp_path: a restart keeps the data)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None:
+        server.resume()
+    server.kill()
+
+
+async def timed_chat(gw: Gateway, key: str, **fields: object) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    r = await gw.chat(key, max_tokens=1, **fields)
+    return r, time.monotonic() - started
+
+
+async def until_admitted(gw: Gateway, key: str, timeout: float = 8.0) -> httpx.Response:
+    """Retry until Redis is back (the breaker probes again a second after a failure)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await gw.chat(key, max_tokens=1)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            return r
+        await asyncio.sleep(0.1)
+
+
+def assert_store_unavailable(r: httpx.Response) -> None:
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "store_unavailable"
+    assert r.json()["error"]["message"] == "The quota store is unavailable; please retry shortly."
+    assert r.headers["retry-after"] == "1"
+
+
+async def test_closed_mode_redis_killed_then_restarted(
+    make_gateway: MakeGateway, server: RedisServer
+) -> None:
+    gw = await make_gateway(redis_url=server.url)
+    key = await gw.tenant("acme", max_concurrent_requests=1)
+    assert (await gw.chat(key, max_tokens=1)).status_code == 200
+
+    server.kill()
+    for _ in range(3):
+        r, elapsed = await timed_chat(gw, key)
+        assert_store_unavailable(r)
+        assert elapsed < 1.5  # no hang: refused connections, then the breaker fails fast
+    assert_store_unavailable(await gw.client.get("/v1/usage", headers=bearer(key)))
+    assert_store_unavailable(await gw.admin("GET", "/admin/tenants"))
+    ready = await gw.client.get("/ready")
+    assert ready.status_code == 503
+    assert (ready.json()["status"], ready.json()["tenant_store"]) == ("unavailable", "unavailable")
+
+    server.start()
+    assert (await until_admitted(gw, key)).status_code == 200
+    assert (await gw.client.get("/ready")).json()["tenant_store"] == "ok"
+    usage = await gw.usage(key)
+    assert usage["in_flight"] == 0 and usage["today"]["requests"] == 2  # no leaked slot
+    stats = gw.state.tenants.stats
+    assert stats.errors_total > 0 and stats.available
+
+
+async def test_settlement_during_an_outage_is_replayed(
+    make_gateway: MakeGateway, server: RedisServer
+) -> None:
+    """A stream admitted before Redis dies finishes; its settlement waits and is replayed, and
+    the tenant's only concurrency slot comes back."""
+    engine = FakeEngine(token_delay=0.01)
+    gw = await make_gateway(engine, redis_url=server.url)
+    key = await gw.tenant("acme", max_concurrent_requests=1)
+    streaming = asyncio.create_task(gw.chat(key, max_tokens=40, stream=True))
+    while not engine.requests:
+        await asyncio.sleep(0.005)
+    server.kill()
+    r = await streaming
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    assert gw.state.tenants.stats.pending_settlements == 1
+
+    server.start()
+    assert (await until_admitted(gw, key)).status_code == 200
+    await gw.state.tenants.flush_pending()
+    usage = await gw.usage(key)
+    assert usage["in_flight"] == 0 and usage["today"]["requests"] == 2
+    assert usage["today"]["completion_tokens"] == 41 and usage["today"]["reserved_tokens"] == 0
+    assert gw.state.tenants.stats.settlements_replayed_total == 1
+
+
+async def test_open_mode_admits_known_keys_with_local_limits(
+    make_gateway: MakeGateway, server: RedisServer
+) -> None:
+    gw = await make_gateway(redis_url=server.url, redis_failure_mode="open")
+    key = await gw.tenant("acme", requests_per_minute=3)
+    unseen = await gw.key("acme")  # never used through this gateway
+    assert (await gw.chat(key, max_tokens=1)).status_code == 200
+
+    server.kill()
+    statuses = []
+    for _ in range(4):
+        r, elapsed = await timed_chat(gw, key)
+        statuses.append(r.status_code)
+        assert elapsed < 1.5
+    # Per-process limits, counting from the outage: 3 more admitted, then 429.
+    assert statuses == [200, 200, 200, 429]
+    assert_store_unavailable((await timed_chat(gw, unseen))[0])  # cannot be checked
+    ready = await gw.client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["tenant_store"] == "unavailable"
+    stats = gw.state.tenants.stats
+    # Four admission decisions made locally (three admitted, one refused).
+    assert stats.fallback_admissions_total == 4 and stats.fallback_authentications_total >= 4
+    metrics = (await gw.client.get("/metrics")).text
+    assert "prefixgate_tenant_store_fallback_admissions_total 4.0" in metrics
+    assert "prefixgate_tenant_store_available 0.0" in metrics
+
+    server.start()
+    assert (await until_admitted(gw, unseen)).status_code == 200
+    await gw.state.tenants.flush_pending()
+    usage = await gw.usage(key)
+    assert usage["today"]["requests"] == 5 and usage["in_flight"] == 0  # local usage replayed
+
+
+async def test_stalled_redis_gets_503_not_a_hang(
+    make_gateway: MakeGateway, server: RedisServer
+) -> None:
+    gw = await make_gateway(redis_url=server.url, redis_timeout_s=0.2)
+    key = await gw.tenant("acme")
+    assert (await gw.chat(key, max_tokens=1)).status_code == 200
+    server.pause()  # connections hang, as with a stalled server or a network partition
+    r, elapsed = await timed_chat(gw, key)
+    assert_store_unavailable(r)
+    assert elapsed < 2.0  # bounded by the operation deadline (4 x 0.2 s), plus slack
+    server.resume()
+    assert (await until_admitted(gw, key)).status_code == 200
+    assert wait_until(lambda: gw.state.tenants.stats.available, timeout=1)
