@@ -36,3 +36,37 @@ def test_invalid_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFIXGATE_PORT", "-1")
     with pytest.raises(ValueError, match="port"):
         Settings()
+
+
+def test_tenant_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert (s.redis_failure_mode, s.lease_ttl_s, s.redis_timeout_s) == ("closed", 300.0, 0.5)
+    assert s.anonymous
+    monkeypatch.setenv("PREFIXGATE_REDIS_URL", "redis://cache:6379/2")
+    monkeypatch.setenv("PREFIXGATE_REDIS_FAILURE_MODE", "OPEN")
+    monkeypatch.setenv("PREFIXGATE_LEASE_TTL_S", "45")
+    monkeypatch.setenv("PREFIXGATE_REDIS_TIMEOUT_S", "0.25")
+    s = Settings()
+    assert not s.anonymous
+    config = s.tenants_config()
+    assert (config.redis_url, config.failure_mode.value, config.lease_ttl_s) == (
+        "redis://cache:6379/2", "open", 45.0,
+    )  # fmt: skip
+    assert (config.socket_timeout_s, config.op_timeout_s) == (0.25, 1.0)
+    monkeypatch.setenv("PREFIXGATE_REDIS_URL", "")  # empty means unset
+    monkeypatch.setenv("PREFIXGATE_ADMIN_KEY", "")
+    assert Settings().anonymous
+    monkeypatch.setenv("PREFIXGATE_ADMIN_KEY", "secret")
+    s = Settings()
+    assert not s.anonymous and s.tenants_config().admin_key == "secret"
+    assert s.tenants_config().embedded
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PREFIXGATE_REDIS_FAILURE_MODE", "maybe"), ("PREFIXGATE_LEASE_TTL_S", "0")],
+)
+def test_invalid_tenant_settings(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name.removeprefix("PREFIXGATE_").lower()):
+        Settings()
