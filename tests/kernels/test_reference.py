@@ -134,8 +134,10 @@ def test_write_kv_stores_each_token_at_its_slot() -> None:
 
 
 def test_backend_table() -> None:
-    assert get_attention_backend() is reference
+    from kernels import cpu_attention
+
+    assert get_attention_backend() is cpu_attention  # "auto" on CPU: the C++ decode path
     assert get_attention_backend("torch", "cpu") is reference
-    assert get_attention_backend("auto", torch.device("cpu")) is reference
+    assert get_attention_backend("auto", torch.device("cpu")) is cpu_attention
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_attention_backend("nope")
