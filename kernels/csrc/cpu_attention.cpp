@@ -12,8 +12,11 @@
 // One work item is a (sequence, KV head) pair: its G = H / KVH query heads share every K and V
 // row, so each row is loaded and widened to float32 once. Two passes over the context: scores
 // (float32 scratch, G rows of L), then the softmax and the weighted sum of V rows, all in float32.
-// Items run in parallel with at::parallel_for. Vector code is plain loops that gcc vectorizes,
-// plus AVX-512 dot products where the compiler targets them.
+// Items run in parallel with at::parallel_for.
+//
+// Inner loops: with AVX-512 and head_dim 16/32/64/128, intrinsics (scores of 16 tokens summed by
+// one shuffle tree, V accumulated in registers for up to 4 heads at a time, bfloat16 K dotted with
+// the AVX512-BF16 instruction when present); otherwise plain loops that the compiler vectorizes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -100,6 +104,19 @@ inline float sum(const float* x, int64_t n) {
   return total;
 }
 
+inline float max(const float* x, int64_t n) {  // n >= 1
+  constexpr int kLanes = 16;
+  float lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = x[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], x[i + l]);
+  float m = x[0];
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
+  return m;
+}
+
 // x[i] = exp(x[i] - shift) for x[i] <= shift (the softmax numerators; shift is the row max).
 // exp(t) = 2^k * exp(r) with k = round(t / ln2), |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
 // polynomial (relative error < 3e-7). t is clamped at -87, so underflow gives ~1e-38, not 0.
@@ -130,32 +147,254 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// ---- AVX-512 inner loops for head_dim = 16 * NC ------------------------------------------------
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Rows are scattered over blocks (and strided by KVH * D inside one): fetch a few tokens ahead.
+constexpr int64_t kPrefetch = 8;
+
+template <typename T, int NC>
+inline void prefetch_row(const T* row) {
+  constexpr int bytes = 16 * NC * sizeof(T);
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+// out[i] = sum of the 16 lanes of v[i], i = 0..15: a shuffle tree instead of 16 separate
+// horizontal sums (45 instructions instead of ~130). Each level halves the lanes per vector.
+inline __m512 reduce16(const float* parts /* [16, 16], any alignment */) {
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(parts + 16 * i);
+  // levels 1-2 leave r[k] holding, in its 128-bit lane l, four partial sums of v[4l + k]
+  __m512 r[4];
+  for (int k = 0; k < 4; ++k) {
+    __m512 a = v[k], b = v[4 + k], c = v[8 + k], d = v[12 + k];
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    r[k] = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  }
+  // levels 3-4: a 4x4 transpose-and-add inside each 128-bit lane; element k of lane l = v[4l+k]
+  __m512 w0 = _mm512_add_ps(_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+  __m512 w1 = _mm512_add_ps(_mm512_unpacklo_ps(r[2], r[3]), _mm512_unpackhi_ps(r[2], r[3]));
+  __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1));
+  __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1));
+  return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+}
+
+// scores[g * len + t] = q_g . K row t, for rows at head + offs[t]
+template <typename T, int NC>
+void scores_avx512(const float* q, int64_t G, const T* head, const int64_t* offs, int64_t len,
+                   float* scores, float* parts /* [G, 16, 16] */) {
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - t0);
+    for (int64_t j = 0; j < n; ++j) {
+      if (t0 + j + kPrefetch < len) prefetch_row<T, NC>(head + offs[t0 + j + kPrefetch]);
+      const T* row = head + offs[t0 + j];
+      __m512 k[NC];
+      for (int c = 0; c < NC; ++c) k[c] = load16(row + 16 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + g * 16 * NC;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+        for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], acc);
+        _mm512_storeu_ps(parts + (g * 16 + j) * 16, acc);
+      }
+    }
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t g = 0; g < G; ++g)  // lanes past n reduce stale vectors and are not stored
+      _mm512_mask_storeu_ps(scores + g * len + t0, mask, reduce16(parts + g * 256));
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 scores with the dot-product instruction (pairs of exact bf16 products summed into
+// float32): K rows are used as loaded, without widening; the scale is applied to the sums.
+template <int NC>
+void scores_dpbf16(const c10::BFloat16* q, int64_t q_head, float scale, int64_t G,
+                   const c10::BFloat16* head, const int64_t* offs, int64_t len, float* scores,
+                   float* parts /* [G, 16, 16] */) {
+  static_assert(NC % 2 == 0, "32 bfloat16 per vector");
+  constexpr int NV = NC / 2;
+  auto load = [](const c10::BFloat16* p) {
+    return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+  };
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - t0);
+    for (int64_t j = 0; j < n; ++j) {
+      if (t0 + j + kPrefetch < len)
+        prefetch_row<c10::BFloat16, NC>(head + offs[t0 + j + kPrefetch]);
+      const c10::BFloat16* row = head + offs[t0 + j];
+      __m512bh k[NV];
+      for (int v = 0; v < NV; ++v) k[v] = load(row + 32 * v);
+      for (int64_t g = 0; g < G; ++g) {
+        const c10::BFloat16* qg = q + g * q_head;
+        __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), load(qg), k[0]);
+        for (int v = 1; v < NV; ++v) acc = _mm512_dpbf16_ps(acc, load(qg + 32 * v), k[v]);
+        _mm512_storeu_ps(parts + (g * 16 + j) * 16, acc);
+      }
+    }
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(scores + g * len + t0, mask,
+                            _mm512_mul_ps(reduce16(parts + g * 256), vscale));
+  }
+}
+#endif
+
+// GB query heads at once, accumulators in registers: acc[i] = sum_t p[i * len + t] * V row t
+template <typename T, int NC, int GB>
+void values_heads(const float* p, int64_t len, const T* head, const int64_t* offs, float* acc) {
+  __m512 a[GB][NC];
+  for (int i = 0; i < GB; ++i)
+    for (int c = 0; c < NC; ++c) a[i][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    if (t + kPrefetch < len) prefetch_row<T, NC>(head + offs[t + kPrefetch]);
+    const T* row = head + offs[t];
+    __m512 v[NC];
+    for (int c = 0; c < NC; ++c) v[c] = load16(row + 16 * c);
+    for (int i = 0; i < GB; ++i) {
+      const __m512 w = _mm512_set1_ps(p[i * len + t]);
+      for (int c = 0; c < NC; ++c) a[i][c] = _mm512_fmadd_ps(w, v[c], a[i][c]);
+    }
+  }
+  for (int i = 0; i < GB; ++i)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + (i * NC + c) * 16, a[i][c]);
+}
+
+// acc[g] = sum_t p[g * len + t] * V row t (acc is [G, 16 * NC], overwritten), each V row
+// widened once per batch of up to 4 heads (2 for head_dim 128, to stay within 32 registers)
+template <typename T, int NC>
+void values_avx512(const float* p, int64_t G, const T* head, const int64_t* offs, int64_t len,
+                   float* acc) {
+  constexpr int64_t kMaxHeads = NC >= 8 ? 2 : 4;
+  for (int64_t g = 0; g < G;) {
+    const int64_t n = std::min(kMaxHeads, G - g);
+    const float* pg = p + g * len;
+    float* ag = acc + g * 16 * NC;
+    if constexpr (kMaxHeads == 4) {
+      if (n == 4) values_heads<T, NC, 4>(pg, len, head, offs, ag);
+      if (n == 3) values_heads<T, NC, 3>(pg, len, head, offs, ag);
+    }
+    if (n == 2) values_heads<T, NC, 2>(pg, len, head, offs, ag);
+    if (n == 1) values_heads<T, NC, 1>(pg, len, head, offs, ag);
+    g += n;
+  }
+}
+#endif
+
+// ---- portable inner loops (any head_dim) --------------------------------------------------------
+
+template <typename T>
+void scores_portable(const float* q, int64_t G, int64_t D, const T* head, const int64_t* offs,
+                     int64_t len, float* scores, float* row) {
+  for (int64_t t = 0; t < len; ++t) {
+    widen(head + offs[t], row, D);
+    for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(q + g * D, row, D);
+  }
+}
+
+template <typename T>
+void values_portable(const float* p, int64_t G, int64_t D, const T* head, const int64_t* offs,
+                     int64_t len, float* acc, float* row) {
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    widen(head + offs[t], row, D);
+    for (int64_t g = 0; g < G; ++g) axpy(p[g * len + t], row, acc + g * D, D);
+  }
+}
+
 // ---- the kernel --------------------------------------------------------------------------------
 
 struct Layout {
   int64_t num_seqs, num_heads, kv_heads, group, head_dim, block_size, num_blocks;
-  int64_t q_seq, q_head;                      // query strides
-  int64_t o_seq, o_head;                      // out strides
-  int64_t c_kv, c_block, c_token, c_head;     // cache strides
-  int64_t table_row;                          // block table row stride
-  int64_t max_blocks;                         // block table width
+  int64_t q_seq, q_head;                   // query strides
+  int64_t o_seq, o_head;                   // out strides
+  int64_t c_kv, c_block, c_token, c_head;  // cache strides
+  int64_t table_row, max_blocks;           // block table row stride and width
+  bool table64, lens64;                    // int64 (else int32) block tables / seq_lens
 };
+
+inline int64_t read_index(const void* base, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(base)[i] : static_cast<const int32_t*>(base)[i];
+}
 
 // Per-thread scratch, sized for the longest context once per parallel chunk.
 struct Scratch {
-  std::vector<float> q, scores, row, acc, max, inv_sum;
+  std::vector<int64_t> offs;
+  std::vector<float> q, scores, row, acc, parts;
   Scratch(const Layout& l, int64_t max_len)
-      : q(l.group * l.head_dim),
+      : offs(max_len),
+        q(l.group * l.head_dim),
         scores(l.group * max_len),
         row(l.head_dim),
         acc(l.group * l.head_dim),
-        max(l.group),
-        inv_sum(l.group) {}
+        parts(l.group * 16 * 16) {}
 };
 
-template <typename T, typename Index>
+// offs[t] = where token t's row starts, relative to its (K or V, head) base; checks the table.
+void row_offsets(const Layout& l, const void* table, int64_t s, int64_t len, int64_t* offs) {
+  TORCH_CHECK(len <= l.max_blocks * l.block_size, "seq_len ", len, " exceeds the block table");
+  for (int64_t t0 = 0, b = 0; t0 < len; t0 += l.block_size, ++b) {
+    const int64_t block = read_index(table, l.table64, s * l.table_row + b);
+    TORCH_CHECK(block >= 0 && block < l.num_blocks, "block id ", block, " out of range");
+    const int64_t n = std::min(l.block_size, len - t0);
+    for (int64_t j = 0; j < n; ++j) offs[t0 + j] = block * l.c_block + j * l.c_token;
+  }
+}
+
+// scores[g] <- exp(scores[g] - max) in place; returns 1 / sum for each head in inv_sum
+void softmax_rows(float* scores, int64_t G, int64_t len, float* inv_sum) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* p = scores + g * len;
+    exp_shifted(p, len, max(p, len));
+    inv_sum[g] = 1.f / sum(p, len);
+  }
+}
+
+// The three steps with AVX-512 inner loops, for head_dim 16, 32, 64 or 128; false otherwise.
+template <typename T>
+bool passes_avx512(const T* q_raw, int64_t q_head, float scale, const float* q, int64_t G,
+                   int64_t D, const T* k_head, const T* v_head, const int64_t* offs, int64_t len,
+                   float* scores, float* parts, float* inv_sum, float* acc) {
+#if defined(__AVX512F__)
+  auto run = [&](auto nc) {
+    constexpr int NC = decltype(nc)::value;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, c10::BFloat16> && NC % 2 == 0) {
+      scores_dpbf16<NC>(q_raw, q_head, scale, G, k_head, offs, len, scores, parts);
+    } else {
+      scores_avx512<T, NC>(q, G, k_head, offs, len, scores, parts);
+    }
+#else
+    scores_avx512<T, NC>(q, G, k_head, offs, len, scores, parts);
+#endif
+    softmax_rows(scores, G, len, inv_sum);
+    values_avx512<T, NC>(scores, G, v_head, offs, len, acc);
+    return true;
+  };
+  switch (D) {
+    case 16: return run(std::integral_constant<int, 1>{});
+    case 32: return run(std::integral_constant<int, 2>{});
+    case 64: return run(std::integral_constant<int, 4>{});
+    case 128: return run(std::integral_constant<int, 8>{});
+    default: break;
+  }
+#endif
+  return false;
+}
+
+template <typename T>
 void attend_one(const Layout& l, int64_t s, int64_t kvh, int64_t len, const T* query,
-                const T* cache, const Index* table, double scale, T* out, Scratch& w) {
+                const T* cache, const void* table, double scale, T* out, Scratch& w) {
   const int64_t G = l.group, D = l.head_dim;
   T* o = out + s * l.o_seq + kvh * G * l.o_head;
   if (len <= 0) {  // nothing to attend to: zeros rather than NaN
@@ -168,94 +407,43 @@ void attend_one(const Layout& l, int64_t s, int64_t kvh, int64_t len, const T* q
     widen(q + g * l.q_head, w.q.data() + g * D, D);
     for (int64_t d = 0; d < D; ++d) w.q[g * D + d] *= static_cast<float>(scale);
   }
-  const Index* blocks = table + s * l.table_row;
-  TORCH_CHECK(len <= l.max_blocks * l.block_size, "seq_len ", len, " exceeds the block table");
+  int64_t* offs = w.offs.data();
+  row_offsets(l, table, s, len, offs);
   const T* k_head = cache + kvh * l.c_head;
   const T* v_head = k_head + l.c_kv;
-
-  // pass 1: scores[g, t] = (scale * q_g) . k_t, and the row maxima
   float* scores = w.scores.data();
-  float* row = w.row.data();
-  float* max_score = w.max.data();
-  std::fill(max_score, max_score + G, -std::numeric_limits<float>::infinity());
-  for (int64_t t0 = 0, b = 0; t0 < len; t0 += l.block_size, ++b) {
-    const int64_t block = static_cast<int64_t>(blocks[b]);
-    TORCH_CHECK(block >= 0 && block < l.num_blocks, "block id ", block, " out of range");
-    const T* k_block = k_head + block * l.c_block;
-    const int64_t n = std::min(l.block_size, len - t0);
-    for (int64_t j = 0; j < n; ++j) {
-      widen(k_block + j * l.c_token, row, D);
-      for (int64_t g = 0; g < G; ++g) {
-        float x = dot(w.q.data() + g * D, row, D);
-        scores[g * len + t0 + j] = x;
-        max_score[g] = std::max(max_score[g], x);
-      }
-    }
-  }
-  // softmax numerators in place; 1 / denominator per query head
-  float* inv_sum = w.inv_sum.data();
-  for (int64_t g = 0; g < G; ++g) {
-    float* p = scores + g * len;
-    exp_shifted(p, len, max_score[g]);
-    inv_sum[g] = 1.f / sum(p, len);
-  }
-  // pass 2: acc[g] = sum_t p[g, t] * v_t
   float* acc = w.acc.data();
-  std::fill(acc, acc + G * D, 0.f);
-  for (int64_t t0 = 0, b = 0; t0 < len; t0 += l.block_size, ++b) {
-    const T* v_block = v_head + static_cast<int64_t>(blocks[b]) * l.c_block;
-    const int64_t n = std::min(l.block_size, len - t0);
-    for (int64_t j = 0; j < n; ++j) {
-      widen(v_block + j * l.c_token, row, D);
-      for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t0 + j], row, acc + g * D, D);
-    }
+  float inv_sum[256];
+  if (!passes_avx512(q, l.q_head, static_cast<float>(scale), w.q.data(), G, D, k_head, v_head,
+                     offs, len, scores, w.parts.data(), inv_sum, acc)) {
+    scores_portable(w.q.data(), G, D, k_head, offs, len, scores, w.row.data());
+    softmax_rows(scores, G, len, inv_sum);
+    values_portable(scores, G, D, v_head, offs, len, acc, w.row.data());
   }
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d)
       o[g * l.o_head + d] = static_cast<T>(acc[g * D + d] * inv_sum[g]);
-  }
 }
 
-template <typename T, typename Index, typename Len>
-void attend_all(const Layout& l, const T* query, const T* cache, const Index* table,
-                const Len* seq_lens, double scale, T* out) {
+template <typename T>
+void attend_all(const Layout& l, const at::Tensor& query, const at::Tensor& cache,
+                const at::Tensor& tables, const at::Tensor& seq_lens, double scale,
+                const at::Tensor& out) {
+  const T* q = static_cast<const T*>(query.const_data_ptr());
+  const T* c = static_cast<const T*>(cache.const_data_ptr());
+  const void* table = tables.const_data_ptr();
+  const void* lens = seq_lens.const_data_ptr();
+  T* o = static_cast<T*>(out.mutable_data_ptr());
   int64_t max_len = 1;
-  for (int64_t s = 0; s < l.num_seqs; ++s) max_len = std::max<int64_t>(max_len, seq_lens[s]);
+  for (int64_t s = 0; s < l.num_seqs; ++s)
+    max_len = std::max(max_len, read_index(lens, l.lens64, s));
   at::parallel_for(0, l.num_seqs * l.kv_heads, 1, [&](int64_t begin, int64_t end) {
     Scratch w(l, max_len);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / l.kv_heads, kvh = item % l.kv_heads;
-      attend_one<T, Index>(l, s, kvh, seq_lens[s], query, cache, table, scale, out, w);
+      attend_one<T>(l, s, kvh, read_index(lens, l.lens64, s), q, c, table, scale, o, w);
     }
   });
-}
-
-template <typename T, typename Index>
-void dispatch_len(const Layout& l, const at::Tensor& query, const at::Tensor& cache,
-                  const at::Tensor& tables, const at::Tensor& seq_lens, double scale,
-                  const at::Tensor& out) {
-  const T* q = static_cast<const T*>(query.const_data_ptr());
-  const T* c = static_cast<const T*>(cache.const_data_ptr());
-  const Index* t = static_cast<const Index*>(tables.const_data_ptr());
-  T* o = static_cast<T*>(out.mutable_data_ptr());
-  if (seq_lens.scalar_type() == at::kInt) {
-    attend_all<T, Index>(l, q, c, t, static_cast<const int32_t*>(seq_lens.const_data_ptr()),
-                         scale, o);
-  } else {
-    attend_all<T, Index>(l, q, c, t, static_cast<const int64_t*>(seq_lens.const_data_ptr()),
-                         scale, o);
-  }
-}
-
-template <typename T>
-void dispatch_index(const Layout& l, const at::Tensor& query, const at::Tensor& cache,
-                    const at::Tensor& tables, const at::Tensor& seq_lens, double scale,
-                    const at::Tensor& out) {
-  if (tables.scalar_type() == at::kInt) {
-    dispatch_len<T, int32_t>(l, query, cache, tables, seq_lens, scale, out);
-  } else {
-    dispatch_len<T, int64_t>(l, query, cache, tables, seq_lens, scale, out);
-  }
 }
 
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
@@ -300,16 +488,19 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
   l.c_head = kv_cache.stride(3);
   l.table_row = block_tables.stride(0);
   l.max_blocks = block_tables.size(1);
+  l.table64 = block_tables.scalar_type() == at::kLong;
+  l.lens64 = seq_lens.scalar_type() == at::kLong;
+  TORCH_CHECK(l.group <= 256, "at most 256 query heads per KV head");
   if (l.num_seqs == 0) return;
   switch (dtype) {
     case at::kFloat:
-      dispatch_index<float>(l, query, kv_cache, block_tables, seq_lens, scale, out);
+      attend_all<float>(l, query, kv_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kBFloat16:
-      dispatch_index<c10::BFloat16>(l, query, kv_cache, block_tables, seq_lens, scale, out);
+      attend_all<c10::BFloat16>(l, query, kv_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kHalf:
-      dispatch_index<c10::Half>(l, query, kv_cache, block_tables, seq_lens, scale, out);
+      attend_all<c10::Half>(l, query, kv_cache, block_tables, seq_lens, scale, out);
       break;
     default:
       TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", dtype);
