@@ -63,18 +63,6 @@ def _is_v1(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
-class AnonymousAuthMiddleware:
-    """Every request is the `default` tenant, without any store (tests of the bare gateway)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope[PRINCIPAL_SCOPE_KEY] = ANONYMOUS
-        await self.app(scope, receive, send)
-
-
 class ApiKeyAuthMiddleware:
     """Bearer API key -> tenant `Principal` on `/v1/*` (see the module docstring).
 

@@ -40,10 +40,11 @@ def request_id(scope: Scope) -> str:
 
 
 async def send_error(send: Send, error: APIError) -> None:
-    headers = [(b"content-type", b"application/json")]
+    body = error.body_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     headers += [(k.encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error.body_bytes()})
+    await send({"type": "http.response.body", "body": body})
 
 
 class AccessLogMiddleware:
