@@ -81,7 +81,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loading = None
         if state.owns_tenants:
-            await state.tenants.start()
+            await state.start_tenants()
         if state.engine is None:
             loading = asyncio.create_task(state.load_engine(engine_loader, on_engine_error))
         try:

@@ -54,6 +54,21 @@ class GatewayState:
         )
         self._token_texts: TokenTexts | None = None
 
+    async def start_tenants(self) -> None:
+        """Lifespan startup: load the Redis scripts (never raises for an outage) and log the
+        tenancy mode, so an operator sees which one a process runs in."""
+        await self.tenants.start()
+        s = self.settings
+        line = {
+            "event": "tenants",
+            "store": "redis" if s.redis_url else "memory",
+            "admin_api": s.admin_key is not None,
+            "anonymous": s.anonymous,
+            "failure_mode": s.redis_failure_mode,
+            "lease_ttl_s": s.lease_ttl_s,
+        }
+        logger.info(json.dumps(line))
+
     def require_engine(self) -> EngineClient:
         if self.engine is None:
             if self.load_error is not None:

@@ -91,3 +91,5 @@ def test_serve_end_to_end(tiny_model_dir: str) -> None:
     access = [x for x in lines if x.get("event") == "access" and x["path"] == "/v1/completions"]
     assert access[0]["status"] == 200 and access[0]["completion_tokens"] == 3
     assert any(x.get("event") == "engine_ready" for x in lines)
+    [tenancy] = [x for x in lines if x.get("event") == "tenants"]
+    assert (tenancy["store"], tenancy["anonymous"], tenancy["admin_api"]) == ("memory", True, False)
