@@ -9,7 +9,7 @@ heads of its group, with float32 scores, softmax and accumulation.
     prefill rows (q_len > 1)    -> reference    (`reference.prefill_attention`)
     write_kv                    -> reference
 
-The extension is compiled on first use (one translation unit, about 20 s) with
+The extension is compiled on first use (one translation unit, ~11 s on 2 cores) with
 `torch.utils.cpp_extension` into `$PREFIXGATE_CACHE_DIR/torch_extensions` (default
 `~/.cache/prefixgate/torch_extensions`), in a folder keyed by the source, the compiler flags,
 torch, Python and the CPU, under a file lock so that concurrent processes build it once. When it
