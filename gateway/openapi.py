@@ -240,10 +240,24 @@ def build_openapi() -> dict[str, Any]:
     retrieve = _get(
         "Describe the model",
         "retrieveModel",
-        {"200": _json(ModelCard, "The model"), **_errors(404)},
+        {"200": _json(ModelCard, "The model"), **_errors(401, 404, 503)},
         "OpenAI",
     )
     retrieve["get"]["parameters"] = [model_param]
+    list_models = _get(
+        "List models",
+        "listModels",
+        {"200": _json(ModelList, "Served models"), **_errors(401, 503)},
+        "OpenAI",
+    )
+    usage = _get(
+        "Your usage: today, this month, the last hour by minute, and your quota",
+        "getUsage",
+        {"200": _json(TenantUsage, "Usage of the caller's tenant"), **_errors(401, 503)},
+        "Tenants",
+    )
+    for op in (list_models, retrieve, usage):
+        op["get"]["security"] = API_KEY
     paths = {
         "/v1/chat/completions": _generation_path(
             "Create a chat completion",
@@ -259,16 +273,9 @@ def build_openapi() -> dict[str, Any]:
             Completion,
             Completion,
         ),
-        "/v1/models": _get(
-            "List models", "listModels", {"200": _json(ModelList, "Served models")}, "OpenAI"
-        ),
+        "/v1/models": list_models,
         "/v1/models/{model}": retrieve,
-        "/v1/usage": _get(
-            "Your usage: today, this month, the last hour by minute, and your quota",
-            "getUsage",
-            {"200": _json(TenantUsage, "Usage of the caller's tenant"), **_errors(401, 503)},
-            "Tenants",
-        ),
+        "/v1/usage": usage,
         "/health": _get(
             "Process is up", "health", {"200": _json(HealthResponse, "Up")}, "Operations"
         ),
