@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(default=300.0, gt=0)  # a concurrency slot outlives a crash so long
     # Connect and read timeout of one Redis call; a whole operation gets 4x (retry included).
     redis_timeout_s: float = Field(default=0.5, gt=0)
+    # Prefix of every Redis key: deployments (or test runs) sharing one Redis stay apart.
+    redis_key_prefix: str = Field(default="pg", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
     def model_name(self) -> str:
         """The name clients pass as `model`."""
@@ -86,6 +88,7 @@ class Settings(BaseSettings):
             admin_key=self.admin_key_value(),
             failure_mode=FailureMode(self.redis_failure_mode),
             lease_ttl_s=self.lease_ttl_s,
+            key_prefix=self.redis_key_prefix,
             socket_timeout_s=self.redis_timeout_s,
             connect_timeout_s=self.redis_timeout_s,
             pool_timeout_s=2 * self.redis_timeout_s,

@@ -1,5 +1,6 @@
 """Fixtures: the fake engine, an app around it, an httpx ASGI client, a real uvicorn server;
-for the tenant tests, Redis DB 12 (flushed per test) and apps over it (`make_gateway`)."""
+for the tenant tests, Redis DB 12 under a key prefix of the test's own, and apps over it
+(`make_gateway`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gateway.app import create_app
 from gateway.settings import Settings
 from tests.gateway.fake_engine import FakeEngine
 from tests.gateway.tenancy import ADMIN_KEY, REDIS_URL, Gateway
+from tests.tenants.conftest import unique_prefix
 
 MODEL = "fake-model"
 
@@ -118,16 +120,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    """Redis DB 12 (the tenants tests use 13), empty before and after the test."""
+def redis_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Redis DB 12, with `PREFIXGATE_REDIS_KEY_PREFIX` set to a prefix of this test's own, so
+    every app the test builds keeps its keys apart from other test runs sharing the Redis (no
+    FLUSHDB); those keys are deleted afterwards."""
+    prefix = unique_prefix()
+    monkeypatch.setenv("PREFIXGATE_REDIS_KEY_PREFIX", prefix)
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        client.flushdb()
+        client.ping()
     except redis.RedisError as exc:
         client.close()
         pytest.fail(f"Redis is not reachable at {REDIS_URL} (start it with `make redis`): {exc}")
     yield REDIS_URL
-    client.flushdb()
+    names = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if names:
+        client.delete(*names)
     client.close()
 
 

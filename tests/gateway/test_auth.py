@@ -38,10 +38,10 @@ class CountingStore(RedisStore):
 @pytest.fixture
 async def clocked(redis_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, TenantService]]:
     """An app over a tenant service with a fake clock (key expiry) and a counting store."""
-    store = CountingStore.from_url(redis_url)
+    settings = make_settings(redis_url=redis_url, admin_key=ADMIN_KEY)
+    store = CountingStore.from_url(redis_url, prefix=settings.redis_key_prefix)
     svc = TenantService(store, clock=FakeClock())
-    app = create_app(make_settings(redis_url=redis_url, admin_key=ADMIN_KEY), FakeEngine(),
-                     tenants=svc)  # fmt: skip
+    app = create_app(settings, FakeEngine(), tenants=svc)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
         yield client, svc

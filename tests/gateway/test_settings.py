@@ -46,7 +46,9 @@ def test_tenant_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFIXGATE_REDIS_FAILURE_MODE", "OPEN")
     monkeypatch.setenv("PREFIXGATE_LEASE_TTL_S", "45")
     monkeypatch.setenv("PREFIXGATE_REDIS_TIMEOUT_S", "0.25")
+    monkeypatch.setenv("PREFIXGATE_REDIS_KEY_PREFIX", "staging")
     s = Settings()
+    assert s.tenants_config().key_prefix == "staging"
     assert not s.anonymous
     config = s.tenants_config()
     assert (config.redis_url, config.failure_mode.value, config.lease_ttl_s) == (
@@ -64,7 +66,11 @@ def test_tenant_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("PREFIXGATE_REDIS_FAILURE_MODE", "maybe"), ("PREFIXGATE_LEASE_TTL_S", "0")],
+    [
+        ("PREFIXGATE_REDIS_FAILURE_MODE", "maybe"),
+        ("PREFIXGATE_LEASE_TTL_S", "0"),
+        ("PREFIXGATE_REDIS_KEY_PREFIX", "a:{b}"),
+    ],
 )
 def test_invalid_tenant_settings(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)

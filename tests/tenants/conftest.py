@@ -1,7 +1,9 @@
-"""Fixtures: a fake clock, both stores (Redis DB 13, flushed per test), a private redis-server."""
+"""Fixtures: a fake clock, both stores (Redis DB 13, under a key prefix of each test's own, so
+that test runs sharing one Redis never touch each other's keys), a private redis-server."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -43,22 +45,43 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-async def fresh_redis_store(url: str = REDIS_URL) -> RedisStore:
-    store = RedisStore.from_url(url)
+_PREFIXES = itertools.count()
+
+
+def unique_prefix() -> str:
+    """A Redis key prefix for one test alone. Test runs sharing a Redis (two sessions, or a
+    session and CI) never see, count or delete each other's keys: no FLUSHDB anywhere."""
+    return f"pgtest-{os.getpid()}-{next(_PREFIXES)}"
+
+
+async def drop_keys(store: RedisStore) -> None:
+    """Delete every key under the store's prefix."""
+    names = [n async for n in store.client.scan_iter(match=f"{store.keys.prefix}:*", count=1000)]
+    if names:
+        await store.client.delete(*names)
+
+
+async def fresh_redis_store(url: str = REDIS_URL, **options: float) -> RedisStore:
+    """A `RedisStore` under a new key prefix (so: empty), Redis checked reachable."""
+    store = RedisStore.from_url(url, prefix=unique_prefix(), **options)  # type: ignore[arg-type]
     try:
-        await store.client.flushdb()
+        await store.ping()
     except Exception as exc:
         await store.aclose()
         pytest.fail(f"Redis is not reachable at {url} (start it with `make redis`): {exc}")
     return store
 
 
+async def close_redis_store(store: RedisStore) -> None:
+    await drop_keys(store)
+    await store.aclose()
+
+
 @pytest.fixture
 async def redis_store() -> AsyncIterator[RedisStore]:
     store = await fresh_redis_store()
     yield store
-    await store.client.flushdb()
-    await store.aclose()
+    await close_redis_store(store)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -69,8 +92,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         return
     redis = await fresh_redis_store()
     yield redis
-    await redis.client.flushdb()
-    await redis.aclose()
+    await close_redis_store(redis)
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import pytest
 
 from tenants import RedisStore, TenantService
 
-from .conftest import REDIS_URL, FakeClock
+from .conftest import REDIS_URL, FakeClock, close_redis_store, fresh_redis_store
 
 
 async def dump_redis(store: RedisStore) -> str:
-    """Every key name and value in the database, as one string."""
+    """Every key name and value under the store's prefix, as one string."""
     parts: list[str] = []
-    async for name in store.client.scan_iter(count=500):
+    async for name in store.client.scan_iter(match=f"{store.keys.prefix}:*", count=500):
         kind = await store.client.type(name)
         parts.append(name)
         if kind == "string":
@@ -72,11 +72,10 @@ async def two_services() -> AsyncIterator[tuple[TenantService, TenantService]]:
     """Two services with their own RedisStore (own pool), as two gateway processes. Generous
     timeouts: a burst on a loaded machine starves the event loop past the 0.5 s defaults, and
     these tests are about exactness, not timeouts."""
-    a, b = (RedisStore.from_url(REDIS_URL, **PATIENT) for _ in range(2))
-    await a.client.flushdb()
+    a = await fresh_redis_store(**PATIENT)
+    b = RedisStore.from_url(REDIS_URL, prefix=a.keys.prefix, **PATIENT)  # same keys, own pool
     yield TenantService(a), TenantService(b)
-    await a.client.flushdb()
-    await a.aclose()
+    await close_redis_store(a)
     await b.aclose()
 
 

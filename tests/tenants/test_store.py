@@ -14,7 +14,7 @@ from tenants.keys import new_api_key
 from tenants.periods import UTC, Periods, to_ms
 from tenants.store import AdmitRequest, AdmitResult, Consumption, Ticket
 
-from .conftest import NOW, REDIS_URL, START
+from .conftest import NOW, START, close_redis_store, fresh_redis_store
 
 
 def tenant(tid: str = "acme", **quota: int) -> Tenant:
@@ -206,8 +206,9 @@ async def test_delete_tenant_leaves_no_redis_keys(redis_store: RedisStore) -> No
     assert r.ticket is not None
     await redis_store.settle(r.ticket, Consumption(1, 1), Periods.at(START))
     assert await redis_store.delete_tenant("acme")
-    left = sorted(await redis_store.client.keys("*"))
-    assert left == ["pg:tenants", "pg:{other}:tenant"]
+    p = redis_store.keys.prefix
+    left = sorted(await redis_store.client.keys(f"{p}:*"))
+    assert left == [f"{p}:tenants", f"{p}:{{other}}:tenant"]
 
 
 # -- differential: both stores, same operations, same answers ---------------------------------
@@ -267,14 +268,12 @@ async def _drive(store: Store, quota: Quotas, ops: Ops) -> list[object]:
 
 
 async def _both(quota: Quotas, ops: Ops) -> None:
-    redis = RedisStore.from_url(REDIS_URL)
+    redis = await fresh_redis_store()
     try:
-        await redis.client.flushdb()
         expected = await _drive(MemoryStore(), quota, ops)
         got = await _drive(redis, quota, ops)
     finally:
-        await redis.client.flushdb()
-        await redis.aclose()
+        await close_redis_store(redis)
     assert got == expected
 
 
