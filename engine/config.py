@@ -106,7 +106,7 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     device: str = "auto"  # "auto": cuda when available, else cpu
-    attention_backend: str = "auto"  # "auto" | "torch" | "triton"
+    attention_backend: str = "auto"  # "auto" | "cpu" | "torch" | "triton"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads for the model; None: all cores
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -6,7 +6,7 @@ sequence's block table and reads K and V rows where they lie, once per KV head f
 heads of its group, with float32 scores, softmax and accumulation.
 
     decode rows  (q_len == 1)   -> C++ kernel   [S_d, H, D] -> [S_d, H, D]
-    prefill rows (q_len > 1)    -> reference    (`reference.prefill_attention`)
+    prefill rows (q_len > 1)    -> `scaled_dot_product_attention` per sequence (`prefill_sdpa`)
     write_kv                    -> reference
 
 The extension is compiled on first use (one translation unit, ~11 s on 2 cores) with
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from kernels import reference
 from kernels.metadata import AttentionMetadata
@@ -103,21 +104,58 @@ def paged_decode(
 def paged_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """`reference.paged_attention` with the decode rows computed by the C++ kernel."""
+    """Decode rows through the C++ kernel, prefill rows through SDPA (see `prefill_sdpa`).
+
+    Without the kernel (no compiler, or `PREFIXGATE_CPU_ATTENTION=torch`) the whole step runs
+    the reference.
+    """
     plan = meta.derived.get("cpu")
     if plan is None:
         plan = meta.derived["cpu"] = _make_plan(meta, kv_cache)
-    if plan.kernel is None or plan.seq_lens is None:  # no kernel, or no decodes in this step
+    if plan.kernel is None:
         return reference.paged_attention(query, kv_cache, meta, scale)
     query = query.to(kv_cache.dtype)
-    if plan.rows is None:  # all decodes
+    if plan.seq_lens is not None and plan.rows is None:  # all decodes
         return paged_decode(query, kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel)
     out = torch.empty_like(query)
-    out[plan.rows] = paged_decode(
-        query[plan.rows], kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel
-    )
-    reference.prefill_attention(query, kv_cache, meta, scale, out)
+    if plan.seq_lens is not None:
+        out[plan.rows] = paged_decode(
+            query[plan.rows], kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel
+        )
+    prefill_sdpa(query, kv_cache, meta, scale, out)
     return out
+
+
+def prefill_sdpa(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Write the prefill rows (q_len > 1) of `out` with PyTorch's fused CPU attention.
+
+    Each prefill or chunk gathers its own context once ([L, KVH, D], small next to the step's
+    matmuls) and runs `scaled_dot_product_attention` with grouped query heads: causal when the
+    whole context is new, else with a mask that lets new token i see the cached context and new
+    tokens up to itself. On CPU this fused kernel is 3-12x faster than the reference's
+    matmul + float32 softmax for prefills of 256-2048 tokens.
+    """
+    kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    for p in reference.step_plan(meta, kv_cache).prefills:
+        kv = kv_cache.index_select(1, p.blocks).view(2, -1, kv_heads, head_dim)[:, : p.seq_len]
+        q = query[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
+        k = kv[0].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
+        v = kv[1].transpose(0, 1).unsqueeze(0)
+        if p.end - p.start == p.seq_len:
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=~p.future, scale=scale, enable_gqa=True
+            )
+        out[p.start : p.end] = o[0].transpose(0, 1)  # [Q, H, D]
 
 
 @dataclass(slots=True)

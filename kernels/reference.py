@@ -53,7 +53,7 @@ def paged_attention(
         [T, H, D] attention output in the cache dtype.
     """
     query = query.to(kv_cache.dtype)
-    plan = _step_plan(meta, kv_cache)
+    plan = step_plan(meta, kv_cache)
     decode = plan.decode
     if decode is not None and decode.rows is None:  # all decodes: no scatter into an output
         return _decode_attention(query, kv_cache, decode, scale)
@@ -79,7 +79,7 @@ def prefill_attention(
         query: [T, H, D] in the cache dtype; out: [T, H, D] the same.
         kv_cache, meta, scale: as for `paged_attention`.
     """
-    for p in _step_plan(meta, kv_cache).prefills:
+    for p in step_plan(meta, kv_cache).prefills:
         out[p.start : p.end] = _prefill_attention(query[p.start : p.end], kv_cache, p, scale)
 
 
@@ -109,7 +109,7 @@ class _StepPlan:
     prefills: list[_PrefillPlan]
 
 
-def _step_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
+def step_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _StepPlan:
     """The step's plan, made by the first layer and reused by the others."""
     plan = meta.derived.get("torch")
     if plan is None:
