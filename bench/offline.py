@@ -318,13 +318,14 @@ def main() -> None:
 
     off = shared_prefix(kwargs, engine.loaded, False, args.seed)
     on = shared_prefix(kwargs, engine.loaded, True, args.seed)
-    same = all(
+    same = sum(
         a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(on[3], off[3], strict=True)
     )
     print(
         f"shared prefix (1000-token system prompt, 32 questions): caching off {off[0]:.1f}s "
         f"({off[1]:.0f} tok/s), on {on[0]:.1f}s ({on[1]:.0f} tok/s), "
-        f"speedup {off[0] / on[0]:.2f}x, cached prompt tokens {on[2]}, same outputs: {same}"
+        f"speedup {off[0] / on[0]:.2f}x, cached prompt tokens {on[2]}, "
+        f"identical outputs {same}/{len(on[3])} (bf16 is not bit-exact across batch shapes)"
     )
 
 
