@@ -1,4 +1,4 @@
-"""PyTorch reference attention over a paged KV cache: the CPU path, and the oracle for others.
+"""PyTorch reference attention over a paged KV cache: the oracle for the other backends.
 
 Shapes used throughout (one layer):
 
@@ -8,7 +8,8 @@ Shapes used throughout (one layer):
     kv_cache   [2, num_blocks, block_size, KVH, D]   index 0 = K, 1 = V
 
 Attention matmuls run in the cache dtype with queries grouped per KV head (no repeated K/V), and the
-softmax runs in float32. On CPU this is much faster in bfloat16 than `scaled_dot_product_attention`.
+softmax runs in float32. The CPU default (`kernels.cpu_attention`) is faster: a C++ kernel for
+decodes (this gathers every context into a copy in every layer) and fused SDPA for prefills.
 """
 
 from __future__ import annotations
