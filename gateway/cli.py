@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", help="bind address (default 127.0.0.1)")
     add("--port", type=int, help="port (default 8000)")
     add("--dtype", choices=DTYPES, help="weights and KV cache dtype (default auto)")
-    add("--device", help="torch device (default cpu)")
+    add("--device", help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1")
+    add(
+        "--attention-backend",
+        choices=("auto", "cpu", "torch", "triton"),
+        help="attention kernels (default auto: triton on CUDA, the C++/SDPA path on CPU)",
+    )
     cache = serve.add_mutually_exclusive_group()
     cache.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default 1)")
     cache.add_argument("--num-blocks", type=int, help="KV cache size in blocks")

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     model: str | None = None
     served_model_name: str | None = None  # default: "smollm2" for the bundled model, else dir name
     dtype: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"
     attention_backend: str = "auto"
     seed: int = 0
     kv_cache_gib: float = Field(default=1.0, gt=0)

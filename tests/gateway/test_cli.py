@@ -27,6 +27,8 @@ def test_serve_flags() -> None:
         "--max-batched-tokens", "512", "--no-access-log",
     )  # fmt: skip
     assert (s.model, s.host, s.port, s.dtype) == ("/m/tiny", "0.0.0.0", 8123, "float32")
+    assert s.device == "auto" and s.attention_backend == "auto"
+    assert parse("serve", "--attention-backend", "torch").attention_backend == "torch"
     assert (s.num_blocks, s.block_size, s.max_num_seqs, s.max_batched_tokens) == (64, 32, 8, 512)
     assert s.access_log is False and s.model_name() == "tiny"
 
