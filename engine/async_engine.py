@@ -8,10 +8,12 @@ The event loop thread validates and enqueues; the engine thread owns every engin
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import queue
 import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +81,12 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
 
+def _shutdown_at_exit(ref: weakref.ref[AsyncEngine]) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
+
+
 def _deliver(items: list[tuple[RequestStream, RequestDelta]]) -> None:
     for stream, delta in items:
         stream._put_now(delta)
@@ -117,6 +125,9 @@ class AsyncEngine:
             self._dead = None
             self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
             self._thread.start()
+            # A daemon thread still inside a torch op while the interpreter finalizes can crash
+            # it; stop the loop first at exit (a weak reference: the engine may be collected).
+            atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def shutdown(self) -> None:
         self._stopping = True
