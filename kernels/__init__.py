@@ -49,6 +49,7 @@ def _cpu_backend() -> AttentionBackend:
     """The C++ decode kernel on CPU (reference for prefills, and wherever it can't be built)."""
     from kernels import cpu_attention
 
+    cpu_attention.kernel_available()  # build now (cached after the first time), not mid-request
     return cpu_attention
 
 
