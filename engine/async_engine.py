@@ -139,10 +139,6 @@ class AsyncEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._dead is None
-
     # ---- requests (event loop thread) ------------------------------------------------------
     def add_request(
         self,

@@ -129,10 +129,6 @@ class BlockManagerStats:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
 
-class NoFreeBlocks(RuntimeError):
-    """Raised internally when an allocation cannot be satisfied."""
-
-
 class BlockManager:
     """Allocates KV blocks to sequences, shares identical prefixes, copies on write after fork."""
 
@@ -287,14 +283,6 @@ class BlockManager:
             del self.tenant_blocks[seq.tenant]
         for block in reversed(seq.blocks):
             self._release(block)
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (blocks in use keep their contents)."""
-        for block in self.blocks:
-            block.block_hash = None
-        self.cached.clear()
-        for seq in self.seqs.values():
-            seq.hashes.clear()
 
     # ---- internals -----------------------------------------------------------------------
     def _take(self, seq: SeqBlocks, block: KVBlock) -> None:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine import AsyncEngine, EngineDeadError, LLMEngine, SamplingParams
-from engine.config import CacheConfig, EngineConfig
+from engine import AsyncEngine, EngineDeadError, EngineOverloadedError, LLMEngine, SamplingParams
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
 
 @pytest.fixture
@@ -92,3 +92,23 @@ async def test_shutdown_refuses_new_requests(engine: AsyncEngine) -> None:
     engine.shutdown()
     with pytest.raises(EngineDeadError):
         engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+
+
+async def test_bounded_queue_refuses_past_max_waiting(tiny_dirs) -> None:
+    config = EngineConfig(
+        model=tiny_dirs["llama"],
+        dtype="float32",
+        cache=CacheConfig(num_blocks=64),
+        scheduler=SchedulerConfig(max_waiting=2),
+    )
+    eng = AsyncEngine(LLMEngine(config))  # not started: requests stay queued
+    params = SamplingParams(max_tokens=2)
+    eng.add_request([1, 2, 3], params)
+    eng.add_request([4, 5, 6], params)
+    with pytest.raises(EngineOverloadedError):
+        eng.add_request([7, 8, 9], params)
+    eng.engine.add_request([1, 2], params)
+    eng.engine.add_request([3, 4], params)
+    with pytest.raises(EngineOverloadedError):  # the synchronous engine enforces it too
+        eng.engine.add_request([5, 6], params)
+    assert eng.engine.block_manager.num_free_blocks == 64  # nothing allocated for refusals
