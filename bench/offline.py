@@ -75,6 +75,7 @@ def run_engine(llm: LLM, work: list[tuple[list[int], int]]) -> dict[str, float]:
 
 def run_transformers(model: Any, work: list[tuple[list[int], int]], batch: int, pad: int):
     """Static batching: left-pad each batch, run it to its longest max_tokens."""
+    device = next(model.parameters()).device
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = pad
     t0 = time.perf_counter()
@@ -88,8 +89,8 @@ def run_transformers(model: Any, work: list[tuple[list[int], int]], batch: int, 
             mask[row, width - len(p) :] = 1
         with torch.inference_mode():
             model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=max(m for _, m in chunk),
                 do_sample=False,
             )
@@ -120,14 +121,23 @@ def shared_prefix(llm_kwargs: dict[str, Any], loaded: Any, caching: bool, seed: 
     return elapsed, tokens / elapsed, cached, outs
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """The machine's matmul rate: a large square GEMM in `dtype`."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def gemm_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """The device's matmul rate: a large square GEMM in `dtype` (8192 wide on GPUs)."""
+    if device.type == "cuda":
+        n, reps = 8192, 20
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     torch.mm(a, b)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         torch.mm(a, b)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flops_per_token(engine: LLMEngine, with_head: bool) -> float:
@@ -185,7 +195,7 @@ def prefill_rate(llm: LLM, tokens: int = 2048) -> float:
 
 def roofline(llm: LLM) -> None:
     engine = llm.engine
-    peak = gemm_gflops(engine.dtype)
+    peak = gemm_gflops(engine.dtype, engine.device)
     prefill = prefill_rate(llm)
     prefill_limit = peak * 1e9 / flops_per_token(engine, with_head=False)
     decoder, head = flops_per_token(engine, False), flops_per_token(engine, True)
@@ -261,6 +271,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -272,13 +283,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     kwargs: dict[str, Any] = dict(
-        model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, kv_cache_gib=1.0
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_gib=1.0,
     )
     llm = LLM(**kwargs)
     engine = llm.engine
     print(
-        f"model={engine.model_name} dtype={engine.dtype} blocks={engine.num_blocks} "
-        f"threads={torch.get_num_threads()}"
+        f"model={engine.model_name} dtype={engine.dtype} device={engine.device} "
+        f"blocks={engine.num_blocks} threads={torch.get_num_threads()}"
     )
     single_stream_itl(llm)
     for concurrency in (16, 64):
@@ -304,7 +319,8 @@ def main() -> None:
 
         path = engine.loaded.path
         hf_dir = gguf_to_hf_dir(path) if path.endswith(".gguf") else path
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=engine.dtype).eval()
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=engine.dtype)
+        hf = hf.to(engine.device).eval()
         theirs = run_transformers(hf, work, args.hf_batch, pad=0)
         print(
             f"transformers : {theirs['seconds']:.1f}s  output {theirs['output_tps']:.1f} tok/s "
