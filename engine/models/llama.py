@@ -112,7 +112,7 @@ class LlamaDecoderLayer(nn.Module):
         self.packed: dict[str, torch.Tensor | None] = {}  # see `pack_weights`
 
     def pack_weights(self) -> None:
-        """Pre-pack the matmul weights for oneDNN where that applies (bf16 on CPU)."""
+        """Pre-pack the matmul weights for oneDNN where that applies (CPU)."""
         for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             self.packed[name] = pack_weight(getattr(self, name))
 
@@ -232,7 +232,7 @@ class LlamaForCausalLM(nn.Module):
         return linear(hidden, head, None, self.packed_head).float()
 
     def pack_weights(self) -> None:
-        """Pre-pack every matmul weight for oneDNN (bf16 on CPU; elsewhere a no-op)."""
+        """Pre-pack every matmul weight for oneDNN (CPU; elsewhere a no-op)."""
         for layer in self.layers:
             assert isinstance(layer, LlamaDecoderLayer)
             layer.pack_weights()
