@@ -12,7 +12,14 @@ process (as in production); the engine mode adds the same requests to an in-proc
 with the same configuration. The two modes alternate for `--rounds` rounds (machine load that
 drifts hits both alike) and each mode's rounds are pooled. Printed: requests/s, output tokens/s,
 time to first token and inter-token latency percentiles per mode, and the HTTP overhead
-(targets: under 5% of throughput, under 2 ms of TTFT p50).
+(targets: under 5% of throughput, under 2 ms of TTFT p50), also as CPU time per output token
+(server process vs engine alone), which machine noise does not move.
+
+Under concurrency, TTFT is mostly queueing behind other prompts' prefills, and it depends on how
+the requests arrive: straight into the engine all 16 land before its first step, over HTTP they
+trickle in while it already runs. A latency probe then isolates the gateway's own share:
+`--probe` requests of fresh prompts (8 output tokens), one at a time, alternating HTTP and
+engine, on an otherwise idle server.
 """
 
 from __future__ import annotations
@@ -277,15 +284,33 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
     header = f"{'':18} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9}"
     print(header + f" {'ITL p50':>8} {'ITL p99':>8}   (latencies in ms)")
     out: dict[str, Any] = {}
+    load = [r for r in runs if not r.name.endswith("probe")]
+    probes = [r for r in runs if r.name.endswith("probe")]
     for run in runs:
+        if run in probes:
+            ttfts = sorted(t.ttft for t in run.timings)
+            itls = [x for t in run.timings for x in t.itls]
+            s = out[run.name] = {
+                "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+                "itl_p50_ms": 1000 * percentile(itls, 50),
+            }
+            print(
+                f"{run.name:18} {len(run.timings):>4} requests one at a time: "
+                f"TTFT p50 {s['ttft_p50_ms']:.1f} ms, ITL p50 {s['itl_p50_ms']:.1f} ms"
+            )
+            continue
         s = out[run.name] = run.summary()
         print(
             f"{run.name:18} {s['requests_per_s']:7.2f} {s['output_tokens_per_s']:10.1f} "
             f"{s['ttft_p50_ms']:9.1f} {s['ttft_p99_ms']:9.1f} {s['itl_p50_ms']:8.1f} "
             f"{s['itl_p99_ms']:8.1f}"
         )
-    if len(runs) == 2:
-        http, direct = (out[r.name] for r in runs)
+    if len(probes) == 2:
+        added = out[probes[0].name]["ttft_p50_ms"] - out[probes[1].name]["ttft_p50_ms"]
+        out["probe_ttft_p50_added_ms"] = added
+        print(f"HTTP overhead on an idle server: TTFT p50 {added:+.1f} ms (target < 2 ms)")
+    if len(load) == 2:
+        http, direct = (out[r.name] for r in load)
         loss = 100 * (1 - http["output_tokens_per_s"] / direct["output_tokens_per_s"])
         ttft = http["ttft_p50_ms"] - direct["ttft_p50_ms"]
         out["overhead"] = {"throughput_loss_pct": loss, "ttft_p50_added_ms": ttft}
@@ -316,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="alternating HTTP / engine rounds")
+    p.add_argument(
+        "--probe", type=int, default=16, help="sequential latency-probe requests per mode (0: none)"
+    )
     p.add_argument("--port", type=int, default=8123, help="port for the server this starts")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -344,6 +372,7 @@ async def bench(args: argparse.Namespace, url: str | None, server_pid: int | Non
     )
     http_runs: list[Run] = []
     engine_runs: list[Run] = []
+    probes: dict[str, Run] = {"HTTP probe": Run("HTTP probe"), "engine probe": Run("engine probe")}
     try:
         async with httpx.AsyncClient(base_url=url or "", timeout=600, limits=limits) as client:
             model = ""
@@ -360,10 +389,25 @@ async def bench(args: argparse.Namespace, url: str | None, server_pid: int | Non
                 if engine is not None:
                     engine_runs.append(await run_engine(engine, workload, args.concurrency))
                     print(f"round {i + 1}: engine {engine_runs[-1].wall:.1f} s", file=sys.stderr)
+            if url is not None and engine is not None:
+                for req in probe_workload(args):
+                    probes["HTTP probe"].timings.append(await http_request(client, model, req))
+                    probes["engine probe"].timings.append(await engine_request(engine, req))
     finally:
         if engine is not None:
             engine.shutdown()
-    return [merge(runs) for runs in (http_runs, engine_runs) if runs]
+    runs = [merge(runs) for runs in (http_runs, engine_runs) if runs]
+    return runs + [p for p in probes.values() if p.timings]
+
+
+def probe_workload(args: argparse.Namespace) -> list[Request]:
+    """Fresh prompts (no prefix-cache hits in either mode), 8 output tokens each."""
+    rng = random.Random(args.seed + 1)
+    lo, hi = TOKEN_ID_RANGE
+    return [
+        Request([rng.randrange(lo, hi) for _ in range(args.prompt_tokens)], 8)
+        for _ in range(args.probe)
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
