@@ -16,7 +16,9 @@
 //
 // Inner loops: with AVX-512 and head_dim 16/32/64/128, intrinsics (scores of 16 tokens summed by
 // one shuffle tree, V accumulated in registers for up to 4 heads at a time, bfloat16 K dotted with
-// the AVX512-BF16 instruction when present); otherwise plain loops that the compiler vectorizes.
+// the AVX512-BF16 instruction when present); else with AVX2 + FMA the same design on 8 lanes
+// (scores of 8 tokens, V in column windows so that the accumulators fit in 16 registers);
+// otherwise plain loops that the compiler vectorizes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,7 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -92,15 +94,32 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #endif
 }
 
+#if defined(__AVX2__)
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 inline float sum(const float* x, int64_t n) {
+  float total = 0.f;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_add_ps(acc0, _mm256_loadu_ps(x + i));
+    acc1 = _mm256_add_ps(acc1, _mm256_loadu_ps(x + i + 8));
+  }
+  total = hsum8(_mm256_add_ps(acc0, acc1));
+#else
   constexpr int kLanes = 16;
   float lanes[kLanes] = {};
-  int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
-  float total = 0.f;
-  for (; i < n; ++i) total += x[i];
   for (int l = 0; l < kLanes; ++l) total += lanes[l];
+#endif
+  for (; i < n; ++i) total += x[i];
   return total;
 }
 
@@ -109,8 +128,14 @@ inline float max(const float* x, int64_t n) {  // n >= 1
   float lanes[kLanes];
   for (int l = 0; l < kLanes; ++l) lanes[l] = x[0];
   int64_t i = 0;
+#if defined(__AVX2__)
+  __m256 m8 = _mm256_set1_ps(x[0]);  // max_ps(x, m) keeps m where x is NaN, as std::max(m, x)
+  for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(x + i), m8);
+  _mm256_storeu_ps(lanes, m8);
+#else
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], x[i + l]);
+#endif
   float m = x[0];
   for (; i < n; ++i) m = std::max(m, x[i]);
   for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
@@ -125,7 +150,24 @@ inline void exp_shifted(float* x, int64_t n, float shift) {
   constexpr float kLn2Hi = 0.693145751953125f;  // ln 2 split so that k * kLn2Hi is exact
   constexpr float kLn2Lo = 1.42860682030941723212e-6f;
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  // the same steps on 8 lanes (the scalar loop below finishes the row)
+  const __m256 vshift = _mm256_set1_ps(shift), vmin = _mm256_set1_ps(-87.f);
+  const __m256 vround = _mm256_set1_ps(kRound);
+  for (; i + 8 <= n; i += 8) {
+    __m256 t = _mm256_max_ps(vmin, _mm256_sub_ps(_mm256_loadu_ps(x + i), vshift));
+    __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(t, _mm256_set1_ps(kLog2e), vround), vround);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), t);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23))));
+  }
+#endif
+  for (; i < n; ++i) {
     float t = std::max(x[i] - shift, -87.f);
     float k = (t * kLog2e + kRound) - kRound;
     float r = (t - k * kLn2Hi) - k * kLn2Lo;
@@ -291,6 +333,124 @@ void values_avx512(const float* p, int64_t G, const T* head, const int64_t* offs
 }
 #endif
 
+// ---- AVX2 + FMA inner loops for head_dim = 8 * NC (no AVX-512) -------------------------------
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Rows are scattered over blocks (and strided by KVH * D inside one): fetch a few tokens ahead.
+constexpr int64_t kPrefetch = 8;
+
+template <typename T, int NV>  // the NV vectors of 8 at row
+inline void prefetch_row(const T* row) {
+  constexpr int bytes = 8 * NV * sizeof(T);
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+
+// out[i] = sum of the 8 lanes of v[i], i = 0..7: two levels of horizontal adds leave, in each
+// 128-bit half, four partial sums of v[0..3] (u0) or v[4..7] (u1); adding the halves ends it.
+inline __m256 reduce8(const float* parts /* [8, 8] */) {
+  __m256 v[8];
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(parts + 8 * i);
+  __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// scores[g * len + t] = q_g . K row t, for rows at head + offs[t]. At most 8 vectors of a row
+// stay in registers (16 ymm in all): head_dim 128 goes in two halves, the second adding to parts.
+template <typename T, int NC>
+void scores_avx2(const float* q, int64_t G, const T* head, const int64_t* offs, int64_t len,
+                 float* scores, float* parts /* [G, 8, 8] */) {
+  constexpr int KC = NC < 8 ? NC : 8;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t t0 = 0; t0 < len; t0 += 8) {
+    const int64_t n = std::min<int64_t>(8, len - t0);
+    for (int64_t j = 0; j < n; ++j) {
+      if (t0 + j + kPrefetch < len) prefetch_row<T, NC>(head + offs[t0 + j + kPrefetch]);
+      const T* row = head + offs[t0 + j];
+      for (int c0 = 0; c0 < NC; c0 += KC) {
+        __m256 k[KC];
+        for (int c = 0; c < KC; ++c) k[c] = load8(row + 8 * (c0 + c));
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = q + g * 8 * NC + 8 * c0;
+          float* part = parts + (g * 8 + j) * 8;
+          __m256 acc = c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(part);
+          for (int c = 0; c < KC; ++c)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), k[c], acc);
+          _mm256_storeu_ps(part, acc);
+        }
+      }
+    }
+    // lanes past n reduce stale vectors and are not stored
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
+    for (int64_t g = 0; g < G; ++g)
+      _mm256_maskstore_ps(scores + g * len + t0, mask, reduce8(parts + g * 64));
+  }
+}
+
+// GB query heads and CW vectors of columns from col on, accumulators in registers:
+// acc[i, col:col + CW] = sum_t p[i * len + t] * V row t [col:col + CW]   (acc rows of 8 * NC)
+template <typename T, int NC, int GB, int CW>
+void values_window(const float* p, int64_t len, const T* head, const int64_t* offs, int col,
+                   float* acc) {
+  __m256 a[GB][CW];
+  for (int i = 0; i < GB; ++i)
+    for (int c = 0; c < CW; ++c) a[i][c] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    if (t + kPrefetch < len) prefetch_row<T, CW>(head + offs[t + kPrefetch] + 8 * col);
+    const T* row = head + offs[t] + 8 * col;
+    __m256 w[GB];
+    for (int i = 0; i < GB; ++i) w[i] = _mm256_set1_ps(p[i * len + t]);
+    for (int c = 0; c < CW; ++c) {
+      const __m256 v = load8(row + 8 * c);
+      for (int i = 0; i < GB; ++i) a[i][c] = _mm256_fmadd_ps(w[i], v, a[i][c]);
+    }
+  }
+  for (int i = 0; i < GB; ++i)
+    for (int c = 0; c < CW; ++c) _mm256_storeu_ps(acc + i * 8 * NC + 8 * (col + c), a[i][c]);
+}
+
+// GB heads in column windows of CW vectors: GB * CW accumulators, GB weights and one V vector
+// in 16 ymm registers, (GB, CW) = (1, 8), (2, 4), (3, 4) or (4, 2).
+template <typename T, int NC, int GB>
+void values_heads(const float* p, int64_t len, const T* head, const int64_t* offs, float* acc) {
+  constexpr int kCols = GB == 1 ? 8 : GB <= 3 ? 4 : 2;
+  constexpr int CW = NC < kCols ? NC : kCols;
+  for (int col = 0; col < NC; col += CW)
+    values_window<T, NC, GB, CW>(p, len, head, offs, col, acc);
+}
+
+// acc[g] = sum_t p[g * len + t] * V row t (acc is [G, 8 * NC], overwritten); the G heads go in
+// passes of at most 4, as even as can be (G = 5: 3 + 2), each V vector widened once per pass.
+template <typename T, int NC>
+void values_avx2(const float* p, int64_t G, const T* head, const int64_t* offs, int64_t len,
+                 float* acc) {
+  constexpr int64_t kMaxHeads = 4;
+  for (int64_t g = 0; g < G;) {
+    const int64_t passes = (G - g + kMaxHeads - 1) / kMaxHeads;
+    const int64_t n = (G - g + passes - 1) / passes;
+    const float* pg = p + g * len;
+    float* ag = acc + g * 8 * NC;
+    if (n == 4) values_heads<T, NC, 4>(pg, len, head, offs, ag);
+    if (n == 3) values_heads<T, NC, 3>(pg, len, head, offs, ag);
+    if (n == 2) values_heads<T, NC, 2>(pg, len, head, offs, ag);
+    if (n == 1) values_heads<T, NC, 1>(pg, len, head, offs, ag);
+    g += n;
+  }
+}
+#endif
+
 // ---- portable inner loops (any head_dim) --------------------------------------------------------
 
 template <typename T>
@@ -360,13 +520,27 @@ void softmax_rows(float* scores, int64_t G, int64_t len, float* inv_sum) {
   }
 }
 
-// The three steps with AVX-512 inner loops, for head_dim 16, 32, 64 or 128; false otherwise.
+// Calls run(std::integral_constant<int, D / W>) for head_dim D = 16, 32, 64 or 128 and
+// vectors of W floats; false for other head dims.
+template <int W, typename F>
+bool with_vectors(int64_t D, F&& run) {
+  switch (D) {
+    case 16: return run(std::integral_constant<int, 16 / W>{});
+    case 32: return run(std::integral_constant<int, 32 / W>{});
+    case 64: return run(std::integral_constant<int, 64 / W>{});
+    case 128: return run(std::integral_constant<int, 128 / W>{});
+    default: return false;
+  }
+}
+
+// The three steps with vector inner loops (AVX-512, else AVX2 + FMA) for head_dim 16, 32, 64 or
+// 128; false otherwise, and without either instruction set.
 template <typename T>
-bool passes_avx512(const T* q_raw, int64_t q_head, float scale, const float* q, int64_t G,
+bool passes_vector(const T* q_raw, int64_t q_head, float scale, const float* q, int64_t G,
                    int64_t D, const T* k_head, const T* v_head, const int64_t* offs, int64_t len,
                    float* scores, float* parts, float* inv_sum, float* acc) {
 #if defined(__AVX512F__)
-  auto run = [&](auto nc) {
+  return with_vectors<16>(D, [&](auto nc) {
     constexpr int NC = decltype(nc)::value;
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, c10::BFloat16> && NC % 2 == 0) {
@@ -380,16 +554,18 @@ bool passes_avx512(const T* q_raw, int64_t q_head, float scale, const float* q, 
     softmax_rows(scores, G, len, inv_sum);
     values_avx512<T, NC>(scores, G, v_head, offs, len, acc);
     return true;
-  };
-  switch (D) {
-    case 16: return run(std::integral_constant<int, 1>{});
-    case 32: return run(std::integral_constant<int, 2>{});
-    case 64: return run(std::integral_constant<int, 4>{});
-    case 128: return run(std::integral_constant<int, 8>{});
-    default: break;
-  }
-#endif
+  });
+#elif defined(__AVX2__) && defined(__FMA__)
+  return with_vectors<8>(D, [&](auto nc) {
+    constexpr int NC = decltype(nc)::value;
+    scores_avx2<T, NC>(q, G, k_head, offs, len, scores, parts);
+    softmax_rows(scores, G, len, inv_sum);
+    values_avx2<T, NC>(scores, G, v_head, offs, len, acc);
+    return true;
+  });
+#else
   return false;
+#endif
 }
 
 template <typename T>
@@ -414,7 +590,7 @@ void attend_one(const Layout& l, int64_t s, int64_t kvh, int64_t len, const T* q
   float* scores = w.scores.data();
   float* acc = w.acc.data();
   float inv_sum[256];
-  if (!passes_avx512(q, l.q_head, static_cast<float>(scale), w.q.data(), G, D, k_head, v_head,
+  if (!passes_vector(q, l.q_head, static_cast<float>(scale), w.q.data(), G, D, k_head, v_head,
                      offs, len, scores, w.parts.data(), inv_sum, acc)) {
     scores_portable(w.q.data(), G, D, k_head, offs, len, scores, w.row.data());
     softmax_rows(scores, G, len, inv_sum);
