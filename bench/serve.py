@@ -18,7 +18,7 @@ time to first token and inter-token latency percentiles per mode, and the HTTP o
 Under concurrency, TTFT is mostly queueing behind other prompts' prefills, and it depends on how
 the requests arrive: straight into the engine all 16 land before its first step, over HTTP they
 trickle in while it already runs. A latency probe then isolates the gateway's own share:
-`--probe` requests of fresh prompts (8 output tokens), one at a time, alternating HTTP and
+`--probe` requests of fresh short prompts (8 output tokens), one at a time, alternating HTTP and
 engine, on an otherwise idle server.
 """
 
@@ -342,7 +342,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="alternating HTTP / engine rounds")
     p.add_argument(
-        "--probe", type=int, default=16, help="sequential latency-probe requests per mode (0: none)"
+        "--probe", type=int, default=24, help="sequential latency-probe requests per mode (0: none)"
+    )
+    p.add_argument(
+        "--probe-prompt-tokens",
+        type=int,
+        default=16,
+        help="short, so that prefill time (and its noise) does not drown the gateway's share",
     )
     p.add_argument("--port", type=int, default=8123, help="port for the server this starts")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
@@ -405,7 +411,7 @@ def probe_workload(args: argparse.Namespace) -> list[Request]:
     rng = random.Random(args.seed + 1)
     lo, hi = TOKEN_ID_RANGE
     return [
-        Request([rng.randrange(lo, hi) for _ in range(args.prompt_tokens)], 8)
+        Request([rng.randrange(lo, hi) for _ in range(args.probe_prompt_tokens)], 8)
         for _ in range(args.probe)
     ]
 
