@@ -18,8 +18,8 @@ time to first token and inter-token latency percentiles per mode, and the HTTP o
 Under concurrency, TTFT is mostly queueing behind other prompts' prefills, and it depends on how
 the requests arrive: straight into the engine all 16 land before its first step, over HTTP they
 trickle in while it already runs. A latency probe then isolates the gateway's own share:
-`--probe` requests of fresh short prompts (8 output tokens), one at a time, alternating HTTP and
-engine, on an otherwise idle server.
+`--probe` requests of fresh short prompts (8 output tokens), one at a time, HTTP and engine
+alternating in ABBA order, on an otherwise idle server.
 """
 
 from __future__ import annotations
@@ -396,9 +396,14 @@ async def bench(args: argparse.Namespace, url: str | None, server_pid: int | Non
                     engine_runs.append(await run_engine(engine, workload, args.concurrency))
                     print(f"round {i + 1}: engine {engine_runs[-1].wall:.1f} s", file=sys.stderr)
             if url is not None and engine is not None:
-                for req in probe_workload(args):
-                    probes["HTTP probe"].timings.append(await http_request(client, model, req))
-                    probes["engine probe"].timings.append(await engine_request(engine, req))
+                for i, req in enumerate(probe_workload(args)):  # ABBA: cancels order effects
+                    for mode in ("HTTP", "engine") if i % 2 == 0 else ("engine", "HTTP"):
+                        timing = await (
+                            http_request(client, model, req)
+                            if mode == "HTTP"
+                            else engine_request(engine, req)
+                        )
+                        probes[f"{mode} probe"].timings.append(timing)
     finally:
         if engine is not None:
             engine.shutdown()
