@@ -38,7 +38,15 @@ from kernels import reference
 from kernels.metadata import AttentionMetadata
 from kernels.reference import write_kv
 
-__all__ = ["kernel_available", "load_kernel", "paged_attention", "paged_decode", "write_kv"]
+__all__ = [
+    "kernel_available",
+    "load_kernel",
+    "paged_attention",
+    "paged_decode",
+    "small_linear",
+    "small_linear_available",
+    "write_kv",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,21 @@ def load_kernel() -> Kernel | None:
             except Exception as exc:  # any build failure falls back, it never fails the engine
                 log.warning("CPU attention kernel unavailable, using the reference: %s", exc)
     return _kernel
+
+
+def small_linear_available() -> bool:
+    """True when the library (with its small-batch float32 linear) is built and loaded."""
+    return load_kernel() is not None
+
+
+def small_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T (+ bias) in float32 for the few rows of a decode step: one pass
+    over the weights (see `csrc/cpu_attention.cpp`). Needs `small_linear_available()`."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    torch.ops.prefixgate_cpu.small_linear_f32(out, x, weight, bias)
+    return out
 
 
 def kernel_available() -> bool:

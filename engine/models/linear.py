@@ -14,7 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_attention
+
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
+# float32 batches of up to this many rows go through the C++ weight-streaming kernel instead
+# (`kernels.cpu_attention.small_linear`): one pass over the weights for all rows.
+SMALL_LINEAR_MAX_ROWS = 4
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -42,7 +47,21 @@ def linear(
     bias: torch.Tensor | None = None,
     packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one."""
+    """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one
+    (float32 decode batches of up to `SMALL_LINEAR_MAX_ROWS` rows: the C++ kernel)."""
     if packed is not None:
+        if x.dtype == torch.float32 and x.shape[0] <= SMALL_LINEAR_MAX_ROWS and _small_linear():
+            return cpu_attention.small_linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _small_linear() -> bool:
+    """The C++ library is built once per process (shared with the CPU attention kernel)."""
+    global _SMALL
+    if _SMALL is None:
+        _SMALL = cpu_attention.small_linear_available()
+    return _SMALL
+
+
+_SMALL: bool | None = None
