@@ -19,7 +19,7 @@ from kernels import cpu_attention
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
 # float32 batches of up to this many rows go through the C++ weight-streaming kernel instead
 # (`kernels.cpu_attention.small_linear`): one pass over the weights for all rows.
-SMALL_LINEAR_MAX_ROWS = 4
+SMALL_LINEAR_MAX_ROWS = 16
 
 
 def can_pack(weight: torch.Tensor) -> bool:
