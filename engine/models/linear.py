@@ -50,18 +50,8 @@ def linear(
     """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one
     (float32 decode batches of up to `SMALL_LINEAR_MAX_ROWS` rows: the C++ kernel)."""
     if packed is not None:
-        if x.dtype == torch.float32 and x.shape[0] <= SMALL_LINEAR_MAX_ROWS and _small_linear():
+        small = x.dtype == torch.float32 and x.shape[0] <= SMALL_LINEAR_MAX_ROWS
+        if small and cpu_attention.small_linear_available():  # built once, then cached
             return cpu_attention.small_linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
-
-
-def _small_linear() -> bool:
-    """The C++ library is built once per process (shared with the CPU attention kernel)."""
-    global _SMALL
-    if _SMALL is None:
-        _SMALL = cpu_attention.small_linear_available()
-    return _SMALL
-
-
-_SMALL: bool | None = None

@@ -190,6 +190,20 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// ---- shared by the vector inner loops ----------------------------------------------------------
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// Rows are scattered over blocks (and strided by KVH * D inside one): fetch a few tokens ahead.
+constexpr int64_t kPrefetch = 8;
+
+template <typename T, int N>  // the N elements at row
+inline void prefetch_row(const T* row) {
+  constexpr int bytes = N * sizeof(T);
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+#endif
+
 // ---- AVX-512 inner loops for head_dim = 16 * NC ------------------------------------------------
 
 #if defined(__AVX512F__)
@@ -200,16 +214,6 @@ inline __m512 load16(const c10::BFloat16* p) {
 }
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// Rows are scattered over blocks (and strided by KVH * D inside one): fetch a few tokens ahead.
-constexpr int64_t kPrefetch = 8;
-
-template <typename T, int NC>
-inline void prefetch_row(const T* row) {
-  constexpr int bytes = 16 * NC * sizeof(T);
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
 // out[i] = sum of the 16 lanes of v[i], i = 0..15: a shuffle tree instead of 16 separate
@@ -240,7 +244,7 @@ void scores_avx512(const float* q, int64_t G, const T* head, const int64_t* offs
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - t0);
     for (int64_t j = 0; j < n; ++j) {
-      if (t0 + j + kPrefetch < len) prefetch_row<T, NC>(head + offs[t0 + j + kPrefetch]);
+      if (t0 + j + kPrefetch < len) prefetch_row<T, 16 * NC>(head + offs[t0 + j + kPrefetch]);
       const T* row = head + offs[t0 + j];
       __m512 k[NC];
       for (int c = 0; c < NC; ++c) k[c] = load16(row + 16 * c);
@@ -274,7 +278,7 @@ void scores_dpbf16(const c10::BFloat16* q, int64_t q_head, float scale, int64_t 
     const int64_t n = std::min<int64_t>(16, len - t0);
     for (int64_t j = 0; j < n; ++j) {
       if (t0 + j + kPrefetch < len)
-        prefetch_row<c10::BFloat16, NC>(head + offs[t0 + j + kPrefetch]);
+        prefetch_row<c10::BFloat16, 16 * NC>(head + offs[t0 + j + kPrefetch]);
       const c10::BFloat16* row = head + offs[t0 + j];
       __m512bh k[NV];
       for (int v = 0; v < NV; ++v) k[v] = load(row + 32 * v);
@@ -300,7 +304,7 @@ void values_heads(const float* p, int64_t len, const T* head, const int64_t* off
   for (int i = 0; i < GB; ++i)
     for (int c = 0; c < NC; ++c) a[i][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
-    if (t + kPrefetch < len) prefetch_row<T, NC>(head + offs[t + kPrefetch]);
+    if (t + kPrefetch < len) prefetch_row<T, 16 * NC>(head + offs[t + kPrefetch]);
     const T* row = head + offs[t];
     __m512 v[NC];
     for (int c = 0; c < NC; ++c) v[c] = load16(row + 16 * c);
@@ -346,16 +350,6 @@ inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Rows are scattered over blocks (and strided by KVH * D inside one): fetch a few tokens ahead.
-constexpr int64_t kPrefetch = 8;
-
-template <typename T, int NV>  // the NV vectors of 8 at row
-inline void prefetch_row(const T* row) {
-  constexpr int bytes = 8 * NV * sizeof(T);
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
-}
-
 // out[i] = sum of the 8 lanes of v[i], i = 0..7: two levels of horizontal adds leave, in each
 // 128-bit half, four partial sums of v[0..3] (u0) or v[4..7] (u1); adding the halves ends it.
 inline __m256 reduce8(const float* parts /* [8, 8] */) {
@@ -378,7 +372,7 @@ void scores_avx2(const float* q, int64_t G, const T* head, const int64_t* offs, 
   for (int64_t t0 = 0; t0 < len; t0 += 8) {
     const int64_t n = std::min<int64_t>(8, len - t0);
     for (int64_t j = 0; j < n; ++j) {
-      if (t0 + j + kPrefetch < len) prefetch_row<T, NC>(head + offs[t0 + j + kPrefetch]);
+      if (t0 + j + kPrefetch < len) prefetch_row<T, 8 * NC>(head + offs[t0 + j + kPrefetch]);
       const T* row = head + offs[t0 + j];
       for (int c0 = 0; c0 < NC; c0 += KC) {
         __m256 k[KC];
@@ -409,7 +403,7 @@ void values_window(const float* p, int64_t len, const T* head, const int64_t* of
   for (int i = 0; i < GB; ++i)
     for (int c = 0; c < CW; ++c) a[i][c] = _mm256_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
-    if (t + kPrefetch < len) prefetch_row<T, CW>(head + offs[t + kPrefetch] + 8 * col);
+    if (t + kPrefetch < len) prefetch_row<T, 8 * CW>(head + offs[t + kPrefetch] + 8 * col);
     const T* row = head + offs[t] + 8 * col;
     __m256 w[GB];
     for (int i = 0; i < GB; ++i) w[i] = _mm256_set1_ps(p[i * len + t]);
