@@ -50,7 +50,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+# one library: the attention kernel and the fused layer ops (`kernels.cpu_ops`)
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
 _NAME = "prefixgate_cpu_attention"
 # Tried in order: the host's vector units first, portable code if the compiler refuses.
@@ -228,7 +229,9 @@ def _cpu_id() -> str:
 
 
 def _build_dir(flags: list[str]) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for source in SOURCES:
+        key.update(source.read_bytes())
     for part in (" ".join(flags), torch.__version__, sys.version, platform.machine(), _cpu_id()):
         key.update(b"\0" + part.encode())
     return _cache_root() / f"cpu_attention-{key.hexdigest()[:16]}"
@@ -270,7 +273,7 @@ def _run_build(flags: list[str], build_dir: Path) -> None:
         warnings.simplefilter("ignore")
         cpp_extension.load(
             name=_NAME,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),

@@ -14,12 +14,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_attention
+from kernels import cpu_attention, cpu_ops
 
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
 # float32 batches of up to this many rows go through the C++ weight-streaming kernel instead
 # (`kernels.cpu_attention.small_linear`): one pass over the weights for all rows.
 SMALL_LINEAR_MAX_ROWS = 16
+# bfloat16 batches of up to this many rows go through the AVX512-BF16 kernel where the CPU has it
+# (`kernels.cpu_ops.linear_bf16`)
+SMALL_LINEAR_BF16_MAX_ROWS = 16
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -48,10 +51,14 @@ def linear(
     packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one
-    (float32 decode batches of up to `SMALL_LINEAR_MAX_ROWS` rows: the C++ kernel)."""
+    (decode batches of up to `SMALL_LINEAR_MAX_ROWS` / `SMALL_LINEAR_BF16_MAX_ROWS` rows: the C++
+    kernels)."""
     if packed is not None:
-        small = x.dtype == torch.float32 and x.shape[0] <= SMALL_LINEAR_MAX_ROWS
-        if small and cpu_attention.small_linear_available():  # built once, then cached
-            return cpu_attention.small_linear(x, weight, bias)
+        rows = x.shape[0]
+        if x.dtype == torch.bfloat16:
+            if rows <= SMALL_LINEAR_BF16_MAX_ROWS and cpu_ops.linear_bf16_available():
+                return cpu_ops.linear_bf16(x, weight, bias)
+        elif rows <= SMALL_LINEAR_MAX_ROWS and cpu_attention.small_linear_available():
+            return cpu_attention.small_linear(x, weight, bias)  # float32 (built once, cached)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -22,17 +22,11 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.models.linear import linear, pack_weight
 from kernels import AttentionBackend, get_attention_backend
+from kernels.layer_ops import LayerOps, get_layer_ops
 from kernels.metadata import AttentionMetadata
 
 # HF tensor names that carry no weights we need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers computes it: statistics in float32, scale in the weight dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -84,10 +78,12 @@ class LlamaDecoderLayer(nn.Module):
         self,
         config: ModelConfig,
         backend: AttentionBackend,
+        ops: LayerOps,
         dtype: torch.dtype | None,
         device: torch.device | str | None,
     ) -> None:
         super().__init__()
+        self.ops = ops
         hidden, head_dim = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
@@ -119,19 +115,21 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """x [T, hidden], cos/sin [T, 1, head_dim] -> [T, hidden]."""
-        x = x + self._attention(
-            rms_norm(x, self.input_layernorm, self.eps), cos, sin, kv_cache, meta
-        )
-        h = rms_norm(x, self.post_attention_layernorm, self.eps)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream x [T, hidden] and the previous layer's output `delta` (None in the first
+        layer) -> (x + delta + attention, MLP output): each residual add is fused into the norm
+        after it, in place on x. cos/sin [T, head_dim]."""
+        h = self.ops.rms_norm(x, self.input_layernorm, self.eps, delta)
+        attn = self._attention(h, cos, sin, kv_cache, meta)
+        h = self.ops.rms_norm(x, self.post_attention_layernorm, self.eps, attn)
         gate_up = linear(h, self.gate_up_proj, None, self.packed.get("gate_up_proj"))
-        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]  # [T, inter]
-        return x + linear(act, self.down_proj, None, self.packed.get("down_proj"))
+        act = self.ops.silu_mul(gate_up)  # [T, inter]
+        return x, linear(act, self.down_proj, None, self.packed.get("down_proj"))
 
     def _attention(
         self,
@@ -145,10 +143,8 @@ class LlamaDecoderLayer(nn.Module):
         qkv = linear(h, self.qkv_proj, self.qkv_bias, self.packed.get("qkv_proj"))
         # qkv: [T, (H + 2 KVH) * D]
         qk_size = self.q_size + self.kv_size
-        # rotate q and k together: [T, H + KVH, D]
-        qk = qkv[:, :qk_size].view(num_tokens, -1, self.head_dim)
-        half = self.head_dim // 2
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        qk = qkv[:, :qk_size].view(num_tokens, -1, self.head_dim)  # [T, H + KVH, D]
+        self.ops.rope_(qk, cos, sin)  # q and k rotated together, in place
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]  # [T, H, D], [T, KVH, D]
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, kv_cache, meta.slot_mapping)
@@ -180,9 +176,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.inv_freq = rope_inv_freq(config)  # float32, deliberately not a buffer (kept fp32)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.ops = get_layer_ops(device or "cpu", dtype or torch.get_default_dtype())
         self.embed_tokens = _param(config.vocab_size, config.hidden_size, **kw)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, attention_backend, dtype, device)
+            LlamaDecoderLayer(config, attention_backend, self.ops, dtype, device)
             for _ in range(config.num_layers)
         )
         self.norm = _param(config.hidden_size, **kw)
@@ -213,17 +210,18 @@ class LlamaForCausalLM(nn.Module):
         """
         x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self._rope(positions, x.dtype)
+        delta: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer.forward(x, cos, sin, kv_cache, meta)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+            x, delta = layer.forward(x, delta, cos, sin, kv_cache, meta)
+        return self.ops.rms_norm(x, self.norm, self.config.rms_norm_eps, delta)
 
     def _rope(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, head_dim] in `dtype`; angles computed in float32 like transformers."""
+        """cos, sin [T, head_dim] in `dtype`; angles computed in float32 like transformers."""
         inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[:, None].float() * inv_freq  # [T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Fused CPU ops for a decoder layer (C++ in `csrc/cpu_ops.cpp`, built with the attention kernel).
+
+Each op does in one pass what eager PyTorch does in several, with the same bfloat16 roundings
+(results equal the eager chain up to float32 summation order):
+
+    rms_norm(x, w, eps, residual)   x += residual in place, then RMSNorm as transformers does it
+    rope_(qk, cos, sin)             rotary embedding of q and k heads, in place
+    silu_mul(gate_up)               SwiGLU's silu(gate) * up
+    linear_bf16(x, w, bias)         bfloat16 matmul for a decode step's few rows (AVX512-BF16)
+
+They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the
+eager ops elsewhere and when `PREFIXGATE_CPU_FUSED=0`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from kernels.cpu_attention import load_kernel
+
+ENV_SWITCH = "PREFIXGATE_CPU_FUSED"  # "0": eager PyTorch ops instead
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def fused_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """True when the fused ops serve tensors of `dtype` on `device`."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in DTYPES
+        and os.environ.get(ENV_SWITCH, "1") != "0"
+        and load_kernel() is not None
+    )
+
+
+@functools.cache
+def linear_bf16_available() -> bool:
+    """True when the library is built with the AVX512-BF16 small-batch matmul."""
+    return load_kernel() is not None and bool(torch.ops.prefixgate_cpu.has_linear_bf16())
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, H] (rows contiguous): with `residual`, first x += residual (in place, rounded to
+    x's dtype); returns RMSNorm(x) * weight as a new [T, H] tensor."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    torch.ops.prefixgate_cpu.rms_norm(out, x, residual, weight, eps)
+    return out
+
+
+def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate qk [T, heads, D] (D contiguous) in place; cos, sin [T, D] contiguous."""
+    torch.ops.prefixgate_cpu.rope(qk, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 I] = [gate | up] -> silu(gate) * up [T, I]."""
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+    torch.ops.prefixgate_cpu.silu_mul(out, gate_up)
+    return out
+
+
+def linear_bf16(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] @ weight[N, K].T (+ bias) in bfloat16, one pass over the weights for all M rows
+    (meant for M <= ~16). Needs `linear_bf16_available()`."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    torch.ops.prefixgate_cpu.linear_bf16(out, x, weight, bias)
+    return out

@@ -1,0 +1,476 @@
+// Fused CPU ops for a decoder layer, built into the same library as cpu_attention.cpp.
+//
+// Eager PyTorch runs a layer's elementwise chains as many small ops (RMSNorm alone is eight:
+// convert, square, mean, add, rsqrt, multiply, convert, multiply), each a pass over memory and a
+// dispatch. These ops do each chain in one pass, with the same roundings as the eager chain: in
+// bfloat16 every intermediate that PyTorch stores as a bfloat16 tensor is rounded here too
+// (round to nearest even), so results equal the eager ops' up to float32 summation order.
+//
+//   rms_norm(out, x, residual?, w, eps)   x += residual (stored, rounded); out = w * rnd(x * r)
+//   rope(qk, cos, sin)                    in place: qk = rnd(qk * cos) + rnd(rotate_half(qk) * sin)
+//   silu_mul(out, gate_up)                out = rnd(silu(gate)) * up       gate_up = [gate | up]
+//   linear_bf16(out, x, w, bias?)         x [M, K] @ w[N, K].T for decode's few rows (M <= ~16)
+//
+// Rows run in parallel with at::parallel_for once a call holds enough elements.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// Products and sums stay separate roundings, as in the eager ops: no fused multiply-adds.
+#pragma GCC optimize("fp-contract=off")
+
+#if defined(__AVX512F__)
+// PyTorch's own vectorized exp (SLEEF, linked into libtorch_cpu): silu then rounds like eager
+// PyTorch's. Weak, so that a libtorch without it falls back to `exp16` below.
+extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+#endif
+
+namespace {
+
+constexpr int64_t kParallelElems = 1 << 15;  // below this many elements a call runs inline
+
+int64_t row_grain(int64_t row_elems) {
+  return std::max<int64_t>(1, kParallelElems / std::max<int64_t>(row_elems, 1));
+}
+
+// ---- float32 <-> storage dtype ----------------------------------------------------------------
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+template <typename T>
+inline T from_f(float v) {
+  return static_cast<T>(v);  // c10::BFloat16(float) rounds to nearest even, like PyTorch
+}
+// the value as stored in T, back in float32 (the rounding PyTorch applies to a T tensor)
+template <typename T>
+inline float rnd(float v) {
+  return to_f(from_f<T>(v));
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// float32 -> bfloat16 bits, round to nearest even, NaN kept quiet (as c10::BFloat16)
+inline __m256i to_bf16_bits(__m512 v) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  __m512i b = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+#endif
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v));
+}
+template <typename T>
+inline __m512 rnd16(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+  }
+}
+#endif
+
+// exp(t) = 2^k * exp(r), k = round(t / ln2), |r| <= ln2 / 2, exp(r) by a degree-6 polynomial
+// (relative error < 3e-7); t clamped to [-87, 88]. Used only when SLEEF is not found.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693145751953125f;  // ln 2 split so that k * kLn2Hi is exact
+constexpr float kLn2Lo = 1.42860682030941723212e-6f;
+constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+constexpr float kExpPoly[] = {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f};
+
+#if defined(__AVX512F__)
+inline __m512 exp16(__m512 t) {
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 vround = _mm512_set1_ps(kRound);
+  __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(kLog2e), vround), vround);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), t);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+}
+#endif
+
+// ---- RMSNorm, optionally after the residual add ------------------------------------------------
+
+template <typename T>
+void rms_norm_row(T* out, T* x, const T* res, const T* w, int64_t n, float eps) {
+  int64_t i = 0;
+  float ss = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = load16(x + i);
+    if (res != nullptr) {
+      v = rnd16<T>(_mm512_add_ps(v, load16(res + i)));
+      store16(x + i, v);
+    }
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  ss = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) {
+    float v = to_f(x[i]);
+    if (res != nullptr) {
+      x[i] = from_f<T>(v + to_f(res[i]));
+      v = to_f(x[i]);
+    }
+    ss += v * v;
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  i = 0;
+#if defined(__AVX512F__)
+  const __m512 vr = _mm512_set1_ps(r);
+  for (; i + 16 <= n; i += 16)
+    store16(out + i, _mm512_mul_ps(load16(w + i), rnd16<T>(_mm512_mul_ps(load16(x + i), vr))));
+#endif
+  for (; i < n; ++i) out[i] = from_f<T>(to_f(w[i]) * rnd<T>(to_f(x[i]) * r));
+}
+
+template <typename T>
+void rms_norm_impl(const at::Tensor& out, const at::Tensor& x,
+                   const std::optional<at::Tensor>& residual, const at::Tensor& w, double eps) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  T* op = out.mutable_data_ptr<T>();
+  T* xp = x.mutable_data_ptr<T>();
+  const T* rp = residual.has_value() ? residual->const_data_ptr<T>() : nullptr;
+  const int64_t lo = out.stride(0), lx = x.stride(0), lr = rp ? residual->stride(0) : 0;
+  const T* wp = w.const_data_ptr<T>();
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      rms_norm_row<T>(op + t * lo, xp + t * lx, rp ? rp + t * lr : nullptr, wp, n,
+                      static_cast<float>(eps));
+  });
+}
+
+void check_rows(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == like.size(0) && t.size(1) == like.size(1), name,
+              " must have shape ", like.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device().is_cpu(), name,
+              " must be a CPU tensor of dtype ", like.scalar_type());
+  TORCH_CHECK(t.stride(1) == 1, name, " rows must be contiguous");
+}
+
+void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+              const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "x must be [T, H] on CPU");
+  check_rows(out, x, "out");
+  if (residual.has_value()) check_rows(*residual, x, "residual");
+  TORCH_CHECK(weight.dim() == 1 && weight.numel() == x.size(1) && weight.is_contiguous() &&
+                  weight.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous [H] of x's dtype");
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return rms_norm_impl<float>(out, x, residual, weight, eps);
+    case at::kBFloat16:
+      return rms_norm_impl<c10::BFloat16>(out, x, residual, weight, eps);
+    default:
+      TORCH_CHECK(false, "rms_norm: unsupported dtype ", x.scalar_type());
+  }
+}
+
+// ---- rotary embedding, in place ---------------------------------------------------------------
+
+template <typename T>
+void rope_row(T* q, const T* c, const T* s, int64_t half) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= half; i += 16) {
+    __m512 x1 = load16(q + i), x2 = load16(q + half + i);
+    __m512 a1 = rnd16<T>(_mm512_mul_ps(x1, load16(c + i)));
+    __m512 b1 = rnd16<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16(s + i)));
+    __m512 a2 = rnd16<T>(_mm512_mul_ps(x2, load16(c + half + i)));
+    __m512 b2 = rnd16<T>(_mm512_mul_ps(x1, load16(s + half + i)));
+    store16(q + i, _mm512_add_ps(a1, b1));
+    store16(q + half + i, _mm512_add_ps(a2, b2));
+  }
+#endif
+  for (; i < half; ++i) {
+    const float x1 = to_f(q[i]), x2 = to_f(q[half + i]);
+    q[i] = from_f<T>(rnd<T>(x1 * to_f(c[i])) + rnd<T>(-x2 * to_f(s[i])));
+    q[half + i] = from_f<T>(rnd<T>(x2 * to_f(c[half + i])) + rnd<T>(x1 * to_f(s[half + i])));
+  }
+}
+
+template <typename T>
+void rope_impl(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t tokens = qk.size(0), heads = qk.size(1), d = qk.size(2);
+  T* qp = qk.mutable_data_ptr<T>();
+  const T* cp = cos.const_data_ptr<T>();
+  const T* sp = sin.const_data_ptr<T>();
+  const int64_t lt = qk.stride(0), lh = qk.stride(1);
+  at::parallel_for(0, tokens, row_grain(heads * d), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t h = 0; h < heads; ++h)
+        rope_row<T>(qp + t * lt + h * lh, cp + t * d, sp + t * d, d / 2);
+  });
+}
+
+void rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1 && qk.device().is_cpu(),
+              "qk must be [T, heads, D] on CPU with D contiguous");
+  const int64_t d = qk.size(2);
+  TORCH_CHECK(d % 2 == 0, "head_dim must be even");
+  for (const at::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == qk.size(0) && t->size(1) == d &&
+                    t->is_contiguous() && t->scalar_type() == qk.scalar_type(),
+                "cos and sin must be contiguous [T, D] of qk's dtype");
+  switch (qk.scalar_type()) {
+    case at::kFloat:
+      return rope_impl<float>(qk, cos, sin);
+    case at::kBFloat16:
+      return rope_impl<c10::BFloat16>(qk, cos, sin);
+    default:
+      TORCH_CHECK(false, "rope: unsupported dtype ", qk.scalar_type());
+  }
+}
+
+// ---- SwiGLU: silu(gate) * up ------------------------------------------------------------------
+
+#if defined(__AVX512F__)
+template <typename T>
+inline __m512 silu_mul16(__m512 x, __m512 u) {
+  const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), x);
+  const __m512 e = Sleef_expf16_u10 != nullptr ? Sleef_expf16_u10(neg) : exp16(neg);
+  const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+  return _mm512_mul_ps(rnd16<T>(silu), u);
+}
+#endif
+
+// As PyTorch's vectorized loop: pairs of vectors through SLEEF, the last n % 32 with std::exp.
+template <typename T>
+void silu_mul_row(T* out, const T* g, const T* u, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 32 <= n; i += 32) {
+    store16(out + i, silu_mul16<T>(load16(g + i), load16(u + i)));
+    store16(out + i + 16, silu_mul16<T>(load16(g + i + 16), load16(u + i + 16)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = to_f(g[i]);
+    out[i] = from_f<T>(rnd<T>(x / (1.f + std::exp(-x))) * to_f(u[i]));
+  }
+}
+
+template <typename T>
+void silu_mul_impl(const at::Tensor& out, const at::Tensor& gate_up) {
+  const int64_t rows = gate_up.size(0), n = out.size(1);
+  T* op = out.mutable_data_ptr<T>();
+  const T* gp = gate_up.const_data_ptr<T>();
+  const int64_t lo = out.stride(0), lg = gate_up.stride(0);
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) silu_mul_row<T>(op + t * lo, gp + t * lg, gp + t * lg + n, n);
+  });
+}
+
+void silu_mul(const at::Tensor& out, const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0 &&
+                  gate_up.device().is_cpu(),
+              "gate_up must be [T, 2 * I] on CPU with contiguous rows");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == gate_up.size(0) &&
+                  out.size(1) * 2 == gate_up.size(1) && out.stride(1) == 1 &&
+                  out.scalar_type() == gate_up.scalar_type(),
+              "out must be [T, I] of gate_up's dtype");
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      return silu_mul_impl<float>(out, gate_up);
+    case at::kBFloat16:
+      return silu_mul_impl<c10::BFloat16>(out, gate_up);
+    default:
+      TORCH_CHECK(false, "silu_mul: unsupported dtype ", out.scalar_type());
+  }
+}
+
+// ---- bfloat16 linear for the few rows of a decode step -----------------------------------------
+//
+//   out[m, n] = rnd(x[m, :] . w[n, :] + bias[n])     x [M, K], w [N, K], out [M, N], bfloat16
+//
+// A stream over the weights, like the float32 small_linear: tiles of 16 weight rows run in
+// parallel; inside a tile, MB input rows x NB weight rows of 32-element dot products with the
+// AVX512-BF16 instruction (exact bf16 products, float32 sums), MB * NB <= 16 accumulators folded
+// by one shuffle tree. Only built where the CPU has AVX512-BF16.
+
+#if defined(__AVX512BF16__)
+constexpr bool kHasDpbf16 = true;
+
+// out[i] = sum of the 16 lanes of v[i], i = 0..15
+inline __m512 reduce16(const __m512* v) {
+  __m512 r[4];
+  for (int k = 0; k < 4; ++k) {
+    __m512 a = v[k], b = v[4 + k], c = v[8 + k], d = v[12 + k];
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    r[k] = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  }
+  __m512 w0 = _mm512_add_ps(_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+  __m512 w1 = _mm512_add_ps(_mm512_unpacklo_ps(r[2], r[3]), _mm512_unpackhi_ps(r[2], r[3]));
+  __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1));
+  __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(w0), _mm512_castps_pd(w1));
+  return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+}
+
+inline __m512bh load_bh(const c10::BFloat16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+inline __m512bh load_bh(const c10::BFloat16* p, __mmask32 m) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
+}
+
+// MB rows of x against NB rows of w; writes out[m * ldo + j] for j < NB. With `pf`, also fetches
+// the same rows of the next tile (pf = w + 16 K) into the cache: the weights stream from memory,
+// and 16 rows read side by side are more streams than the hardware prefetcher follows.
+template <int MB, int NB>
+inline void bf16_tile(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t K,
+                      const c10::BFloat16* bias, c10::BFloat16* out, int64_t ldo,
+                      const c10::BFloat16* pf = nullptr) {
+  static_assert(MB * NB <= 16, "16 accumulators");
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = load_bh(x + m * ldx + k);
+    if (pf != nullptr)
+      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k), _MM_HINT_T1);
+    for (int j = 0; j < NB; ++j) {
+      const __m512bh wv = load_bh(w + j * K + k);
+      for (int m = 0; m < MB; ++m) acc[m * NB + j] = _mm512_dpbf16_ps(acc[m * NB + j], xv[m], wv);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    for (int j = 0; j < NB; ++j) {
+      const __m512bh wv = load_bh(w + j * K + k, mask);
+      for (int m = 0; m < MB; ++m)
+        acc[m * NB + j] = _mm512_dpbf16_ps(acc[m * NB + j], load_bh(x + m * ldx + k, mask), wv);
+    }
+  }
+  const __m512 sums = reduce16(acc);  // lane m * NB + j
+  if (bias == nullptr) {
+    alignas(64) uint16_t bits[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bits), to_bf16_bits(sums));
+    for (int m = 0; m < MB; ++m) std::memcpy(out + m * ldo, bits + m * NB, NB * sizeof(uint16_t));
+    return;
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, sums);
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j)
+      out[m * ldo + j] = c10::BFloat16(lanes[m * NB + j] + static_cast<float>(bias[j]));
+}
+
+void linear_bf16_tile(const c10::BFloat16* x, int64_t ldx, int64_t M, const c10::BFloat16* w,
+                      int64_t K, int64_t rows, const c10::BFloat16* bias, c10::BFloat16* out,
+                      int64_t ldo, bool prefetch) {
+  const c10::BFloat16* pf = prefetch ? w + 16 * K : nullptr;  // the next tile's rows
+  if (rows == 16 && M == 1) return bf16_tile<1, 16>(x, ldx, w, K, bias, out, ldo, pf);
+  if (rows == 16 && M == 2) {
+    bf16_tile<2, 8>(x, ldx, w, K, bias, out, ldo, pf);
+    return bf16_tile<2, 8>(x, ldx, w + 8 * K, K, bias ? bias + 8 : nullptr, out + 8, ldo,
+                           pf ? pf + 8 * K : nullptr);
+  }
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) {
+    const c10::BFloat16* wj = w + j * K;
+    const c10::BFloat16* bj = bias ? bias + j : nullptr;
+    const c10::BFloat16* pj = pf ? pf + j * K : nullptr;  // fetched during the first input rows
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4, pj = nullptr)
+      bf16_tile<4, 4>(x + m * ldx, ldx, wj, K, bj, out + m * ldo + j, ldo, pj);
+    switch (M - m) {
+      case 3: bf16_tile<3, 4>(x + m * ldx, ldx, wj, K, bj, out + m * ldo + j, ldo, pj); break;
+      case 2: bf16_tile<2, 4>(x + m * ldx, ldx, wj, K, bj, out + m * ldo + j, ldo, pj); break;
+      case 1: bf16_tile<1, 4>(x + m * ldx, ldx, wj, K, bj, out + m * ldo + j, ldo, pj); break;
+      default: break;
+    }
+  }
+  for (; j < rows; ++j)
+    for (int64_t m = 0; m < M; ++m)
+      bf16_tile<1, 1>(x + m * ldx, ldx, w + j * K, K, bias ? bias + j : nullptr,
+                      out + m * ldo + j, ldo);
+}
+#else
+constexpr bool kHasDpbf16 = false;
+#endif
+
+bool has_linear_bf16() { return kHasDpbf16; }
+
+void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                 const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(kHasDpbf16, "linear_bf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "expected 2-D x, w, out");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
+                  out.scalar_type() == at::kBFloat16,
+              "linear_bf16 takes bfloat16 tensors");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && out.device().is_cpu(),
+              "linear_bf16 runs on CPU tensors");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K && out.size(0) == M && out.size(1) == N, "shape mismatch");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && weight.is_contiguous(),
+              "rows must be contiguous");
+  const c10::BFloat16* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() &&
+                    bias->numel() == N,
+                "bias must be a contiguous bfloat16 [N]");
+    b = bias->const_data_ptr<c10::BFloat16>();
+  }
+#if defined(__AVX512BF16__)
+  const c10::BFloat16* xp = x.const_data_ptr<c10::BFloat16>();
+  const c10::BFloat16* wp = weight.const_data_ptr<c10::BFloat16>();
+  c10::BFloat16* op = out.mutable_data_ptr<c10::BFloat16>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0);
+  constexpr int64_t kRows = 16;
+  const int64_t tiles = (N + kRows - 1) / kRows;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * kRows, rows = std::min(kRows, N - n0);
+      linear_bf16_tile(xp, ldx, M, wp + n0 * K, K, rows, b ? b + n0 : nullptr, op + n0, ldo,
+                       /*prefetch=*/tile + 1 < end);
+    }
+  });
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
+  m.def("rms_norm(Tensor(a!) out, Tensor(b!) x, Tensor? residual, Tensor weight, float eps) -> ()");
+  m.def("rope(Tensor(a!) qk, Tensor cos, Tensor sin) -> ()");
+  m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()");
+  m.def("has_linear_bf16() -> bool", &has_linear_bf16);
+  m.def("linear_bf16(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("linear_bf16", &linear_bf16);
+}

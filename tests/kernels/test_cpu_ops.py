@@ -1,0 +1,128 @@
+"""The fused C++ layer ops equal the eager PyTorch chains they replace (`kernels.layer_ops`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import layer_ops
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():  # type: ignore[no-untyped-def]
+    from kernels import cpu_ops
+
+    if not cpu_ops.fused_available("cpu", torch.float32):
+        pytest.skip("the C++ CPU kernels could not be built here")
+    return cpu_ops
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 576), (7, 64), (300, 576), (3, 19)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_eager(cpu_ops, dtype, tokens, hidden, with_residual) -> None:  # type: ignore[no-untyped-def]
+    g = gen(tokens * hidden)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    res = torch.randn(tokens, hidden, generator=g).to(dtype) if with_residual else None
+    w = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    x_fused, x_eager = x.clone(), x.clone()
+    out = cpu_ops.rms_norm(x_fused, w, 1e-5, res)
+    ref = layer_ops.rms_norm(x_eager, w, 1e-5, res)
+    assert torch.equal(x_fused, x_eager)  # the residual add, in place, rounded alike
+    if dtype == torch.bfloat16:  # the float32 sum of squares is summed in another order
+        torch.testing.assert_close(out, ref, rtol=2**-6, atol=0)  # at most one bf16 step
+        assert (out != ref).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "head_dim"), [(1, 64), (9, 64), (5, 128), (4, 36)])
+def test_rope_matches_eager_exactly(cpu_ops, dtype, tokens, head_dim) -> None:  # type: ignore[no-untyped-def]
+    g = gen(tokens + head_dim)
+    heads, kv_heads = 6, 2
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    angles = torch.rand(tokens, head_dim, generator=g) * 100
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    qk_cols = (heads + kv_heads) * head_dim
+    fused, eager = qkv.clone(), qkv.clone()
+    cpu_ops.rope_(fused[:, :qk_cols].view(tokens, -1, head_dim), cos, sin)  # strided rows
+    layer_ops.rope_(eager[:, :qk_cols].view(tokens, -1, head_dim), cos, sin)
+    assert torch.equal(fused, eager)
+    assert torch.equal(fused[:, qk_cols:], qkv[:, qk_cols:])  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "inter"), [(1, 1536), (16, 1536), (3, 37), (40, 64)])
+def test_silu_mul_matches_eager_exactly(cpu_ops, dtype, tokens, inter) -> None:  # type: ignore[no-untyped-def]
+    gate_up = (torch.randn(tokens, 2 * inter, generator=gen(inter)) * 6).to(dtype)
+    gate_up[0, :3] = torch.tensor([-200.0, 200.0, 0.0])  # exp over- and underflow
+    assert torch.equal(cpu_ops.silu_mul(gate_up), layer_ops.silu_mul(gate_up))
+
+
+def test_fused_ops_are_picked_on_cpu_for_float32_and_bf16(cpu_ops, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    assert layer_ops.get_layer_ops("cpu", torch.bfloat16) is cpu_ops
+    assert layer_ops.get_layer_ops("cpu", torch.float16) is layer_ops
+    assert layer_ops.get_layer_ops("meta", torch.float32) is layer_ops
+    monkeypatch.setenv(cpu_ops.ENV_SWITCH, "0")
+    assert layer_ops.get_layer_ops("cpu", torch.float32) is layer_ops
+
+
+@pytest.fixture(scope="module")
+def linear_bf16(cpu_ops):  # type: ignore[no-untyped-def]
+    if not cpu_ops.linear_bf16_available():
+        pytest.skip("this CPU has no AVX512-BF16")
+    return cpu_ops.linear_bf16
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17])
+@pytest.mark.parametrize(
+    ("out_features", "in_features"), [(96, 64), (37, 19), (16, 576), (50, 1536), (3, 33)]
+)
+def test_linear_bf16_matches_float32_matmul(linear_bf16, rows, out_features, in_features) -> None:  # type: ignore[no-untyped-def]
+    """Tiles of 16 weight rows with ragged ends, K not a multiple of 32, strided input rows."""
+    g = gen(rows * 1000 + out_features)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    bias = torch.randn(out_features, generator=g).bfloat16()
+    wide = torch.randn(rows, in_features + 5, generator=g).bfloat16()
+    x = wide[:, 2 : 2 + in_features]
+    for b in (None, bias):
+        ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+        out = linear_bf16(x, w, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+        # exact bf16 products summed in float32, then one rounding to bfloat16
+        torch.testing.assert_close(out.float(), ref, rtol=0.0079, atol=1e-4 * in_features)
+
+
+def test_small_bf16_batches_take_the_kernel(linear_bf16, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from engine.models import linear as module
+    from kernels import cpu_ops
+
+    calls: list[int] = []
+
+    def counting(x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return linear_bf16(x, *args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(cpu_ops, "linear_bf16", counting)
+    w = torch.randn(40, 64).bfloat16()
+    packed = module.pack_weight(w)
+    if packed is None:
+        pytest.skip("oneDNN bf16 packing is not available on this CPU")
+    limit = module.SMALL_LINEAR_BF16_MAX_ROWS
+    for rows in (1, limit, limit + 1):
+        x = torch.randn(rows, 64).bfloat16()
+        torch.testing.assert_close(
+            module.linear(x, w, None, packed).float(),
+            F.linear(x, w).float(),
+            rtol=0.0079,
+            atol=0.02,
+        )
+    assert calls == [1, limit]
