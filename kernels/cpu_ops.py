@@ -6,7 +6,8 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
     rms_norm(x, w, eps, residual)   x += residual in place, then RMSNorm as transformers does it
     rope_(qk, cos, sin)             rotary embedding of q and k heads, in place
     silu_mul(gate_up)               SwiGLU's silu(gate) * up
-    linear_bf16(x, w, bias)         bfloat16 matmul for a decode step's few rows (AVX512-BF16)
+    linear_bf16(x, panels, n, bias) bfloat16 matmul against a weight packed by `pack_panels`
+                                    (AVX512-BF16), from one decode row to prefill batches
 
 They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the
 eager ops elsewhere and when `PREFIXGATE_CPU_FUSED=0`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,8 +38,21 @@ def fused_available(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.cache
 def linear_bf16_available() -> bool:
-    """True when the library is built with the AVX512-BF16 small-batch matmul."""
+    """True when the library is built with the AVX512-BF16 matmul (`linear_bf16`)."""
     return load_kernel() is not None and bool(torch.ops.prefixgate_cpu.has_linear_bf16())
 
 
@@ -63,11 +78,23 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+PANEL = 32  # output columns per panel
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] bfloat16 -> [ceil(N / 32), ceil(K / 2), 32, 2] for `linear_bf16`: for each
+    panel of 32 columns and each pair of k, the columns' two weights side by side (zero padded)."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // PANEL) * PANEL, k + k % 2, dtype=torch.bfloat16)
+    padded[:n, :k] = weight
+    return padded.view(-1, PANEL, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
 def linear_bf16(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T (+ bias) in bfloat16, one pass over the weights for all M rows
-    (meant for M <= ~16). Needs `linear_bf16_available()`."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    torch.ops.prefixgate_cpu.linear_bf16(out, x, weight, bias)
+    """x [M, K] (rows contiguous) @ weight.T (+ bias) -> [M, out_features] in bfloat16, with
+    `panels = pack_panels(weight)`. Needs `linear_bf16_available()`."""
+    out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
+    torch.ops.prefixgate_cpu.linear_bf16(out, x, panels, bias)
     return out

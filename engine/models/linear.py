@@ -1,15 +1,24 @@
-"""Matmuls against weights pre-packed for oneDNN on CPU (bfloat16 and float32).
+"""Matmuls against weights packed once at load, on CPU (bfloat16 and float32).
 
 `F.linear` on CPU re-lays out a bf16 weight for oneDNN's kernels on every call, and sends float32
-to MKL, whose small-batch SGEMMs are slow on AMD CPUs. Packing each weight once at load
-(`torch.ops.mkldnn._reorder_linear_weight`) makes the memory-bound small-batch GEMMs of decoding
-faster: bf16 20-35% (Intel with AMX: 120 SmolLM2 layer weights, batch 1-64), float32 1.3-2.8x at
-batch 1-64 on an AVX2-only AMD EPYC (the 49152 x 576 LM head at batch 16: 41 -> 14.5 ms), equal
-at prefill sizes. bf16 results are identical to `F.linear` for batches up to the packing hint;
-float32 ones differ by summation order only (~1e-7 relative).
+to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed at load:
+
+- bfloat16 on CPUs with AVX512-BF16: into panels for our own kernel (`kernels.cpu_ops`), which on
+  an AMD EPYC (Zen 4) runs all of SmolLM2's matmuls at 1 row in 7.2 ms (37 GB/s of weights, vs
+  11.9 ms through oneDNN), at 16 rows in 12.3 vs 17.6 ms, 64 rows 41.9 vs 51.3 ms, and equal at
+  1024. On CPUs with AMX, oneDNN's AMX GEMM is faster for prefills: there the weight is packed for
+  both and our kernel takes only batches of up to `PANEL_MAX_ROWS_WITH_AMX` rows.
+- otherwise for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): bf16 20-35% faster than
+  `F.linear` (Intel with AMX, batch 1-64), float32 1.3-2.8x at batch 1-64 on an AVX2-only AMD
+  EPYC; float32 batches of up to `SMALL_LINEAR_MAX_ROWS` rows go to the C++ weight-streaming
+  kernel (`kernels.cpu_attention.small_linear`) instead.
+
+Results differ from `F.linear` by float32 summation order only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,15 +26,22 @@ import torch.nn.functional as F
 from kernels import cpu_attention, cpu_ops
 
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
-# float32 batches of up to this many rows go through the C++ weight-streaming kernel instead
-# (`kernels.cpu_attention.small_linear`): one pass over the weights for all rows.
+# float32 batches of up to this many rows go through the C++ weight-streaming kernel
 SMALL_LINEAR_MAX_ROWS = 16
-# bfloat16 batches of up to this many rows go through the AVX512-BF16 kernel where the CPU has it
-# (`kernels.cpu_ops.linear_bf16`)
-SMALL_LINEAR_BF16_MAX_ROWS = 16
+# with AMX, bfloat16 batches of up to this many rows (memory-bound decodes) use our kernel
+PANEL_MAX_ROWS_WITH_AMX = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A weight's packed forms (at least one is set)."""
+
+    panels: torch.Tensor | None = None  # `cpu_ops.pack_panels` layout (bf16, AVX512-BF16)
+    onednn: torch.Tensor | None = None  # oneDNN's layout
 
 
 def can_pack(weight: torch.Tensor) -> bool:
+    """True when oneDNN can pack this weight."""
     return (
         weight.device.type == "cpu"
         and weight.dtype in (torch.bfloat16, torch.float32)
@@ -34,8 +50,7 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """The weight [out, in] packed for `linear`, or None where packing does not apply."""
+def _pack_onednn(weight: torch.Tensor) -> torch.Tensor | None:
     if not can_pack(weight):
         return None
     try:
@@ -44,21 +59,37 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
+    """The weight [out, in] packed for `linear`, or None where packing does not apply."""
+    panels = None
+    if (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and cpu_ops.linear_bf16_available()
+    ):
+        panels = cpu_ops.pack_panels(weight)
+    onednn = None
+    if panels is None or "amx_bf16" in cpu_ops.cpu_flags():
+        onednn = _pack_onednn(weight)
+    if panels is None and onednn is None:
+        return None
+    return PackedWeight(panels, onednn)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    packed: torch.Tensor | None = None,
+    packed: PackedWeight | None = None,
 ) -> torch.Tensor:
-    """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one
-    (decode batches of up to `SMALL_LINEAR_MAX_ROWS` / `SMALL_LINEAR_BF16_MAX_ROWS` rows: the C++
-    kernels)."""
-    if packed is not None:
-        rows = x.shape[0]
-        if x.dtype == torch.bfloat16:
-            if rows <= SMALL_LINEAR_BF16_MAX_ROWS and cpu_ops.linear_bf16_available():
-                return cpu_ops.linear_bf16(x, weight, bias)
-        elif rows <= SMALL_LINEAR_MAX_ROWS and cpu_attention.small_linear_available():
-            return cpu_attention.small_linear(x, weight, bias)  # float32 (built once, cached)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one."""
+    if packed is None or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    rows = x.shape[0]
+    if packed.panels is not None and (packed.onednn is None or rows <= PANEL_MAX_ROWS_WITH_AMX):
+        return cpu_ops.linear_bf16(x.contiguous(), packed.panels, weight.shape[0], bias)
+    small = x.dtype == torch.float32 and rows <= SMALL_LINEAR_MAX_ROWS
+    if small and cpu_attention.small_linear_available():  # built once, then cached
+        return cpu_attention.small_linear(x, weight, bias)
+    assert packed.onednn is not None
+    return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, bias, "none", [], "")

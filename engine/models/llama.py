@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models.linear import linear, pack_weight
+from engine.models.linear import PackedWeight, linear, pack_weight
 from kernels import AttentionBackend, get_attention_backend
 from kernels.layer_ops import LayerOps, get_layer_ops
 from kernels.metadata import AttentionMetadata
@@ -105,7 +105,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = _param(hidden, **kw)
         self.gate_up_proj = _param(2 * self.inter, hidden, **kw)  # rows: gate | up
         self.down_proj = _param(hidden, self.inter, **kw)
-        self.packed: dict[str, torch.Tensor | None] = {}  # see `pack_weights`
+        self.packed: dict[str, PackedWeight | None] = {}  # see `pack_weights`
 
     def pack_weights(self) -> None:
         """Pre-pack the matmul weights for oneDNN where that applies (CPU)."""
@@ -183,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
             for _ in range(config.num_layers)
         )
         self.norm = _param(config.hidden_size, **kw)
-        self.packed_head: torch.Tensor | None = None
+        self.packed_head: PackedWeight | None = None
         self.lm_head = (
             None
             if config.tie_word_embeddings

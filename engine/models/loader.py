@@ -29,7 +29,6 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +85,8 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r} (known: {known})") from None
 
 
-@lru_cache(maxsize=1)
 def _cpu_has_native_bf16() -> bool:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    return bool(cpu_ops.cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def bundled_model_path() -> str:

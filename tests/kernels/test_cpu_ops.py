@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,47 +84,58 @@ def linear_bf16(cpu_ops):  # type: ignore[no-untyped-def]
     return cpu_ops.linear_bf16
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17])
+def test_panels_layout(cpu_ops) -> None:  # type: ignore[no-untyped-def]
+    w = torch.arange(35 * 5, dtype=torch.float32).view(35, 5).bfloat16()
+    panels = cpu_ops.pack_panels(w)
+    assert panels.shape == (2, 3, 32, 2)  # N padded to 64, K to 6
+    assert torch.equal(panels[1, 2, 1], torch.stack([w[33, 4], torch.tensor(0).bfloat16()]))
+    assert torch.equal(panels[0, 1, 7], w[7, 2:4])
+    assert panels[1, :, 3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 16, 17, 40])
 @pytest.mark.parametrize(
     ("out_features", "in_features"), [(96, 64), (37, 19), (16, 576), (50, 1536), (3, 33)]
 )
-def test_linear_bf16_matches_float32_matmul(linear_bf16, rows, out_features, in_features) -> None:  # type: ignore[no-untyped-def]
-    """Tiles of 16 weight rows with ragged ends, K not a multiple of 32, strided input rows."""
+def test_linear_bf16_matches_float32_matmul(
+    cpu_ops, linear_bf16, rows, out_features, in_features
+) -> None:  # type: ignore[no-untyped-def]
+    """Panels with ragged ends (N not a multiple of 32, odd K), row tiles of 8 with a remainder,
+    strided input rows, with and without bias."""
     g = gen(rows * 1000 + out_features)
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
     bias = torch.randn(out_features, generator=g).bfloat16()
     wide = torch.randn(rows, in_features + 5, generator=g).bfloat16()
     x = wide[:, 2 : 2 + in_features]
+    panels = cpu_ops.pack_panels(w)
     for b in (None, bias):
         ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-        out = linear_bf16(x, w, b)
+        out = linear_bf16(x, panels, out_features, b)
         assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
         # exact bf16 products summed in float32, then one rounding to bfloat16
-        torch.testing.assert_close(out.float(), ref, rtol=0.0079, atol=1e-4 * in_features)
+        torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-4 * in_features)
 
 
-def test_small_bf16_batches_take_the_kernel(linear_bf16, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from engine.models import linear as module
     from kernels import cpu_ops
 
     calls: list[int] = []
 
-    def counting(x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+    def counting(x: torch.Tensor, *args: Any) -> torch.Tensor:
         calls.append(x.shape[0])
         return linear_bf16(x, *args)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(cpu_ops, "linear_bf16", counting)
     w = torch.randn(40, 64).bfloat16()
     packed = module.pack_weight(w)
-    if packed is None:
-        pytest.skip("oneDNN bf16 packing is not available on this CPU")
-    limit = module.SMALL_LINEAR_BF16_MAX_ROWS
-    for rows in (1, limit, limit + 1):
+    assert packed is not None and packed.panels is not None
+    amx = "amx_bf16" in cpu_ops.cpu_flags()
+    assert (packed.onednn is not None) == amx  # oneDNN's AMX GEMM keeps the prefills there
+    limit = module.PANEL_MAX_ROWS_WITH_AMX
+    for rows in (1, limit, limit + 1, 300):
         x = torch.randn(rows, 64).bfloat16()
         torch.testing.assert_close(
-            module.linear(x, w, None, packed).float(),
-            F.linear(x, w).float(),
-            rtol=0.0079,
-            atol=0.02,
+            module.linear(x, w, None, packed).float(), F.linear(x, w).float(), rtol=2**-7, atol=0.05
         )
-    assert calls == [1, limit]
+    assert calls == ([1, limit] if amx else [1, limit, limit + 1, 300])

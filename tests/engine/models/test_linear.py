@@ -1,4 +1,4 @@
-"""Pre-packed oneDNN weights give the same results as `F.linear` at decode batch sizes."""
+"""Packed weights (our bf16 panels, oneDNN) give `F.linear`'s results up to summation order."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.linear import PACK_BATCH_HINT, linear, pack_weight
+from engine.models.linear import PACK_BATCH_HINT, PackedWeight, linear, pack_weight
 
 
 def test_other_dtypes_are_never_packed() -> None:
     assert pack_weight(torch.randn(8, 4, dtype=torch.float16)) is None
     assert pack_weight(torch.randn(8, 4, dtype=torch.float64)) is None
+
+
+def onednn_only(weight: torch.Tensor) -> PackedWeight:
+    """The weight packed for oneDNN alone (as on CPUs without AVX512-BF16)."""
+    return PackedWeight(onednn=torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, PACK_BATCH_HINT, 300])
@@ -30,15 +35,30 @@ def test_packed_fp32_matches_f_linear(rows: int) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, PACK_BATCH_HINT])
-def test_packed_bf16_matches_f_linear(rows: int) -> None:
+def test_onednn_bf16_matches_f_linear(rows: int) -> None:
     w = torch.randn(96, 64, dtype=torch.bfloat16)
-    packed = pack_weight(w)
-    if packed is None:
+    try:
+        packed = onednn_only(w)
+    except RuntimeError:
         pytest.skip("oneDNN bf16 packing is not available on this CPU")
     x = torch.randn(rows, 64, dtype=torch.bfloat16)
     bias = torch.randn(96, dtype=torch.bfloat16)
     assert torch.equal(linear(x, w, None, packed), F.linear(x, w))
     assert torch.equal(linear(x, w, bias, packed), F.linear(x, w, bias))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, PACK_BATCH_HINT, 300])
+def test_packed_bf16_matches_f_linear(rows: int) -> None:
+    """Whatever packing this CPU gets: float32 sums of exact bf16 products, one rounding."""
+    w = torch.randn(96, 576, dtype=torch.bfloat16)
+    packed = pack_weight(w)
+    if packed is None:
+        pytest.skip("no bf16 packing on this CPU")
+    x = torch.randn(rows, 576, dtype=torch.bfloat16)
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    for b in (None, bias):
+        ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+        torch.testing.assert_close(linear(x, w, b, packed).float(), ref, rtol=2**-7, atol=0.05)
 
 
 def require_small_linear() -> None:
@@ -79,9 +99,9 @@ def test_small_fp32_batches_take_the_streaming_kernel(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(cpu_attention, "small_linear", counting)
     w = torch.randn(40, 24)
-    packed = pack_weight(w)
-    if packed is None:
+    if pack_weight(w) is None:
         pytest.skip("oneDNN is not available in this torch build")
+    packed = onednn_only(w)
     for rows in (1, module.SMALL_LINEAR_MAX_ROWS, module.SMALL_LINEAR_MAX_ROWS + 1):
         x = torch.randn(rows, 24)
         torch.testing.assert_close(linear(x, w, None, packed), F.linear(x, w), rtol=1e-5, atol=1e-5)
