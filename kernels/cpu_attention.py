@@ -1,15 +1,16 @@
-"""CPU attention backend: decode rows through a C++ kernel that reads the paged cache in place.
+"""CPU attention backend: C++ kernels that read the paged cache in place.
 
 The reference (`kernels.reference`) gathers every decoding sequence's whole context into a padded
-copy in every layer of every step. The kernel in `csrc/cpu_attention.cpp` instead walks each
-sequence's block table and reads K and V rows where they lie, once per KV head for all the query
-heads of its group, with float32 scores, softmax and accumulation.
+copy in every layer of every step. The kernels in `csrc/cpu_attention.cpp` (decodes) and
+`csrc/cpu_prefill.cpp` (prefills) instead walk each sequence's block table and read K and V rows
+where they lie, once per KV head for all the query heads of its group, with float32 scores,
+softmax and accumulation.
 
-    decode rows  (q_len == 1)   -> C++ kernel   [S_d, H, D] -> [S_d, H, D]
+    decode rows  (q_len == 1)   -> C++ decode kernel    [S_d, H, D] -> [S_d, H, D]
     prefill rows (q_len > 1)    -> `scaled_dot_product_attention` per sequence (`prefill_sdpa`)
     write_kv                    -> reference
 
-The extension is compiled on first use (one translation unit, ~11 s on 2 cores) with
+The extension is compiled on first use (one library of three sources, ~20 s on 2 cores) with
 `torch.utils.cpp_extension` into `$PREFIXGATE_CACHE_DIR/torch_extensions` (default
 `~/.cache/prefixgate/torch_extensions`), in a folder keyed by the source, the compiler flags,
 torch, Python and the CPU, under a file lock so that concurrent processes build it once. When it
@@ -43,6 +44,7 @@ __all__ = [
     "load_kernel",
     "paged_attention",
     "paged_decode",
+    "paged_prefill",
     "small_linear",
     "small_linear_available",
     "write_kv",
@@ -50,8 +52,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# one library: the attention kernel and the fused layer ops (`kernels.cpu_ops`)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
+# one library: the attention kernels and the fused layer ops (`kernels.cpu_ops`)
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp")
+]
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
 _NAME = "prefixgate_cpu_attention"
 # Tried in order: the host's vector units first, portable code if the compiler refuses.
@@ -123,6 +128,39 @@ def paged_decode(
     out = torch.empty(query.shape, dtype=kv_cache.dtype)
     kernel(out, query, kv_cache, block_tables, seq_lens, scale)
     return out
+
+
+def paged_prefill(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+    seq_ids: torch.Tensor,
+) -> None:
+    """Causal attention of the new tokens of sequences `seq_ids` over their paged contexts, with
+    the C++ prefill kernel, written into their rows of `out` (the other rows are left untouched).
+
+    Needs `load_kernel()` to have succeeded and a float32 or bfloat16 cache.
+
+    Args:
+        query: [T, H, D] in the cache dtype (the last dim contiguous), the whole step's rows.
+        kv_cache: [2, num_blocks, block_size, KVH, D] for one layer.
+        meta: the step's layout; sequence s owns rows `query_start_loc[s]:query_start_loc[s+1]`.
+        scale: softmax scale.
+        out: [T, H, D] in the cache dtype (the last dim contiguous).
+        seq_ids: [P] int32 or int64, the sequences to attend (usually those with q_len > 1).
+    """
+    torch.ops.prefixgate_cpu.paged_prefill_attention(
+        out,
+        query,
+        kv_cache,
+        meta.block_tables,
+        meta.query_start_loc,
+        meta.seq_lens,
+        seq_ids,
+        scale,
+    )
 
 
 def paged_attention(
