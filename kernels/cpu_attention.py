@@ -7,7 +7,9 @@ where they lie, once per KV head for all the query heads of its group, with floa
 softmax and accumulation.
 
     decode rows  (q_len == 1)   -> C++ decode kernel    [S_d, H, D] -> [S_d, H, D]
-    prefill rows (q_len > 1)    -> `scaled_dot_product_attention` per sequence (`prefill_sdpa`)
+    prefill rows (q_len > 1)    -> C++ prefill kernel, all prefills in one call (`paged_prefill`);
+                                   `scaled_dot_product_attention` per sequence for float16
+                                   (`prefill_sdpa`)
     write_kv                    -> reference
 
 The extension is compiled on first use (one library of three sources, ~20 s on 2 cores) with
@@ -57,6 +59,8 @@ SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp")
 ]
+# cache dtypes of the prefill kernel; prefills of other dtypes run `prefill_sdpa`
+PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
 _NAME = "prefixgate_cpu_attention"
 # Tried in order: the host's vector units first, portable code if the compiler refuses.
@@ -141,7 +145,7 @@ def paged_prefill(
     """Causal attention of the new tokens of sequences `seq_ids` over their paged contexts, with
     the C++ prefill kernel, written into their rows of `out` (the other rows are left untouched).
 
-    Needs `load_kernel()` to have succeeded and a float32 or bfloat16 cache.
+    Needs `load_kernel()` to have succeeded and a float32 or bfloat16 cache (`PREFILL_DTYPES`).
 
     Args:
         query: [T, H, D] in the cache dtype (the last dim contiguous), the whole step's rows.
@@ -166,7 +170,8 @@ def paged_prefill(
 def paged_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Decode rows through the C++ kernel, prefill rows through SDPA (see `prefill_sdpa`).
+    """Decode rows through the C++ decode kernel, prefill rows through the C++ prefill kernel
+    (`paged_prefill`; SDPA for float16 caches, see `prefill_sdpa`).
 
     Without the kernel (no compiler, or `PREFIXGATE_CPU_ATTENTION=torch`) the whole step runs
     the reference.
@@ -184,7 +189,10 @@ def paged_attention(
         out[plan.rows] = paged_decode(
             query[plan.rows], kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel
         )
-    prefill_sdpa(query, kv_cache, meta, scale, out)
+    if plan.prefills is not None and kv_cache.dtype in PREFILL_DTYPES:
+        paged_prefill(query, kv_cache, meta, scale, out, plan.prefills)
+    elif plan.prefills is not None:
+        prefill_sdpa(query, kv_cache, meta, scale, out)
     return out
 
 
@@ -201,7 +209,8 @@ def prefill_sdpa(
     matmuls) and runs `scaled_dot_product_attention` with grouped query heads: causal when the
     whole context is new, else with a mask that lets new token i see the cached context and new
     tokens up to itself. On CPU this fused kernel is 3-12x faster than the reference's
-    matmul + float32 softmax for prefills of 256-2048 tokens.
+    matmul + float32 softmax for prefills of 256-2048 tokens; `paged_prefill` is faster still,
+    and this runs only where it can't (float16 caches).
     """
     kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     for p in reference.step_plan(meta, kv_cache).prefills:
@@ -222,20 +231,23 @@ def prefill_sdpa(
 
 @dataclass(slots=True)
 class _Plan:
-    """The step's decode sequences, found once and reused by every layer."""
+    """The step's decode and prefill sequences, found once and reused by every layer."""
 
     kernel: Kernel | None  # None: run the reference for the whole step
     rows: torch.Tensor | None  # [S_d] query rows of the decodes; None when every row is one
     block_tables: torch.Tensor  # [S_d, max_blocks] their block tables
     seq_lens: torch.Tensor | None  # [S_d] their context lengths; None when there are no decodes
+    prefills: torch.Tensor | None = None  # [S_p] ids of the q_len > 1 sequences; None if none
 
 
 def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
     kernel = load_kernel() if kv_cache.device.type == "cpu" and kernel_available() else None
     starts = meta.query_start_loc_list
     decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
+    prefill_ids = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] > 1]
+    prefills = torch.tensor(prefill_ids) if prefill_ids else None
     if kernel is None or not decodes:
-        return _Plan(kernel, None, meta.block_tables, None)
+        return _Plan(kernel, None, meta.block_tables, None, prefills)
     if len(decodes) == meta.num_tokens:
         return _Plan(kernel, None, meta.block_tables, meta.seq_lens)
     index = torch.tensor(decodes)
@@ -244,6 +256,7 @@ def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
         rows=torch.tensor([starts[s] for s in decodes]),
         block_tables=meta.block_tables.index_select(0, index),
         seq_lens=meta.seq_lens.index_select(0, index),
+        prefills=prefills,
     )
 
 

@@ -1,4 +1,4 @@
-"""The C++ CPU prefill kernel agrees with the reference."""
+"""The C++ CPU prefill kernel agrees with the reference; the backend routes prefills through it."""
 
 from __future__ import annotations
 
@@ -175,6 +175,40 @@ def test_same_result_on_any_thread_count(kernel: object, dtype: torch.dtype) -> 
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_mixed_steps_through_the_backend(
+    kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, group: int
+) -> None:
+    """paged_attention sends decode rows to the decode kernel and every prefill row to the
+    prefill kernel (SDPA is not called), and matches the reference."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("SDPA ran although the prefill kernel serves this dtype")
+
+    monkeypatch.setattr(cpu_attention, "prefill_sdpa", refuse)
+    for batch in (MIXED, [(40, 40), (20, 3)]):
+        query, cache, meta = make_step(batch, 16, group, dtype=dtype, seed=10)
+        plain = AttentionMetadata(**{f: getattr(meta, f) for f in meta.__slots__ if f != "derived"})
+        out = cpu_attention.paged_attention(query, cache, meta, 0.125)
+        tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
+        want = reference.paged_attention(query.float(), cache.float(), plain, 0.125)
+        torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
+def test_float16_prefills_fall_back_to_sdpa(
+    kernel: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the prefill kernel ran on a float16 cache")
+
+    monkeypatch.setattr(cpu_attention, "paged_prefill", refuse)
+    query, cache, meta = make_step(MIXED, 16, 3, dtype=torch.float16, seed=11)
+    out = cpu_attention.paged_attention(query, cache, meta, 0.125)
+    want = reference.paged_attention(query.float(), cache.float(), meta, 0.125)
+    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)
 
 
 def test_bad_inputs_are_refused(kernel: object) -> None:
