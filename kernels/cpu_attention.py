@@ -8,8 +8,8 @@ softmax and accumulation.
 
     decode rows  (q_len == 1)   -> C++ decode kernel    [S_d, H, D] -> [S_d, H, D]
     prefill rows (q_len > 1)    -> C++ prefill kernel, all prefills in one call (`paged_prefill`);
-                                   `scaled_dot_product_attention` per sequence for float16
-                                   (`prefill_sdpa`)
+                                   `scaled_dot_product_attention` per sequence where that kernel
+                                   has no vector code (`prefill_sdpa`, `prefill_kernel_serves`)
     write_kv                    -> reference
 
 The extension is compiled on first use (one library of three sources, ~20 s on 2 cores) with
@@ -47,6 +47,7 @@ __all__ = [
     "paged_attention",
     "paged_decode",
     "paged_prefill",
+    "prefill_kernel_serves",
     "small_linear",
     "small_linear_available",
     "write_kv",
@@ -59,7 +60,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp")
 ]
-# cache dtypes of the prefill kernel; prefills of other dtypes run `prefill_sdpa`
+# cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
 _NAME = "prefixgate_cpu_attention"
@@ -134,6 +135,18 @@ def paged_decode(
     return out
 
 
+def prefill_kernel_serves(kv_cache: torch.Tensor) -> bool:
+    """True when the library is loaded and runs prefills over this cache faster than SDPA: a
+    float32 or bfloat16 CPU cache, and a head dim its vector code covers (AVX-512: 16, 32, 64,
+    128). Its plain-loop fallback is exact but slower than SDPA, so the backend avoids it."""
+    return (
+        kv_cache.device.type == "cpu"
+        and kv_cache.dtype in PREFILL_DTYPES
+        and load_kernel() is not None
+        and bool(torch.ops.prefixgate_cpu.prefill_vectorized(kv_cache.shape[-1]))
+    )
+
+
 def paged_prefill(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -171,7 +184,7 @@ def paged_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Decode rows through the C++ decode kernel, prefill rows through the C++ prefill kernel
-    (`paged_prefill`; SDPA for float16 caches, see `prefill_sdpa`).
+    (`paged_prefill`; SDPA where `prefill_kernel_serves` says no, see `prefill_sdpa`).
 
     Without the kernel (no compiler, or `PREFIXGATE_CPU_ATTENTION=torch`) the whole step runs
     the reference.
@@ -189,9 +202,9 @@ def paged_attention(
         out[plan.rows] = paged_decode(
             query[plan.rows], kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel
         )
-    if plan.prefills is not None and kv_cache.dtype in PREFILL_DTYPES:
+    if plan.prefills is not None:
         paged_prefill(query, kv_cache, meta, scale, out, plan.prefills)
-    elif plan.prefills is not None:
+    else:
         prefill_sdpa(query, kv_cache, meta, scale, out)
     return out
 
@@ -210,7 +223,7 @@ def prefill_sdpa(
     whole context is new, else with a mask that lets new token i see the cached context and new
     tokens up to itself. On CPU this fused kernel is 3-12x faster than the reference's
     matmul + float32 softmax for prefills of 256-2048 tokens; `paged_prefill` is faster still,
-    and this runs only where it can't (float16 caches).
+    and this runs only where it isn't (see `prefill_kernel_serves`).
     """
     kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     for p in reference.step_plan(meta, kv_cache).prefills:
@@ -237,7 +250,8 @@ class _Plan:
     rows: torch.Tensor | None  # [S_d] query rows of the decodes; None when every row is one
     block_tables: torch.Tensor  # [S_d, max_blocks] their block tables
     seq_lens: torch.Tensor | None  # [S_d] their context lengths; None when there are no decodes
-    prefills: torch.Tensor | None = None  # [S_p] ids of the q_len > 1 sequences; None if none
+    # [S_p] ids of the q_len > 1 sequences for the prefill kernel; None: none, or they run SDPA
+    prefills: torch.Tensor | None = None
 
 
 def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
@@ -245,7 +259,9 @@ def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
     starts = meta.query_start_loc_list
     decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
     prefill_ids = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] > 1]
-    prefills = torch.tensor(prefill_ids) if prefill_ids else None
+    prefills = None
+    if kernel is not None and prefill_ids and prefill_kernel_serves(kv_cache):
+        prefills = torch.tensor(prefill_ids)
     if kernel is None or not decodes:
         return _Plan(kernel, None, meta.block_tables, None, prefills)
     if len(decodes) == meta.num_tokens:

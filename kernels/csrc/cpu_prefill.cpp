@@ -42,7 +42,8 @@
 // exact products summed into float32: queries and P packed as pairs along the sum, V rows
 // interleaved in pairs once per block), so that they run at twice the float32 multiply-add rate;
 // without it, K and V rows are widened to float32 once per block. Other head dims and builds
-// without AVX-512 run the same steps as plain loops.
+// without AVX-512 run the same steps as plain loops (correct, but slower than SDPA: the backend
+// asks `prefill_vectorized` first).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -683,6 +684,18 @@ ItemFn<T> item_fn(int64_t head_dim, int64_t rows) {
 
 // ---- the op -------------------------------------------------------------------------------------
 
+// True when this build runs prefills of this head dim with vector instructions. The plain loops
+// are correct but slower than PyTorch's SDPA (2-3x on an AVX2 CPU), so the backend keeps SDPA
+// where this is false.
+bool prefill_vectorized(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
 struct Indices {
   const void* starts;
   const void* lens;
@@ -843,6 +856,7 @@ TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
       "Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, Tensor seq_ids, "
       "float scale) -> ()");
+  m.def("prefill_vectorized(int head_dim) -> bool", &prefill_vectorized);
 }
 
 TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,18 +178,25 @@ def test_same_result_on_any_thread_count(kernel: object, dtype: torch.dtype) -> 
     assert torch.equal(one, two)
 
 
+def refuse(name: str) -> Callable[..., None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{name} ran")
+
+    return refuse
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [1, 3])
 def test_mixed_steps_through_the_backend(
     kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, group: int
 ) -> None:
     """paged_attention sends decode rows to the decode kernel and every prefill row to the
-    prefill kernel (SDPA is not called), and matches the reference."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("SDPA ran although the prefill kernel serves this dtype")
-
-    monkeypatch.setattr(cpu_attention, "prefill_sdpa", refuse)
+    prefill kernel where it has vector code for SmolLM2's head dim (AVX-512), else to SDPA, and
+    matches the reference."""
+    if torch.ops.prefixgate_cpu.prefill_vectorized(64):
+        monkeypatch.setattr(cpu_attention, "prefill_sdpa", refuse("SDPA"))
+    else:
+        monkeypatch.setattr(cpu_attention, "paged_prefill", refuse("the prefill kernel"))
     for batch in (MIXED, [(40, 40), (20, 3)]):
         query, cache, meta = make_step(batch, 16, group, dtype=dtype, seed=10)
         plain = AttentionMetadata(**{f: getattr(meta, f) for f in meta.__slots__ if f != "derived"})
@@ -198,17 +206,19 @@ def test_mixed_steps_through_the_backend(
         torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
-def test_float16_prefills_fall_back_to_sdpa(
-    kernel: object, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float16, 64), (torch.float32, 24)])
+def test_prefills_the_kernel_does_not_vectorize_run_sdpa(
+    kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, head_dim: int
 ) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the prefill kernel ran on a float16 cache")
-
-    monkeypatch.setattr(cpu_attention, "paged_prefill", refuse)
-    query, cache, meta = make_step(MIXED, 16, 3, dtype=torch.float16, seed=11)
+    """float16 caches, and head dims without vector code (where the plain loops would be slower
+    than SDPA), keep the SDPA path."""
+    monkeypatch.setattr(cpu_attention, "paged_prefill", refuse("the prefill kernel"))
+    query, cache, meta = make_step(MIXED, 16, 3, dtype=dtype, head_dim=head_dim, seed=11)
+    assert not cpu_attention.prefill_kernel_serves(cache)
     out = cpu_attention.paged_attention(query, cache, meta, 0.125)
+    tol = FP32_TOL if dtype == torch.float32 else 1e-2
     want = reference.paged_attention(query.float(), cache.float(), meta, 0.125)
-    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
 def test_bad_inputs_are_refused(kernel: object) -> None:
