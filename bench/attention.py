@@ -10,8 +10,8 @@ and the default shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 6
 
 `--cpu-prefill` instead compares, on CPU, the C++ prefill kernel (`paged_prefill`) with the SDPA
 path it replaced (`prefill_sdpa`: gather each context, then SDPA), both on the paged cache, for
-SmolLM2's prompt lengths: fresh prompts of 160, 512 and 2048 tokens, and 64 new tokens over 1024
-cached ones.
+SmolLM2's prompt lengths: fresh prompts of 160, 512 and 2048 tokens, 64 new tokens over 1024
+cached ones, and a 1920-token step of twelve 160-token prompts.
 
 Usage: python bench/attention.py [--dtype bfloat16] [--heads 32] [--kv-heads 8] [--head-dim 128]
                                [--block-size 16] [--quick] [--cpu-prefill]
@@ -248,7 +248,8 @@ def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> str:
 
 def cpu_prefill_cases() -> list[Case]:
     fresh = [Case(f"prompt L={n}", [(n, n)]) for n in (160, 512, 2048)]
-    return [*fresh, Case("64 new over 1024 cached", [(1088, 64)])]
+    step = Case("12 prompts of 160 (one step)", [(160, 160)] * 12)
+    return [*fresh, Case("64 new over 1024 cached", [(1088, 64)]), step]
 
 
 def bench_cpu_prefill(case: Case, shape: Shape) -> str:

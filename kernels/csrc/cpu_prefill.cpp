@@ -52,6 +52,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -704,24 +705,53 @@ struct Indices {
   int64_t num_seqs, num_ids;
 };
 
-// Rows per item: 64 unless that leaves fewer than 4 items per thread (short prompts), then 32
-// or 16, so that every thread has work and the costliest-first order can even it out.
-int64_t rows_per_item(const Layout& lay, const std::vector<int64_t>& q_lens) {
-  const int64_t threads = at::get_num_threads();
-  int64_t rows = kRows;
-  for (; rows > 16; rows /= 2) {
-    int64_t items = 0;
-    for (int64_t q : q_lens) items += lay.kv_heads * ((q * lay.group + rows - 1) / rows);
-    if (items >= 4 * threads) break;
+// The costliest-first schedule of items of these costs on the threads (each takes the next item
+// when it finishes one): when the last thread finishes.
+int64_t makespan(std::vector<int64_t> costs, int64_t threads) {
+  std::sort(costs.begin(), costs.end(), std::greater<int64_t>());
+  std::vector<int64_t> busy(threads, 0);
+  for (int64_t c : costs) *std::min_element(busy.begin(), busy.end()) += c;
+  return *std::max_element(busy.begin(), busy.end());
+}
+
+// What an item costs: its rows, in whole vectors of 16, times its keys.
+inline int64_t item_cost(int64_t rows, int64_t keys) { return (rows + 15) / 16 * 16 * keys; }
+
+// Rows per item: 64 (the most reuse of each K and V row, the fewest items), unless that keeps the
+// threads unevenly busy: a few equal items (a chunk over a long cached context: 9 items on 2
+// threads take 5 rounds where 4.5 would do), or too few (short prompts). Then 32 or 16 if their
+// costliest-first schedule is at least 5% closer to an even split. (Only the balance counts:
+// smaller items also waste fewer masked scores, but run less efficiently.)
+int64_t rows_per_item(const Layout& lay, const std::vector<int64_t>& q_lens,
+                      const std::vector<int64_t>& firsts) {
+  auto imbalance = [&](int64_t rows) {  // makespan / (total work / threads), >= 1
+    std::vector<int64_t> costs;
+    int64_t total = 0;
+    for (size_t p = 0; p < q_lens.size(); ++p)
+      for (int64_t r0 = 0; r0 < q_lens[p] * lay.group; r0 += rows) {
+        const int64_t n = std::min(rows, q_lens[p] * lay.group - r0);
+        const int64_t keys = firsts[p] + (r0 + n - 1) / lay.group + 1;
+        costs.insert(costs.end(), lay.kv_heads, item_cost(n, keys));
+        total += lay.kv_heads * item_cost(n, keys);
+      }
+    const int64_t threads = at::get_num_threads();
+    return static_cast<double>(makespan(std::move(costs), threads)) * threads /
+           static_cast<double>(std::max<int64_t>(total, 1));
+  };
+  int64_t best_rows = kRows;
+  double best = imbalance(kRows);
+  for (int64_t rows = kRows / 2; rows >= 16 && 0.95 * best > 1.0; rows /= 2) {  // ratio >= 1
+    const double ratio = imbalance(rows);
+    if (ratio < 0.95 * best) best = ratio, best_rows = rows;
   }
-  return rows;
+  return best_rows;
 }
 
 // Checks each listed sequence against the step and its block table; returns the items,
 // costliest first, and the most keys any of them needs.
 std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* table,
                              int64_t* max_keys) {
-  std::vector<int64_t> seqs, q_lens;
+  std::vector<int64_t> seqs, q_lens, firsts;
   for (int64_t p = 0; p < ix.num_ids; ++p) {
     const int64_t s = read_index(ix.ids, ix.ids64, p);
     TORCH_CHECK(s >= 0 && s < ix.num_seqs, "seq id ", s, " out of range");
@@ -739,14 +769,14 @@ std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* t
     }
     seqs.push_back(s);
     q_lens.push_back(q_len);
+    firsts.push_back(len - q_len);
   }
-  const int64_t per_item = rows_per_item(lay, q_lens);
+  const int64_t per_item = rows_per_item(lay, q_lens, firsts);
   std::vector<Item> items;
   *max_keys = 1;
   for (size_t p = 0; p < seqs.size(); ++p) {
     const int64_t s = seqs[p], rows = q_lens[p] * lay.group;
-    const int64_t start = read_index(ix.starts, ix.starts64, s);
-    const int64_t first = read_index(ix.lens, ix.lens64, s) - q_lens[p];
+    const int64_t start = read_index(ix.starts, ix.starts64, s), first = firsts[p];
     *max_keys = std::max(*max_keys, first + q_lens[p]);
     for (int64_t kvh = 0; kvh < lay.kv_heads; ++kvh)
       for (int64_t r0 = 0; r0 < rows; r0 += per_item) {
@@ -756,7 +786,7 @@ std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* t
       }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    return a.rows * a.keys > b.rows * b.keys;
+    return item_cost(a.rows, a.keys) > item_cost(b.rows, b.keys);
   });
   return items;
 }
