@@ -1,16 +1,20 @@
 """Attention kernels: the device's kernel vs the PyTorch reference vs PyTorch SDPA on contiguous KV.
 
-The kernel is Triton on CUDA and the C++ CPU decode kernel (`kernels.cpu_attention`) on CPU. For
-each case (decodes, prefills over an empty cache, chunked prefills over cached context, and
-write_kv) it prints the time of each implementation, the ratios to the kernel, and the KV
+The kernel is Triton on CUDA and the C++ CPU kernels (`kernels.cpu_attention`: decode and prefill)
+on CPU. For each case (decodes, prefills over an empty cache, chunked prefills over cached context,
+and write_kv) it prints the time of each implementation, the ratios to the kernel, and the KV
 bandwidth of the kernel, after checking its output against the reference. SDPA runs on contiguous
 (not paged) K/V of the same lengths, a lower bound for what paging costs. On CPU the
 implementations are timed interleaved (round-robin calls), since the machine is shared and noisy,
-and the default shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64); prefills there
-run the reference in both columns (the CPU kernel is for decodes).
+and the default shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64).
+
+`--cpu-prefill` instead compares, on CPU, the C++ prefill kernel (`paged_prefill`) with the SDPA
+path it replaced (`prefill_sdpa`: gather each context, then SDPA), both on the paged cache, for
+SmolLM2's prompt lengths: fresh prompts of 160, 512 and 2048 tokens, 64 new tokens over 1024
+cached ones, and a 1920-token step of twelve 160-token prompts.
 
 Usage: python bench/attention.py [--dtype bfloat16] [--heads 32] [--kv-heads 8] [--head-dim 128]
-                               [--block-size 16] [--quick]
+                               [--block-size 16] [--quick] [--cpu-prefill]
 """
 
 from __future__ import annotations
@@ -242,6 +246,52 @@ def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> str:
     return line
 
 
+def cpu_prefill_cases() -> list[Case]:
+    fresh = [Case(f"prompt L={n}", [(n, n)]) for n in (160, 512, 2048)]
+    step = Case("12 prompts of 160 (one step)", [(160, 160)] * 12)
+    return [*fresh, Case("64 new over 1024 cached", [(1088, 64)]), step]
+
+
+def bench_cpu_prefill(case: Case, shape: Shape) -> str:
+    """The prefill kernel vs the SDPA path on the same paged inputs: ms, ratio, kernel GFLOP/s
+    (causal: 4 * D flops per query head and visible key)."""
+    from kernels import cpu_attention
+
+    x = make_inputs(case, shape)
+    query, cache, meta = x["query"], x["cache"], x["meta"]
+    scale, ids = shape.head_dim**-0.5, torch.arange(meta.num_seqs)
+
+    def kernel() -> torch.Tensor:
+        out = torch.empty_like(query)
+        cpu_attention.paged_prefill(query, cache, meta, scale, out, ids)
+        return out
+
+    def sdpa() -> torch.Tensor:
+        out = torch.empty_like(query)
+        cpu_attention.prefill_sdpa(query, cache, meta, scale, out)
+        return out
+
+    err = (kernel().float() - sdpa().float()).abs().max().item()
+    if err > 5e-2:
+        raise AssertionError(f"{case.name}: the kernel differs from SDPA by {err:.3g}")
+    ms = time_interleaved({"sdpa": sdpa, "kernel": kernel})
+    visible = sum(q * (n - q) + q * (q + 1) // 2 for n, q in case.batch)  # keys seen, per head
+    gflops = 4 * shape.head_dim * shape.heads * visible / (ms["kernel"] * 1e-3) / 1e9
+    ratio = ms["sdpa"] / ms["kernel"]
+    return f"{case.name:<32}{ms['sdpa']:>10.3f}{ms['kernel']:>10.3f}{ratio:>9.2f}x{gflops:>9.0f}"
+
+
+def main_cpu_prefill(shape: Shape) -> None:
+    from kernels import cpu_attention
+
+    if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
+        raise SystemExit("the CPU prefill kernel is unavailable for this dtype or build")
+    print(f"CPU prefill, {torch.get_num_threads()} threads")
+    print(f"{'case':<32}{'sdpa ms':>10}{'kernel ms':>10}{'sdpa/ker':>10}{'GFLOP/s':>9}")
+    for case in cpu_prefill_cases():
+        print(bench_cpu_prefill(case, shape), flush=True)
+
+
 def load_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
     """("triton", backend) on CUDA, ("cpu", backend) on CPU when the C++ kernel builds."""
     from kernels import get_attention_backend
@@ -268,8 +318,11 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, help="default: 128 on CUDA, 64 on CPU")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="small cases (the default on CPU)")
+    ap.add_argument(
+        "--cpu-prefill", action="store_true", help="the CPU prefill kernel vs the SDPA path"
+    )
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cpu" if args.cpu_prefill or not torch.cuda.is_available() else "cuda")
     defaults = (32, 8, 128) if device.type == "cuda" else (9, 3, 64)
     heads, kv_heads, head_dim = (
         given or default
@@ -287,6 +340,9 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}, {args.dtype}, H={shape.heads} KVH={shape.kv_heads} D={shape.head_dim} "
           f"block_size={shape.block_size}")  # fmt: skip
+    if args.cpu_prefill:
+        main_cpu_prefill(shape)
+        return
     kernel, backend = load_backend(device, shape.dtype)
     header = f"{'case':<32}{'torch ms':>10}{'sdpa ms':>10}"
     if backend is not None:

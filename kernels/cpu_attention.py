@@ -1,15 +1,18 @@
-"""CPU attention backend: decode rows through a C++ kernel that reads the paged cache in place.
+"""CPU attention backend: C++ kernels that read the paged cache in place.
 
 The reference (`kernels.reference`) gathers every decoding sequence's whole context into a padded
-copy in every layer of every step. The kernel in `csrc/cpu_attention.cpp` instead walks each
-sequence's block table and reads K and V rows where they lie, once per KV head for all the query
-heads of its group, with float32 scores, softmax and accumulation.
+copy in every layer of every step. The kernels in `csrc/cpu_attention.cpp` (decodes) and
+`csrc/cpu_prefill.cpp` (prefills) instead walk each sequence's block table and read K and V rows
+where they lie, once per KV head for all the query heads of its group, with float32 scores,
+softmax and accumulation.
 
-    decode rows  (q_len == 1)   -> C++ kernel   [S_d, H, D] -> [S_d, H, D]
-    prefill rows (q_len > 1)    -> `scaled_dot_product_attention` per sequence (`prefill_sdpa`)
+    decode rows  (q_len == 1)   -> C++ decode kernel    [S_d, H, D] -> [S_d, H, D]
+    prefill rows (q_len > 1)    -> C++ prefill kernel, all prefills in one call (`paged_prefill`);
+                                   `scaled_dot_product_attention` per sequence where that kernel
+                                   has no vector code (`prefill_sdpa`, `prefill_kernel_serves`)
     write_kv                    -> reference
 
-The extension is compiled on first use (one translation unit, ~11 s on 2 cores) with
+The extension is compiled on first use (one library of three sources, ~20 s on 2 cores) with
 `torch.utils.cpp_extension` into `$PREFIXGATE_CACHE_DIR/torch_extensions` (default
 `~/.cache/prefixgate/torch_extensions`), in a folder keyed by the source, the compiler flags,
 torch, Python and the CPU, under a file lock so that concurrent processes build it once. When it
@@ -43,6 +46,8 @@ __all__ = [
     "load_kernel",
     "paged_attention",
     "paged_decode",
+    "paged_prefill",
+    "prefill_kernel_serves",
     "small_linear",
     "small_linear_available",
     "write_kv",
@@ -50,8 +55,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# one library: the attention kernel and the fused layer ops (`kernels.cpu_ops`)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
+# one library: the attention kernels and the fused layer ops (`kernels.cpu_ops`)
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp")
+]
+# cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
+PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
 _NAME = "prefixgate_cpu_attention"
 # Tried in order: the host's vector units first, portable code if the compiler refuses.
@@ -125,10 +135,56 @@ def paged_decode(
     return out
 
 
+def prefill_kernel_serves(kv_cache: torch.Tensor) -> bool:
+    """True when the library is loaded and runs prefills over this cache faster than SDPA: a
+    float32 or bfloat16 CPU cache, and a head dim its vector code covers (AVX-512: 16, 32, 64,
+    128). Its plain-loop fallback is exact but slower than SDPA, so the backend avoids it."""
+    return (
+        kv_cache.device.type == "cpu"
+        and kv_cache.dtype in PREFILL_DTYPES
+        and load_kernel() is not None
+        and bool(torch.ops.prefixgate_cpu.prefill_vectorized(kv_cache.shape[-1]))
+    )
+
+
+def paged_prefill(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+    seq_ids: torch.Tensor,
+) -> None:
+    """Causal attention of the new tokens of sequences `seq_ids` over their paged contexts, with
+    the C++ prefill kernel, written into their rows of `out` (the other rows are left untouched).
+
+    Needs `load_kernel()` to have succeeded and a float32 or bfloat16 cache (`PREFILL_DTYPES`).
+
+    Args:
+        query: [T, H, D] in the cache dtype (the last dim contiguous), the whole step's rows.
+        kv_cache: [2, num_blocks, block_size, KVH, D] for one layer.
+        meta: the step's layout; sequence s owns rows `query_start_loc[s]:query_start_loc[s+1]`.
+        scale: softmax scale.
+        out: [T, H, D] in the cache dtype (the last dim contiguous).
+        seq_ids: [P] int32 or int64, the sequences to attend (usually those with q_len > 1).
+    """
+    torch.ops.prefixgate_cpu.paged_prefill_attention(
+        out,
+        query,
+        kv_cache,
+        meta.block_tables,
+        meta.query_start_loc,
+        meta.seq_lens,
+        seq_ids,
+        scale,
+    )
+
+
 def paged_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Decode rows through the C++ kernel, prefill rows through SDPA (see `prefill_sdpa`).
+    """Decode rows through the C++ decode kernel, prefill rows through the C++ prefill kernel
+    (`paged_prefill`; SDPA where `prefill_kernel_serves` says no, see `prefill_sdpa`).
 
     Without the kernel (no compiler, or `PREFIXGATE_CPU_ATTENTION=torch`) the whole step runs
     the reference.
@@ -146,7 +202,10 @@ def paged_attention(
         out[plan.rows] = paged_decode(
             query[plan.rows], kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel
         )
-    prefill_sdpa(query, kv_cache, meta, scale, out)
+    if plan.prefills is not None:
+        paged_prefill(query, kv_cache, meta, scale, out, plan.prefills)
+    else:
+        prefill_sdpa(query, kv_cache, meta, scale, out)
     return out
 
 
@@ -163,7 +222,8 @@ def prefill_sdpa(
     matmuls) and runs `scaled_dot_product_attention` with grouped query heads: causal when the
     whole context is new, else with a mask that lets new token i see the cached context and new
     tokens up to itself. On CPU this fused kernel is 3-12x faster than the reference's
-    matmul + float32 softmax for prefills of 256-2048 tokens.
+    matmul + float32 softmax for prefills of 256-2048 tokens; `paged_prefill` is faster still,
+    and this runs only where it isn't (see `prefill_kernel_serves`).
     """
     kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     for p in reference.step_plan(meta, kv_cache).prefills:
@@ -184,20 +244,26 @@ def prefill_sdpa(
 
 @dataclass(slots=True)
 class _Plan:
-    """The step's decode sequences, found once and reused by every layer."""
+    """The step's decode and prefill sequences, found once and reused by every layer."""
 
     kernel: Kernel | None  # None: run the reference for the whole step
     rows: torch.Tensor | None  # [S_d] query rows of the decodes; None when every row is one
     block_tables: torch.Tensor  # [S_d, max_blocks] their block tables
     seq_lens: torch.Tensor | None  # [S_d] their context lengths; None when there are no decodes
+    # [S_p] ids of the q_len > 1 sequences for the prefill kernel; None: none, or they run SDPA
+    prefills: torch.Tensor | None = None
 
 
 def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
     kernel = load_kernel() if kv_cache.device.type == "cpu" and kernel_available() else None
     starts = meta.query_start_loc_list
     decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
+    prefill_ids = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] > 1]
+    prefills = None
+    if kernel is not None and prefill_ids and prefill_kernel_serves(kv_cache):
+        prefills = torch.tensor(prefill_ids)
     if kernel is None or not decodes:
-        return _Plan(kernel, None, meta.block_tables, None)
+        return _Plan(kernel, None, meta.block_tables, None, prefills)
     if len(decodes) == meta.num_tokens:
         return _Plan(kernel, None, meta.block_tables, meta.seq_lens)
     index = torch.tensor(decodes)
@@ -206,6 +272,7 @@ def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
         rows=torch.tensor([starts[s] for s in decodes]),
         block_tables=meta.block_tables.index_select(0, index),
         seq_lens=meta.seq_lens.index_select(0, index),
+        prefills=prefills,
     )
 
 

@@ -1,0 +1,894 @@
+// Paged prefill attention on CPU: every new token of a prefill (or of a chunk of one, over cached
+// context) attends causally over its sequence's keys, read in place from the paged cache through
+// the block table. Built into the same library as cpu_attention.cpp.
+//
+//   out[t, h] = softmax(scale * q[t, h] . K[s, 0:p+1]) @ V[s, 0:p+1]
+//   for row t = start[s] + i, new token i of sequence s (Q = q_len, L = seq_lens[s]), which sits
+//   at position p = L - Q + i
+//
+//   query           [T, H, D]                             cache dtype, last dim contiguous
+//   kv_cache        [2, num_blocks, block_size, KVH, D]   index 0 = K, 1 = V, last dim contiguous
+//   block_tables    [S, max_blocks]  int32 or int64       token t of s is in block table[s, t / bs]
+//   query_start_loc [S + 1]          int32 or int64       rows of s: start[s] .. start[s + 1]
+//   seq_lens        [S]              int32 or int64
+//   seq_ids         [P]              int32 or int64       the sequences to attend (the prefills)
+//   out             [T, H, D]                             their rows written, the others untouched
+//
+// Work items. The rows of one (sequence, KV head) are its Q new tokens times the G = H / KVH query
+// heads of the group, token-major (row r = token r / G, head r % G), and an item is up to 64
+// consecutive rows: they all read the same K and V rows, so each is loaded once per item (not
+// once per query head), and the item needs the keys up to its last token's position only. Items
+// go to the threads through a shared counter, costliest first, since causal items differ in cost
+// by up to the prompt length: two threads stay busy even for one short sequence.
+//
+// One item, flash-attention style: keys in blocks of 64, an online softmax in float32 per row r
+//
+//   S[j, r] = scale * q_r . k_j          for the block's keys j; masked where j > position of r
+//   m'_r    = max(m_r, max_j S[j, r])     running max; alpha_r = exp(m_r - m'_r)
+//   P[j, r] = exp(S[j, r] - m'_r)         (0 where masked)
+//   l_r     = l_r * alpha_r + sum_j P[j, r]
+//   O[r]    = O[r] * alpha_r + sum_j P[j, r] * v_j
+//
+// then O[r] / l_r is stored, rounded once to the cache dtype. Scores, softmax and sums are float32,
+// so a float32 result is the exact softmax-weighted sum up to float32 rounding (as close to it as
+// the float32 reference: both sum in their own orders). A bfloat16 result also rounds P to
+// bfloat16 for the P @ V products, as the reference and SDPA do.
+//
+// AVX-512 (head_dim 16, 32, 64 or 128): scores hold 16 rows per vector. The item's queries are
+// packed once, transposed ([D][rows]), and each key row is used element by element as broadcasts
+// read straight from the cache, so keys need no packing and the softmax is lane-wise, without
+// horizontal sums. P @ V holds 16 columns of O per vector and broadcasts P. Where the compiler
+// targets AVX512-BF16, bfloat16 caches use its dot-product instruction for both products (pairs of
+// exact products summed into float32: queries and P packed as pairs along the sum, V rows
+// interleaved in pairs once per block), so that they run at twice the float32 multiply-add rate;
+// without it, K and V rows are widened to float32 once per block. Other head dims and builds
+// without AVX-512 run the same steps as plain loops (correct, but slower than SDPA: the backend
+// asks `prefill_vectorized` first).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 64;  // rows of one item at most (4 vectors of 16); scratch row stride
+constexpr int64_t kKeys = 64;  // keys per online-softmax block
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---- 2^t, for the softmax ----------------------------------------------------------------------
+//
+// Scores are kept in base-2 units (the scale is multiplied by log2(e) before the dot products), so
+// the softmax's exponentials are 2^t for t <= 0: the approach of exp_shifted in cpu_attention.cpp
+// without its ln 2 range reduction. 2^t = 2^k * 2^f with k = round(t) and f = t - k in [-1/2, 1/2]
+// (exact), 2^f by a degree-5 polynomial with p(0) = 1 fitted to its relative error (< 1.6e-7
+// with float32 multiply-adds, where exp_shifted's degree-6 Taylor polynomial reaches 2.2e-7). t is
+// clamped at -126: underflow gives ~1e-38, not 0 (masked scores are zeroed separately), and
+// t = -inf (the first block's alpha) gives no NaN.
+constexpr double kLog2e = 1.4426950408889634;
+constexpr float kExp2Poly[] = {1.321867225e-03f, 9.671698324e-03f, 5.550893024e-02f,
+                               2.402223796e-01f, 6.931468844e-01f, 1.f};
+constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+
+inline float exp2_nonpositive(float t) {
+  t = std::max(t, -126.f);
+  const float k = (t + kRound) - kRound;
+  const float f = t - k;
+  float p = kExp2Poly[0];
+  for (int i = 1; i < 6; ++i) p = p * f + kExp2Poly[i];
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 0]
+  float pow2k;
+  std::memcpy(&pow2k, &bits, sizeof(float));
+  return p * pow2k;
+}
+
+// ---- layout, work items and scratch -------------------------------------------------------------
+
+struct Layout {
+  int64_t num_tokens, num_heads, kv_heads, group, head_dim, block_size, num_blocks;
+  int64_t q_tok, q_head;                   // query strides
+  int64_t o_tok, o_head;                   // out strides
+  int64_t c_kv, c_block, c_token, c_head;  // cache strides
+  int64_t table_row, max_blocks;           // block table row stride and width
+  bool table64;                            // int64 (else int32) block table
+};
+
+// The pointers of one call, typed.
+template <typename T>
+struct Tensors {
+  const T* query;
+  const T* cache;
+  const void* table;
+  T* out;
+  float scale;  // the softmax scale times log2(e): scores in base-2 units
+};
+
+// Rows row0 .. row0 + rows of one (sequence, KV head): row r is new token r / G, head r % G.
+struct Item {
+  int64_t seq, kvh;
+  int64_t q_start;  // the sequence's first query row in the step
+  int64_t first;    // position of its first new token (seq_len - q_len)
+  int64_t row0, rows;
+  int64_t keys;  // keys 0 .. keys - 1 are seen by some row: position of the last row's token + 1
+};
+
+inline int64_t read_index(const void* base, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(base)[i] : static_cast<const int32_t*>(base)[i];
+}
+
+// Per-thread scratch, sized once per thread for the longest context.
+struct Scratch {
+  std::vector<int64_t> offs;             // [keys] where each key's row starts (K or V, head 0)
+  std::vector<int32_t> pos;              // [kRows] position of each row's token
+  std::vector<float> q;                  // [D][kRows] scaled queries, transposed (or pairs)
+  std::vector<float> s;                  // [kKeys][kRows] a block's scores, then probabilities
+  std::vector<float> o;                  // [kRows][D] unnormalized output rows
+  std::vector<float> kf, vf;             // [kKeys][D] a block's K / V rows widened to float32
+  std::vector<uint32_t> pp, vp;          // [kKeys / 2][kRows], [kKeys / 2][D] bfloat16 pairs
+  std::vector<float> m, l, alpha;        // [kRows] running max, running sum, this block's rescale
+  std::vector<const void*> krows, vrows;  // [kKeys] the block's K / V rows as the steps read them
+  Scratch(const Layout& lay, int64_t max_keys)
+      : offs(max_keys),
+        pos(kRows),
+        q(lay.head_dim * kRows),
+        s(kKeys * kRows),
+        o(kRows * lay.head_dim),
+        kf(kKeys * lay.head_dim),
+        vf(kKeys * lay.head_dim),
+        pp(kKeys / 2 * kRows),
+        vp(kKeys / 2 * lay.head_dim),
+        m(kRows),
+        l(kRows),
+        alpha(kRows),
+        krows(kKeys),
+        vrows(kKeys) {}
+};
+
+// offs[t] = where token t's row starts, relative to its (K or V, head) base. The table entries
+// were checked before the threads started.
+void row_offsets(const Layout& lay, const void* table, int64_t seq, int64_t len, int64_t* offs) {
+  for (int64_t t0 = 0, b = 0; t0 < len; t0 += lay.block_size, ++b) {
+    const int64_t block = read_index(table, lay.table64, seq * lay.table_row + b);
+    const int64_t n = std::min(lay.block_size, len - t0);
+    for (int64_t j = 0; j < n; ++j) offs[t0 + j] = block * lay.c_block + j * lay.c_token;
+  }
+}
+
+// The query row of item row r (r < it.rows).
+template <typename T>
+const T* query_row(const Layout& lay, const Item& it, const T* query, int64_t r) {
+  const int64_t row = it.row0 + r;
+  const int64_t token = it.q_start + row / lay.group;
+  return query + token * lay.q_tok + (it.kvh * lay.group + row % lay.group) * lay.q_head;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// ---- the three steps of a key block as plain loops (any head_dim, any build) --------------------
+//
+// Rows are the innermost loop where the data allows it, so that the compiler vectorizes them.
+
+// s[j, r] = sum_d q[d, r] * k_j[d] for the block's n keys and rows 0..R-1 (q holds scaled queries)
+void scores_portable(const float* q, int64_t D, int64_t R, const void* const* k, int64_t n,
+                     float* s) {
+  for (int64_t j = 0; j < n; ++j) {
+    float* sj = s + j * kRows;
+    std::fill(sj, sj + R, 0.f);
+    for (int64_t d = 0; d < D; ++d) {
+      const float kd = static_cast<const float*>(k[j])[d];
+      const float* qd = q + d * kRows;
+      for (int64_t r = 0; r < R; ++r) sj[r] += qd[r] * kd;
+    }
+  }
+}
+
+// scores -> probabilities in place, and the running max / sum and this block's alpha per row
+void softmax_portable(float* s, int64_t n, int64_t k0, int64_t R, const int32_t* pos, float* m,
+                      float* l, float* alpha) {
+  float mx[kRows], sum[kRows];
+  for (int64_t r = 0; r < R; ++r) mx[r] = m[r], sum[r] = 0.f;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t r = 0; r < R; ++r)
+      if (k0 + j <= pos[r]) mx[r] = std::max(mx[r], s[j * kRows + r]);
+  for (int64_t j = 0; j < n; ++j) {
+    float* sj = s + j * kRows;
+    for (int64_t r = 0; r < R; ++r) {
+      sj[r] = k0 + j <= pos[r] ? exp2_nonpositive(sj[r] - mx[r]) : 0.f;
+      sum[r] += sj[r];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    alpha[r] = exp2_nonpositive(m[r] - mx[r]);
+    l[r] = l[r] * alpha[r] + sum[r];
+    m[r] = mx[r];
+  }
+}
+
+// o[r] = o[r] * alpha[r] + sum_j p[j, r] * v_j
+void values_portable(const float* p, int64_t n, int64_t R, int64_t D, const void* const* v,
+                     const float* alpha, float* o) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* orow = o + r * D;
+    for (int64_t d = 0; d < D; ++d) orow[d] *= alpha[r];
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = p[j * kRows + r];
+      const float* vj = static_cast<const float*>(v[j]);
+      for (int64_t d = 0; d < D; ++d) orow[d] += w * vj[d];
+    }
+  }
+}
+
+// ---- AVX-512 steps: R = 16 * MV rows, head_dim = 16 * DV ---------------------------------------
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp2_nonpositive on 16 lanes (scalef multiplies by 2^k exactly, as the exponent bits do)
+inline __m512 exp2_16(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-126.f));
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
+  return _mm512_scalef_ps(p, k);
+}
+
+// Pins x to a register: GCC would otherwise fold the query loads below into every multiply-add that
+// uses them, and a 512-bit load per multiply-add is more than Zen 4's load ports sustain.
+inline void in_register(__m512& x) {
+#if defined(__GNUC__)
+  __asm__("" : "+v"(x));
+#else
+  (void)x;
+#endif
+}
+
+// s[j, :] = q^T k_j for KT keys: MV * KT accumulators (at most 24 of the 32 registers), each key
+// element broadcast to the 16 rows of a query vector
+template <int MV, int KT>
+inline void scores_f32(const float* q, int64_t D, const void* const* k, float* s) {
+  __m512 acc[KT][MV];
+  for (int j = 0; j < KT; ++j)
+    for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_ps();
+  int64_t d = 0;
+  do {  // D >= 16; a do-while keeps GCC from spilling the accumulators around a zero-trip path
+    __m512 qd[MV];
+    for (int v = 0; v < MV; ++v) {
+      qd[v] = _mm512_loadu_ps(q + d * kRows + 16 * v);
+      in_register(qd[v]);
+    }
+    for (int j = 0; j < KT; ++j) {
+      const __m512 kd = _mm512_set1_ps(static_cast<const float*>(k[j])[d]);
+      for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_fmadd_ps(qd[v], kd, acc[j][v]);
+    }
+  } while (++d < D);
+  for (int j = 0; j < KT; ++j)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(s + j * kRows + 16 * v, acc[j][v]);
+}
+
+#if defined(__AVX512BF16__)
+// The same for bfloat16 keys and queries: q holds, per row, the pairs (q[2i], q[2i + 1]) as 32
+// bits ([D / 2][kRows]); one key pair is broadcast and the instruction adds both exact products
+// to float32. The scale is applied to the sums.
+template <int MV, int KT>
+inline void scores_dpbf16(const float* q, int64_t D, const void* const* k, float scale,
+                          float* s) {
+  __m512 acc[KT][MV];
+  for (int j = 0; j < KT; ++j)
+    for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_setzero_ps();
+  int64_t i = 0;
+  do {  // as in scores_f32
+    __m512bh qi[MV];
+    for (int v = 0; v < MV; ++v)
+      qi[v] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(q + i * kRows + 16 * v));
+    for (int j = 0; j < KT; ++j) {
+      int32_t pair;
+      std::memcpy(&pair, static_cast<const c10::BFloat16*>(k[j]) + 2 * i, sizeof(pair));
+      const __m512bh ki = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < MV; ++v) acc[j][v] = _mm512_dpbf16_ps(acc[j][v], qi[v], ki);
+    }
+  } while (++i < D / 2);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int j = 0; j < KT; ++j)
+    for (int v = 0; v < MV; ++v)
+      _mm512_storeu_ps(s + j * kRows + 16 * v, _mm512_mul_ps(acc[j][v], vscale));
+}
+
+// P @ V for bfloat16 caches with the same instruction, which takes pairs along the sum (keys):
+// P is rounded to bfloat16 (as the reference and SDPA round their probabilities), the sums stay
+// in float32. pp[i, r] = (P[2i, r], P[2i + 1, r]) for the n keys (P[n] = 0 when n is odd).
+template <int MV>
+inline void pack_probs(const float* s, int64_t n, uint32_t* pp) {
+  // cvtne2ps gives [even 0..15 | odd 0..15] as bfloat16: interleave them into 16 pairs
+  alignas(64) static constexpr int16_t kInterleave[32] = {
+      0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int64_t i = 0; 2 * i < n; ++i)
+    for (int v = 0; v < MV; ++v) {
+      const float* even = s + 2 * i * kRows + 16 * v;
+      const __m512 odd = 2 * i + 1 < n ? _mm512_loadu_ps(even + kRows) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, _mm512_loadu_ps(even));
+      _mm512_storeu_si512(pp + i * kRows + 16 * v, _mm512_permutexvar_epi16(idx, both));
+    }
+}
+
+// vp[i, d] = (V[2i, d], V[2i + 1, d]) for the n keys (V[n] = 0 when n is odd: 0 * NaN would be
+// NaN, whatever the unused half of a block holds)
+template <int DV>
+inline void pack_values(const c10::BFloat16* head, const int64_t* offs, int64_t n, uint32_t* vp) {
+  // element k < 16 of the result pair (a[k / 2], b[k / 2]) for the low 8, likewise for the rest
+  alignas(64) static constexpr int16_t kPairs[32] = {
+      0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(kPairs);
+  for (int64_t i = 0; 2 * i < n; ++i) {
+    const c10::BFloat16* a = head + offs[2 * i];
+    const c10::BFloat16* b = 2 * i + 1 < n ? head + offs[2 * i + 1] : nullptr;
+    for (int c = 0; c < DV; ++c) {
+      const __m256i ac = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * c));
+      const __m256i bc = b != nullptr
+                             ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 * c))
+                             : _mm256_setzero_si256();
+      const __m512i pairs = _mm512_permutex2var_epi16(_mm512_castsi256_si512(ac), idx,
+                                                      _mm512_castsi256_si512(bc));
+      _mm512_storeu_si512(vp + i * 16 * DV + 16 * c, pairs);
+    }
+  }
+}
+
+// values_tile on bfloat16 pairs: o[r] = o[r] * alpha[r] + sum_i pp[i, r] . vp[i]
+template <int RT, int DV>
+inline void values_tile_dpbf16(const uint32_t* pp, int64_t pairs, const uint32_t* vp,
+                               const float* alpha, float* o) {
+  constexpr int D = 16 * DV;
+  __m512 acc[RT][DV];
+  for (int r = 0; r < RT; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o + r * D + 16 * c), a);
+  }
+  int64_t i = 0;
+  do {  // pairs >= 1; as in scores_f32
+    __m512bh x[DV];
+    for (int c = 0; c < DV; ++c) x[c] = (__m512bh)_mm512_loadu_si512(vp + i * D + 16 * c);
+    for (int r = 0; r < RT; ++r) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[i * kRows + r]));
+      for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x[c], w);
+    }
+  } while (++i < pairs);
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(o + r * D + 16 * c, acc[r][c]);
+}
+#endif
+
+// softmax_portable on 16 rows per vector; masked: some key of the block is after some row's token
+template <int MV>
+void softmax_avx512(float* s, int64_t n, int64_t k0, bool masked, const int32_t* pos, float* m,
+                    float* l, float* alpha) {
+  for (int v = 0; v < MV; ++v) {
+    const __m512i pv = _mm512_loadu_si512(pos + 16 * v);
+    auto visible = [&](int64_t j) -> __mmask16 {
+      if (!masked) return 0xFFFF;
+      return _mm512_cmple_epi32_mask(_mm512_set1_epi32(static_cast<int32_t>(k0 + j)), pv);
+    };
+    const __m512 old = _mm512_loadu_ps(m + 16 * v);
+    __m512 mx = old;
+    for (int64_t j = 0; j < n; ++j)
+      mx = _mm512_mask_max_ps(mx, visible(j), mx, _mm512_loadu_ps(s + j * kRows + 16 * v));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      float* sj = s + j * kRows + 16 * v;
+      __m512 p = exp2_16(_mm512_sub_ps(_mm512_loadu_ps(sj), mx));
+      p = _mm512_maskz_mov_ps(visible(j), p);
+      _mm512_storeu_ps(sj, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    const __m512 a = exp2_16(_mm512_sub_ps(old, mx));
+    _mm512_storeu_ps(alpha + 16 * v, a);
+    _mm512_storeu_ps(l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * v), a, sum));
+    _mm512_storeu_ps(m + 16 * v, mx);
+  }
+}
+
+// o[r] = o[r] * alpha[r] + sum_j p[j, r] * v_j for RT rows: RT * DV accumulators, each V row
+// loaded once for the RT rows
+template <int RT, int DV>
+inline void values_tile(const float* p, int64_t n, const void* const* v, const float* alpha,
+                        float* o) {
+  constexpr int D = 16 * DV;
+  __m512 acc[RT][DV];
+  for (int r = 0; r < RT; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o + r * D + 16 * c), a);
+  }
+  int64_t j = 0;
+  do {  // n >= 1; as in scores_f32
+    const float* vj = static_cast<const float*>(v[j]);
+    __m512 x[DV];
+    for (int c = 0; c < DV; ++c) x[c] = _mm512_loadu_ps(vj + 16 * c);
+    for (int r = 0; r < RT; ++r) {
+      const __m512 w = _mm512_set1_ps(p[j * kRows + r]);
+      for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(w, x[c], acc[r][c]);
+    }
+  } while (++j < n);
+  for (int r = 0; r < RT; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(o + r * D + 16 * c, acc[r][c]);
+}
+
+// r[i] = row i of a 16 x 16 matrix -> r[j] = its column j (64 shuffles instead of 256 scalar
+// moves: packing an item's queries costs next to nothing even for short prompts)
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {  // in each 128-bit lane, rows 2i and 2i + 1 interleaved
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // now lane l of r[4i + k] = rows 4i..4i+3 of column 4l + k
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int k = 0; k < 4; ++k) {  // column 4l + k = lanes l of r[k], r[4 + k], r[8 + k], r[12 + k]
+    const __m512 a = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);  // lanes 0, 2 of each
+    const __m512 b = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);  // lanes 1, 3 of each
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512 d = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_f32x4(a, c, 0x88);
+    t[8 + k] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    t[4 + k] = _mm512_shuffle_f32x4(b, d, 0x88);
+    t[12 + k] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+// float32 -> bfloat16, round to nearest even, NaN kept quiet (as c10::BFloat16)
+inline void store16(c10::BFloat16* dst, __m512 v) {
+#if defined(__AVX512BF16__)
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+  r = _mm512_srli_epi32(r, 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  const __m256i bits = _mm512_cvtepi32_epi16(r);
+#endif
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bits);
+}
+
+// 16 accumulators whatever the head dim
+template <int DV>
+constexpr int kValueRows = DV == 1 ? 16 : DV == 2 ? 8 : DV == 4 ? 4 : 2;
+// MV * KT = 16 or 24 accumulators, KT dividing kKeys
+template <int MV>
+constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
+#endif
+
+// ---- one work item ------------------------------------------------------------------------------
+
+// How a build runs the item's steps: plain loops, AVX-512 float32 (float32 caches, and bfloat16
+// ones widened), or AVX-512 with bfloat16 dot products.
+enum class Path { kPortable, kF32, kDpbf16 };
+
+#if defined(__AVX512F__)
+// pack_queries (below) for R = 16 * MV rows, 16 rows at a time through transpose16
+template <typename T, Path P>
+void pack_queries_avx512(const Layout& lay, const Item& it, const Tensors<T>& in, int64_t R,
+                         Scratch& w) {
+  alignas(64) static constexpr float kZeroRow[128] = {};  // rows past it.rows: zero queries
+  const int64_t D = lay.head_dim;
+  const __m512 scale = _mm512_set1_ps(in.scale);
+  for (int64_t r0 = 0; r0 < R; r0 += 16) {
+    const T* rows[16];
+    for (int k = 0; k < 16; ++k)
+      rows[k] = r0 + k < it.rows ? query_row(lay, it, in.query, r0 + k)
+                                 : reinterpret_cast<const T*>(kZeroRow);
+    __m512 x[16];
+    if constexpr (P == Path::kDpbf16) {  // 32-bit pairs, 16 per row and vector (8 for D = 16)
+      const int64_t pairs = std::min<int64_t>(16, D / 2);
+      const __mmask16 mask = static_cast<__mmask16>((1u << pairs) - 1);
+      for (int64_t i0 = 0; i0 < D / 2; i0 += 16) {
+        for (int k = 0; k < 16; ++k)
+          x[k] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, rows[k] + 2 * i0));
+        transpose16(x);
+        for (int64_t i = 0; i < pairs; ++i) _mm512_storeu_ps(&w.q[(i0 + i) * kRows + r0], x[i]);
+      }
+    } else {
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        for (int k = 0; k < 16; ++k) x[k] = _mm512_mul_ps(load16(rows[k] + d0), scale);
+        transpose16(x);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(&w.q[(d0 + i) * kRows + r0], x[i]);
+      }
+    }
+  }
+}
+#endif
+
+// pos[r] for the R computed rows (rows past it.rows repeat the last one) and the packed queries:
+// q[d, r] = scale * query (float32), or q[i, r] = the pair (query[2i], query[2i + 1]) (kDpbf16);
+// R = it.rows on the portable path.
+template <typename T, Path P>
+void pack_queries(const Layout& lay, const Item& it, const Tensors<T>& in, int64_t R,
+                  Scratch& w) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t row = it.row0 + std::min(r, it.rows - 1);
+    w.pos[r] = static_cast<int32_t>(it.first + row / lay.group);
+  }
+#if defined(__AVX512F__)
+  if constexpr (P != Path::kPortable) return pack_queries_avx512<T, P>(lay, it, in, R, w);
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    const T* src = query_row(lay, it, in.query, r);
+    for (int64_t d = 0; d < lay.head_dim; ++d) w.q[d * kRows + r] = to_float(src[d]) * in.scale;
+  }
+}
+
+// rows[j] = the block's key/value row j as the steps read it: in the cache (float32, or bfloat16
+// pairs), else widened into buf. Rows j in [n, KT-padded n) repeat row 0: they are scored (and
+// then masked, being past every row's position) but never summed.
+template <typename T, bool kWiden>
+void block_rows(const T* head, const int64_t* offs, int64_t n, int64_t padded, int64_t D,
+                float* buf, const void** rows) {
+  for (int64_t j = 0; j < padded; ++j) {
+    const T* src = head + offs[j < n ? j : 0];
+    if constexpr (kWiden) {
+      float* dst = buf + j * D;
+      if (j < n)
+        for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
+      rows[j] = j < n ? dst : buf;
+    } else {
+      rows[j] = src;
+    }
+  }
+}
+
+template <typename T, Path P, int MV, int DV>
+void key_block(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w, int64_t k0,
+               int64_t n, int64_t R) {
+  const int64_t D = lay.head_dim;
+  const T* k_head = in.cache + it.kvh * lay.c_head;
+  const T* v_head = k_head + lay.c_kv;
+  const int64_t* offs = w.offs.data() + k0;
+  constexpr bool kWiden = !std::is_same_v<T, float>;
+  float* s = w.s.data();
+  if constexpr (P == Path::kPortable) {
+    block_rows<T, kWiden>(k_head, offs, n, n, D, w.kf.data(), w.krows.data());
+    block_rows<T, kWiden>(v_head, offs, n, n, D, w.vf.data(), w.vrows.data());
+    scores_portable(w.q.data(), D, R, w.krows.data(), n, s);
+    softmax_portable(s, n, k0, R, w.pos.data(), w.m.data(), w.l.data(), w.alpha.data());
+    values_portable(s, n, R, D, w.vrows.data(), w.alpha.data(), w.o.data());
+  } else {
+#if defined(__AVX512F__)
+    constexpr int KT = kScoreKeys<MV>;
+    const bool masked = k0 + n - 1 > w.pos[0];  // rows are in token order: pos[0] is the least
+    const int64_t padded = (n + KT - 1) / KT * KT;
+    block_rows<T, kWiden && P == Path::kF32>(k_head, offs, n, padded, D, w.kf.data(),
+                                             w.krows.data());
+    for (int64_t j = 0; j < padded; j += KT) {
+#if defined(__AVX512BF16__)
+      if constexpr (P == Path::kDpbf16) {
+        scores_dpbf16<MV, KT>(w.q.data(), D, w.krows.data() + j, in.scale, s + j * kRows);
+        continue;
+      }
+#endif
+      scores_f32<MV, KT>(w.q.data(), D, w.krows.data() + j, s + j * kRows);
+    }
+    softmax_avx512<MV>(s, n, k0, masked, w.pos.data(), w.m.data(), w.l.data(), w.alpha.data());
+    constexpr int RT = kValueRows<DV>;
+#if defined(__AVX512BF16__)
+    if constexpr (P == Path::kDpbf16) {
+      pack_probs<MV>(s, n, w.pp.data());
+      pack_values<DV>(v_head, offs, n, w.vp.data());
+      for (int64_t r = 0; r < R; r += RT)
+        values_tile_dpbf16<RT, DV>(w.pp.data() + r, (n + 1) / 2, w.vp.data(),
+                                   w.alpha.data() + r, w.o.data() + r * D);
+      return;
+    }
+#endif
+    block_rows<T, kWiden>(v_head, offs, n, n, D, w.vf.data(), w.vrows.data());
+    for (int64_t r = 0; r < R; r += RT)
+      values_tile<RT, DV>(s + r, n, w.vrows.data(), w.alpha.data() + r, w.o.data() + r * D);
+#endif
+  }
+}
+
+// out[row] = o[row] / l[row] in the cache dtype
+template <typename T, Path P>
+void store_rows(const Layout& lay, const Item& it, const Tensors<T>& in, const Scratch& w) {
+  const int64_t D = lay.head_dim;
+  for (int64_t r = 0; r < it.rows; ++r) {
+    const int64_t row = it.row0 + r;
+    T* dst = in.out + (it.q_start + row / lay.group) * lay.o_tok +
+             (it.kvh * lay.group + row % lay.group) * lay.o_head;
+    const float inv = 1.f / w.l[r];
+    const float* src = w.o.data() + r * D;
+#if defined(__AVX512F__)
+    if constexpr (P != Path::kPortable) {
+      for (int64_t d = 0; d < D; d += 16)
+        store16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), _mm512_set1_ps(inv)));
+      continue;
+    }
+#endif
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * inv);
+  }
+}
+
+// R = the rows computed: it.rows rounded up to whole vectors (16 * MV) on the AVX-512 paths
+template <typename T, Path P, int MV, int DV>
+void attend_item(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w) {
+  const int64_t R = P == Path::kPortable ? it.rows : 16 * MV;
+  pack_queries<T, P>(lay, it, in, R, w);
+  row_offsets(lay, in.table, it.seq, it.keys, w.offs.data());
+  std::fill(w.m.begin(), w.m.begin() + R, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + R, 0.f);
+  std::fill(w.o.begin(), w.o.begin() + R * lay.head_dim, 0.f);
+  for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
+    key_block<T, P, MV, DV>(lay, it, in, w, k0, std::min(kKeys, it.keys - k0), R);
+  store_rows<T, P>(lay, it, in, w);
+}
+
+// The item's function for this build, head dim and row count.
+template <typename T>
+using ItemFn = void (*)(const Layout&, const Item&, const Tensors<T>&, Scratch&);
+
+template <typename T, Path P, int DV>
+ItemFn<T> by_rows(int64_t rows) {
+  switch ((rows + 15) / 16) {
+    case 1: return &attend_item<T, P, 1, DV>;
+    case 2: return &attend_item<T, P, 2, DV>;
+    case 3: return &attend_item<T, P, 3, DV>;
+    default: return &attend_item<T, P, 4, DV>;
+  }
+}
+
+template <typename T>
+ItemFn<T> item_fn(int64_t head_dim, int64_t rows) {
+#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+  constexpr Path P = std::is_same_v<T, c10::BFloat16> ? Path::kDpbf16 : Path::kF32;
+#else
+  constexpr Path P = Path::kF32;
+#endif
+  switch (head_dim) {
+    case 16: return by_rows<T, P, 1>(rows);
+    case 32: return by_rows<T, P, 2>(rows);
+    case 64: return by_rows<T, P, 4>(rows);
+    case 128: return by_rows<T, P, 8>(rows);
+    default: break;
+  }
+#endif
+  (void)head_dim, (void)rows;
+  return &attend_item<T, Path::kPortable, 1, 1>;
+}
+
+// ---- the op -------------------------------------------------------------------------------------
+
+// True when this build runs prefills of this head dim with vector instructions. The plain loops
+// are correct but slower than PyTorch's SDPA (2-3x on an AVX2 CPU), so the backend keeps SDPA
+// where this is false.
+bool prefill_vectorized(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
+struct Indices {
+  const void* starts;
+  const void* lens;
+  const void* ids;
+  bool starts64, lens64, ids64;
+  int64_t num_seqs, num_ids;
+};
+
+// The costliest-first schedule of items of these costs on the threads (each takes the next item
+// when it finishes one): when the last thread finishes.
+int64_t makespan(std::vector<int64_t> costs, int64_t threads) {
+  std::sort(costs.begin(), costs.end(), std::greater<int64_t>());
+  std::vector<int64_t> busy(threads, 0);
+  for (int64_t c : costs) *std::min_element(busy.begin(), busy.end()) += c;
+  return *std::max_element(busy.begin(), busy.end());
+}
+
+// What an item costs: its rows, in whole vectors of 16, times its keys.
+inline int64_t item_cost(int64_t rows, int64_t keys) { return (rows + 15) / 16 * 16 * keys; }
+
+// Rows per item: 64 (the most reuse of each K and V row, the fewest items), unless that keeps the
+// threads unevenly busy: a few equal items (a chunk over a long cached context: 9 items on 2
+// threads take 5 rounds where 4.5 would do), or too few (short prompts). Then 32 or 16 if their
+// costliest-first schedule is at least 5% closer to an even split. (Only the balance counts:
+// smaller items also waste fewer masked scores, but run less efficiently.)
+int64_t rows_per_item(const Layout& lay, const std::vector<int64_t>& q_lens,
+                      const std::vector<int64_t>& firsts) {
+  auto imbalance = [&](int64_t rows) {  // makespan / (total work / threads), >= 1
+    std::vector<int64_t> costs;
+    int64_t total = 0;
+    for (size_t p = 0; p < q_lens.size(); ++p)
+      for (int64_t r0 = 0; r0 < q_lens[p] * lay.group; r0 += rows) {
+        const int64_t n = std::min(rows, q_lens[p] * lay.group - r0);
+        const int64_t keys = firsts[p] + (r0 + n - 1) / lay.group + 1;
+        costs.insert(costs.end(), lay.kv_heads, item_cost(n, keys));
+        total += lay.kv_heads * item_cost(n, keys);
+      }
+    const int64_t threads = at::get_num_threads();
+    return static_cast<double>(makespan(std::move(costs), threads)) * threads /
+           static_cast<double>(std::max<int64_t>(total, 1));
+  };
+  int64_t best_rows = kRows;
+  double best = imbalance(kRows);
+  for (int64_t rows = kRows / 2; rows >= 16 && 0.95 * best > 1.0; rows /= 2) {  // ratio >= 1
+    const double ratio = imbalance(rows);
+    if (ratio < 0.95 * best) best = ratio, best_rows = rows;
+  }
+  return best_rows;
+}
+
+// Checks each listed sequence against the step and its block table; returns the items,
+// costliest first, and the most keys any of them needs.
+std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* table,
+                             int64_t* max_keys) {
+  std::vector<int64_t> seqs, q_lens, firsts;
+  for (int64_t p = 0; p < ix.num_ids; ++p) {
+    const int64_t s = read_index(ix.ids, ix.ids64, p);
+    TORCH_CHECK(s >= 0 && s < ix.num_seqs, "seq id ", s, " out of range");
+    const int64_t start = read_index(ix.starts, ix.starts64, s);
+    const int64_t q_len = read_index(ix.starts, ix.starts64, s + 1) - start;
+    const int64_t len = read_index(ix.lens, ix.lens64, s);
+    TORCH_CHECK(start >= 0 && q_len >= 0 && start + q_len <= lay.num_tokens,
+                "query rows of sequence ", s, " out of range");
+    TORCH_CHECK(q_len <= len, "q_len ", q_len, " exceeds seq_len ", len);
+    TORCH_CHECK(len <= lay.max_blocks * lay.block_size, "seq_len ", len,
+                " exceeds the block table");
+    for (int64_t b = 0; b * lay.block_size < len; ++b) {
+      const int64_t block = read_index(table, lay.table64, s * lay.table_row + b);
+      TORCH_CHECK(block >= 0 && block < lay.num_blocks, "block id ", block, " out of range");
+    }
+    seqs.push_back(s);
+    q_lens.push_back(q_len);
+    firsts.push_back(len - q_len);
+  }
+  const int64_t per_item = rows_per_item(lay, q_lens, firsts);
+  std::vector<Item> items;
+  *max_keys = 1;
+  for (size_t p = 0; p < seqs.size(); ++p) {
+    const int64_t s = seqs[p], rows = q_lens[p] * lay.group;
+    const int64_t start = read_index(ix.starts, ix.starts64, s), first = firsts[p];
+    *max_keys = std::max(*max_keys, first + q_lens[p]);
+    for (int64_t kvh = 0; kvh < lay.kv_heads; ++kvh)
+      for (int64_t r0 = 0; r0 < rows; r0 += per_item) {
+        const int64_t n = std::min(per_item, rows - r0);
+        const int64_t keys = first + (r0 + n - 1) / lay.group + 1;
+        items.push_back({s, kvh, start, first, r0, n, keys});
+      }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+    return item_cost(a.rows, a.keys) > item_cost(b.rows, b.keys);
+  });
+  return items;
+}
+
+template <typename T>
+void attend_all(const Layout& lay, const Tensors<T>& in, const std::vector<Item>& items,
+                int64_t max_keys) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  // one task per thread, each taking the next item from the shared counter until none is left
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch w(lay, max_keys);
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
+      item_fn<T>(lay.head_dim, items[i].rows)(lay, items[i], in, w);
+  });
+}
+
+void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
+                             const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                             const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                             const at::Tensor& seq_ids, double scale) {
+  TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5,
+              "expected query/out [T, H, D] and kv_cache [2, num_blocks, block_size, KVH, D]");
+  TORCH_CHECK(block_tables.dim() == 2 && query_start_loc.dim() == 1 && seq_lens.dim() == 1 &&
+                  seq_ids.dim() == 1,
+              "bad block_tables/query_start_loc/seq_lens/seq_ids rank");
+  for (const at::Tensor* t : {&out, &query, &kv_cache, &block_tables, &query_start_loc,
+                              &seq_lens, &seq_ids})
+    TORCH_CHECK(t->device().is_cpu(), "paged_prefill_attention runs on CPU tensors");
+  const auto dtype = kv_cache.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "paged_prefill_attention: unsupported dtype ", dtype);
+  TORCH_CHECK(query.scalar_type() == dtype && out.scalar_type() == dtype,
+              "query, out and kv_cache must share a dtype");
+  for (const at::Tensor* t : {&block_tables, &query_start_loc, &seq_lens, &seq_ids}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong,
+                "block_tables, query_start_loc, seq_lens and seq_ids must be int32 or int64");
+    TORCH_CHECK(t->stride(-1) == 1, "index rows must be contiguous");
+  }
+  Layout lay{};
+  lay.num_tokens = query.size(0);
+  lay.num_heads = query.size(1);
+  lay.head_dim = query.size(2);
+  lay.kv_heads = kv_cache.size(3);
+  lay.block_size = kv_cache.size(2);
+  lay.num_blocks = kv_cache.size(1);
+  TORCH_CHECK(kv_cache.size(0) == 2 && kv_cache.size(4) == lay.head_dim, "bad kv_cache shape");
+  TORCH_CHECK(lay.kv_heads > 0 && lay.num_heads % lay.kv_heads == 0,
+              "H must be a multiple of KVH");
+  lay.group = lay.num_heads / lay.kv_heads;
+  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(block_tables.size(0) == num_seqs && query_start_loc.size(0) == num_seqs + 1,
+              "block_tables and query_start_loc need one row per sequence (and one more)");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.stride(4) == 1,
+              "the head dimension must be contiguous");
+  lay.q_tok = query.stride(0);
+  lay.q_head = query.stride(1);
+  lay.o_tok = out.stride(0);
+  lay.o_head = out.stride(1);
+  lay.c_kv = kv_cache.stride(0);
+  lay.c_block = kv_cache.stride(1);
+  lay.c_token = kv_cache.stride(2);
+  lay.c_head = kv_cache.stride(3);
+  lay.table_row = block_tables.stride(0);
+  lay.max_blocks = block_tables.size(1);
+  lay.table64 = block_tables.scalar_type() == at::kLong;
+  const Indices ix{query_start_loc.const_data_ptr(),
+                   seq_lens.const_data_ptr(),
+                   seq_ids.const_data_ptr(),
+                   query_start_loc.scalar_type() == at::kLong,
+                   seq_lens.scalar_type() == at::kLong,
+                   seq_ids.scalar_type() == at::kLong,
+                   num_seqs,
+                   seq_ids.size(0)};
+  int64_t max_keys = 1;
+  const std::vector<Item> items = make_items(lay, ix, block_tables.const_data_ptr(), &max_keys);
+  if (items.empty()) return;
+  const float s = static_cast<float>(scale * kLog2e);  // base-2 scores, see exp2_16
+  if (dtype == at::kFloat) {
+    const Tensors<float> in{query.const_data_ptr<float>(), kv_cache.const_data_ptr<float>(),
+                            block_tables.const_data_ptr(), out.mutable_data_ptr<float>(), s};
+    attend_all<float>(lay, in, items, max_keys);
+  } else {
+    using BF = c10::BFloat16;
+    const Tensors<BF> in{query.const_data_ptr<BF>(), kv_cache.const_data_ptr<BF>(),
+                         block_tables.const_data_ptr(), out.mutable_data_ptr<BF>(), s};
+    attend_all<BF>(lay, in, items, max_keys);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
+  m.def(
+      "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
+      "Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, Tensor seq_ids, "
+      "float scale) -> ()");
+  m.def("prefill_vectorized(int head_dim) -> bool", &prefill_vectorized);
+}
+
+TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
+}

@@ -1,0 +1,281 @@
+"""The C++ CPU prefill kernel agrees with the reference; the backend routes prefills through it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import AttentionMetadata, cpu_attention, reference
+from tests.kernels.test_cpu_attention import KV_HEADS, make_step
+
+# One bfloat16 step at 1.0 (8 significant bits): the kernel rounds its float32 result once, and
+# its probabilities once for the P @ V dot products, as the reference and SDPA do.
+BF16_STEP = 2**-7
+FP32_TOL = 1e-5
+
+# Ragged prompts, chunks over cached context and decodes, in one step: (seq_len, q_len).
+MIXED = [(37, 1), (5, 5), (50, 13), (17, 1), (64, 64), (300, 1), (9, 2), (130, 129), (1, 1)]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> cpu_attention.Kernel:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the CPU kernels can't be built here")
+    op = cpu_attention.load_kernel()
+    assert op is not None, "the CPU kernels failed to build (see the logged warning)"
+    return op
+
+
+def prefill_ids(meta: AttentionMetadata) -> torch.Tensor:
+    starts = meta.query_start_loc_list
+    return torch.tensor([s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] > 1])
+
+
+def run_kernel(
+    query: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The kernel's output for the step's prefill rows; the other rows stay NaN."""
+    out = torch.full(query.shape, float("nan"), dtype=cache.dtype)
+    cpu_attention.paged_prefill(query, cache, meta, scale, out, prefill_ids(meta))
+    return out
+
+
+def oracle(
+    query: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The reference's prefill rows in float32 (from the same, possibly bfloat16, inputs);
+    the other rows NaN."""
+    out = torch.full(query.shape, float("nan"))
+    reference.prefill_attention(query.float(), cache.float(), meta, scale, out)
+    return out
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_float32_matches_reference(kernel: object, group: int, block_size: int) -> None:
+    query, cache, meta = make_step(MIXED, block_size, group, seed=1)
+    out = run_kernel(query, cache, meta, 0.125)
+    torch.testing.assert_close(
+        out, oracle(query, cache, meta, 0.125), atol=FP32_TOL, rtol=FP32_TOL, equal_nan=True
+    )
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_bfloat16_within_a_step_of_float32(kernel: object, group: int, block_size: int) -> None:
+    query, cache, meta = make_step(MIXED, block_size, group, dtype=torch.bfloat16, seed=2)
+    out = run_kernel(query, cache, meta, 0.125)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out.float(),
+        oracle(query, cache, meta, 0.125),
+        atol=BF16_STEP,
+        rtol=BF16_STEP,
+        equal_nan=True,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 24, 80])
+def test_head_dims(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
+    """16/64/128 take the vector path (with AVX-512), 24 and 80 the plain loops."""
+    query, cache, meta = make_step(MIXED, 16, 3, dtype=dtype, head_dim=head_dim, seed=3)
+    out = run_kernel(query, cache, meta, head_dim**-0.5)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
+    want = oracle(query, cache, meta, head_dim**-0.5)
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_of_every_length_class(kernel: object, dtype: torch.dtype) -> None:
+    """Fresh prompts of 2..300 tokens: around the 16-row vectors, 64-row items and 64-key blocks,
+    and long enough that one item spans several key blocks."""
+    lengths = [2, 3, 15, 16, 17, 21, 22, 31, 33, 63, 64, 65, 100, 128, 129, 255, 300]
+    query, cache, meta = make_step([(n, n) for n in lengths], 4, 3, dtype=dtype, seed=4)
+    out = run_kernel(query, cache, meta, 0.125)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
+    torch.testing.assert_close(out.float(), oracle(query, cache, meta, 0.125), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_prefills_over_cached_context(kernel: object, dtype: torch.dtype) -> None:
+    """Chunks whose first new token is deep in the context: most key blocks are unmasked."""
+    batch = [(1100, 64), (300, 7), (129, 128), (70, 69), (2000, 2)]
+    query, cache, meta = make_step(batch, 16, 3, dtype=dtype, seed=5)
+    out = run_kernel(query, cache, meta, 0.125)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
+    torch.testing.assert_close(out.float(), oracle(query, cache, meta, 0.125), atol=tol, rtol=tol)
+
+
+def test_one_token_sequences_when_listed(kernel: object) -> None:
+    """Listed q_len == 1 sequences are attended too (a prompt of one token is such a row)."""
+    query, cache, meta = make_step(MIXED, 4, 3, seed=6)
+    out = torch.empty_like(query)
+    every = torch.arange(meta.num_seqs)
+    cpu_attention.paged_prefill(query, cache, meta, 0.125, out, every)
+    want = reference.paged_attention(query, cache, meta, 0.125)
+    torch.testing.assert_close(out, want, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_strided_queries_and_int64_indices(kernel: object) -> None:
+    """A query that is a view into the model's fused [T, H + KVH, D] tensor, an output with a row
+    stride of its own, and int64 tables, starts, lengths and ids."""
+    _, cache, meta = make_step(MIXED, 16, 3, seed=7)
+    qk = torch.randn(meta.num_tokens, 3 * KV_HEADS + KV_HEADS, 64)
+    query = qk[:, : 3 * KV_HEADS]
+    wide_out = torch.full((meta.num_tokens, 3 * KV_HEADS + 1, 64), float("nan"))
+    out = wide_out[:, : 3 * KV_HEADS]
+    assert not query.is_contiguous() and not out.is_contiguous()
+    torch.ops.prefixgate_cpu.paged_prefill_attention(
+        out,
+        query,
+        cache,
+        meta.block_tables.long(),
+        meta.query_start_loc.long(),
+        meta.seq_lens.long(),
+        prefill_ids(meta).long(),
+        0.125,
+    )
+    want = oracle(query, cache, meta, 0.125)
+    torch.testing.assert_close(out, want, atol=FP32_TOL, rtol=FP32_TOL, equal_nan=True)
+    assert wide_out[:, -1].isnan().all()  # nothing written past the heads
+
+
+@pytest.mark.parametrize(("sharpness", "scale"), [(1.0, 0.125), (30.0, 1.0)])
+def test_float32_is_about_as_exact_as_the_float32_reference(
+    kernel: object, sharpness: float, scale: float
+) -> None:
+    """The float32 kernel is about as close to the float64 answer as the float32 reference is
+    (both round scores, exponentials and sums, in their own orders; the kernel also rescales
+    running sums once per 64 keys): within twice its error. Sharpness 30 puts scores hundreds
+    apart: the exponentials underflow without NaN or inf, and one rounding of a score moves the
+    output by ~1e-4 in either implementation."""
+    query, cache, meta = make_step([(200, 150), (70, 70), (300, 64)], 16, 3, seed=8)
+    query = query * sharpness
+    out = run_kernel(query, cache, meta, scale)
+    assert torch.isfinite(out).all()
+    exact = torch.zeros(query.shape, dtype=torch.float64)
+    reference.prefill_attention(query.double(), cache.double(), meta, scale, exact)
+    kernel_err = (out.double() - exact).abs().max().item()
+    reference_err = (oracle(query, cache, meta, scale).double() - exact).abs().max().item()
+    assert kernel_err <= 2 * reference_err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_result_on_any_thread_count(kernel: object, dtype: torch.dtype) -> None:
+    """Each row is computed the same way whichever thread takes it and however the rows are
+    split into items: results are bitwise equal on 1 and 2 threads."""
+    query, cache, meta = make_step([(200, 40), (33, 33), (90, 90)], 16, 3, dtype=dtype, seed=9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_kernel(query, cache, meta, 0.125)
+        torch.set_num_threads(2)
+        two = run_kernel(query, cache, meta, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def refuse(name: str) -> Callable[..., None]:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{name} ran")
+
+    return refuse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_mixed_steps_through_the_backend(
+    kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, group: int
+) -> None:
+    """paged_attention sends decode rows to the decode kernel and every prefill row to the
+    prefill kernel where it has vector code for SmolLM2's head dim (AVX-512), else to SDPA, and
+    matches the reference."""
+    if torch.ops.prefixgate_cpu.prefill_vectorized(64):
+        monkeypatch.setattr(cpu_attention, "prefill_sdpa", refuse("SDPA"))
+    else:
+        monkeypatch.setattr(cpu_attention, "paged_prefill", refuse("the prefill kernel"))
+    for batch in (MIXED, [(40, 40), (20, 3)]):
+        query, cache, meta = make_step(batch, 16, group, dtype=dtype, seed=10)
+        plain = AttentionMetadata(**{f: getattr(meta, f) for f in meta.__slots__ if f != "derived"})
+        out = cpu_attention.paged_attention(query, cache, meta, 0.125)
+        tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
+        want = reference.paged_attention(query.float(), cache.float(), plain, 0.125)
+        torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float16, 64), (torch.float32, 24)])
+def test_prefills_the_kernel_does_not_vectorize_run_sdpa(
+    kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, head_dim: int
+) -> None:
+    """float16 caches, and head dims without vector code (where the plain loops would be slower
+    than SDPA), keep the SDPA path."""
+    monkeypatch.setattr(cpu_attention, "paged_prefill", refuse("the prefill kernel"))
+    query, cache, meta = make_step(MIXED, 16, 3, dtype=dtype, head_dim=head_dim, seed=11)
+    assert not cpu_attention.prefill_kernel_serves(cache)
+    out = cpu_attention.paged_attention(query, cache, meta, 0.125)
+    tol = FP32_TOL if dtype == torch.float32 else 1e-2
+    want = reference.paged_attention(query.float(), cache.float(), meta, 0.125)
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
+def test_bad_inputs_are_refused(kernel: object) -> None:
+    query, cache, meta = make_step([(20, 20)], 4, 3)
+    ids, out = torch.tensor([0]), torch.empty_like(query)
+    op = torch.ops.prefixgate_cpu.paged_prefill_attention
+    args = (meta.block_tables, meta.query_start_loc, meta.seq_lens)
+    tables = meta.block_tables.clone()
+    tables[0, 1] = cache.shape[1]  # past the pool
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(out, query, cache, tables, *args[1:], ids, 0.1)
+    with pytest.raises(RuntimeError, match="exceeds the block table"):
+        op(out, query, cache, args[0], args[1], meta.seq_lens + 100, ids, 0.1)
+    with pytest.raises(RuntimeError, match="exceeds seq_len"):
+        op(out, query, cache, args[0], args[1], meta.seq_lens - 1, ids, 0.1)
+    with pytest.raises(RuntimeError, match="seq id"):
+        op(out, query, cache, *args, torch.tensor([1]), 0.1)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(out, query.bfloat16(), cache, *args, ids, 0.1)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        op(out.half(), query.half(), cache.half(), *args, ids, 0.1)
+
+
+PORTABLE_CHECK = """
+import torch
+from kernels import cpu_attention, reference
+from tests.kernels.test_cpu_attention import make_step
+cpu_attention._FLAG_SETS = (["-O3", "-fopenmp"],)  # no -march: no AVX-512, plain loops
+assert cpu_attention.load_kernel() is not None
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
+    for head_dim in (16, 64, 24):
+        batch = [(37, 1), (5, 5), (50, 13), (130, 129)]
+        query, cache, meta = make_step(batch, 4, 3, dtype=dtype, head_dim=head_dim)
+        out = torch.full(query.shape, float("nan"), dtype=dtype)
+        cpu_attention.paged_prefill(query, cache, meta, 0.125, out, torch.tensor([1, 2, 3]))
+        want = torch.full(query.shape, float("nan"))
+        reference.prefill_attention(query.float(), cache.float(), meta, 0.125, want)
+        torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, equal_nan=True)
+"""
+
+
+def test_portable_build_matches_reference(kernel: object, tmp_path: Path) -> None:
+    """The library built without -march (so without AVX-512) runs the plain loops correctly."""
+    root = Path(__file__).resolve().parents[2]
+    env = {"PREFIXGATE_CACHE_DIR": str(tmp_path), "PATH": str(Path(sys.executable).parent)}
+    env["PATH"] += ":/usr/local/bin:/usr/bin:/bin"
+    done = subprocess.run(
+        [sys.executable, "-c", PORTABLE_CHECK],
+        cwd=root,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
