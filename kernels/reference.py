@@ -9,7 +9,8 @@ Shapes used throughout (one layer):
 
 Attention matmuls run in the cache dtype with queries grouped per KV head (no repeated K/V), and the
 softmax runs in float32. The CPU default (`kernels.cpu_attention`) is faster: a C++ kernel for
-decodes (this gathers every context into a copy in every layer) and fused SDPA for prefills.
+decodes (this gathers every context into a copy in every layer) and a C++ prefill kernel (SDPA where
+that kernel does not apply).
 """
 
 from __future__ import annotations
