@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -112,3 +113,46 @@ async def test_bounded_queue_refuses_past_max_waiting(tiny_dirs) -> None:
     with pytest.raises(EngineOverloadedError):  # the synchronous engine enforces it too
         eng.engine.add_request([5, 6], params)
     assert eng.engine.block_manager.num_free_blocks == 64  # nothing allocated for refusals
+
+
+async def test_from_config_loads_and_steps_on_one_thread(tiny_dirs, monkeypatch) -> None:
+    """All of the engine's torch work starts on the loop thread (one OpenMP team, see
+    `AsyncEngine.from_config`): the model is built there, not on the caller's thread."""
+    seen: dict[str, set[int]] = {"init": set(), "step": set()}
+    real_init, real_step = LLMEngine.__init__, LLMEngine.step
+
+    def init(self, *args, **kwargs):
+        seen["init"].add(threading.get_ident())
+        real_init(self, *args, **kwargs)
+
+    def step(self):
+        seen["step"].add(threading.get_ident())
+        return real_step(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", init)
+    monkeypatch.setattr(LLMEngine, "step", step)
+    config = EngineConfig(model=tiny_dirs["llama"], dtype="float32")
+    eng = await asyncio.to_thread(AsyncEngine.from_config, config)
+    eng.start()
+    eng.start()  # idempotent
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        async for _ in eng.generate([5, 6, 7], params):
+            pass
+    finally:
+        eng.shutdown()
+    assert len(seen["init"]) == 1 and seen["init"] == seen["step"]
+    assert threading.get_ident() not in seen["init"]
+
+
+def test_from_config_raises_the_load_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a local path"):
+        AsyncEngine.from_config(EngineConfig(model=str(tmp_path / "missing")))
+
+
+def test_shutdown_before_start_ends_the_loop_thread(tiny_dirs) -> None:
+    eng = AsyncEngine.from_config(EngineConfig(model=tiny_dirs["llama"], dtype="float32"))
+    thread = eng._thread
+    assert thread is not None and thread.is_alive()
+    eng.shutdown()
+    assert not thread.is_alive()
