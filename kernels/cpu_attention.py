@@ -60,6 +60,7 @@ SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp")
 ]
+HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]  # included by the sources
 # cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
@@ -297,7 +298,7 @@ def _cpu_id() -> str:
 
 def _build_dir(flags: list[str]) -> Path:
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         key.update(source.read_bytes())
     for part in (" ".join(flags), torch.__version__, sys.version, platform.machine(), _cpu_id()):
         key.update(b"\0" + part.encode())

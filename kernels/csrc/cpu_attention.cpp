@@ -26,6 +26,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -207,15 +209,6 @@ inline void prefetch_row(const T* row) {
 // ---- AVX-512 inner loops for head_dim = 16 * NC ------------------------------------------------
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // out[i] = sum of the 16 lanes of v[i], i = 0..15: a shuffle tree instead of 16 separate
 // horizontal sums (45 instructions instead of ~130). Each level halves the lanes per vector.
 inline __m512 reduce16(const float* parts /* [16, 16], any alignment */) {

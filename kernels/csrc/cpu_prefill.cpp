@@ -50,6 +50,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <atomic>
 #include <functional>
@@ -235,11 +237,6 @@ void values_portable(const float* p, int64_t n, int64_t R, int64_t D, const void
 // ---- AVX-512 steps: R = 16 * MV rows, head_dim = 16 * DV ---------------------------------------
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 // exp2_nonpositive on 16 lanes (scalef multiplies by 2^k exactly, as the exponent bits do)
 inline __m512 exp2_16(__m512 t) {
@@ -460,22 +457,6 @@ inline void transpose16(__m512 r[16]) {
     t[12 + k] = _mm512_shuffle_f32x4(b, d, 0xDD);
   }
   for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
-inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
-// float32 -> bfloat16, round to nearest even, NaN kept quiet (as c10::BFloat16)
-inline void store16(c10::BFloat16* dst, __m512 v) {
-#if defined(__AVX512BF16__)
-  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
-#else
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
-  r = _mm512_srli_epi32(r, 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  const __m256i bits = _mm512_cvtepi32_epi16(r);
-#endif
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), bits);
 }
 
 // 16 accumulators whatever the head dim
