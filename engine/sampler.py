@@ -14,6 +14,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.scheduler import SampleSpec
+from kernels import cpu_ops
 
 
 @dataclass(slots=True)
@@ -38,6 +39,10 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._seq_generators: dict[int, torch.Generator] = {}
+        # the C++ row argmax (kernels.cpu_ops), ~15x torch's max(dim) on [16+, 49152] logits
+        self._cpu_argmax = self.device.type == "cpu" and cpu_ops.fused_available(
+            self.device, torch.float32
+        )
 
     def forget(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
@@ -57,7 +62,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, specs)
         greedy = [s.params.greedy for s in specs]
-        tokens = _argmax(logits) if all(greedy) else self._sample(logits, specs, greedy)
+        tokens = self._argmax(logits) if all(greedy) else self._sample(logits, specs, greedy)
         token_list = tokens.tolist()
         return [
             SampledToken(s.seq_id, t, self._logprob(raw_logprobs, i, t, s.params.logprobs))
@@ -65,6 +70,13 @@ class Sampler:
         ]
 
     # ---- steps -----------------------------------------------------------------------------
+    def _argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Row-wise first maximum of [R, V] (a NaN counts as the maximum), as
+        `max(dim=-1).indices`, which is 2-3x faster than `argmax` on CPU but still slow."""
+        if self._cpu_argmax and x.dtype == torch.float32 and x.stride(-1) == 1:
+            return cpu_ops.argmax_rows(x)
+        return x.max(dim=-1).indices
+
     def _apply_penalties(self, logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
         rows = [i for i, s in enumerate(specs) if _has_penalty(s)]
         if not rows:
@@ -115,9 +127,9 @@ class Sampler:
         for i, s in enumerate(specs):
             if s.seed is not None:
                 noise[i].exponential_(generator=self._seq_generator(s))
-        sampled = _argmax(probs / noise)
+        sampled = self._argmax(probs / noise)
         greedy_t = torch.tensor(greedy, device=dev)
-        return torch.where(greedy_t, _argmax(logits), sampled)
+        return torch.where(greedy_t, self._argmax(logits), sampled)
 
     def _seq_generator(self, spec: SampleSpec) -> torch.Generator:
         gen = self._seq_generators.get(spec.seq_id)
@@ -138,12 +150,6 @@ class Sampler:
             vals, ids = raw[row].topk(k)
             top = list(zip(ids.tolist(), vals.tolist(), strict=True))
         return TokenLogprob(token, float(raw[row, token]), top)
-
-
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax (first maximum, like `argmax`): `max(dim).indices` is parallel on CPU,
-    [64, 49152] float32 in 0.95 ms vs 2.6 ms for `argmax`."""
-    return x.max(dim=-1).indices
 
 
 def _has_penalty(s: SampleSpec) -> bool:

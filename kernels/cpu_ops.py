@@ -8,6 +8,8 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
     silu_mul(gate_up)               SwiGLU's silu(gate) * up
     linear_bf16(x, panels, n, bias) bfloat16 matmul against a weight packed by `pack_panels`
                                     (AVX512-BF16), from one decode row to prefill batches
+    argmax_rows(x)                  x.max(dim=-1).indices (first maximum, NaN the largest) for
+                                    greedy sampling, at memory speed
 
 They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the
 eager ops elsewhere and when `PREFIXGATE_CPU_FUSED=0`.
@@ -97,4 +99,12 @@ def linear_bf16(
     `panels = pack_panels(weight)`. Needs `linear_bf16_available()`."""
     out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
     torch.ops.prefixgate_cpu.linear_bf16(out, x, panels, bias)
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [R, V] float32 or bfloat16 (rows contiguous) -> int64 [R]: each row's first maximum,
+    as `x.max(dim=-1).indices` (a NaN counts as the maximum)."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    torch.ops.prefixgate_cpu.argmax_rows(out, x)
     return out

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
 
@@ -286,6 +287,87 @@ void silu_mul(const at::Tensor& out, const at::Tensor& gate_up) {
   }
 }
 
+// ---- row-wise argmax (greedy sampling) --------------------------------------------------------
+//
+//   out[r] = the first index of the largest x[r, :]      x [R, V] float32 or bfloat16, out int64
+//
+// As torch.max(dim=-1).indices: a NaN counts as the largest (the first NaN wins). Two passes over
+// a row (its maximum, then where it first occurs) while it sits in L2; rows run in parallel.
+// torch's reduction ran [16, 49152] float32 logits at ~1 GB/s (0.6 ms) on the development CPU.
+
+template <typename T>
+int64_t argmax_row_scalar(const T* x, int64_t n) {
+  int64_t arg = 0;
+  float best = to_f(x[0]);
+  if (std::isnan(best)) return 0;
+  for (int64_t i = 1; i < n; ++i) {
+    const float v = to_f(x[i]);
+    if (std::isnan(v)) return i;
+    if (v > best) {
+      best = v;
+      arg = i;
+    }
+  }
+  return arg;
+}
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+#if defined(__AVX512F__)
+  const int64_t body = n / 16 * 16;
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < body; i += 16) {
+    const __m512 v = load16(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, v);
+  }
+  float best = _mm512_reduce_max_ps(vmax);
+  for (int64_t i = body; i < n; ++i) {
+    const float v = to_f(x[i]);
+    if (std::isnan(v)) nan = 1;
+    best = std::max(best, v);
+  }
+  if (nan) return argmax_row_scalar(x, n);
+  const __m512 vbest = _mm512_set1_ps(best);
+  for (int64_t i = 0; i < body; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + i), vbest, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (int64_t i = body; i < n; ++i)
+    if (to_f(x[i]) == best) return i;
+  return 0;  // not reached
+#else
+  return argmax_row_scalar(x, n);
+#endif
+}
+
+template <typename T>
+void argmax_rows_impl(const at::Tensor& out, const at::Tensor& x) {
+  const T* xp = static_cast<const T*>(x.const_data_ptr());
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  const int64_t rows = x.size(0), n = x.size(1), ld = x.stride(0);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = argmax_row(xp + r * ld, n);
+  });
+}
+
+void argmax_rows(const at::Tensor& out, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1,
+              "argmax_rows: x must be [R, V] with V > 0 and rows contiguous");
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == x.size(0) && out.scalar_type() == at::kLong &&
+                  out.is_contiguous(),
+              "argmax_rows: out must be int64 [R]");
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return argmax_rows_impl<float>(out, x);
+    case at::kBFloat16:
+      return argmax_rows_impl<c10::BFloat16>(out, x);
+    default:
+      TORCH_CHECK(false, "argmax_rows: unsupported dtype ", x.scalar_type());
+  }
+}
+
 // ---- bfloat16 linear from weights packed in panels (AVX512-BF16) ------------------------------
 //
 //   out[m, n] = rnd(x[m, :] . w[n, :] + bias[n])     x [M, K], w [N, K], out [M, N], bfloat16
@@ -426,6 +508,7 @@ TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
   m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()");
   m.def("has_linear_bf16() -> bool", &has_linear_bf16);
   m.def("linear_bf16(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
@@ -433,4 +516,5 @@ TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
   m.impl("rope", &rope);
   m.impl("silu_mul", &silu_mul);
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("argmax_rows", &argmax_rows);
 }

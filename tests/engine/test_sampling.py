@@ -4,6 +4,7 @@ clean incremental text."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 
@@ -97,3 +98,14 @@ def test_multibyte_text_streams_cleanly(llm: LLM) -> None:
             assert "\ufffd" not in d.text
             pieces.append(d.text)
     assert "".join(pieces) == text
+
+
+def test_greedy_argmax_first_maximum_on_cpu() -> None:
+    """The sampler's C++ argmax (when built) picks what `max(dim=-1).indices` picks, ties too."""
+    from engine.sampler import Sampler
+    from kernels import cpu_ops
+
+    sampler = Sampler(vocab_size=1000, eos_token_ids=[0])
+    assert sampler._cpu_argmax == cpu_ops.fused_available("cpu", torch.float32)
+    logits = torch.randint(-3, 4, (16, 1024)).float()[:, :1000]
+    assert torch.equal(sampler._argmax(logits), logits.max(dim=-1).indices)

@@ -139,3 +139,35 @@ def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type
             module.linear(x, w, None, packed).float(), F.linear(x, w).float(), rtol=2**-7, atol=0.05
         )
     assert calls == ([1, limit] if amx else [1, limit, limit + 1, 300])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 49152), (16, 1000), (5, 17), (3, 1)])
+def test_argmax_rows_matches_torch_max(cpu_ops, dtype, rows, vocab) -> None:  # type: ignore[no-untyped-def]
+    g = gen(rows * vocab)
+    # integers make ties: the first maximum must win, as in torch
+    x = torch.randint(-4, 5, (rows, vocab + 3), generator=g).to(dtype)[:, :vocab]
+    assert torch.equal(cpu_ops.argmax_rows(x), x.max(dim=-1).indices)
+    x = torch.randn(rows, vocab, generator=g).to(dtype)
+    assert torch.equal(cpu_ops.argmax_rows(x), x.max(dim=-1).indices)
+
+
+def test_argmax_rows_nan_and_inf(cpu_ops) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(5, 40)
+    x[0, 33], x[0, 35] = float("nan"), float("nan")  # the first NaN counts as the maximum
+    x[1, :] = float("-inf")
+    x[2, 39] = float("inf")
+    x[3, 2], x[3, 37] = 1e30, 1e30
+    x[4, 0] = float("nan")
+    expected = torch.tensor([33, 0, 39, 2, 0])
+    assert torch.equal(cpu_ops.argmax_rows(x), expected)
+    assert torch.equal(x.max(dim=-1).indices, expected)
+
+
+def test_argmax_rows_refuses_bad_input(cpu_ops) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RuntimeError, match="rows contiguous"):
+        cpu_ops.argmax_rows(torch.randn(8, 4).t())
+    with pytest.raises(RuntimeError, match="V > 0"):
+        cpu_ops.argmax_rows(torch.randn(2, 0))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        cpu_ops.argmax_rows(torch.randn(2, 4, dtype=torch.float64))
