@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 # one library: the attention kernels and the fused layer ops (`kernels.cpu_ops`)
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp")
+    for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp", "cpu_decoder.cpp")
 ]
-HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]  # included by the sources
+HEADERS = [Path(__file__).parent / "csrc" / name for name in ("ops.h", "simd.h")]
 # cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
@@ -190,9 +190,7 @@ def paged_attention(
     Without the kernel (no compiler, or `PREFIXGATE_CPU_ATTENTION=torch`) the whole step runs
     the reference.
     """
-    plan = meta.derived.get("cpu")
-    if plan is None:
-        plan = meta.derived["cpu"] = _make_plan(meta, kv_cache)
+    plan = _plan(meta, kv_cache)
     if plan.kernel is None:
         return reference.paged_attention(query, kv_cache, meta, scale)
     query = query.to(kv_cache.dtype)
@@ -208,6 +206,17 @@ def paged_attention(
     else:
         prefill_sdpa(query, kv_cache, meta, scale, out)
     return out
+
+
+def decode_batch(
+    meta: AttentionMetadata, kv_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(block_tables, seq_lens) for the C++ decode kernel when it serves every sequence of the
+    step (all decodes, kernel built and not switched off); None otherwise."""
+    plan = _plan(meta, kv_cache)
+    if plan.kernel is None or plan.seq_lens is None or plan.rows is not None:
+        return None
+    return plan.block_tables, plan.seq_lens
 
 
 def prefill_sdpa(
@@ -253,6 +262,14 @@ class _Plan:
     seq_lens: torch.Tensor | None  # [S_d] their context lengths; None when there are no decodes
     # [S_p] ids of the q_len > 1 sequences for the prefill kernel; None: none, or they run SDPA
     prefills: torch.Tensor | None = None
+
+
+def _plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
+    """The step's plan, made by the first layer that asks and reused by the others."""
+    plan: _Plan | None = meta.derived.get("cpu")
+    if plan is None:
+        plan = meta.derived["cpu"] = _make_plan(meta, kv_cache)
+    return plan
 
 
 def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:

@@ -10,6 +10,8 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
                                     (AVX512-BF16), from one decode row to prefill batches
     argmax_rows(x)                  x.max(dim=-1).indices (first maximum, NaN the largest) for
                                     greedy sampling, at memory speed
+    decode_stack(...)               a decode step's whole stack of Llama layers in one call
+                                    (csrc/cpu_decoder.cpp): these ops and the decode kernel
 
 They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the
 eager ops elsewhere and when `PREFIXGATE_CPU_FUSED=0`.
@@ -107,4 +109,41 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     as `x.max(dim=-1).indices` (a NaN counts as the maximum)."""
     out = torch.empty(x.shape[0], dtype=torch.int64)
     torch.ops.prefixgate_cpu.argmax_rows(out, x)
+    return out
+
+
+def decode_stack(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    qkv_biases: list[torch.Tensor],
+    kv_caches: list[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    shape: tuple[int, int, int, int],
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """Every decoder layer of a decode step in one C++ call, with the ops of the Python layer.
+
+    Args:
+        x: [T, hidden] bfloat16 embeddings; the residual stream is updated in place.
+        weights: per layer, its input norm, qkv panels, o panels, post-attention norm, gate_up
+            panels and down panels (`pack_panels`).
+        qkv_biases: empty, or one per layer.
+        kv_caches: per layer [2, num_blocks, block_size, KVH, D]; each token's K/V is written
+            at its slot, then the decode kernel attends over block_tables / seq_lens.
+        cos, sin: [T, D]; slot_mapping [T] int64; block_tables [T, max_blocks]; seq_lens [T].
+        shape: (num_heads, kv_heads, head_dim, intermediate_size).
+
+    Returns:
+        The last layer's MLP output [T, hidden]: the final norm adds it to x.
+    """
+    heads, kv_heads, head_dim, inter = shape
+    out: torch.Tensor = torch.ops.prefixgate_cpu.decode_stack(
+        x, None, weights, qkv_biases, kv_caches, cos, sin, slot_mapping, block_tables,
+        seq_lens, heads, kv_heads, head_dim, inter, eps, scale,
+    )  # fmt: skip
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,13 +21,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models.linear import PackedWeight, linear, pack_weight
-from kernels import AttentionBackend, get_attention_backend
+from engine.models.linear import PANEL_MAX_ROWS_WITH_AMX, PackedWeight, linear, pack_weight
+from kernels import AttentionBackend, cpu_attention, cpu_ops, get_attention_backend
 from kernels.layer_ops import LayerOps, get_layer_ops
 from kernels.metadata import AttentionMetadata
 
 # HF tensor names that carry no weights we need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(slots=True)
+class _DecodeStack:
+    """What `cpu_ops.decode_stack` needs besides the step: the flat weight lists."""
+
+    weights: list[torch.Tensor]
+    qkv_biases: list[torch.Tensor]
+    max_rows: int  # larger batches take the Python layers (their matmuls go to oneDNN)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -184,6 +194,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = _param(config.hidden_size, **kw)
         self.packed_head: PackedWeight | None = None
+        self._stack: _DecodeStack | None = None  # see `pack_weights`
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -210,6 +221,17 @@ class LlamaForCausalLM(nn.Module):
         """
         x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self._rope(positions, x.dtype)
+        stack = self._stack
+        if stack is not None and meta.max_query_len == 1 and x.shape[0] <= stack.max_rows:
+            batch = cpu_attention.decode_batch(meta, kv_caches[0])
+            if batch is not None:  # all layers in one C++ call, the same ops as below
+                c = self.config
+                last = cpu_ops.decode_stack(
+                    x, stack.weights, stack.qkv_biases, kv_caches, cos, sin, meta.slot_mapping,
+                    *batch, (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size),
+                    c.rms_norm_eps, c.head_dim**-0.5,
+                )  # fmt: skip
+                return self.ops.rms_norm(x, self.norm, c.rms_norm_eps, last)
         delta: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, delta = layer.forward(x, delta, cos, sin, kv_cache, meta)
@@ -236,6 +258,30 @@ class LlamaForCausalLM(nn.Module):
             layer.pack_weights()
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         self.packed_head = pack_weight(head)
+        self._stack = self._decode_stack()
+
+    def _decode_stack(self) -> _DecodeStack | None:
+        """The inputs of `cpu_ops.decode_stack` where it runs exactly what the layers would
+        (fused CPU ops, the C++ attention backend, every matmul on bf16 panels); else None."""
+        names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        layers = [layer for layer in self.layers if isinstance(layer, LlamaDecoderLayer)]
+        if self.ops is not cpu_ops or any(layer.backend is not cpu_attention for layer in layers):
+            return None
+        packed = [[layer.packed.get(name) for name in names] for layer in layers]
+        if any(p is None or p.panels is None for row in packed for p in row):
+            return None
+        weights: list[torch.Tensor] = []
+        for layer, row in zip(layers, packed, strict=True):
+            qkv, o, gate_up, down = (p.panels for p in row if p is not None)
+            assert qkv is not None and o is not None and gate_up is not None and down is not None
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            weights += [ln1, qkv, o, ln2, gate_up, down]
+        biases: list[torch.Tensor] = [ly.qkv_bias for ly in layers if ly.qkv_bias is not None]
+        if biases and len(biases) != len(layers):
+            return None
+        with_onednn = any(p is not None and p.onednn is not None for row in packed for p in row)
+        max_rows = PANEL_MAX_ROWS_WITH_AMX if with_onednn else 1 << 30  # as `linear` picks
+        return _DecodeStack(weights, biases, max_rows)
 
     @torch.no_grad()
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -26,6 +26,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -775,6 +776,14 @@ void small_linear_f32(const at::Tensor& out, const at::Tensor& x, const at::Tens
 }
 
 }  // namespace
+
+namespace prefixgate {  // ops.h
+void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
+                            const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale) {
+  ::paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, scale);
+}
+}  // namespace prefixgate
 
 TORCH_LIBRARY(prefixgate_cpu, m) {
   m.def(

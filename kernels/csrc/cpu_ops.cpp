@@ -18,6 +18,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -501,6 +502,21 @@ void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
 }
 
 }  // namespace
+
+namespace prefixgate {  // ops.h
+void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+              const at::Tensor& weight, double eps) {
+  ::rms_norm(out, x, residual, weight, eps);
+}
+void rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin) {
+  ::rope(qk, cos, sin);
+}
+void silu_mul(const at::Tensor& out, const at::Tensor& gate_up) { ::silu_mul(out, gate_up); }
+void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                 const std::optional<at::Tensor>& bias) {
+  ::linear_bf16(out, x, packed, bias);
+}
+}  // namespace prefixgate
 
 TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor(b!) x, Tensor? residual, Tensor weight, float eps) -> ()");
