@@ -223,10 +223,11 @@ def roofline(llm: LLM) -> None:
 PEERS = {"vLLM 0.32 CPU": (260.0, 560.0, 26.0), "llama.cpp Q4": (110.0, None, 8.0)}
 
 
-def peer_workload(llm: LLM, concurrency: int, requests: int = 64, seed: int = 1) -> None:
-    """The peers' workload: ~160-token prompts, up to 128 output tokens, `concurrency` at a time."""
+def peer_workload(llm: LLM, concurrency: int, requests: int = 64) -> None:
+    """The peers' workload: ~160-token prompts, up to 128 output tokens, `concurrency` at a time.
+    Each concurrency gets its own prompts: a rerun of the same ones would hit the prefix cache."""
     engine = llm.engine
-    rng = random.Random(seed)
+    rng = random.Random(concurrency)
     tok = llm.tokenizer
     work = [
         (tok.encode(make_text(rng, 300), add_special_tokens=False)[:160], rng.randint(64, 128))
