@@ -11,10 +11,11 @@ them to `/v1/completions` with `stream: true` from this process while the server
 process (as in production); the engine mode adds the same requests to an in-process `AsyncEngine`
 with the same configuration. The two modes alternate for `--rounds` rounds in ABBA order
 (machine load that drifts hits both alike), each round with fresh prompts that both modes run
-(a repeated round would be served from the prefix cache), and each mode's rounds are pooled. Printed: requests/s, output tokens/s,
-time to first token and inter-token latency percentiles per mode, and the HTTP overhead
-(targets: under 5% of throughput, under 2 ms of TTFT p50), also as CPU time per output token
-(server process vs engine alone), which machine noise does not move.
+(a repeated round would be served from the prefix cache), and each mode's rounds are pooled.
+Printed: requests/s, output tokens/s, time to first token and inter-token latency percentiles
+per mode, and the HTTP overhead (targets: under 5% of throughput, under 2 ms of TTFT p50), also
+as CPU time per output token (server process vs engine alone; it includes OpenMP workers
+spinning while a step waits, so it moves with machine load too).
 
 Under concurrency, TTFT is mostly queueing behind other prompts' prefills, and it depends on how
 the requests arrive: straight into the engine all 16 land before its first step, over HTTP they
