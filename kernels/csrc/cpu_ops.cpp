@@ -29,7 +29,7 @@
 #include <optional>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -333,6 +333,42 @@ int64_t argmax_row(const T* x, int64_t n) {
   const __m512 vbest = _mm512_set1_ps(best);
   for (int64_t i = 0; i < body; i += 16) {
     const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + i), vbest, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (int64_t i = body; i < n; ++i)
+    if (to_f(x[i]) == best) return i;
+  return 0;  // not reached
+#elif defined(__AVX2__)
+  auto load8 = [](const T* p) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm256_loadu_ps(p);
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  };
+  const int64_t body = n / 8 * 8;
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < body; i += 8) {
+    const __m256 v = load8(x + i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float best = lanes[0];
+  for (int l = 1; l < 8; ++l) best = std::max(best, lanes[l]);
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (int64_t i = body; i < n; ++i) {
+    const float v = to_f(x[i]);
+    if (std::isnan(v)) any_nan = true;
+    best = std::max(best, v);
+  }
+  if (any_nan) return argmax_row_scalar(x, n);
+  const __m256 vbest = _mm256_set1_ps(best);
+  for (int64_t i = 0; i < body; i += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(load8(x + i), vbest, _CMP_EQ_OQ));
     if (hit) return i + __builtin_ctz(hit);
   }
   for (int64_t i = body; i < n; ++i)
