@@ -132,7 +132,11 @@ inline float max(const float* x, int64_t n) {  // n >= 1
   float lanes[kLanes];
   for (int l = 0; l < kLanes; ++l) lanes[l] = x[0];
   int64_t i = 0;
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  __m512 m16 = _mm512_set1_ps(x[0]);  // max_ps(x, m) keeps m where x is NaN, as std::max(m, x)
+  for (; i + 16 <= n; i += 16) m16 = _mm512_max_ps(_mm512_loadu_ps(x + i), m16);
+  _mm512_storeu_ps(lanes, m16);
+#elif defined(__AVX2__)
   __m256 m8 = _mm256_set1_ps(x[0]);  // max_ps(x, m) keeps m where x is NaN, as std::max(m, x)
   for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(x + i), m8);
   _mm256_storeu_ps(lanes, m8);
@@ -155,6 +159,22 @@ inline void exp_shifted(float* x, int64_t n, float shift) {
   constexpr float kLn2Lo = 1.42860682030941723212e-6f;
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   int64_t i = 0;
+#if defined(__AVX512F__)
+  // the same steps on 16 lanes (the scalar loop below finishes the row)
+  const __m512 zshift = _mm512_set1_ps(shift), zmin = _mm512_set1_ps(-87.f);
+  const __m512 zround = _mm512_set1_ps(kRound);
+  for (; i + 16 <= n; i += 16) {
+    __m512 t = _mm512_max_ps(zmin, _mm512_sub_ps(_mm512_loadu_ps(x + i), zshift));
+    __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(t, _mm512_set1_ps(kLog2e), zround), zround);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), t);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
+    _mm512_storeu_ps(x + i, _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23))));
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   // the same steps on 8 lanes (the scalar loop below finishes the row)
   const __m256 vshift = _mm256_set1_ps(shift), vmin = _mm256_set1_ps(-87.f);
