@@ -78,7 +78,8 @@ def test_float32_decodes_match_reference(
 def test_half_precision_decodes_match_float32(
     kernel: cpu_attention.Kernel, dtype: torch.dtype, group: int
 ) -> None:
-    """The kernel accumulates in float32: its output is the float32 answer rounded once."""
+    """The kernel accumulates in float32 (the bf16 probabilities of the AVX512-BF16 path are the
+    only other rounding): its output is within a bf16 / fp16 rounding of the float32 answer."""
     query, cache, meta = make_step(RAGGED, 16, group, dtype=dtype)
     out = cpu_attention.paged_decode(query, cache, meta.block_tables, meta.seq_lens, 0.125)
     assert out.dtype == dtype
@@ -86,6 +87,37 @@ def test_half_precision_decodes_match_float32(
     torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)
     ref_half = reference.paged_attention(query, cache, meta, 0.125)  # rounds scores and probs
     torch.testing.assert_close(out.float(), ref_half.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("group", [1, 3, 5])
+def test_bf16_decodes_weight_values_like_the_reference(
+    kernel: cpu_attention.Kernel, head_dim: int, group: int
+) -> None:
+    """With AVX512-BF16, V rows are weighted by the probabilities rounded to bfloat16, as the
+    reference's `softmax(scores).to(dtype) @ V` does: float32 scores, bf16 probabilities, float32
+    sums. The output then equals that computation up to float32 summation order: nearly every
+    element exactly, the rest within one bf16 rounding."""
+    from kernels import cpu_ops
+
+    if not cpu_ops.linear_bf16_available():
+        pytest.skip("no AVX512-BF16 here: bf16 decodes keep float32 probabilities")
+    query, cache, meta = make_step(RAGGED, 16, group, torch.bfloat16, head_dim, seed=3)
+    out = cpu_attention.paged_decode(query, cache, meta.block_tables, meta.seq_lens, 0.2)
+    bs, kvh = cache.shape[2], cache.shape[3]
+    exact: list[float] = []
+    for s, n in enumerate(meta.seq_lens.tolist()):
+        rows = torch.cat([torch.arange(b * bs, b * bs + bs) for b in meta.block_tables[s]])[:n]
+        k = cache[0].reshape(-1, kvh, head_dim)[rows].float()  # [n, KVH, D]
+        v = cache[1].reshape(-1, kvh, head_dim)[rows].float()
+        q = query[s].float().view(kvh, group, head_dim)
+        probs = torch.softmax(torch.einsum("hgd,nhd->hgn", q, k) * 0.2, -1)
+        want = torch.einsum("hgn,nhd->hgd", probs.to(torch.bfloat16).float(), v)
+        got = out[s].float().view(kvh, group, head_dim)
+        want = want.to(torch.bfloat16).float()
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=8e-3)
+        exact.append((got == want).float().mean().item())
+    assert min(exact) > 0.98, exact
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
