@@ -415,7 +415,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="alternating HTTP / engine rounds")
     p.add_argument(
-        "--probe", type=int, default=100, help="sequential latency-probe requests per mode (0: none)"
+        "--probe",
+        type=int,
+        default=100,
+        help="sequential latency-probe requests per mode (0: none)",
     )
     p.add_argument(
         "--probe-prompt-tokens",
