@@ -120,26 +120,30 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Flatten the scheduled sequences into one batch (see `AttentionMetadata`)."""
+        # Plain lists, then one tensor each: per-sequence tensors cost more than the data here.
         input_ids: list[int] = []
         positions: list[int] = []
         starts = [0]
         seq_lens: list[int] = []
+        bs = self.block_size
+        max_blocks = max(len(s.block_ids) for s in out.seqs)
+        table_rows: list[list[int]] = []
         for s in out.seqs:
             input_ids.extend(s.token_ids)
             n = len(s.token_ids)
             positions.extend(range(s.start_pos, s.start_pos + n))
             starts.append(starts[-1] + n)
             seq_lens.append(s.start_pos + n)
-        max_blocks = max(len(s.block_ids) for s in out.seqs)
-        tables = torch.zeros(len(out.seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(out.seqs):
-            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+            table_rows.append(s.block_ids + [0] * (max_blocks - len(s.block_ids)))
+        tables = torch.tensor(table_rows, dtype=torch.int32)
         pos_t = torch.tensor(positions, dtype=torch.long)
-        row_of_token = torch.repeat_interleave(
-            torch.arange(len(out.seqs)), torch.tensor([len(s.token_ids) for s in out.seqs])
-        )
-        bs = self.block_size
-        slots = tables[row_of_token, pos_t // bs].long() * bs + pos_t % bs
+        if len(positions) == len(out.seqs):  # all decodes: one slot per sequence
+            pairs = zip(table_rows, positions, strict=True)
+            slots = torch.tensor([row[p // bs] * bs + p % bs for row, p in pairs])
+        else:
+            lens = torch.tensor([len(s.token_ids) for s in out.seqs])
+            row_of_token = torch.repeat_interleave(torch.arange(len(out.seqs)), lens)
+            slots = tables[row_of_token, pos_t // bs].long() * bs + pos_t % bs
         meta = AttentionMetadata(
             slot_mapping=slots.to(self.device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
