@@ -13,6 +13,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -201,6 +202,10 @@ class AsyncEngine:
             _Add(list(prompt_token_ids), params, request_id, tenant, namespace, priority)
         )
         self._wakeup.set()
+        # Hand the GIL to the engine thread now, while it waits for it to leave `wait()`: else it
+        # starts the step only when this thread next blocks, after the rest of the request's
+        # handling (0.5-0.65 -> 0.16-0.18 ms from here to the step's start, in the gateway).
+        time.sleep(0)
         return stream
 
     async def generate(
