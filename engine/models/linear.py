@@ -18,6 +18,7 @@ Results differ from `F.linear` by float32 summation order only.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,12 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
     return PackedWeight(panels, onednn)
 
 
+def panel_max_rows(packed: PackedWeight) -> int:
+    """The largest batch `linear` sends to the panel kernel when the weight has panels: every
+    batch, except with AMX, where prefills go to oneDNN's AMX GEMM."""
+    return sys.maxsize if packed.onednn is None else PANEL_MAX_ROWS_WITH_AMX
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -86,7 +93,7 @@ def linear(
     if packed is None or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     rows = x.shape[0]
-    if packed.panels is not None and (packed.onednn is None or rows <= PANEL_MAX_ROWS_WITH_AMX):
+    if packed.panels is not None and rows <= panel_max_rows(packed):
         return cpu_ops.linear_bf16(x.contiguous(), packed.panels, weight.shape[0], bias)
     small = x.dtype == torch.float32 and rows <= SMALL_LINEAR_MAX_ROWS
     if small and cpu_attention.small_linear_available():  # built once, then cached

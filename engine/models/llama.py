@@ -12,6 +12,7 @@ rest in the weight dtype. Mistral's sliding window is not applied (full causal a
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models.linear import PANEL_MAX_ROWS_WITH_AMX, PackedWeight, linear, pack_weight
+from engine.models.linear import PackedWeight, linear, pack_weight, panel_max_rows
 from kernels import AttentionBackend, cpu_attention, cpu_ops, get_attention_backend
 from kernels.layer_ops import LayerOps, get_layer_ops
 from kernels.metadata import AttentionMetadata
@@ -263,24 +264,25 @@ class LlamaForCausalLM(nn.Module):
     def _decode_stack(self) -> _DecodeStack | None:
         """The inputs of `cpu_ops.decode_stack` where it runs exactly what the layers would
         (fused CPU ops, the C++ attention backend, every matmul on bf16 panels); else None."""
-        names = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
         layers = [layer for layer in self.layers if isinstance(layer, LlamaDecoderLayer)]
         if self.ops is not cpu_ops or any(layer.backend is not cpu_attention for layer in layers):
             return None
-        packed = [[layer.packed.get(name) for name in names] for layer in layers]
-        if any(p is None or p.panels is None for row in packed for p in row):
-            return None
         weights: list[torch.Tensor] = []
-        for layer, row in zip(layers, packed, strict=True):
-            qkv, o, gate_up, down = (p.panels for p in row if p is not None)
-            assert qkv is not None and o is not None and gate_up is not None and down is not None
+        max_rows = sys.maxsize  # the smallest batch limit of `linear` over the weights
+        for layer in layers:
+            panels = []
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                packed = layer.packed.get(name)
+                if packed is None or packed.panels is None:
+                    return None
+                panels.append(packed.panels)
+                max_rows = min(max_rows, panel_max_rows(packed))
+            qkv, o, gate_up, down = panels
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             weights += [ln1, qkv, o, ln2, gate_up, down]
         biases: list[torch.Tensor] = [ly.qkv_bias for ly in layers if ly.qkv_bias is not None]
         if biases and len(biases) != len(layers):
             return None
-        with_onednn = any(p is not None and p.onednn is not None for row in packed for p in row)
-        max_rows = PANEL_MAX_ROWS_WITH_AMX if with_onednn else 1 << 30  # as `linear` picks
         return _DecodeStack(weights, biases, max_rows)
 
     @torch.no_grad()
