@@ -60,6 +60,13 @@ def linear_bf16_available() -> bool:
     return load_kernel() is not None and bool(torch.ops.prefixgate_cpu.has_linear_bf16())
 
 
+@functools.cache
+def linear_amx_available() -> bool:
+    """True when `linear_bf16` runs batches of 4+ rows on AMX tiles (built with AMX-BF16, and
+    Linux lets this process use tile data)."""
+    return linear_bf16_available() and bool(torch.ops.prefixgate_cpu.has_linear_amx())
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -6,8 +6,9 @@ to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed 
 - bfloat16 on CPUs with AVX512-BF16: into panels for our own kernel (`kernels.cpu_ops`), which on
   an AMD EPYC (Zen 4) runs all of SmolLM2's matmuls at 1 row in 7.2 ms (37 GB/s of weights, vs
   11.9 ms through oneDNN), at 16 rows in 12.3 vs 17.6 ms, 64 rows 41.9 vs 51.3 ms, and equal at
-  1024. On CPUs with AMX, oneDNN's AMX GEMM is faster for prefills: there the weight is packed for
-  both and our kernel takes only batches of up to `PANEL_MAX_ROWS_WITH_AMX` rows.
+  1024. On CPUs with AMX the weight is packed for both: our kernel, which runs 4+ rows on AMX
+  tiles, takes batches of up to `PANEL_MAX_ROWS_WITH_AMX` rows (an Intel Xeon: 16 rows in 8.9 ms
+  vs oneDNN's 14.2, 64 rows 20 vs 25.6) and oneDNN's AMX GEMM the prefills (faster from ~128).
 - otherwise for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): bf16 20-35% faster than
   `F.linear` (Intel with AMX, batch 1-64), float32 1.3-2.8x at batch 1-64 on an AVX2-only AMD
   EPYC; float32 batches of up to `SMALL_LINEAR_MAX_ROWS` rows go to the C++ weight-streaming
@@ -29,8 +30,10 @@ from kernels import cpu_attention, cpu_ops
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
 # float32 batches of up to this many rows go through the C++ weight-streaming kernel
 SMALL_LINEAR_MAX_ROWS = 16
-# with AMX, bfloat16 batches of up to this many rows (memory-bound decodes) use our kernel
-PANEL_MAX_ROWS_WITH_AMX = 4
+# with AMX, bfloat16 batches of up to this many rows (decodes) use our kernel, larger ones oneDNN's
+PANEL_MAX_ROWS_WITH_AMX = 64
+# the same where our library cannot use AMX tiles (its AVX-512 kernel is memory-bound up to here)
+PANEL_MAX_ROWS_WITHOUT_TILES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,11 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
 def panel_max_rows(packed: PackedWeight) -> int:
     """The largest batch `linear` sends to the panel kernel when the weight has panels: every
     batch, except with AMX, where prefills go to oneDNN's AMX GEMM."""
-    return sys.maxsize if packed.onednn is None else PANEL_MAX_ROWS_WITH_AMX
+    if packed.onednn is None:
+        return sys.maxsize
+    if cpu_ops.linear_amx_available():
+        return PANEL_MAX_ROWS_WITH_AMX
+    return PANEL_MAX_ROWS_WITHOUT_TILES
 
 
 def linear(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -93,7 +94,7 @@ def test_panels_layout(cpu_ops) -> None:  # type: ignore[no-untyped-def]
     assert panels[1, :, 3:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 40, 64])
 @pytest.mark.parametrize(
     ("out_features", "in_features"), [(96, 64), (37, 19), (16, 576), (50, 1536), (3, 33)]
 )
@@ -101,7 +102,8 @@ def test_linear_bf16_matches_float32_matmul(
     cpu_ops, linear_bf16, rows, out_features, in_features
 ) -> None:  # type: ignore[no-untyped-def]
     """Panels with ragged ends (N not a multiple of 32, odd K), row tiles of 8 with a remainder,
-    strided input rows, with and without bias."""
+    strided input rows, with and without bias. With AMX, 4+ rows at K % 32 == 0 run on tiles of
+    16 rows (a ragged last tile from a zero-padded copy)."""
     g = gen(rows * 1000 + out_features)
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
     bias = torch.randn(out_features, generator=g).bfloat16()
@@ -132,13 +134,16 @@ def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type
     assert packed is not None and packed.panels is not None
     amx = "amx_bf16" in cpu_ops.cpu_flags()
     assert (packed.onednn is not None) == amx  # oneDNN's AMX GEMM keeps the prefills there
-    limit = module.PANEL_MAX_ROWS_WITH_AMX
-    for rows in (1, limit, limit + 1, 300):
+    # built for this CPU (-march=native) with AMX, the library runs batches on tiles up to here
+    assert cpu_ops.linear_amx_available() == amx
+    limit = module.panel_max_rows(packed)
+    assert limit == (module.PANEL_MAX_ROWS_WITH_AMX if amx else sys.maxsize)
+    for rows in (1, limit, limit + 1, 300) if amx else (1, 300):
         x = torch.randn(rows, 64).bfloat16()
         torch.testing.assert_close(
             module.linear(x, w, None, packed).float(), F.linear(x, w).float(), rtol=2**-7, atol=0.05
         )
-    assert calls == ([1, limit] if amx else [1, limit, limit + 1, 300])
+    assert calls == ([1, limit] if amx else [1, 300])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
