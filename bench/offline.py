@@ -135,6 +135,19 @@ def gemm_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: i
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+def read_gbps(device: torch.device, mib: int = 256, reps: int = 5) -> float:
+    """The device's memory read rate: the best of `reps` sums over a `mib` MiB float32 tensor."""
+    x = torch.ones(mib * 2**18, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,6 +179,9 @@ def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> d
     ):
         engine.step()
     engine.step()  # warm
+    mc = engine.model_config
+    kv_row = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.dtype.itemsize
+    contexts = sum(s.num_computed_tokens for s in engine.scheduler.running) + batch * steps / 2
     engine.timings = type(engine.timings)()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -174,7 +190,7 @@ def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> d
     split = engine.timings.per_step_ms()
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
-    return split | {"total": wall * 1000}
+    return split | {"total": wall * 1000, "kv_bytes": contexts * kv_row}
 
 
 def prefill_rate(llm: LLM, tokens: int = 2048) -> float:
@@ -194,14 +210,20 @@ def prefill_rate(llm: LLM, tokens: int = 2048) -> float:
 
 
 def roofline(llm: LLM) -> None:
+    """Achieved rates against the GEMM limit (the issue's roofline) and, for decode steps, against
+    the memory floor: every weight and the batch's whole KV cache read once per step at the
+    measured read rate (a decode step cannot beat it, whatever the GEMM rate)."""
     engine = llm.engine
     peak = gemm_gflops(engine.dtype, engine.device)
+    gbps = read_gbps(engine.device)
     prefill = prefill_rate(llm)
     prefill_limit = peak * 1e9 / flops_per_token(engine, with_head=False)
     decoder, head = flops_per_token(engine, False), flops_per_token(engine, True)
+    weight_bytes = head / 2 * engine.dtype.itemsize  # each matmul weight read once per step
     print(
-        f"roofline: {engine.dtype} GEMM {peak:.0f} GFLOP/s; decoder {decoder / 1e6:.0f} "
-        f"MFLOP/token (+LM head {(head - decoder) / 1e6:.0f})"
+        f"roofline: {engine.dtype} GEMM {peak:.0f} GFLOP/s, memory read {gbps:.1f} GB/s; decoder "
+        f"{decoder / 1e6:.0f} MFLOP/token (+LM head {(head - decoder) / 1e6:.0f}), weights "
+        f"{weight_bytes / 1e6:.0f} MB"
     )
     print(
         f"  prefill-heavy: {prefill:.0f} tok/s of a {prefill_limit:.0f} tok/s limit = "
@@ -211,10 +233,13 @@ def roofline(llm: LLM) -> None:
     for batch in (1, 16, 64):
         split = step_split(llm, batch)
         rate = batch / (split["total"] / 1000)
-        parts = " ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "total")
+        parts = " ".join(f"{k} {v:.1f}" for k, v in split.items() if k not in ("total", "kv_bytes"))
+        floor_ms = (weight_bytes + split["kv_bytes"]) / (gbps * 1e9) * 1000
         print(
             f"  decode batch {batch:>2}: step {split['total']:.1f} ms ({parts}) -> "
-            f"{rate:.0f} tok/s = {rate / decode_limit:.0%} of {decode_limit:.0f} tok/s limit"
+            f"{rate:.0f} tok/s = {rate / decode_limit:.0%} of {decode_limit:.0f} tok/s limit; "
+            f"memory floor {floor_ms:.1f} ms (KV {split['kv_bytes'] / 1e6:.0f} MB) = "
+            f"{floor_ms / split['total']:.0%} of it"
         )
 
 
