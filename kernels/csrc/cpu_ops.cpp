@@ -31,10 +31,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AMX_TILE__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -562,32 +558,8 @@ void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr int64_t kAmxMinRows = 4;  // below, the AVX-512 kernel is as fast
 
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtileData = 18;  // asm/prctl.h
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtileData) == 0;
-  }();
-  return ok;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// tmm0: A, 16 rows of x by 32 k; tmm1, tmm2: B, the panel's two halves (16 k-pairs x 16 columns
-// x 2); tmm3, tmm4: C, 16 x 16 float32 each
-void amx_configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 5; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+// Tiles (amx_configure, simd.h): tmm0: A, 16 rows of x by 32 k; tmm1, tmm2: B, the panel's two
+// halves (16 k-pairs x 16 columns x 2); tmm3, tmm4: C, 16 x 16 float32 each.
 
 // c [16][32] = x[16 rows, :K] . panel (float32); prefetches `next` into L2 when given
 void amx_panel_rows(const c10::BFloat16* x, int64_t ldx, int64_t K, const c10::BFloat16* panel,

@@ -5,7 +5,48 @@
 //   to_bf16_bits(v) float32 -> bfloat16 bits, round to nearest even, NaN kept quiet (as
 //                   c10::BFloat16 does)
 //   store16(p, v)   16 float32 lanes -> p as float32 or bfloat16 (rounded as above)
+//
+// And where the build targets AMX: amx_permitted() (asks Linux once for this process's tile data;
+// false where it refuses) and amx_configure() (this thread's 8 tiles as 16 rows of 64 bytes: call
+// it before a kernel's first tile instruction on each thread, `_tile_release()` after its last).
 #pragma once
+
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <immintrin.h>
+
+namespace {
+
+inline bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtileData = 18;  // asm/prctl.h
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtileData) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+}  // namespace
+#endif
 
 #if defined(__AVX512F__)
 #include <c10/util/BFloat16.h>

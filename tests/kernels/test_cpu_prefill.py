@@ -82,9 +82,10 @@ def test_bfloat16_within_a_step_of_float32(kernel: object, group: int, block_siz
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [16, 64, 128, 24, 80])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 24, 80])
 def test_head_dims(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
-    """16/64/128 take the vector path (with AVX-512), 24 and 80 the plain loops."""
+    """16/32/64/128 take the vector path (with AVX-512; bfloat16 32/64/128 on AMX tiles where the
+    CPU has them), 24 and 80 the plain loops."""
     query, cache, meta = make_step(MIXED, 16, 3, dtype=dtype, head_dim=head_dim, seed=3)
     out = run_kernel(query, cache, meta, head_dim**-0.5)
     tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
