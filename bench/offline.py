@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from typing import Any
 
@@ -193,20 +194,24 @@ def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> d
     return split | {"total": wall * 1000, "kv_bytes": contexts * kv_row}
 
 
-def prefill_rate(llm: LLM, tokens: int = 2048) -> float:
-    """Prompt tokens/s of one full prefill step (caching off by using random prompts)."""
+def prefill_rate(llm: LLM, tokens: int = 2048, runs: int = 3) -> float:
+    """Prompt tokens/s of one full prefill step (caching off by using random prompts): the median
+    of `runs` steps after one warm-up step (the first step of a new batch shape also pays for
+    oneDNN building its kernels for it)."""
     engine = llm.engine
     rng = random.Random(7)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     n = tokens // 256
-    for _ in range(n):
-        engine.add_request([rng.randrange(100, 40000) for _ in range(256)], params)
-    t0 = time.perf_counter()
-    engine.step()
-    rate = n * 256 / (time.perf_counter() - t0)
-    while engine.has_unfinished:
+    rates = []
+    for _ in range(runs + 1):
+        for _ in range(n):
+            engine.add_request([rng.randrange(100, 40000) for _ in range(256)], params)
+        t0 = time.perf_counter()
         engine.step()
-    return rate
+        rates.append(n * 256 / (time.perf_counter() - t0))
+        while engine.has_unfinished:
+            engine.step()
+    return statistics.median(rates[1:])
 
 
 def roofline(llm: LLM) -> None:
