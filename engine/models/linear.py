@@ -7,8 +7,11 @@ to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed 
   an AMD EPYC (Zen 4) runs all of SmolLM2's matmuls at 1 row in 7.2 ms (37 GB/s of weights, vs
   11.9 ms through oneDNN), at 16 rows in 12.3 vs 17.6 ms, 64 rows 41.9 vs 51.3 ms, and equal at
   1024. On CPUs with AMX the weight is packed for both: our kernel, which runs 4+ rows on AMX
-  tiles, takes batches of up to `PANEL_MAX_ROWS_WITH_AMX` rows (an Intel Xeon: 16 rows in 8.9 ms
-  vs oneDNN's 14.2, 64 rows 20 vs 25.6) and oneDNN's AMX GEMM the prefills (faster from ~128).
+  tiles, takes batches of up to `PANEL_MAX_ROWS_WITH_AMX` rows and oneDNN's AMX GEMM the larger
+  prefills. On an Intel Xeon, all of SmolLM2's matmuls with 30 layers of weights streamed from
+  memory (noisy machine, two runs each): 16 rows 13-15 ms (the machine's memory read rate), 64
+  rows 22 vs 26-32 ms, 256 rows 39-62 vs 78-80 ms, 512 rows 114-117 vs 173-183 ms; from ~1,024
+  rows the two trade places run to run.
 - otherwise for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): bf16 20-35% faster than
   `F.linear` (Intel with AMX, batch 1-64), float32 1.3-2.8x at batch 1-64 on an AVX2-only AMD
   EPYC; float32 batches of up to `SMALL_LINEAR_MAX_ROWS` rows go to the C++ weight-streaming
@@ -30,8 +33,8 @@ from kernels import cpu_attention, cpu_ops
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
 # float32 batches of up to this many rows go through the C++ weight-streaming kernel
 SMALL_LINEAR_MAX_ROWS = 16
-# with AMX, bfloat16 batches of up to this many rows (decodes) use our kernel, larger ones oneDNN's
-PANEL_MAX_ROWS_WITH_AMX = 64
+# with AMX, bfloat16 batches of up to this many rows use our kernel, larger ones oneDNN's
+PANEL_MAX_ROWS_WITH_AMX = 512
 # the same where our library cannot use AMX tiles (its AVX-512 kernel is memory-bound up to here)
 PANEL_MAX_ROWS_WITHOUT_TILES = 4
 

@@ -552,8 +552,10 @@ void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64
 // process's permission for tile data (asked once; where Linux refuses, the AVX-512 kernel runs).
 // As in oneDNN's AMX kernels, float32 denormals flush to zero.
 //
-// All of SmolLM2's matmuls on an Intel Xeon (AMX), ms: 4 rows 7.6 vs 8.5 on AVX-512; 16 rows 8.9
-// vs 32.7 (oneDNN 14.2); 64 rows 20 (oneDNN 25.6); oneDNN's blocking wins from ~128 rows.
+// All of SmolLM2's matmuls on an Intel Xeon (AMX), weights cached, ms: 4 rows 7.6 vs 8.5 on
+// AVX-512; 16 rows 8.9 vs 32.7 (oneDNN 14.2); 64 rows 20 (oneDNN 25.6). With 30 layers of weights
+// streamed from memory, ahead of oneDNN up to 512 rows (114-117 vs 173-183 ms there); from ~1,024
+// rows the two trade places run to run (`engine.models.linear` keeps oneDNN for those).
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr int64_t kAmxMinRows = 4;  // below, the AVX-512 kernel is as fast
