@@ -6,12 +6,13 @@ to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed 
 - bfloat16 on CPUs with AVX512-BF16: into panels for our own kernel (`kernels.cpu_ops`), which on
   an AMD EPYC (Zen 4) runs all of SmolLM2's matmuls at 1 row in 7.2 ms (37 GB/s of weights, vs
   11.9 ms through oneDNN), at 16 rows in 12.3 vs 17.6 ms, 64 rows 41.9 vs 51.3 ms, and equal at
-  1024. On CPUs with AMX the weight is packed for both: our kernel, which runs 4+ rows on AMX
-  tiles, takes batches of up to `PANEL_MAX_ROWS_WITH_AMX` rows and oneDNN's AMX GEMM the larger
-  prefills. On an Intel Xeon, all of SmolLM2's matmuls with 30 layers of weights streamed from
-  memory (noisy machine, two runs each): 16 rows 13-15 ms (the machine's memory read rate), 64
-  rows 22 vs 26-32 ms, 256 rows 39-62 vs 78-80 ms, 512 rows 114-117 vs 173-183 ms; from ~1,024
-  rows the two trade places run to run.
+  1024. On CPUs with AMX the same kernel runs batches of 4+ rows on AMX tiles loaded straight
+  from the panels, every batch size, ahead of oneDNN's packed AMX GEMM (an Intel Xeon, all of
+  SmolLM2's matmuls with 30 layers of weights streamed from memory, medians of interleaved runs:
+  64 rows 22 vs 26-32 ms, 512 rows 106 vs 118, 1,024 rows 220 vs 350, 2,048 rows 432 vs 477), so
+  no oneDNN copy of the weight is kept. Where the tiles cannot serve a weight (its in-features not
+  a multiple of 32, or Linux refusing tile data), oneDNN packs it too and takes batches of more
+  than `PANEL_MAX_ROWS_WITH_ONEDNN` rows.
 - otherwise for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): bf16 20-35% faster than
   `F.linear` (Intel with AMX, batch 1-64), float32 1.3-2.8x at batch 1-64 on an AVX2-only AMD
   EPYC; float32 batches of up to `SMALL_LINEAR_MAX_ROWS` rows go to the C++ weight-streaming
@@ -33,10 +34,9 @@ from kernels import cpu_attention, cpu_ops
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
 # float32 batches of up to this many rows go through the C++ weight-streaming kernel
 SMALL_LINEAR_MAX_ROWS = 16
-# with AMX, bfloat16 batches of up to this many rows use our kernel, larger ones oneDNN's
-PANEL_MAX_ROWS_WITH_AMX = 512
-# the same where our library cannot use AMX tiles (its AVX-512 kernel is memory-bound up to here)
-PANEL_MAX_ROWS_WITHOUT_TILES = 4
+# where oneDNN holds a bf16 weight beside its panels, batches of up to this many rows (memory-bound
+# decodes) still take our AVX-512 kernel, larger ones oneDNN's AMX GEMM
+PANEL_MAX_ROWS_WITH_ONEDNN = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,21 +76,22 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
     ):
         panels = cpu_ops.pack_panels(weight)
     onednn = None
-    if panels is None or "amx_bf16" in cpu_ops.cpu_flags():
+    if panels is None or ("amx_bf16" in cpu_ops.cpu_flags() and not tiles_serve(weight)):
         onednn = _pack_onednn(weight)
     if panels is None and onednn is None:
         return None
     return PackedWeight(panels, onednn)
 
 
+def tiles_serve(weight: torch.Tensor) -> bool:
+    """True when `cpu_ops.linear_bf16` runs this weight's batches of 4+ rows on AMX tiles."""
+    return cpu_ops.linear_amx_available() and weight.shape[1] % 32 == 0
+
+
 def panel_max_rows(packed: PackedWeight) -> int:
     """The largest batch `linear` sends to the panel kernel when the weight has panels: every
-    batch, except with AMX, where prefills go to oneDNN's AMX GEMM."""
-    if packed.onednn is None:
-        return sys.maxsize
-    if cpu_ops.linear_amx_available():
-        return PANEL_MAX_ROWS_WITH_AMX
-    return PANEL_MAX_ROWS_WITHOUT_TILES
+    batch, unless oneDNN holds the weight too (AMX without tiles for it)."""
+    return sys.maxsize if packed.onednn is None else PANEL_MAX_ROWS_WITH_ONEDNN
 
 
 def linear(

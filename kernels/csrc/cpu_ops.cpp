@@ -552,13 +552,18 @@ void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64
 // process's permission for tile data (asked once; where Linux refuses, the AVX-512 kernel runs).
 // As in oneDNN's AMX kernels, float32 denormals flush to zero.
 //
-// All of SmolLM2's matmuls on an Intel Xeon (AMX), weights cached, ms: 4 rows 7.6 vs 8.5 on
-// AVX-512; 16 rows 8.9 vs 32.7 (oneDNN 14.2); 64 rows 20 (oneDNN 25.6). With 30 layers of weights
-// streamed from memory, ahead of oneDNN up to 512 rows (114-117 vs 173-183 ms there); from ~1,024
-// rows the two trade places run to run (`engine.models.linear` keeps oneDNN for those).
+// Batches of more than 256 rows go in passes of 256 (`kAmxRowRange`), each over all the weights:
+// the pass's rows stay in L2 while the panels stream by. All of SmolLM2's matmuls on an Intel Xeon
+// (AMX), weights cached, ms: 4 rows 7.6 vs 8.5 on AVX-512; 16 rows 8.9 vs 32.7 (oneDNN 14.2); 64
+// rows 20 (oneDNN 25.6). With 30 layers of weights streamed from memory, against oneDNN's packed
+// AMX GEMM, medians of interleaved runs: 256 rows 39-62 vs 78-80; 512 rows 106 vs 118; 1,024
+// rows 220 vs 350 (faster in 10 of 10 pairs); 2,048 rows 432 vs 477 (6 of 10; 507 vs 466 in one
+// pass over all rows).
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr int64_t kAmxMinRows = 4;  // below, the AVX-512 kernel is as fast
+// rows per pass over the weights: their x (256 x K bf16, 0.3-0.8 MB for SmolLM2) stays in L2
+constexpr int64_t kAmxRowRange = 256;
 
 // Tiles (amx_configure, simd.h): tmm0: A, 16 rows of x by 32 k; tmm1, tmm2: B, the panel's two
 // halves (16 k-pairs x 16 columns x 2); tmm3, tmm4: C, 16 x 16 float32 each.
@@ -598,15 +603,19 @@ void linear_amx(const c10::BFloat16* xp, int64_t ldx, int64_t M, int64_t K,
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     amx_configure();
     alignas(64) float c[16 * 32];
-    for (int64_t p = begin; p < end; ++p) {
-      const c10::BFloat16* panel = pp + p * panel_elems;
-      const c10::BFloat16* next = p + 1 < end ? panel + panel_elems : nullptr;
-      const int64_t n0 = p * 32, cols = std::min<int64_t>(32, N - n0);
-      for (int64_t m = 0; m < rows; m += 16) {
-        amx_panel_rows(xp + m * ldx, ldx, K, panel, m == 0 ? next : nullptr, c);
-        const PanelStore store(b ? b + n0 : nullptr, cols);
-        for (int64_t r = 0; r < std::min<int64_t>(16, M - m); ++r)
-          store(op + (m + r) * ldo + n0, _mm512_load_ps(c + r * 32), _mm512_load_ps(c + r * 32 + 16));
+    for (int64_t m0 = 0; m0 < rows; m0 += kAmxRowRange) {
+      const int64_t m1 = std::min(rows, m0 + kAmxRowRange);
+      for (int64_t p = begin; p < end; ++p) {
+        const c10::BFloat16* panel = pp + p * panel_elems;
+        const c10::BFloat16* next = p + 1 < end ? panel + panel_elems : nullptr;
+        const int64_t n0 = p * 32, cols = std::min<int64_t>(32, N - n0);
+        for (int64_t m = m0; m < m1; m += 16) {
+          amx_panel_rows(xp + m * ldx, ldx, K, panel, m == m0 ? next : nullptr, c);
+          const PanelStore store(b ? b + n0 : nullptr, cols);
+          for (int64_t r = 0; r < std::min<int64_t>(16, M - m); ++r)
+            store(op + (m + r) * ldo + n0, _mm512_load_ps(c + r * 32),
+                  _mm512_load_ps(c + r * 32 + 16));
+        }
       }
     }
     _tile_release();

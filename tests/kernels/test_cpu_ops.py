@@ -109,7 +109,7 @@ def test_panels_layout(cpu_ops) -> None:  # type: ignore[no-untyped-def]
     assert panels[1, :, 3:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 40, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 40, 64, 300])
 @pytest.mark.parametrize(
     ("out_features", "in_features"), [(96, 64), (37, 19), (16, 576), (50, 1536), (3, 33)]
 )
@@ -118,7 +118,7 @@ def test_linear_bf16_matches_float32_matmul(
 ) -> None:  # type: ignore[no-untyped-def]
     """Panels with ragged ends (N not a multiple of 32, odd K), row tiles of 8 with a remainder,
     strided input rows, with and without bias. With AMX, 4+ rows at K % 32 == 0 run on tiles of
-    16 rows (a ragged last tile from a zero-padded copy)."""
+    16 rows (a ragged last tile from a zero-padded copy), 300 rows in two passes (256 + 44)."""
     g = gen(rows * 1000 + out_features)
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
     bias = torch.randn(out_features, generator=g).bfloat16()
@@ -134,6 +134,9 @@ def test_linear_bf16_matches_float32_matmul(
 
 
 def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every batch goes to the panel kernel (on AMX tiles from 4 rows where the CPU has them);
+    only a weight the tiles cannot serve (in-features not a multiple of 32) on an AMX CPU is also
+    packed for oneDNN, which then takes its batches of more than 4 rows."""
     from engine.models import linear as module
     from kernels import cpu_ops
 
@@ -144,21 +147,26 @@ def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type
         return linear_bf16(x, *args)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(cpu_ops, "linear_bf16", counting)
-    w = torch.randn(40, 64).bfloat16()
-    packed = module.pack_weight(w)
-    assert packed is not None and packed.panels is not None
     amx = "amx_bf16" in cpu_ops.cpu_flags()
-    assert (packed.onednn is not None) == amx  # oneDNN's AMX GEMM keeps the prefills there
-    # built for this CPU (-march=native) with AMX, the library runs batches on tiles up to here
+    # built for this CPU (-march=native) with AMX, the library runs batches on tiles
     assert cpu_ops.linear_amx_available() == amx
-    limit = module.panel_max_rows(packed)
-    assert limit == (module.PANEL_MAX_ROWS_WITH_AMX if amx else sys.maxsize)
-    for rows in (1, limit, limit + 1, 2 * limit) if amx else (1, 300):
-        x = torch.randn(rows, 64).bfloat16()
-        torch.testing.assert_close(
-            module.linear(x, w, None, packed).float(), F.linear(x, w).float(), rtol=2**-7, atol=0.05
-        )
-    assert calls == ([1, limit] if amx else [1, 300])
+    for in_features, split in ((64, False), (72, amx)):
+        w = torch.randn(40, in_features).bfloat16()
+        packed = module.pack_weight(w)
+        assert packed is not None and packed.panels is not None
+        assert (packed.onednn is not None) == split
+        limit = module.panel_max_rows(packed)
+        assert limit == (module.PANEL_MAX_ROWS_WITH_ONEDNN if split else sys.maxsize)
+        calls.clear()
+        for rows in (1, 4, 5, 300):
+            x = torch.randn(rows, in_features).bfloat16()
+            torch.testing.assert_close(
+                module.linear(x, w, None, packed).float(),
+                F.linear(x, w).float(),
+                rtol=2**-7,
+                atol=0.05,
+            )
+        assert calls == ([1, 4] if split else [1, 4, 5, 300])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
