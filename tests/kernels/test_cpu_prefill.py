@@ -82,6 +82,29 @@ def test_bfloat16_within_a_step_of_float32(kernel: object, group: int, block_siz
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("block_size", "head_dim"), [(16, 64), (4, 64), (16, 32), (32, 128)])
+def test_nan_in_unused_slots_never_reaches_the_output(
+    kernel: object, dtype: torch.dtype, block_size: int, head_dim: int
+) -> None:
+    """Slots no sequence owns hold NaN (a freed block's stale contents could): the keys past a
+    sequence's length are never scored and the values past it never weighted, not even by a
+    zero probability (0 * NaN is NaN), whichever path (AMX tiles pad key blocks to 16 and 32)."""
+    query, cache, meta = make_step(MIXED, block_size, 3, dtype=dtype, head_dim=head_dim, seed=4)
+    cache[cache == torch.tensor(1e4, dtype=dtype)] = float("nan")
+    out = run_kernel(query, cache, meta, head_dim**-0.5)
+    rows = torch.cat(
+        [
+            torch.arange(meta.query_start_loc_list[s], meta.query_start_loc_list[s + 1])
+            for s in prefill_ids(meta).tolist()
+        ]
+    )
+    assert not out[rows].isnan().any()
+    tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
+    want = oracle(query, cache.nan_to_num(0.0), meta, head_dim**-0.5)
+    torch.testing.assert_close(out[rows].float(), want[rows], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 24, 80])
 def test_head_dims(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
     """16/32/64/128 take the vector path (with AVX-512; bfloat16 32/64/128 on AMX tiles where the
