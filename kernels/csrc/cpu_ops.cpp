@@ -544,10 +544,10 @@ void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64
 // 16 columns are 16 rows of 64 bytes at a 128-byte stride. So batches of `kAmxMinRows` rows or
 // more run on tiles with no other packing: for each panel and each 16 input rows, per 32 k, one
 // A tile (16 rows x 32 k) is multiplied into two B tiles (the panel's halves) and summed in two C
-// tiles of 16 x 16 float32 (bf16 products, float32 sums, as above). The panel is read from memory
-// once, for the first 16 rows, while the next one is prefetched into L2; later rows read it from
-// the cache. (Two A tiles against four C tiles, 32 rows a pass, measured slower: the tiles' loads
-// come from L2 and that blocking loads more per product.) x is copied into a zero-padded buffer
+// tiles of 16 x 16 float32 (bf16 products, float32 sums, as above). In each pass of rows (below)
+// the panel is read from memory for the first 16 rows, while the next one is prefetched into L2;
+// later rows read it from the cache. (Two A tiles against four C tiles, 32 rows at a time, measured
+// slower, and so did K-blocking with C spilled to memory between blocks.) x is copied into a zero-padded buffer
 // when M is not a multiple of 16, so a tile never reads past it. Needs K % 32 == 0 and the
 // process's permission for tile data (asked once; where Linux refuses, the AVX-512 kernel runs).
 // As in oneDNN's AMX kernels, float32 denormals flush to zero.
@@ -625,7 +625,6 @@ void linear_amx(const c10::BFloat16* xp, int64_t ldx, int64_t M, int64_t K,
 #else
 constexpr bool kHasDpbf16 = false;
 #endif
-
 
 bool has_linear_bf16() { return kHasDpbf16; }
 
