@@ -560,7 +560,7 @@ void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64
 // rows 220 vs 350 (faster in 10 of 10 pairs); 2,048 rows 432 vs 477 (6 of 10; 507 vs 466 in one
 // pass over all rows).
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if PREFIXGATE_AMX_BF16
 constexpr int64_t kAmxMinRows = 4;  // below, the AVX-512 kernel is as fast
 // rows per pass over the weights: their x (256 x K bf16, 0.3-0.8 MB for SmolLM2) stays in L2
 constexpr int64_t kAmxRowRange = 256;
@@ -618,7 +618,7 @@ void linear_amx(const c10::BFloat16* xp, int64_t ldx, int64_t M, int64_t K,
         }
       }
     }
-    _tile_release();
+    amx_release();
   });
 }
 #endif
@@ -628,13 +628,7 @@ constexpr bool kHasDpbf16 = false;
 
 bool has_linear_bf16() { return kHasDpbf16; }
 
-bool has_linear_amx() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  return amx_permitted();
-#else
-  return false;
-#endif
-}
+bool has_linear_amx() { return amx_permitted(); }
 
 void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                         const std::optional<at::Tensor>& bias) {
@@ -662,7 +656,7 @@ void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   c10::BFloat16* op = out.mutable_data_ptr<c10::BFloat16>();
   const int64_t ldx = x.stride(0), ldo = out.stride(0), panel_elems = packed.size(1) * 64;
   const int64_t panels = packed.size(0);
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if PREFIXGATE_AMX_BF16
   if (M >= kAmxMinRows && K % 32 == 0 && amx_permitted())
     return linear_amx(xp, ldx, M, K, pp, panels, N, b, op, ldo);
 #endif

@@ -490,7 +490,7 @@ constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
 // Same roundings as the dot-product path (bfloat16 P, float32 sums), in another summation order;
 // tiles flush float32 denormals. The caller configures the thread's tiles (amx_configure).
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if PREFIXGATE_AMX_BF16
 
 template <int MV>
 void scores_amx(const uint32_t* q, int64_t D, const c10::BFloat16* head, const int64_t* offs,
@@ -715,7 +715,7 @@ void key_block(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch&
     softmax_portable(s, n, k0, R, w.pos.data(), w.m.data(), w.l.data(), w.alpha.data());
     values_portable(s, n, R, D, w.vrows.data(), w.alpha.data(), w.o.data());
   } else {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if PREFIXGATE_AMX_BF16
     if constexpr (P == Path::kAmx) {
       const bool masked = k0 + n - 1 > w.pos[0];
       // key blocks start at multiples of 64: with blocks of 16k keys, 16 keys are one block's rows
@@ -815,18 +815,13 @@ ItemFn<T> by_rows(int64_t rows) {
 // CPU with AMX, and Linux's permission.
 template <typename T>
 bool uses_amx(int64_t head_dim) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
   return std::is_same_v<T, c10::BFloat16> && head_dim % 32 == 0 && head_dim <= 128 &&
          amx_permitted();
-#else
-  (void)head_dim;
-  return false;
-#endif
 }
 
 template <typename T>
 ItemFn<T> item_fn(int64_t head_dim, int64_t rows) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if PREFIXGATE_AMX_BF16
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (uses_amx<T>(head_dim)) {
       switch (head_dim) {
@@ -973,16 +968,11 @@ void attend_all(const Layout& lay, const Tensors<T>& in, const std::vector<Item>
   const bool amx = uses_amx<T>(lay.head_dim);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch w(lay, max_keys);
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
     if (amx) amx_configure();
-#endif
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
       item_fn<T>(lay.head_dim, items[i].rows)(lay, items[i], in, w);
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-    if (amx) _tile_release();
-#endif
+    if (amx) amx_release();
   });
-  (void)amx;
 }
 
 void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,

@@ -6,12 +6,20 @@
 //                   c10::BFloat16 does)
 //   store16(p, v)   16 float32 lanes -> p as float32 or bfloat16 (rounded as above)
 //
-// And where the build targets AMX: amx_permitted() (asks Linux once for this process's tile data;
-// false where it refuses) and amx_configure() (this thread's 8 tiles as 16 rows of 64 bytes: call
-// it before a kernel's first tile instruction on each thread, `_tile_release()` after its last).
+// And AMX: PREFIXGATE_AMX_BF16 is 1 where the build targets AMX tiles with bf16 products (and
+// AVX512-BF16), else 0. amx_permitted() asks Linux once for this process's tile data (false where
+// it refuses, and in other builds); amx_configure() sets this thread's 8 tiles to 16 rows of 64
+// bytes, before a kernel's first tile instruction on each thread, and amx_release() frees them
+// after its last (both no-ops in other builds).
 #pragma once
 
-#if defined(__AMX_TILE__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define PREFIXGATE_AMX_BF16 1
+#else
+#define PREFIXGATE_AMX_BF16 0
+#endif
+
+#if PREFIXGATE_AMX_BF16
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -45,6 +53,14 @@ inline void amx_configure() {
   _tile_loadconfig(&cfg);
 }
 
+inline void amx_release() { _tile_release(); }
+
+}  // namespace
+#else
+namespace {
+inline bool amx_permitted() { return false; }
+inline void amx_configure() {}
+inline void amx_release() {}
 }  // namespace
 #endif
 
