@@ -21,7 +21,10 @@ Under concurrency, TTFT is mostly queueing behind other prompts' prefills, and i
 the requests arrive: straight into the engine all 16 land before its first step, over HTTP they
 trickle in while it already runs. A latency probe then isolates the gateway's own share:
 `--probe` requests of fresh short prompts (8 output tokens), one at a time, HTTP and engine
-alternating in ABBA order, on an otherwise idle server.
+alternating in ABBA order, on an otherwise idle server: each waits `--probe-gap-ms` first, so
+that neither process's OpenMP workers still spin from the previous probe (they burn ~8 ms of
+CPU after the last parallel region before they sleep; on 2 cores that slowed the next probe's
+prefill in either mode and added +-1.5 ms of noise to the paired differences).
 """
 
 from __future__ import annotations
@@ -426,6 +429,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=16,
         help="short, so that prefill time (and its noise) does not drown the gateway's share",
     )
+    p.add_argument(
+        "--probe-gap-ms",
+        type=float,
+        default=50.0,
+        help="idle time before each probe request: after a step the engine's OpenMP workers\n"
+        "spin for ~8 ms of CPU before they sleep, and the other mode's process (server or\n"
+        "load generator) would otherwise still be spinning when a probe arrives",
+    )
     p.add_argument("--port", type=int, default=8123, help="port for the server this starts")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -475,6 +486,7 @@ async def bench(args: argparse.Namespace, url: str | None, server_pid: int | Non
         if url is not None and engine is not None:
             for i, req in enumerate(probe_workload(args)):  # ABBA: cancels order effects
                 for mode in ("HTTP", "engine") if i % 2 == 0 else ("engine", "HTTP"):
+                    await asyncio.sleep(args.probe_gap_ms / 1000)  # let the machine go idle
                     timing = await (
                         http_request(client, model, req)
                         if mode == "HTTP"
