@@ -208,15 +208,37 @@ def paged_attention(
     return out
 
 
-def decode_batch(
-    meta: AttentionMetadata, kv_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(block_tables, seq_lens) for the C++ decode kernel when it serves every sequence of the
-    step (all decodes, kernel built and not switched off); None otherwise."""
+@dataclass(frozen=True, slots=True)
+class StackAttention:
+    """A step's attention as `cpu_ops.layer_stack` runs it in every layer, as `paged_attention`
+    would: the decode kernel for the one-token sequences, the prefill kernel for the others."""
+
+    decode_rows: torch.Tensor | None  # [S_d] their query rows; None when every row is one
+    decode_tables: torch.Tensor | None  # [S_d, max_blocks]; None when there are no decodes
+    decode_lens: torch.Tensor | None  # [S_d]
+    prefill_ids: torch.Tensor | None  # [S_p] sequences with more new tokens; None: no prefills
+    block_tables: torch.Tensor  # the step's: [S, max_blocks], [S + 1], [S]
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+def stack_attention(meta: AttentionMetadata, kv_cache: torch.Tensor) -> StackAttention | None:
+    """The step's attention for `cpu_ops.layer_stack` when the C++ kernels serve every row
+    (built, not switched off, and the prefill kernel vectorized for this cache); else None."""
     plan = _plan(meta, kv_cache)
-    if plan.kernel is None or plan.seq_lens is None or plan.rows is not None:
+    has_prefills = plan.rows is not None or plan.seq_lens is None
+    if plan.kernel is None or (has_prefills and plan.prefills is None):
         return None
-    return plan.block_tables, plan.seq_lens
+    decodes = plan.seq_lens is not None
+    return StackAttention(
+        plan.rows,
+        plan.block_tables if decodes else None,
+        plan.seq_lens,
+        plan.prefills,
+        meta.block_tables,
+        meta.query_start_loc,
+        meta.seq_lens,
+    )
 
 
 def prefill_sdpa(

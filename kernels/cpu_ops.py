@@ -10,8 +10,9 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
                                     (AVX512-BF16), from one decode row to prefill batches
     argmax_rows(x)                  x.max(dim=-1).indices (first maximum, NaN the largest) for
                                     greedy sampling, at memory speed
-    decode_stack(...)               a decode step's whole stack of Llama layers in one call
-                                    (csrc/cpu_decoder.cpp): these ops and the decode kernel
+    layer_stack(...)                a step's whole stack of Llama layers in one call
+                                    (csrc/cpu_decoder.cpp): these ops and the attention
+                                    kernels
 
 They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the
 eager ops elsewhere and when `PREFIXGATE_CPU_FUSED=0`.
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.cpu_attention import load_kernel
+from kernels.cpu_attention import StackAttention, load_kernel
 
 ENV_SWITCH = "PREFIXGATE_CPU_FUSED"  # "0": eager PyTorch ops instead
 DTYPES = (torch.float32, torch.bfloat16)
@@ -119,7 +120,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def decode_stack(
+def layer_stack(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     qkv_biases: list[torch.Tensor],
@@ -127,13 +128,12 @@ def decode_stack(
     cos: torch.Tensor,
     sin: torch.Tensor,
     slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
+    attention: StackAttention,
     shape: tuple[int, int, int, int],
     eps: float,
     scale: float,
 ) -> torch.Tensor:
-    """Every decoder layer of a decode step in one C++ call, with the ops of the Python layer.
+    """Every decoder layer of a step in one C++ call, with the ops of the Python layer.
 
     Args:
         x: [T, hidden] bfloat16 embeddings; the residual stream is updated in place.
@@ -141,16 +141,21 @@ def decode_stack(
             panels and down panels (`pack_panels`).
         qkv_biases: empty, or one per layer.
         kv_caches: per layer [2, num_blocks, block_size, KVH, D]; each token's K/V is written
-            at its slot, then the decode kernel attends over block_tables / seq_lens.
-        cos, sin: [T, D]; slot_mapping [T] int64; block_tables [T, max_blocks]; seq_lens [T].
+            at its slot, then the attention kernels read the caches.
+        cos, sin: [T, D]; slot_mapping [T] int64.
+        attention: which rows the decode kernel and which sequences the prefill kernel attend
+            (`kernels.cpu_attention.stack_attention`).
         shape: (num_heads, kv_heads, head_dim, intermediate_size).
 
     Returns:
         The last layer's MLP output [T, hidden]: the final norm adds it to x.
     """
     heads, kv_heads, head_dim, inter = shape
-    out: torch.Tensor = torch.ops.prefixgate_cpu.decode_stack(
-        x, None, weights, qkv_biases, kv_caches, cos, sin, slot_mapping, block_tables,
-        seq_lens, heads, kv_heads, head_dim, inter, eps, scale,
+    a = attention
+    out: torch.Tensor = torch.ops.prefixgate_cpu.layer_stack(
+        x, None, weights, qkv_biases, kv_caches, cos, sin, slot_mapping,
+        a.decode_rows, a.decode_tables, a.decode_lens, a.prefill_ids,
+        a.block_tables, a.query_start_loc, a.seq_lens,
+        heads, kv_heads, head_dim, inter, eps, scale,
     )  # fmt: skip
     return out

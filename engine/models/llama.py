@@ -32,8 +32,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass(slots=True)
-class _DecodeStack:
-    """What `cpu_ops.decode_stack` needs besides the step: the flat weight lists."""
+class _LayerStack:
+    """What `cpu_ops.layer_stack` needs besides the step: the flat weight lists."""
 
     weights: list[torch.Tensor]
     qkv_biases: list[torch.Tensor]
@@ -195,7 +195,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = _param(config.hidden_size, **kw)
         self.packed_head: PackedWeight | None = None
-        self._stack: _DecodeStack | None = None  # see `pack_weights`
+        self._stack: _LayerStack | None = None  # see `pack_weights`
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -223,13 +223,13 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self._rope(positions, x.dtype)
         stack = self._stack
-        if stack is not None and meta.max_query_len == 1 and x.shape[0] <= stack.max_rows:
-            batch = cpu_attention.decode_batch(meta, kv_caches[0])
-            if batch is not None:  # all layers in one C++ call, the same ops as below
+        if stack is not None and x.shape[0] <= stack.max_rows:
+            attention = cpu_attention.stack_attention(meta, kv_caches[0])
+            if attention is not None:  # all layers in one C++ call, the same ops as below
                 c = self.config
-                last = cpu_ops.decode_stack(
+                last = cpu_ops.layer_stack(
                     x, stack.weights, stack.qkv_biases, kv_caches, cos, sin, meta.slot_mapping,
-                    *batch, (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size),
+                    attention, (c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size),
                     c.rms_norm_eps, c.head_dim**-0.5,
                 )  # fmt: skip
                 return self.ops.rms_norm(x, self.norm, c.rms_norm_eps, last)
@@ -259,10 +259,10 @@ class LlamaForCausalLM(nn.Module):
             layer.pack_weights()
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         self.packed_head = pack_weight(head)
-        self._stack = self._decode_stack()
+        self._stack = self._layer_stack()
 
-    def _decode_stack(self) -> _DecodeStack | None:
-        """The inputs of `cpu_ops.decode_stack` where it runs exactly what the layers would
+    def _layer_stack(self) -> _LayerStack | None:
+        """The inputs of `cpu_ops.layer_stack` where it runs exactly what the layers would
         (fused CPU ops, the C++ attention backend, every matmul on bf16 panels); else None."""
         layers = [layer for layer in self.layers if isinstance(layer, LlamaDecoderLayer)]
         if self.ops is not cpu_ops or any(layer.backend is not cpu_attention for layer in layers):
@@ -283,7 +283,7 @@ class LlamaForCausalLM(nn.Module):
         biases: list[torch.Tensor] = [ly.qkv_bias for ly in layers if ly.qkv_bias is not None]
         if biases and len(biases) != len(layers):
             return None
-        return _DecodeStack(weights, biases, max_rows)
+        return _LayerStack(weights, biases, max_rows)
 
     @torch.no_grad()
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -1,7 +1,9 @@
-// A decode step's whole stack of Llama decoder layers in one call (bfloat16, panel-packed
-// weights, every sequence decoding one token): the same ops in the same order as the Python
-// layer (engine/models/llama.py, `LlamaDecoderLayer.forward`), without ~15 Python-to-torch
-// dispatches per layer. On a 2-core CPU those cost ~2 ms of a ~12 ms single-sequence step.
+// A step's whole stack of Llama decoder layers in one call (bfloat16, panel-packed weights):
+// the same ops in the same order as the Python layer (engine/models/llama.py,
+// `LlamaDecoderLayer.forward`, and `kernels.cpu_attention.paged_attention` for its attention),
+// without ~15 Python-to-torch dispatches per layer. On a 2-core CPU those cost ~2 ms of a ~12 ms
+// single-sequence decode step, and in a server every one of them is a point where the engine
+// thread drops the GIL and may wait for the event loop to give it back.
 //
 //   x          [T, hidden]     the residual stream, updated in place (residual adds fused into
 //                              the norms as in Python); the previous layer's output `delta` is
@@ -10,7 +12,14 @@
 //                              gate_up panels, down panels (`kernels.cpu_ops.pack_panels`)
 //   qkv_biases none or one per layer
 //   kv_caches  per layer       [2, num_blocks, block_size, KVH, D], written at slot_mapping
-//   cos, sin   [T, D]; slot_mapping [T] int64; block_tables [T, max_blocks]; seq_lens [T]
+//   cos, sin   [T, D]; slot_mapping [T] int64
+//   attention, as `kernels.cpu_attention._Plan` lays it out:
+//     decode_lens   [S_d] or None   sequences decoding one token (the decode kernel), with
+//     decode_tables [S_d, max_blocks] their block tables and
+//     decode_rows   [S_d] or None   their query rows (None: every row, in order)
+//     prefill_ids   [S_p] or None   sequences with more new tokens (the prefill kernel), over the
+//                                   step's block_tables [S, max_blocks], query_start_loc [S + 1]
+//                                   and seq_lens [S]
 //
 // Returns the last layer's MLP output (the `delta` of the final norm).
 
@@ -57,18 +66,56 @@ void write_kv(const at::Tensor& cache, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-at::Tensor decode_stack(const at::Tensor& x, const std::optional<at::Tensor>& delta_in,
-                        at::TensorList weights, at::TensorList qkv_biases,
-                        at::TensorList kv_caches, const at::Tensor& cos, const at::Tensor& sin,
-                        const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                        const at::Tensor& seq_lens, int64_t num_heads, int64_t kv_heads,
-                        int64_t head_dim, int64_t intermediate, double eps, double scale) {
+// attn [T, H, D] = attention of q over the caches, as `kernels.cpu_attention.paged_attention`
+struct AttentionPlan {
+  std::optional<at::Tensor> decode_rows, decode_tables, decode_lens, prefill_ids;
+  std::optional<at::Tensor> block_tables, query_start_loc, seq_lens;
+};
+
+void attention(const at::Tensor& attn, const at::Tensor& q, const at::Tensor& cache,
+               const AttentionPlan& p, double scale) {
+  if (p.decode_lens) {
+    if (!p.decode_rows) {
+      prefixgate::paged_decode_attention(attn, q, cache, *p.decode_tables, *p.decode_lens, scale);
+    } else {
+      const at::Tensor rows_q = q.index_select(0, *p.decode_rows);
+      const at::Tensor rows_out = at::empty_like(rows_q);
+      prefixgate::paged_decode_attention(rows_out, rows_q, cache, *p.decode_tables,
+                                         *p.decode_lens, scale);
+      attn.index_copy_(0, *p.decode_rows, rows_out);
+    }
+  }
+  if (p.prefill_ids)
+    prefixgate::paged_prefill_attention(attn, q, cache, *p.block_tables, *p.query_start_loc,
+                                        *p.seq_lens, *p.prefill_ids, scale);
+}
+
+at::Tensor layer_stack(const at::Tensor& x, const std::optional<at::Tensor>& delta_in,
+                       at::TensorList weights, at::TensorList qkv_biases,
+                       at::TensorList kv_caches, const at::Tensor& cos, const at::Tensor& sin,
+                       const at::Tensor& slot_mapping, const std::optional<at::Tensor>& decode_rows,
+                       const std::optional<at::Tensor>& decode_tables,
+                       const std::optional<at::Tensor>& decode_lens,
+                       const std::optional<at::Tensor>& prefill_ids,
+                       const std::optional<at::Tensor>& block_tables,
+                       const std::optional<at::Tensor>& query_start_loc,
+                       const std::optional<at::Tensor>& seq_lens, int64_t num_heads,
+                       int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+                       double scale) {
   const int64_t L = static_cast<int64_t>(kv_caches.size());
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L, "decode_stack: 6 weights per layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L, "layer_stack: 6 weights per layer");
   TORCH_CHECK(qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == L,
-              "decode_stack: no qkv bias or one per layer");
+              "layer_stack: no qkv bias or one per layer");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
-              "decode_stack: x must be a contiguous bfloat16 [T, hidden]");
+              "layer_stack: x must be a contiguous bfloat16 [T, hidden]");
+  TORCH_CHECK(decode_lens.has_value() == decode_tables.has_value(),
+              "layer_stack: decode_tables and decode_lens go together");
+  TORCH_CHECK(!decode_rows || decode_lens, "layer_stack: decode_rows without decode_lens");
+  TORCH_CHECK(!prefill_ids || (block_tables && query_start_loc && seq_lens),
+              "layer_stack: prefill_ids need block_tables, query_start_loc and seq_lens");
+  TORCH_CHECK(decode_lens || prefill_ids, "layer_stack: no sequence to attend");
+  const AttentionPlan plan{decode_rows, decode_tables, decode_lens, prefill_ids,
+                           block_tables, query_start_loc, seq_lens};
   const int64_t T = x.size(0), hidden = x.size(1);
   const int64_t H = num_heads, KVH = kv_heads, D = head_dim;
   const int64_t q_size = H * D, qk_size = (H + KVH) * D, qkv_out = qk_size + KVH * D;
@@ -94,7 +141,7 @@ at::Tensor decode_stack(const at::Tensor& x, const std::optional<at::Tensor>& de
     prefixgate::linear_bf16(qkv, h, w[1], bias);
     prefixgate::rope(qk, cos, sin);
     write_kv(kv_caches[l], k, v, slot_mapping);
-    prefixgate::paged_decode_attention(attn, q, kv_caches[l], block_tables, seq_lens, scale);
+    attention(attn, q, kv_caches[l], plan, scale);
     prefixgate::linear_bf16(o, attn_rows, w[2], std::nullopt);
     prefixgate::rms_norm(h, x, o, w[3], eps);
     prefixgate::linear_bf16(gate_up, h, w[4], std::nullopt);
@@ -109,10 +156,11 @@ at::Tensor decode_stack(const at::Tensor& x, const std::optional<at::Tensor>& de
 
 TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
   m.def(
-      "decode_stack(Tensor(a!) x, Tensor? delta, Tensor[] weights, Tensor[] qkv_biases, "
-      "Tensor(b!)[] kv_caches, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor block_tables, "
-      "Tensor seq_lens, int num_heads, int kv_heads, int head_dim, int intermediate, float eps, "
-      "float scale) -> Tensor");
+      "layer_stack(Tensor(a!) x, Tensor? delta, Tensor[] weights, Tensor[] qkv_biases, "
+      "Tensor(b!)[] kv_caches, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor? decode_rows, "
+      "Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_ids, Tensor? block_tables, "
+      "Tensor? query_start_loc, Tensor? seq_lens, int num_heads, int kv_heads, int head_dim, "
+      "int intermediate, float eps, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) { m.impl("decode_stack", &decode_stack); }
+TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) { m.impl("layer_stack", &layer_stack); }

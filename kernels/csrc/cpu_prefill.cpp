@@ -1051,6 +1051,16 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
 
 }  // namespace
 
+namespace prefixgate {  // ops.h
+void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
+                             const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                             const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                             const at::Tensor& seq_ids, double scale) {
+  ::paged_prefill_attention(out, query, kv_cache, block_tables, query_start_loc, seq_lens,
+                            seq_ids, scale);
+}
+}  // namespace prefixgate
+
 TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "

@@ -13,6 +13,12 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
                             const at::Tensor& kv_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale);
 
+// cpu_prefill.cpp
+void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
+                             const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                             const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                             const at::Tensor& seq_ids, double scale);
+
 // cpu_ops.cpp
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at::Tensor>& residual,
               const at::Tensor& weight, double eps);
