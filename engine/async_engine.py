@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,20 +40,28 @@ class _Add:
 
 
 class RequestStream:
-    """Async iterator over one request's `RequestDelta`s; the last one has `finished=True`."""
+    """Async iterator over one request's `RequestDelta`s; the last one has `finished=True`.
+
+    A deque and one waiter future rather than an `asyncio.Queue`: every streamed token passes
+    through here on the event loop, which shares the CPU with the model.
+    """
 
     def __init__(self, engine: AsyncEngine, request_id: str) -> None:
         self.request_id = request_id
         self._engine = engine
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self._items: deque[RequestDelta | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.finished = False
 
     def _put(self, item: RequestDelta | BaseException) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        self._loop.call_soon_threadsafe(self._put_now, item)
 
     def _put_now(self, item: RequestDelta | BaseException) -> None:  # event loop thread
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -60,11 +69,16 @@ class RequestStream:
     async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self._abort()
-            raise
+        if not self._items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:
+                self._abort()
+                raise
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             self.finished = True
             raise item

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from json.encoder import encode_basestring
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,8 +27,9 @@ class TokenTexts:
 
 
 def json_str(text: str) -> bytes:
-    """A JSON string literal, UTF-8 (as pydantic writes it)."""
-    return json.dumps(text, ensure_ascii=False, separators=(",", ":")).encode()
+    """A JSON string literal, UTF-8 (as pydantic writes it): what `json.dumps(text,
+    ensure_ascii=False)` returns, without building a `JSONEncoder` per streamed token."""
+    return encode_basestring(text).encode()
 
 
 def json_opt_str(text: str | None) -> bytes:

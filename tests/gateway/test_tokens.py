@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic_core
 import pytest
 
 from engine.outputs import Delta
@@ -68,6 +69,10 @@ def test_completion_chunk_fast_path(text: str, finish: str | None) -> None:
 
 def test_json_str() -> None:
     assert json_str('a"b') == b'"a\\"b"'
+    # the same bytes as pydantic's serializer for every character a token may decode to
+    every = "".join(chr(c) for c in range(0x3000)) + '\u2028\u2029\ufffd\U0001f600 \\ " end'
+    for text in (every, *every[:0x100]):
+        assert json_str(text) == pydantic_core.to_json(text)
 
 
 def test_token_texts_are_memoized() -> None:
