@@ -50,6 +50,7 @@ def create_app(
     extra_routes: Sequence[BaseRoute] = (),
     hooks: GenerationHooks | None = None,
     on_engine_error: Callable[[BaseException], None] | None = None,
+    on_engine_ready: Callable[[], None] | None = None,
 ) -> Starlette:
     """Build the gateway app.
 
@@ -66,6 +67,8 @@ def create_app(
         extra_routes: more routes.
         hooks: admission / settlement around each generation (default: `QuotaHooks`).
         on_engine_error: called if the embedded engine fails to load (the CLI exits).
+        on_engine_ready: called once the embedded engine runs, before `/ready` says so (the CLI
+            freezes the GC heap there: `gateway.cli.freeze_gc_heap`).
     """
     settings = settings or Settings()
     state = GatewayState(settings, engine_client, hooks, tenants)
@@ -83,7 +86,9 @@ def create_app(
         if state.owns_tenants:
             await state.start_tenants()
         if state.engine is None:
-            loading = asyncio.create_task(state.load_engine(engine_loader, on_engine_error))
+            loading = asyncio.create_task(
+                state.load_engine(engine_loader, on_engine_error, on_engine_ready)
+            )
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +74,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def freeze_gc_heap() -> None:
+    """Move every object alive once the model is loaded (torch, transformers, the model's
+    modules: ~370k objects) out of the cyclic GC's reach. A full collection over them holds the
+    GIL for ~200 ms, stalling the engine thread and so every stream's next token; after the
+    freeze one takes well under a millisecond. Objects created later are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     failed = False
@@ -82,7 +92,7 @@ def serve(settings: Settings) -> int:
         failed = True
         server.should_exit = True
 
-    app = create_app(settings, on_engine_error=on_engine_error)
+    app = create_app(settings, on_engine_error=on_engine_error, on_engine_ready=freeze_gc_heap)
     config = uvicorn.Config(
         app,
         host=settings.host,

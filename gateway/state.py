@@ -91,8 +91,10 @@ class GatewayState:
         self,
         loader: EngineLoader = load_embedded_engine,
         on_error: Callable[[BaseException], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
-        """Embedded mode: build the engine in a thread (the server answers /health meanwhile)."""
+        """Embedded mode: build the engine in a thread (the server answers /health meanwhile);
+        `on_ready` runs once it is up, before `/ready` reports it."""
         started = time.perf_counter()
         try:
             engine = await asyncio.to_thread(loader, self.settings.engine_config())
@@ -103,6 +105,8 @@ class GatewayState:
             if on_error is not None:
                 on_error(exc)
             return
+        if on_ready is not None:
+            on_ready()
         self.engine = engine
         line = {
             "event": "engine_ready",

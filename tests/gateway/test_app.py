@@ -25,9 +25,13 @@ def test_ready_only_once_the_engine_is_loaded() -> None:
         engines.append(FakeEngine())
         return engines[-1]
 
+    ready_calls: list[bool] = []
     settings = make_settings(served_model_name="fake-model", num_blocks=77)
+    app = create_app(
+        settings, engine_loader=loader, on_engine_ready=lambda: ready_calls.append(True)
+    )
     with (
-        running_server(create_app(settings, engine_loader=loader)) as url,
+        running_server(app) as url,
         httpx.Client(base_url=url) as http,
     ):
         assert http.get("/health").status_code == 200
@@ -37,6 +41,7 @@ def test_ready_only_once_the_engine_is_loaded() -> None:
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
         assert r.headers["retry-after"] == "1"
         assert http.get("/v1/models").json()["data"][0]["id"] == "fake-model"
+        assert not ready_calls
         release.set()
         for _ in range(500):
             if http.get("/ready").status_code == 200:
@@ -48,6 +53,7 @@ def test_ready_only_once_the_engine_is_loaded() -> None:
             "detail": None,
         }
         assert engines[0].started
+        assert ready_calls == [True]  # before /ready said so, once
         assert configs[0].cache.num_blocks == 77
         assert http.post("/v1/chat/completions", json=chat_body(max_tokens=2)).status_code == 200
     assert not engines[0].started  # the app owned it: shut down with the server
@@ -59,7 +65,13 @@ def test_engine_that_fails_to_load() -> None:
     def loader(config: EngineConfig) -> Any:
         raise RuntimeError("no such model")
 
-    app = create_app(make_settings(), engine_loader=loader, on_engine_error=errors.append)
+    ready_calls: list[bool] = []
+    app = create_app(
+        make_settings(),
+        engine_loader=loader,
+        on_engine_error=errors.append,
+        on_engine_ready=lambda: ready_calls.append(True),
+    )
     with running_server(app) as url, httpx.Client(base_url=url) as http:
         for _ in range(500):
             if errors:
@@ -68,6 +80,7 @@ def test_engine_that_fails_to_load() -> None:
         r = http.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "failed"
         assert "no such model" in r.json()["detail"]
+        assert not ready_calls
         r = http.post("/v1/chat/completions", json=chat_body(model="smollm2"))
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
 
