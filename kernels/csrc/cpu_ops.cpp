@@ -487,16 +487,18 @@ class PanelStore {
   __m512 b0_ = _mm512_setzero_ps(), b1_ = _mm512_setzero_ps();
 };
 
+// out[MR rows, 32 cols] = x . panel (+ bias). The next panel is prefetched into L2 alongside:
+// its k-pair rows i with i % tiles == tile, so that the `tiles` row tiles of one panel share it.
 template <int MR>
 inline void panel_tile(const c10::BFloat16* x, int64_t ldx, int64_t K, const c10::BFloat16* panel,
                        const c10::BFloat16* next, const c10::BFloat16* bias, int64_t cols,
-                       c10::BFloat16* out, int64_t ldo) {
+                       c10::BFloat16* out, int64_t ldo, int64_t tile, int64_t tiles) {
   __m512 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const int64_t pairs = K / 2;
   for (int64_t i = 0; i < pairs; ++i) {
     const c10::BFloat16* wp = panel + i * 64;
-    if (next != nullptr) {
+    if (next != nullptr && (tiles == 1 || i % tiles == tile)) {
       _mm_prefetch(reinterpret_cast<const char*>(next + i * 64), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(next + i * 64 + 32), _MM_HINT_T1);
     }
@@ -526,16 +528,17 @@ inline void panel_tile(const c10::BFloat16* x, int64_t ldx, int64_t K, const c10
 
 void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64_t K,
                         const c10::BFloat16* panel, const c10::BFloat16* next,
-                        const c10::BFloat16* bias, int64_t cols, c10::BFloat16* out, int64_t ldo) {
+                        const c10::BFloat16* bias, int64_t cols, c10::BFloat16* out, int64_t ldo,
+                        int64_t tile, int64_t tiles) {
   switch (rows) {
-    case 1: return panel_tile<1>(x, ldx, K, panel, next, bias, cols, out, ldo);
-    case 2: return panel_tile<2>(x, ldx, K, panel, next, bias, cols, out, ldo);
-    case 3: return panel_tile<3>(x, ldx, K, panel, next, bias, cols, out, ldo);
-    case 4: return panel_tile<4>(x, ldx, K, panel, next, bias, cols, out, ldo);
-    case 5: return panel_tile<5>(x, ldx, K, panel, next, bias, cols, out, ldo);
-    case 6: return panel_tile<6>(x, ldx, K, panel, next, bias, cols, out, ldo);
-    case 7: return panel_tile<7>(x, ldx, K, panel, next, bias, cols, out, ldo);
-    default: return panel_tile<8>(x, ldx, K, panel, next, bias, cols, out, ldo);
+    case 1: return panel_tile<1>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
+    case 2: return panel_tile<2>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
+    case 3: return panel_tile<3>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
+    case 4: return panel_tile<4>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
+    case 5: return panel_tile<5>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
+    case 6: return panel_tile<6>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
+    case 7: return panel_tile<7>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
+    default: return panel_tile<8>(x, ldx, K, panel, next, bias, cols, out, ldo, tile, tiles);
   }
 }
 // ---- the same linear on AMX tiles (CPUs with AMX-BF16) -----------------------------------------
@@ -665,10 +668,12 @@ void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
       const c10::BFloat16* panel = pp + p * panel_elems;
       const c10::BFloat16* next = p + 1 < end ? panel + panel_elems : nullptr;
       const int64_t n0 = p * 32, cols = std::min<int64_t>(32, N - n0);
+      // every 8-row tile prefetches its share of the next panel, so the stream from memory
+      // runs while all of this panel's tiles compute, not only the first
+      const int64_t tiles = (M + 7) / 8;
       for (int64_t m = 0; m < M; m += 8)
-        linear_panels_rows(std::min<int64_t>(8, M - m), xp + m * ldx, ldx, K, panel,
-                           m == 0 ? next : nullptr, b ? b + n0 : nullptr, cols,
-                           op + m * ldo + n0, ldo);
+        linear_panels_rows(std::min<int64_t>(8, M - m), xp + m * ldx, ldx, K, panel, next,
+                           b ? b + n0 : nullptr, cols, op + m * ldo + n0, ldo, m / 8, tiles);
     }
   });
 #endif
