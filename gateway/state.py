@@ -94,19 +94,23 @@ class GatewayState:
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         """Embedded mode: build the engine in a thread (the server answers /health meanwhile);
-        `on_ready` runs once it is up, before `/ready` reports it."""
+        `on_ready` runs once it is up, before `/ready` reports it (if it raises, the load failed
+        and the engine is shut down)."""
         started = time.perf_counter()
+        engine: EngineClient | None = None
         try:
             engine = await asyncio.to_thread(loader, self.settings.engine_config())
             engine.start()
+            if on_ready is not None:
+                on_ready()
         except Exception as exc:
+            if engine is not None:
+                engine.shutdown()
             self.load_error = exc
             logger.exception("engine failed to load")
             if on_error is not None:
                 on_error(exc)
             return
-        if on_ready is not None:
-            on_ready()
         self.engine = engine
         line = {
             "event": "engine_ready",

@@ -85,6 +85,32 @@ def test_engine_that_fails_to_load() -> None:
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
 
 
+def test_a_failing_ready_hook_fails_the_load_and_stops_the_engine() -> None:
+    engines: list[FakeEngine] = []
+    errors: list[BaseException] = []
+
+    def loader(config: EngineConfig) -> FakeEngine:
+        engines.append(FakeEngine())
+        return engines[-1]
+
+    def on_ready() -> None:
+        assert engines[0].started  # called once the engine runs
+        raise RuntimeError("hook broke")
+
+    app = create_app(
+        make_settings(), engine_loader=loader, on_engine_error=errors.append,
+        on_engine_ready=on_ready,
+    )  # fmt: skip
+    with running_server(app) as url, httpx.Client(base_url=url) as http:
+        for _ in range(500):
+            if errors:
+                break
+            threading.Event().wait(0.01)
+        r = http.get("/ready")
+        assert r.status_code == 503 and "hook broke" in r.json()["detail"]
+    assert not engines[0].started
+
+
 def test_injected_engine_is_left_to_its_owner() -> None:
     engine = FakeEngine()
     engine.start()
