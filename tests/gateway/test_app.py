@@ -59,6 +59,17 @@ def test_ready_only_once_the_engine_is_loaded() -> None:
     assert not engines[0].started  # the app owned it: shut down with the server
 
 
+def ready_after_failure(http: httpx.Client, errors: list[BaseException]) -> Any:
+    """`/ready`'s body once the load has failed (`on_engine_error` was called)."""
+    for _ in range(500):
+        if errors:
+            break
+        threading.Event().wait(0.01)
+    r = http.get("/ready")
+    assert r.status_code == 503 and r.json()["status"] == "failed"
+    return r.json()
+
+
 def test_engine_that_fails_to_load() -> None:
     errors: list[BaseException] = []
 
@@ -73,13 +84,7 @@ def test_engine_that_fails_to_load() -> None:
         on_engine_ready=lambda: ready_calls.append(True),
     )
     with running_server(app) as url, httpx.Client(base_url=url) as http:
-        for _ in range(500):
-            if errors:
-                break
-            threading.Event().wait(0.01)
-        r = http.get("/ready")
-        assert r.status_code == 503 and r.json()["status"] == "failed"
-        assert "no such model" in r.json()["detail"]
+        assert "no such model" in ready_after_failure(http, errors)["detail"]
         assert not ready_calls
         r = http.post("/v1/chat/completions", json=chat_body(model="smollm2"))
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
@@ -102,12 +107,7 @@ def test_a_failing_ready_hook_fails_the_load_and_stops_the_engine() -> None:
         on_engine_ready=on_ready,
     )  # fmt: skip
     with running_server(app) as url, httpx.Client(base_url=url) as http:
-        for _ in range(500):
-            if errors:
-                break
-            threading.Event().wait(0.01)
-        r = http.get("/ready")
-        assert r.status_code == 503 and "hook broke" in r.json()["detail"]
+        assert "hook broke" in ready_after_failure(http, errors)["detail"]
     assert not engines[0].started
 
 
