@@ -42,13 +42,22 @@ async def quick(aw: Awaitable[T], limit: float = 1.5) -> T:
 async def make_service(redis_server: RedisServer) -> AsyncIterator[object]:
     made: list[TenantService] = []
 
-    def make(mode: str) -> TenantService:
+    async def make(mode: str) -> TenantService:
+        """A service with 0.2 s deadlines, once it has reached Redis and loaded the scripts:
+        on a loaded 2-core machine those first round trips can miss such a deadline, which
+        would fail the test's setup rather than what it tests."""
         store = RedisStore.from_url(
             redis_server.url, socket_timeout=0.2, connect_timeout=0.2, op_timeout=0.6
         )
         svc = TenantService(store, failure_mode=mode, breaker_cooldown_s=0.1, lease_ttl_s=30)
         made.append(svc)
-        return svc
+        for _ in range(100):
+            if await svc.check():
+                await svc.start()  # loads the scripts; a timeout opens the breaker
+                if await svc.check():
+                    return svc
+            await asyncio.sleep(0.05)
+        raise AssertionError("Redis did not answer")
 
     yield make
     for svc in made:
@@ -65,7 +74,7 @@ async def wait_until_available(svc: TenantService) -> None:
 
 
 async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisServer) -> None:
-    svc: TenantService = make_service("closed")
+    svc: TenantService = await make_service("closed")
     await svc.create_tenant({"id": "acme", "quota": QUOTA})
     key = (await svc.issue_key("acme")).key
     a = await svc.admit("acme", prompt_tokens=10, max_tokens=10)
@@ -100,7 +109,7 @@ async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisSer
 
 
 async def test_closed_mode_stalled_redis_times_out(make_service, redis_server: RedisServer) -> None:
-    svc: TenantService = make_service("closed")
+    svc: TenantService = await make_service("closed")
     await svc.create_tenant({"id": "acme", "quota": QUOTA})
     redis_server.pause()
     with pytest.raises(StoreUnavailable):
@@ -117,7 +126,7 @@ async def test_closed_mode_stalled_redis_times_out(make_service, redis_server: R
 async def test_open_mode_admits_locally_and_replays_usage(
     make_service, redis_server: RedisServer
 ) -> None:
-    svc: TenantService = make_service("open")
+    svc: TenantService = await make_service("open")
     await svc.create_tenant({"id": "acme", "quota": QUOTA})
     await svc.create_tenant({"id": "unseen"})
     known = (await svc.issue_key("acme")).key
@@ -160,7 +169,7 @@ async def test_open_mode_admits_locally_and_replays_usage(
 async def test_open_mode_refuses_revoked_key_seen_before(
     make_service, redis_server: RedisServer
 ) -> None:
-    svc: TenantService = make_service("open")
+    svc: TenantService = await make_service("open")
     await svc.create_tenant({"id": "acme"})
     issued = await svc.issue_key("acme")
     await svc.authenticate(issued.key)
