@@ -50,19 +50,18 @@ async def tenant_when_store_answers(gw: Gateway, tenant_id: str, timeout: float 
     loaded 2-core machine can miss the first round trips (loading the scripts at startup), and
     the breaker then answers 503 for a second."""
     deadline = time.monotonic() + timeout
-    while True:
-        r = await gw.admin("POST", "/admin/tenants", {"id": tenant_id, "quota": {}})
-        if r.status_code == 201:
-            break
-        assert r.status_code == 503 and time.monotonic() < deadline, r.text
-        await asyncio.sleep(0.1)
-    while True:
-        r = await gw.admin("POST", f"/admin/tenants/{tenant_id}/keys", {})
-        if r.status_code == 201:
-            key: str = r.json()["key"]
-            return key
-        assert r.status_code == 503 and time.monotonic() < deadline, r.text
-        await asyncio.sleep(0.1)
+
+    async def created(path: str, body: dict[str, object]) -> httpx.Response:
+        while True:
+            r = await gw.admin("POST", path, body)
+            if r.status_code == 201:
+                return r
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            await asyncio.sleep(0.1)
+
+    await created("/admin/tenants", {"id": tenant_id, "quota": {}})
+    key: str = (await created(f"/admin/tenants/{tenant_id}/keys", {})).json()["key"]
+    return key
 
 
 def assert_store_unavailable(r: httpx.Response) -> None:
