@@ -5,8 +5,8 @@ AccessLogMiddleware      request id, one JSON access line, prefixgate_http_reque
   ErrorMiddleware        anything unexpected -> OpenAI-shaped 500 (bad input never gets here)
     BodySizeLimit        413 over settings.max_body_bytes
       ApiKeyAuth         API key -> tenant Principal in the scope, on /v1/* (401 / 503)
-        router           routes.routes() (OpenAI API, /v1/usage, operations)
-                         + admin.routes() (/admin/*, admin key) + extra_routes
+        router           ENDPOINTS: the OpenAI API (gateway/openai), /v1/usage (gateway/tenancy),
+                         operations, the admin API (gateway/admin, admin key); + extra_routes
 ```
 
 Around each generation, `QuotaHooks` admit (429 / 400 / 503) and settle with the tenant
@@ -27,17 +27,28 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from gateway import admin
-from gateway.auth import ApiKeyAuthMiddleware
+from gateway import operations
+from gateway.admin import routes as admin
 from gateway.engine_client import EngineClient, load_embedded_engine
 from gateway.errors import APIError, from_tenants_error
 from gateway.hooks import GenerationHooks
 from gateway.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, ErrorMiddleware
-from gateway.quota_hooks import QuotaHooks
-from gateway.routes import routes
+from gateway.openai import routes as openai
+from gateway.routing import Endpoint, starlette_routes
 from gateway.settings import Settings
 from gateway.state import EngineLoader, GatewayState
+from gateway.tenancy import routes as tenancy
+from gateway.tenancy.auth import ApiKeyAuthMiddleware
+from gateway.tenancy.quota_hooks import QuotaHooks
 from tenants import TenantsError, TenantService
+
+# The route table: Starlette's routes and the OpenAPI document are both generated from it.
+ENDPOINTS: tuple[Endpoint, ...] = (
+    *openai.ENDPOINTS,
+    *tenancy.ENDPOINTS,
+    *operations.ENDPOINTS,
+    *admin.ENDPOINTS,
+)
 
 
 def create_app(
@@ -72,6 +83,7 @@ def create_app(
     """
     settings = settings or Settings()
     state = GatewayState(settings, engine_client, hooks, tenants)
+    state.endpoints = ENDPOINTS
     if hooks is None:
         state.hooks = QuotaHooks(state.tenants, state.metrics)
     auth = (
@@ -102,7 +114,7 @@ def create_app(
                 await state.tenants.aclose()
 
     app = Starlette(
-        routes=[*routes(), *admin.routes(), *extra_routes],
+        routes=[*starlette_routes(ENDPOINTS), *extra_routes],
         middleware=[
             Middleware(AccessLogMiddleware, metrics=state.metrics, enabled=settings.access_log),
             Middleware(ErrorMiddleware),

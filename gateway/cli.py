@@ -1,5 +1,5 @@
 """`prefixgate` command line: `prefixgate serve` (embedded gateway + engine, one process) and
-`prefixgate admin ...` (the admin REST API of a running gateway, see `admin_cli.py`).
+`prefixgate admin ...` (the admin REST API of a running gateway, see `gateway/admin/cli.py`).
 
 Flags of `serve` override `PREFIXGATE_*` environment variables, which override the defaults.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
-from gateway.admin_cli import add_admin_parser, run_admin
+from gateway.admin.cli import add_admin_parser, run_admin
 from gateway.app import create_app
 from gateway.logs import configure_logging
 from gateway.settings import Settings

@@ -1,7 +1,9 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`.
 
-Everything the gateway refuses goes through `APIError`, so no bad input ever turns into a 500.
-Engine exceptions are translated by `from_engine_error`.
+Everything the gateway refuses goes through `APIError`, whose `body()` is the only place the
+error body is built, so no bad input ever turns into a 500. The typed errors and decisions of
+the domain packages get their HTTP status here and nowhere else: engine exceptions in
+`from_engine_error`, tenants errors in `from_tenants_error`, quota refusals in `from_refusal`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from engine.errors import (
     EngineOverloadedError,
     InvalidRequestError,
 )
-from tenants import AuthenticationError, StoreUnavailable, TenantsError
+from tenants import (
+    AdmissionDecision,
+    AuthenticationError,
+    ConflictError,
+    InvalidError,
+    Limit,
+    NotFoundError,
+    StoreUnavailable,
+    TenantsError,
+)
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -108,21 +119,44 @@ def from_engine_error(exc: Exception) -> APIError:
     return APIError(500, "Internal server error.", type=SERVER_ERROR, code="internal_error")
 
 
+# Tenants errors: (HTTP status, OpenAI `type`, extra headers), the first matching class wins.
+_TENANTS_ERRORS: tuple[tuple[type[TenantsError], int, str, dict[str, str]], ...] = (
+    (InvalidError, 400, INVALID_REQUEST, {}),
+    (AuthenticationError, 401, INVALID_REQUEST, {"www-authenticate": "Bearer"}),
+    (NotFoundError, 404, INVALID_REQUEST, {}),
+    (ConflictError, 409, INVALID_REQUEST, {}),
+    (StoreUnavailable, 503, SERVER_ERROR, {"retry-after": "1"}),
+)
+
+
 def from_tenants_error(exc: TenantsError) -> APIError:
-    """Translate a tenants-library error (401, 400, 404, 409, 503) to the same status and body."""
-    headers: dict[str, str] = {}
-    if isinstance(exc, AuthenticationError):
-        headers["www-authenticate"] = "Bearer"
-    if isinstance(exc, StoreUnavailable):
-        headers["retry-after"] = "1"
-    return APIError(
-        exc.http_status,
-        exc.message,
-        type=exc.error_type,
-        param=exc.param,
-        code=exc.code,
-        headers=headers,
-    )
+    """Translate a tenants-library error: 400, 401, 404, 409, 503 (500 for an unknown kind)."""
+    for cls, status, type_, headers in _TENANTS_ERRORS:
+        if isinstance(exc, cls):
+            return APIError(
+                status, exc.message, type=type_, param=exc.param, code=exc.code, headers=headers
+            )
+    return APIError(500, exc.message, type=SERVER_ERROR, param=exc.param, code=exc.code)
+
+
+_TOKEN_LIMITS = (Limit.TOKENS_PER_MINUTE, Limit.TOKENS_PER_DAY, Limit.TOKENS_PER_MONTH)
+
+
+def from_refusal(decision: AdmissionDecision) -> APIError:
+    """A quota refusal: 400 for max_tokens_per_request, else 429 (`insufficient_quota` when a
+    budget is spent, `rate_limit_exceeded` otherwise), with the decision's headers."""
+    message = decision.message or "Request refused by the tenant's quota."
+    headers = dict(decision.headers)
+    if decision.limit is Limit.MAX_TOKENS_PER_REQUEST:
+        return APIError(400, message, param="max_tokens", code="invalid_value", headers=headers)
+    if decision.hard:
+        code = type_ = "insufficient_quota"
+    else:
+        code, type_ = (
+            "rate_limit_exceeded",
+            "tokens" if decision.limit in _TOKEN_LIMITS else "requests",
+        )
+    return APIError(429, message, type=type_, code=code, headers=headers)
 
 
 def from_validation_error(exc: ValidationError) -> APIError:

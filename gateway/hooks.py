@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.auth import Principal
+from gateway.tenancy.auth import Principal
 
 Outcome = Literal["finished", "error", "disconnected", "rejected"]
 

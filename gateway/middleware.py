@@ -16,9 +16,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth import get_principal
 from gateway.errors import SERVER_ERROR, APIError, body_too_large
 from gateway.metrics import GatewayMetrics
+from gateway.tenancy.auth import get_principal
 
 REQUEST_ID_KEY = "prefixgate.request_id"
 LOG_FIELDS_KEY = "prefixgate.log"  # dict that handlers fill with fields for the access log

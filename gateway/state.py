@@ -7,7 +7,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from starlette.requests import Request
 
@@ -16,8 +17,10 @@ from gateway.engine_client import EngineClient, load_embedded_engine
 from gateway.errors import APIError, engine_not_ready, model_not_found
 from gateway.hooks import GenerationHooks
 from gateway.metrics import GatewayMetrics
+from gateway.openai.tokens import TokenTexts
+from gateway.openapi import build_openapi
+from gateway.routing import Endpoint
 from gateway.settings import Settings
-from gateway.tokens import TokenTexts
 from tenants import TenantService, build_service
 
 logger = logging.getLogger("prefixgate")
@@ -53,6 +56,14 @@ class GatewayState:
             engine.model_name if engine is not None else settings.model_name()
         )
         self._token_texts: TokenTexts | None = None
+        self.endpoints: Sequence[Endpoint] = ()  # the route table, set by `create_app`
+        self._openapi: dict[str, Any] | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document of `endpoints` (built on first use)."""
+        if self._openapi is None:
+            self._openapi = build_openapi(self.endpoints)
+        return self._openapi
 
     async def start_tenants(self) -> None:
         """Lifespan startup: load the Redis scripts (never raises for an outage) and log the

@@ -1,19 +1,16 @@
-"""Typed errors of the tenants library, each carrying its HTTP status and OpenAI error fields.
-
-The gateway maps any `TenantsError` to a response with `exc.http_status` and `exc.body()`
-(OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`).
+"""Typed errors of the tenants library: a message, a machine-readable `code` and the `param`
+(field) at fault. The gateway alone decides their HTTP status and error body
+(`gateway.errors.from_tenants_error`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class TenantsError(Exception):
-    """Base class; subclasses fix the HTTP status, OpenAI `type` and default `code`."""
+    """Base class; subclasses fix the default `code`."""
 
-    http_status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
@@ -22,23 +19,10 @@ class TenantsError(Exception):
         self.code = code if code is not None else self.default_code
         self.param = param
 
-    def body(self) -> dict[str, Any]:
-        """OpenAI-shaped error body."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
 
 class NotFoundError(TenantsError):
-    """A tenant or key that does not exist (404)."""
+    """A tenant or key that does not exist."""
 
-    http_status = 404
-    error_type = "invalid_request_error"
     default_code = "not_found"
 
 
@@ -58,26 +42,20 @@ class KeyNotFound(NotFoundError):
 
 
 class ConflictError(TenantsError):
-    """Creating something that already exists (409)."""
+    """Creating something that already exists."""
 
-    http_status = 409
-    error_type = "invalid_request_error"
     default_code = "conflict"
 
 
 class InvalidError(TenantsError):
-    """A request the library refuses as malformed (400); `param` names the field."""
+    """A request the library refuses as malformed; `param` names the field."""
 
-    http_status = 400
-    error_type = "invalid_request_error"
     default_code = "invalid_value"
 
 
 class AuthenticationError(TenantsError):
     """Missing, unknown, revoked or expired key, or disabled tenant: always the same message."""
 
-    http_status = 401
-    error_type = "invalid_request_error"
     default_code = "invalid_api_key"
     MESSAGE: ClassVar[str] = "Incorrect API key provided."
 
@@ -86,10 +64,8 @@ class AuthenticationError(TenantsError):
 
 
 class StoreUnavailable(TenantsError):
-    """The shared store (Redis) cannot be reached in time; the gateway answers 503."""
+    """The shared store (Redis) cannot be reached in time."""
 
-    http_status = 503
-    error_type = "server_error"
     default_code = "store_unavailable"
 
     def __init__(self, detail: str = "") -> None:

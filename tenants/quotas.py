@@ -1,4 +1,4 @@
-"""Admission decisions: which limit refused, OpenAI's error fields, and the `x-ratelimit-*` headers.
+"""Admission decisions: which limit refused and why, and the `x-ratelimit-*` headers.
 
 Windows (the semantics both stores implement; see `periods.py` for the arithmetic):
 
@@ -17,7 +17,8 @@ Headers (OpenAI's names; only for the per-minute limits that are set):
 `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests`
 and the `-tokens` trio. `reset` is the time until the window holds nothing again ("resets to its
 initial state"), in OpenAI's format ("1s", "6m0s"). A refusal adds `retry-after` (whole seconds,
-rounded up): the time until this request would fit, absent when it can never fit.
+rounded up): the time until this request would fit, absent when it can never fit. The HTTP
+status and error body of a refusal are the gateway's (`gateway.errors.from_refusal`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,6 @@ class Limit(str, Enum):
     TOKENS_PER_MINUTE = "tokens_per_minute"
 
 
-RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
-INSUFFICIENT_QUOTA = "insufficient_quota"
-INVALID_VALUE = "invalid_value"
-
 _DESCRIPTIONS = {
     Limit.MAX_TOKENS_PER_REQUEST: "max tokens per request",
     Limit.TOKENS_PER_MONTH: "tokens per month",
@@ -57,35 +54,20 @@ _DESCRIPTIONS = {
 
 @dataclass(frozen=True, slots=True)
 class AdmissionDecision:
-    """What the gateway needs to answer: admit (keep `ticket`, settle it later) or refuse.
+    """Admit (keep `ticket`, settle it later) or refuse (`limit`, `hard`, `message`).
 
-    On refusal, respond with `status` (429, or 400 for max_tokens_per_request), `headers`
-    (they include `retry-after` when a retry can succeed) and `error_body()`. On admission, add
-    `headers` to the response too.
+    `headers` go on the response either way; on refusal they include `retry-after` when a retry
+    can succeed.
     """
 
     admitted: bool
     ticket: Ticket | None = None
     limit: Limit | None = None  # the limit reported: one it never fits, else first in `Limit` order
-    status: int = 200
-    code: str | None = None  # rate_limit_exceeded | insufficient_quota | invalid_value
-    error_type: str | None = None  # OpenAI `type`: requests | tokens | insufficient_quota | ...
-    param: str | None = None
+    hard: bool = False  # that limit's budget is spent by settled usage, not by requests in flight
     message: str | None = None
     retry_after: float | None = None  # seconds; None on admission or when it never fits
     headers: dict[str, str] = field(default_factory=dict)
     degraded: bool = False  # decided by the per-process fallback while Redis was down
-
-    def error_body(self) -> dict[str, dict[str, str | None]]:
-        """OpenAI-shaped error body of a refusal."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 def decide(tenant_id: str, result: AdmitResult, *, degraded: bool = False) -> AdmissionDecision:
@@ -103,14 +85,10 @@ def decide(tenant_id: str, result: AdmitResult, *, degraded: bool = False) -> Ad
     if retry_after is not None:
         headers["retry-after"] = str(max(math.ceil(retry_after), 1))
     limit = Limit(refusal.limit)
-    code, error_type, status, param = _classify(limit, refusal)
     return AdmissionDecision(
         admitted=False,
         limit=limit,
-        status=status,
-        code=code,
-        error_type=error_type,
-        param=param,
+        hard=refusal.hard,
         message=_message(tenant_id, limit, refusal, retry_after),
         retry_after=retry_after,
         headers=headers,
@@ -127,16 +105,6 @@ def rate_limit_headers(requests: WindowState | None, tokens: WindowState | None)
             headers[f"x-ratelimit-remaining-{suffix}"] = str(state.remaining)
             headers[f"x-ratelimit-reset-{suffix}"] = format_duration(state.reset_ms)
     return headers
-
-
-def _classify(limit: Limit, refusal: Refusal) -> tuple[str, str, int, str | None]:
-    """(code, type, HTTP status, param) of a refusal."""
-    if limit is Limit.MAX_TOKENS_PER_REQUEST:
-        return INVALID_VALUE, "invalid_request_error", 400, "max_tokens"
-    if refusal.hard:
-        return INSUFFICIENT_QUOTA, INSUFFICIENT_QUOTA, 429, None
-    is_tokens = limit in (Limit.TOKENS_PER_MINUTE, Limit.TOKENS_PER_DAY, Limit.TOKENS_PER_MONTH)
-    return RATE_LIMIT_EXCEEDED, "tokens" if is_tokens else "requests", 429, None
 
 
 def _message(tenant_id: str, limit: Limit, r: Refusal, retry_after: float | None) -> str:

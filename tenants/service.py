@@ -4,13 +4,13 @@ Per request, the gateway makes three store round trips::
 
     caller = await svc.authenticate(bearer_token(headers.get("authorization")))   # 1
     decision = await svc.admit(caller.tenant_id, prompt_tokens=n, max_tokens=m)  # 1
-    if not decision.admitted: 429/400 with decision.headers and decision.error_body()
+    if not decision.admitted: refuse (the gateway: 429, or 400 for max_tokens_per_request)
     async with svc.hold(decision.ticket):        # renews the lease during long streams
         ... generate, stream, add decision.headers to the response ...
     await svc.settle(decision.ticket, prompt_tokens=..., completion_tokens=..., cached_tokens=...)
                                                                                   # 1, in `finally`
 
-Errors are `TenantsError` subclasses carrying `http_status` and an OpenAI `body()`.
+Errors are `TenantsError` subclasses (typed; the gateway picks their HTTP status and body).
 While Redis is unreachable (see `failover.py`): in `closed` mode authenticate/admit raise
 `StoreUnavailable` (503); in `open` mode keys seen before are accepted from a last-known cache
 and admission runs on a per-process `MemoryStore` with the tenant's last-known quota (each

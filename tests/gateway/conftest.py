@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.tenancy import ADMIN_KEY, REDIS_URL, Gateway
+from tests.gateway.tenancy.helpers import ADMIN_KEY, REDIS_URL, Gateway
 from tests.tenants.conftest import unique_prefix
 
 MODEL = "fake-model"

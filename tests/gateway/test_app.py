@@ -11,7 +11,7 @@ from engine.config import EngineConfig
 from gateway.app import create_app
 from tests.gateway.conftest import make_settings, running_server
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.test_routes import chat_body
+from tests.gateway.openai.test_routes import chat_body
 
 
 def test_ready_only_once_the_engine_is_loaded() -> None:

@@ -10,10 +10,21 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.errors import APIError, from_engine_error
+from gateway.errors import APIError, from_engine_error, from_refusal, from_tenants_error
+from tenants import (
+    AdmissionDecision,
+    AuthenticationError,
+    ConflictError,
+    InvalidError,
+    KeyNotFound,
+    Limit,
+    StoreUnavailable,
+    TenantNotFound,
+    TenantsError,
+)
 from tests.gateway.conftest import MODEL, make_settings
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.test_routes import chat_body, sse_events
+from tests.gateway.openai.test_routes import chat_body, sse_events
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -204,3 +215,54 @@ async def test_bug_in_handler_is_a_shaped_500(engine: FakeEngine) -> None:
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error"
     assert "bug" not in r.text
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "type_", "code", "headers"),
+    [
+        (InvalidError("bad", param="id"), 400, "invalid_request_error", "invalid_value", {}),
+        (AuthenticationError(), 401, "invalid_request_error", "invalid_api_key",
+         {"www-authenticate": "Bearer"}),
+        (TenantNotFound("acme"), 404, "invalid_request_error", "tenant_not_found", {}),
+        (KeyNotFound("acme", "key_1"), 404, "invalid_request_error", "api_key_not_found", {}),
+        (ConflictError("exists", code="tenant_exists"), 409, "invalid_request_error",
+         "tenant_exists", {}),
+        (StoreUnavailable("redis down"), 503, "server_error", "store_unavailable",
+         {"retry-after": "1"}),
+        (TenantsError("other"), 500, "server_error", None, {}),
+    ],
+)  # fmt: skip
+def test_tenants_errors_get_their_status_here(
+    error: TenantsError, status: int, type_: str, code: str | None, headers: dict[str, str]
+) -> None:
+    api = from_tenants_error(error)
+    assert (api.status, api.type, api.code, api.headers) == (status, type_, code, headers)
+    assert api.body() == {
+        "error": {"message": error.message, "type": type_, "param": error.param, "code": code}
+    }
+    assert "redis down" not in api.body_bytes().decode()  # the detail is for logs only
+
+
+@pytest.mark.parametrize(
+    ("limit", "hard", "status", "type_", "code", "param"),
+    [
+        (Limit.MAX_TOKENS_PER_REQUEST, False, 400, "invalid_request_error", "invalid_value",
+         "max_tokens"),
+        (Limit.REQUESTS_PER_MINUTE, False, 429, "requests", "rate_limit_exceeded", None),
+        (Limit.MAX_CONCURRENT_REQUESTS, False, 429, "requests", "rate_limit_exceeded", None),
+        (Limit.TOKENS_PER_MINUTE, False, 429, "tokens", "rate_limit_exceeded", None),
+        (Limit.TOKENS_PER_DAY, False, 429, "tokens", "rate_limit_exceeded", None),
+        (Limit.TOKENS_PER_DAY, True, 429, "insufficient_quota", "insufficient_quota", None),
+        (Limit.TOKENS_PER_MONTH, True, 429, "insufficient_quota", "insufficient_quota", None),
+    ],
+)  # fmt: skip
+def test_quota_refusals_get_their_status_here(
+    limit: Limit, hard: bool, status: int, type_: str, code: str, param: str | None
+) -> None:
+    headers = {"retry-after": "2", "x-ratelimit-limit-requests": "3"}
+    decision = AdmissionDecision(
+        admitted=False, limit=limit, hard=hard, message="refused", headers=headers
+    )
+    api = from_refusal(decision)
+    assert (api.status, api.type, api.code, api.param) == (status, type_, code, param)
+    assert api.message == "refused" and api.headers == headers

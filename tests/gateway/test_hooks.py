@@ -8,12 +8,12 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.auth import PRINCIPAL_SCOPE_KEY, Principal
 from gateway.errors import APIError
 from gateway.hooks import GenerationHooks, GenerationInfo, Outcome, UsageCounts
+from gateway.tenancy.auth import PRINCIPAL_SCOPE_KEY, Principal
 from tests.gateway.conftest import make_settings, running_server, wait_until
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.test_routes import chat_body, sse_events
+from tests.gateway.openai.test_routes import chat_body, sse_events
 
 
 class RecordingHooks(GenerationHooks):

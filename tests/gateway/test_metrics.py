@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.test_routes import chat_body
+from tests.gateway.openai.test_routes import chat_body
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

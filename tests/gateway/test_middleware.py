@@ -20,7 +20,7 @@ from gateway.middleware import (
 )
 from tests.gateway.conftest import make_settings
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.test_routes import chat_body
+from tests.gateway.openai.test_routes import chat_body
 
 
 async def test_access_log_is_one_json_line(

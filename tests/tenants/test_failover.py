@@ -84,7 +84,7 @@ async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisSer
     redis_server.kill()
     with pytest.raises(StoreUnavailable) as exc:
         await quick(svc.authenticate(key))
-    assert exc.value.http_status == 503 and exc.value.body()["error"]["code"] == "store_unavailable"
+    assert exc.value.code == "store_unavailable"
     with pytest.raises(StoreUnavailable):
         await quick(svc.admit("acme", prompt_tokens=1, max_tokens=1))
     await quick(svc.settle(a.ticket, prompt_tokens=10, completion_tokens=2))  # queued, no raise

@@ -12,7 +12,7 @@ from gateway.app import create_app
 from tenants import RedisStore, TenantService
 from tests.gateway.conftest import MakeGateway, make_settings
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.tenancy import ADMIN, ADMIN_KEY, bearer, chat
+from tests.gateway.tenancy.helpers import ADMIN, ADMIN_KEY, bearer, chat
 from tests.tenants.conftest import FakeClock
 
 INVALID = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from gateway.errors import APIError, bad_request
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

@@ -16,9 +16,9 @@ from starlette.types import Receive, Scope, Send
 
 from engine.outputs import Delta
 from gateway.errors import APIError
-from gateway.generation import ChoiceState, Generation, aborted_error, collect
 from gateway.hooks import Outcome
-from gateway.protocol import Usage
+from gateway.openai.generation import ChoiceState, Generation, aborted_error, collect
+from gateway.openai.schemas import Usage
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import create_app
 from tests.gateway.conftest import MakeGateway, make_settings, running_server, wait_until
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.tenancy import ADMIN_KEY, bearer, chat, tenant_key_sync
-from tests.gateway.test_routes import sse_events
+from tests.gateway.openai.test_routes import sse_events
+from tests.gateway.tenancy.helpers import ADMIN_KEY, bearer, chat, tenant_key_sync
 
 SYSTEM = {"role": "system", "content": "You answer questions about the tenants module. " * 3}
 

@@ -22,12 +22,12 @@ from engine.errors import (
 )
 from engine.outputs import Delta, RequestDelta, TokenLogprob
 from engine.sampling_params import SamplingParams
-from gateway.auth import Principal
 from gateway.engine_client import EngineClient, RequestStream
 from gateway.errors import SERVER_ERROR, APIError, from_engine_error
 from gateway.hooks import GenerationHooks, GenerationInfo, Outcome, UsageCounts
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import Usage
+from gateway.openai.schemas import Usage
+from gateway.tenancy.auth import Principal
 
 logger = logging.getLogger("prefixgate.generation")
 

@@ -16,7 +16,7 @@ from gateway.app import create_app
 from gateway.cli import main
 from tests.gateway.conftest import make_settings, running_server
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.tenancy import ADMIN_KEY, bearer, chat
+from tests.gateway.tenancy.helpers import ADMIN_KEY, bearer, chat
 
 
 @pytest.fixture

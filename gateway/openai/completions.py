@@ -10,9 +10,9 @@ from typing import Any
 
 from engine.outputs import Delta, TokenLogprob
 from gateway.errors import bad_request
-from gateway.generation import ChoiceState
-from gateway.protocol import Completion, CompletionChoice, CompletionLogprobs, Usage
-from gateway.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
+from gateway.openai.generation import ChoiceState
+from gateway.openai.schemas import Completion, CompletionChoice, CompletionLogprobs, Usage
+from gateway.openai.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
 
 
 def prompt_token_ids(

@@ -7,7 +7,8 @@
   get the same 401 (`invalid_api_key`) after the same work (`TenantService.authenticate`); 503
   `store_unavailable` while the tenant store cannot be reached (closed failure mode).
 - Other paths (`/health`, `/ready`, `/metrics`, `/openapi.json`) need no key; `/admin/*` checks
-  the admin key itself (`gateway/admin.py`). Their principal is `UNAUTHENTICATED` (tenant "").
+  the admin key itself (`gateway/admin/routes.py`). Their principal is `UNAUTHENTICATED`
+  (tenant "").
 
 Everything downstream (engine tenant and cache namespace, metric labels, access log, quotas)
 reads the principal through `get_principal`.

@@ -6,16 +6,16 @@ import pydantic_core
 import pytest
 
 from engine.outputs import Delta
-from gateway.chat import ChatFormat
-from gateway.completions import CompletionFormat
-from gateway.protocol import (
+from gateway.openai.chat import ChatFormat
+from gateway.openai.completions import CompletionFormat
+from gateway.openai.schemas import (
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,
     Completion,
     CompletionChoice,
 )
-from gateway.tokens import TokenTexts, json_str
+from gateway.openai.tokens import TokenTexts, json_str
 from tests.gateway.fake_engine import FakeTokenizer
 
 TEXTS = [

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.errors import APIError, from_tenants_error
+from gateway.errors import APIError, from_refusal, from_tenants_error
 from gateway.hooks import GenerationHooks, GenerationInfo, Outcome, UsageCounts
 from gateway.metrics import GatewayMetrics
 from tenants import (
@@ -67,14 +67,7 @@ class QuotaHooks(GenerationHooks):
     def _refusal(self, tenant: str, decision: AdmissionDecision) -> APIError:
         limit = decision.limit.value if decision.limit is not None else "unknown"
         self.metrics.rate_limited.labels(tenant, limit).inc()
-        return APIError(
-            decision.status,
-            decision.message or "Request refused by the tenant's quota.",
-            type=decision.error_type or "requests",
-            param=decision.param,
-            code=decision.code,
-            headers=dict(decision.headers),
-        )
+        return from_refusal(decision)
 
     async def settle(self, info: GenerationInfo, usage: UsageCounts, outcome: Outcome) -> None:
         admitted = self._admitted.pop(info.request_id, None)

@@ -1,4 +1,4 @@
-"""Request and response bodies in OpenAI's shapes (pydantic).
+"""Wire models of the OpenAI API: request and response bodies in OpenAI's shapes (pydantic).
 
 Requests are validated strictly from JSON (`"0.5"` is not a number; `1` is a valid float), and
 unknown fields are ignored like OpenAI does. Fields that OpenAI defines but we cannot honour
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.schemas import is_none
 
 # ---------------------------------------------------------------------------------------------
 # Requests
@@ -170,15 +172,11 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-def _is_none(value: object) -> bool:
-    return value is None
-
-
 class ChatDelta(BaseModel):
     """A streamed message fragment; absent fields are left out (`{}` on the final chunk)."""
 
-    role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
-    content: str | None = Field(default=None, exclude_if=_is_none)
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=is_none)
+    content: str | None = Field(default=None, exclude_if=is_none)
 
 
 class ChatChunkChoice(BaseModel):
@@ -235,26 +233,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
-
-
-class ReadyResponse(BaseModel):
-    status: Literal["ready", "loading", "failed", "unavailable"]
-    model: str
-    # With Redis configured only: whether it answers.
-    tenant_store: Literal["ok", "unavailable"] | None = Field(default=None, exclude_if=_is_none)
-    detail: str | None = None

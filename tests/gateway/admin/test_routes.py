@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 
 from tests.gateway.conftest import MakeGateway
-from tests.gateway.tenancy import ADMIN, bearer
+from tests.gateway.tenancy.helpers import ADMIN, bearer
 
 JSON_ADMIN = ADMIN | {"content-type": "application/json"}
 

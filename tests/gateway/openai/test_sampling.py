@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import APIError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.sampling import check_request, resolve_max_tokens, sampling_params
+from gateway.openai.sampling import check_request, resolve_max_tokens, sampling_params
+from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
 
 MESSAGES = [{"role": "user", "content": "x"}]
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.gateway.conftest import MakeGateway, wait_until
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.tenancy import Gateway, bearer
+from tests.gateway.tenancy.helpers import Gateway, bearer
 from tests.tenants.conftest import RedisServer
 
 

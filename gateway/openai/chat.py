@@ -6,8 +6,8 @@ from typing import Any
 
 from engine.outputs import Delta, TokenLogprob
 from gateway.errors import bad_request
-from gateway.generation import ChoiceState
-from gateway.protocol import (
+from gateway.openai.generation import ChoiceState
+from gateway.openai.schemas import (
     ChatChoice,
     ChatChoiceLogprobs,
     ChatChunkChoice,
@@ -20,7 +20,7 @@ from gateway.protocol import (
     TopLogprob,
     Usage,
 )
-from gateway.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
+from gateway.openai.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
 
 ROLE_ALIASES = {"developer": "system"}
 ROLES = ("system", "user", "assistant")

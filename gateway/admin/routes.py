@@ -4,22 +4,7 @@ Every route needs `Authorization: Bearer <PREFIXGATE_ADMIN_KEY>` (compared in co
 a tenant's key gets 403 `permission_denied`, no key or any other key 401 `invalid_api_key`.
 Without an admin key configured the admin API is off: 404 `admin_api_disabled`.
 
-| route | body | answer |
-|---|---|---|
-| `POST /admin/tenants` | `TenantCreate` | 201 `Tenant` (409 if the id exists) |
-| `GET /admin/tenants` | | `TenantList` |
-| `GET /admin/tenants/{id}` | | `Tenant` |
-| `PATCH /admin/tenants/{id}` | `TenantUpdate` (merge patch) | `Tenant` |
-| `DELETE /admin/tenants/{id}` | | `TenantDeleted` (keys refused at once) |
-| `PUT /admin/tenants/{id}/quota` | `Quota` (replaces the whole quota) | `Tenant` |
-| `POST /admin/tenants/{id}/keys` | `KeyCreate` (optional) | 201 `IssuedApiKey` |
-| `GET /admin/tenants/{id}/keys` | | `ApiKeyList` |
-| `GET /admin/tenants/{id}/keys/{key_id}` | | `ApiKeyInfo` |
-| `DELETE /admin/tenants/{id}/keys/{key_id}` | | `ApiKeyInfo` (revoked) |
-| `POST /admin/tenants/{id}/keys/{key_id}/rotate` | `RotateKey` (optional) | 201 `IssuedApiKey` |
-| `GET /admin/tenants/{id}/usage` | | `Usage` |
-| `POST /admin/tenants/{id}/usage/reset`, `DELETE /admin/tenants/{id}/usage` | | `Usage` |
-
+The routes are the table `ENDPOINTS` at the end (also the source of the OpenAPI document).
 Errors are OpenAI-shaped: 400 (invalid body, `param` names the field), 404 (`tenant_not_found`,
 `api_key_not_found`), 409 (`tenant_exists`), 503 (`store_unavailable`).
 """
@@ -29,28 +14,29 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any
 
 from pydantic import BaseModel
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
-from gateway.admin_protocol import (
+from gateway.admin.schemas import (
     ApiKeyInfo,
     ApiKeyList,
     IssuedApiKey,
     RotateKey,
     TenantDeleted,
     TenantList,
+    TenantUsage,
 )
-from gateway.errors import APIError, bad_request, from_tenants_error
-from gateway.routes import JSON, parse_body
+from gateway.errors import APIError, from_tenants_error
+from gateway.routing import JSON, Endpoint, Handler, optional_body, parse_body
 from gateway.state import get_state
 from tenants import (
     AuthenticationError,
     KeyCreate,
     Quota,
+    Tenant,
     TenantCreate,
     TenantNotFound,
     TenantsError,
@@ -60,9 +46,6 @@ from tenants import (
     check_admin_key,
 )
 from tenants.models import TENANT_ID_PATTERN
-
-T = TypeVar("T", bound=BaseModel)
-Handler = Callable[[Request], Awaitable[Response]]
 
 _TENANT_ID = re.compile(TENANT_ID_PATTERN)
 
@@ -111,17 +94,6 @@ def admin(handler: Callable[[Request, TenantService], Awaitable[Response]]) -> H
         return await handler(request, tenants)
 
     return wrapper
-
-
-async def optional_body(request: Request, model: type[T]) -> T:
-    """Like `parse_body`, but an empty body means all defaults."""
-    try:
-        raw = await request.body()
-    except ClientDisconnect as exc:
-        raise bad_request("The client disconnected while sending the body.") from exc
-    if not raw.strip():
-        return model()
-    return await parse_body(request, model)
 
 
 def _tenant_id(request: Request) -> str:
@@ -218,22 +190,54 @@ async def reset_usage(request: Request, tenants: TenantService) -> Response:
     return JSON(await tenants.get_usage(tenant_id))
 
 
-def routes() -> list[BaseRoute]:
-    tenant = "/admin/tenants/{tenant_id}"
-    key = tenant + "/keys/{key_id}"
-    return [
-        Route("/admin/tenants", create_tenant, methods=["POST"]),
-        Route("/admin/tenants", list_tenants, methods=["GET"]),
-        Route(tenant, get_tenant, methods=["GET"]),
-        Route(tenant, update_tenant, methods=["PATCH"]),
-        Route(tenant, delete_tenant, methods=["DELETE"]),
-        Route(tenant + "/quota", set_quota, methods=["PUT"]),
-        Route(tenant + "/keys", issue_key, methods=["POST"]),
-        Route(tenant + "/keys", list_keys, methods=["GET"]),
-        Route(key, get_key, methods=["GET"]),
-        Route(key, revoke_key, methods=["DELETE"]),
-        Route(key + "/rotate", rotate_key, methods=["POST"]),
-        Route(tenant + "/usage", get_usage, methods=["GET"]),
-        Route(tenant + "/usage", reset_usage, methods=["DELETE"]),
-        Route(tenant + "/usage/reset", reset_usage, methods=["POST"]),
-    ]
+_TENANT = "/admin/tenants/{tenant_id}"
+_KEY = _TENANT + "/keys/{key_id}"
+_ERRORS = (401, 403, 404, 503)
+
+
+def _admin(
+    method: str,
+    path: str,
+    handler: Handler,
+    summary: str,
+    op_id: str,
+    response: type[BaseModel],
+    **fields: Any,
+) -> Endpoint:
+    fields.setdefault("errors", _ERRORS)
+    texts = {404: "Unknown tenant or key"}
+    return Endpoint(
+        method, path, handler, summary, op_id, "Admin", response,
+        security="adminKey", error_texts=texts, **fields,
+    )  # fmt: skip
+
+
+ENDPOINTS = (
+    _admin("POST", "/admin/tenants", create_tenant, "Create a tenant", "createTenant", Tenant,
+           body=TenantCreate, status=201, errors=(401, 403, 409, 503)),
+    _admin("GET", "/admin/tenants", list_tenants, "List tenants", "listTenants", TenantList,
+           errors=(401, 403, 503)),
+    _admin("GET", _TENANT, get_tenant, "Describe a tenant", "getTenant", Tenant),
+    _admin("PATCH", _TENANT, update_tenant,
+           "Change some fields (merge patch; quota limits sent change, null = unlimited)",
+           "updateTenant", Tenant, body=TenantUpdate),
+    _admin("DELETE", _TENANT, delete_tenant, "Delete a tenant, its keys and usage",
+           "deleteTenant", TenantDeleted),
+    _admin("PUT", _TENANT + "/quota", set_quota, "Replace the quota", "setTenantQuota", Tenant,
+           body=Quota),
+    _admin("POST", _TENANT + "/keys", issue_key, "Issue an API key (the key is shown only here)",
+           "issueApiKey", IssuedApiKey, body=KeyCreate, body_required=False, status=201),
+    _admin("GET", _TENANT + "/keys", list_keys, "List the tenant's keys", "listApiKeys",
+           ApiKeyList),
+    _admin("GET", _KEY, get_key, "Describe an API key", "getApiKey", ApiKeyInfo),
+    _admin("DELETE", _KEY, revoke_key, "Revoke an API key", "revokeApiKey", ApiKeyInfo),
+    _admin("POST", _KEY + "/rotate", rotate_key,
+           "Issue a replacement key and revoke this one (after grace_s)", "rotateApiKey",
+           IssuedApiKey, body=RotateKey, body_required=False, status=201),
+    _admin("GET", _TENANT + "/usage", get_usage, "Usage of the tenant", "getTenantUsage",
+           TenantUsage),
+    _admin("DELETE", _TENANT + "/usage", reset_usage, "Reset today's and this month's usage",
+           "deleteTenantUsage", TenantUsage),
+    _admin("POST", _TENANT + "/usage/reset", reset_usage,
+           "Reset today's and this month's usage", "resetTenantUsage", TenantUsage),
+)  # fmt: skip

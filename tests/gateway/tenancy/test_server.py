@@ -13,8 +13,8 @@ import pytest
 
 from gateway.app import create_app
 from tests.gateway.conftest import make_settings, running_server
-from tests.gateway.tenancy import ADMIN_KEY, bearer, tenant_key_sync
-from tests.gateway.test_server import SYSTEM
+from tests.gateway.openai.test_server import SYSTEM
+from tests.gateway.tenancy.helpers import ADMIN_KEY, bearer, tenant_key_sync
 
 
 @pytest.fixture

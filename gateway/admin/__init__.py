@@ -1,0 +1,1 @@
+"""The admin API under `/admin` (tenants, keys, quotas, usage) and `prefixgate admin`."""

@@ -1,0 +1,169 @@
+"""The OpenAI API's endpoints: thin; the work lives in chat.py, completions.py, sampling.py,
+generation.py."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.engine_client import EngineClient
+from gateway.errors import model_not_found
+from gateway.hooks import GenerationInfo
+from gateway.middleware import log_fields
+from gateway.openai.chat import ChatFormat, render_chat_prompt
+from gateway.openai.completions import CompletionFormat, prompt_token_ids
+from gateway.openai.generation import start_generation
+from gateway.openai.responses import GenerationResponse, OutputFormat, StreamingGenerationResponse
+from gateway.openai.sampling import check_request, resolve_max_tokens, sampling_params
+from gateway.openai.schemas import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from gateway.routing import JSON, Endpoint, Handler, parse_body
+from gateway.state import GatewayState, get_state
+from gateway.tenancy.auth import get_principal
+
+
+async def chat_completions(request: Request) -> Response:
+    started = time.perf_counter()
+    state = get_state(request)
+    req = await parse_body(request, ChatCompletionRequest)
+    engine = _prepare(state, req)
+    prompt = render_chat_prompt(engine.tokenizer, req.messages)
+    top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    fmt = ChatFormat(
+        completion_id=completion_id,
+        created=int(time.time()),
+        model=state.model_name,
+        n=req.n,
+        top_logprobs=top_logprobs,
+        token_texts=state.token_texts(),
+    )
+    return await _generate(request, state, engine, req, prompt, top_logprobs, fmt, started)
+
+
+async def completions(request: Request) -> Response:
+    started = time.perf_counter()
+    state = get_state(request)
+    req = await parse_body(request, CompletionRequest)
+    engine = _prepare(state, req)
+    prompt = prompt_token_ids(engine.tokenizer, req.prompt)
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    fmt = CompletionFormat(
+        completion_id=completion_id,
+        created=int(time.time()),
+        model=state.model_name,
+        logprobs=req.logprobs,
+        token_texts=state.token_texts(),
+    )
+    return await _generate(request, state, engine, req, prompt, req.logprobs, fmt, started)
+
+
+def _prepare(state: GatewayState, req: ChatCompletionRequest | CompletionRequest) -> EngineClient:
+    state.check_model(req.model)
+    check_request(req, state.settings.max_n)
+    return state.require_engine()
+
+
+async def _generate(
+    request: Request,
+    state: GatewayState,
+    engine: EngineClient,
+    req: ChatCompletionRequest | CompletionRequest,
+    prompt: list[int],
+    logprobs: int | None,
+    fmt: ChatFormat | CompletionFormat,
+    started: float,
+) -> Response:
+    principal = get_principal(request.scope)
+    cap = principal.max_tokens_per_request
+    default_cap = None if cap is None else cap // req.n
+    max_tokens = resolve_max_tokens(req, len(prompt), engine.max_model_len, default_cap)
+    params = sampling_params(req, max_tokens, logprobs)
+    route = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
+    info = GenerationInfo(
+        request_id=fmt.id,
+        principal=principal,
+        route=route,
+        prompt_tokens=len(prompt),
+        max_completion_tokens=max_tokens * req.n,
+    )
+    log = log_fields(request.scope)
+    log.update(completion_id=fmt.id, model=req.model, stream=req.stream, n=req.n)
+    gen, headers = await start_generation(
+        engine,
+        hooks=state.hooks,
+        metrics=state.metrics,
+        info=info,
+        prompt_token_ids=prompt,
+        params=params,
+        started_at=started,
+        log=log,
+    )
+    output: OutputFormat = fmt
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingGenerationResponse(
+            gen, output, include_usage=include_usage, headers=headers
+        )
+    return GenerationResponse(gen, output, n=req.n, headers=headers)
+
+
+def _model_card(state: GatewayState) -> ModelCard:
+    engine = state.engine
+    return ModelCard(
+        id=state.model_name,
+        created=state.created,
+        max_model_len=engine.max_model_len if engine is not None else None,
+    )
+
+
+async def list_models(request: Request) -> Response:
+    return JSON(ModelList(data=[_model_card(get_state(request))]))
+
+
+async def retrieve_model(request: Request) -> Response:
+    state = get_state(request)
+    model = request.path_params["model"]
+    if model != state.model_name:
+        raise model_not_found(model)
+    return JSON(_model_card(state))
+
+
+def _generation(
+    path: str,
+    summary: str,
+    op_id: str,
+    request: type[BaseModel],
+    result: type[BaseModel],
+    chunk: type[BaseModel],
+    handler: Handler,
+) -> Endpoint:
+    return Endpoint(
+        "POST", path, handler, summary, op_id, "OpenAI", result,
+        description=f"A {result.__name__} (or server-sent events when `stream` is true)",
+        stream=chunk, security="apiKey", body=request, errors=(401, 404, 413, 429, 503),
+    )  # fmt: skip
+
+
+ENDPOINTS = (
+    _generation("/v1/chat/completions", "Create a chat completion", "createChatCompletion",
+                ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, chat_completions),
+    _generation("/v1/completions", "Create a text completion", "createCompletion",
+                CompletionRequest, Completion, Completion, completions),
+    Endpoint("GET", "/v1/models", list_models, "List models", "listModels", "OpenAI", ModelList,
+             description="Served models", security="apiKey", errors=(401, 503)),
+    Endpoint("GET", "/v1/models/{model:path}", retrieve_model, "Describe the model",
+             "retrieveModel", "OpenAI", ModelCard, description="The model", security="apiKey",
+             errors=(401, 404, 503)),
+)  # fmt: skip

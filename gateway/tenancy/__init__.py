@@ -1,0 +1,1 @@
+"""Tenancy at the HTTP edge: API-key authentication, quota hooks, `/v1/usage`."""
