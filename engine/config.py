@@ -1,4 +1,9 @@
-"""Slotted, self-checking config dataclasses, one per component (built at the edge)."""
+"""Slotted, self-checking config dataclasses, one per component (built at the edge).
+
+Each raises `ValueError` naming the field on an invalid value (checks are not `assert`s, which
+`python -O` removes). None of them reads the environment: the gateway's `Settings` builds an
+`EngineConfig`, and `LLM(...)` builds one from its arguments.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +32,11 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        assert self.num_heads % self.num_kv_heads == 0, "GQA needs num_heads % num_kv_heads == 0"
-        assert self.num_layers > 0 and self.head_dim > 0
+        _check_positive(self, "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads must divide num_heads (GQA): {self.num_kv_heads}, {self.num_heads}"
+            )
 
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
@@ -77,11 +85,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        assert self.block_size > 0 and self.block_size & (self.block_size - 1) == 0, (
-            "block_size must be a power of two"
-        )
-        assert self.num_blocks is None or self.num_blocks > 0
-        assert self.kv_cache_gib > 0
+        _check_positive(self, "block_size", "num_blocks", "kv_cache_gib")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two: {self.block_size}")
 
 
 @dataclass(slots=True)
@@ -95,8 +101,9 @@ class SchedulerConfig:
     max_waiting: int = 1024  # queue bound; past it add_request raises EngineOverloadedError
 
     def __post_init__(self) -> None:
-        assert self.max_num_seqs > 0 and self.max_num_batched_tokens > 0
-        assert self.max_waiting > 0
+        _check_positive(
+            self, "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"
+        )
 
 
 @dataclass(slots=True)
@@ -111,3 +118,14 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads for the model; None: all cores
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "num_threads")
+
+
+def _check_positive(config: object, *names: str) -> None:
+    """Raise `ValueError` naming the first of `names` that is set (not None) and not > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive: {value!r}")

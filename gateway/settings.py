@@ -1,9 +1,17 @@
-"""Gateway configuration: environment variables `PREFIXGATE_*`, overridden by CLI flags."""
+"""Configuration: every `PREFIXGATE_*` environment variable is declared here, overridden by CLI
+flags, and handed down as each component's own config (`engine_config()`, `tenants_config()`).
+
+`python -m gateway.settings --markdown` writes the table of docs/configuration.md from these
+declarations (a test checks that the file is current).
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,48 +20,99 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tenants import FailureMode, TenantsConfig
 
 BUNDLED_MODEL_NAME = "smollm2"
+DEFAULT_URL = "http://127.0.0.1:8000"
+ENV_CONFIG = SettingsConfigDict(env_prefix="PREFIXGATE_", extra="ignore")
+
+
+def _none_if_empty(value: object) -> object:
+    """An empty variable (`PREFIXGATE_REDIS_URL=`) means unset."""
+    return None if value == "" else value
 
 
 class Settings(BaseSettings):
     """Everything `prefixgate serve` needs. `model=None` serves the bundled SmolLM2."""
 
-    model_config = SettingsConfigDict(env_prefix="PREFIXGATE_", extra="ignore")
+    model_config = ENV_CONFIG
 
     # Server
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    log_level: str = "info"
-    access_log: bool = True
+    host: str = Field(default="127.0.0.1", description="bind address")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    log_level: str = Field(default="info", description="debug, info, warning or error")
+    access_log: bool = Field(default=True, description="one structured log line per request")
 
     # Model and engine
-    model: str | None = None
-    served_model_name: str | None = None  # default: "smollm2" for the bundled model, else dir name
-    dtype: str = "auto"
-    device: str = "auto"
-    attention_backend: str = "auto"
-    seed: int = 0
-    kv_cache_gib: float = Field(default=1.0, gt=0)
-    num_blocks: int | None = Field(default=None, ge=1)  # wins over kv_cache_gib
-    block_size: int = Field(default=16, ge=1)
-    max_num_seqs: int = Field(default=64, ge=1)
-    max_batched_tokens: int = Field(default=2048, ge=1)
-    max_model_len: int | None = Field(default=None, ge=1)
-    max_queue: int = Field(default=1024, ge=1)  # waiting requests; past it: 503 + retry-after
+    model: str | None = Field(
+        default=None,
+        description="Hugging Face model directory or GGUF file; unset: the bundled SmolLM2-135M",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="the name clients pass as `model`; unset: `smollm2` for the bundled model, "
+        "else the directory or file name",
+    )
+    dtype: str = Field(
+        default="auto", description="weights and KV cache: auto, float32, bfloat16, float16"
+    )
+    device: str = Field(
+        default="auto", description="torch device: auto (cuda when available, else cpu), cpu, cuda"
+    )
+    attention_backend: str = Field(
+        default="auto",
+        description="auto (triton on CUDA, the C++ kernels on CPU), cpu, torch or triton",
+    )
+    seed: int = Field(default=0, description="seed of the sampler's random generator")
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size in GiB")
+    num_blocks: int | None = Field(
+        default=None, ge=1, description="KV cache size in blocks; wins over kv_cache_gib"
+    )
+    block_size: int = Field(default=16, ge=1, description="tokens per KV block (a power of two)")
+    max_num_seqs: int = Field(default=64, ge=1, description="running sequences at most")
+    max_batched_tokens: int = Field(
+        default=2048, ge=1, description="tokens computed per engine step"
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="context length; unset: the model's"
+    )
+    max_queue: int = Field(
+        default=1024, ge=1, description="waiting requests at most; past it: 503 and retry-after"
+    )
 
     # Request limits
-    max_n: int = Field(default=16, ge=1)
-    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1)
+    max_n: int = Field(default=16, ge=1, description="largest `n` a request may ask for")
+    max_body_bytes: int = Field(
+        default=2 * 1024 * 1024, ge=1, description="largest request body; past it: 413"
+    )
 
-    # Tenants, keys and quotas. No Redis URL: in-process store (one gateway process).
-    # No admin key: admin API off, and without Redis too, /v1/* needs no key (tenant `default`).
-    redis_url: str | None = None
-    admin_key: SecretStr | None = None
-    redis_failure_mode: Literal["closed", "open"] = "closed"  # while Redis is unreachable
-    lease_ttl_s: float = Field(default=300.0, gt=0)  # a concurrency slot outlives a crash so long
-    # Connect and read timeout of one Redis call; a whole operation gets 4x (retry included).
-    redis_timeout_s: float = Field(default=0.5, gt=0)
-    # Prefix of every Redis key: deployments (or test runs) sharing one Redis stay apart.
-    redis_key_prefix: str = Field(default="pg", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # Tenants, keys and quotas
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis holding tenants, keys, quotas and usage; unset: an in-process store "
+        "(one gateway process)",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="the admin API's bearer key; unset: admin API off, and without Redis too, "
+        "`/v1/*` needs no key (every request is tenant `default`)",
+    )
+    redis_failure_mode: Literal["closed", "open"] = Field(
+        default="closed",
+        description="while Redis is unreachable: closed (503) or open (admit known tenants "
+        "with per-process limits)",
+    )
+    lease_ttl_s: float = Field(
+        default=300.0, gt=0, description="a concurrency slot outlives a crashed gateway so long"
+    )
+    redis_timeout_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="connect and read timeout of one Redis call; a whole operation gets 4x "
+        "(retry included)",
+    )
+    redis_key_prefix: str = Field(
+        default="pg",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="prefix of every Redis key, so deployments sharing one Redis stay apart",
+    )
 
     def model_name(self) -> str:
         """The name clients pass as `model`."""
@@ -63,10 +122,7 @@ class Settings(BaseSettings):
             return BUNDLED_MODEL_NAME
         return Path(self.model.rstrip("/")).name or self.model
 
-    @field_validator("redis_url", "admin_key", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    _empty_is_unset = field_validator("redis_url", "admin_key", mode="before")(_none_if_empty)
 
     @field_validator("redis_failure_mode", mode="before")
     @classmethod
@@ -80,7 +136,7 @@ class Settings(BaseSettings):
         return not self.redis_url and self.admin_key is None
 
     def admin_key_value(self) -> str | None:
-        return self.admin_key.get_secret_value() if self.admin_key is not None else None
+        return _secret(self.admin_key)
 
     def tenants_config(self) -> TenantsConfig:
         return TenantsConfig(
@@ -114,3 +170,89 @@ class Settings(BaseSettings):
                 max_waiting=self.max_queue,
             ),
         )
+
+
+class AdminClientSettings(BaseSettings):
+    """What `prefixgate admin` (a client of a running gateway) reads from the environment."""
+
+    model_config = ENV_CONFIG
+
+    url: str = Field(default=DEFAULT_URL, description="base URL of the gateway to call")
+    admin_key: SecretStr | None = Field(
+        default=None, description="the admin key the gateway was started with"
+    )
+
+    _empty_is_unset = field_validator("admin_key", mode="before")(_none_if_empty)
+
+    def admin_key_value(self) -> str | None:
+        return _secret(self.admin_key)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def markdown() -> str:
+    """The tables of docs/configuration.md: every variable, its `serve` flag, default, meaning."""
+    from gateway.cli import build_parser  # the CLI imports this module
+
+    flags = _serve_flags(build_parser())
+    serve = _table(Settings, lambda name: flags.get(name, ""))
+    admin = _table(AdminClientSettings, lambda name: f"`--{name.replace('_', '-')}`")
+    return (
+        "# Configuration\n\n"
+        "<!-- Generated by `python -m gateway.settings --markdown` from gateway/settings.py;\n"
+        "     tests/gateway/test_settings.py fails when this file is out of date. -->\n\n"
+        "`prefixgate serve` reads these environment variables; a flag overrides its variable, "
+        "which overrides the default (a variable without a flag is set in the environment only). "
+        "An empty variable counts as unset. An invalid value stops the "
+        "server at startup with an error that names the setting.\n\n"
+        f"{serve}\n"
+        "## `prefixgate admin`\n\n"
+        "The admin command line (a client of a running gateway) reads these:\n\n"
+        f"{admin}"
+    )
+
+
+def _serve_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Settings field -> its `prefixgate serve` flag(s), from the parser itself."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = commands.choices["serve"]
+    return {
+        action.dest: ", ".join(f"`{flag}`" for flag in action.option_strings)
+        for action in serve._actions
+        if action.option_strings and action.dest in Settings.model_fields
+    }
+
+
+def _table(cls: type[BaseSettings], flag: Any) -> str:
+    rows = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for name, field in cls.model_fields.items():
+        variable = f"`PREFIXGATE_{name.upper()}`"
+        rows.append(
+            f"| {variable} | {flag(name)} | {_default(field.default)} | {field.description} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _default(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f"`{value}`"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.settings")
+    parser.add_argument("--markdown", action="store_true", help="print docs/configuration.md")
+    args = parser.parse_args(argv)
+    if not args.markdown:
+        parser.print_help()
+        return 2
+    sys.stdout.write(markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Tenants: API keys, quotas enforced atomically in Redis (or in process), and usage.
 
-The gateway builds one `TenantService` (`build_service(TenantsConfig.from_env())`) and calls it;
+The gateway builds one `TenantService` (`build_service(settings.tenants_config())`) and calls it;
 see `service.py` for the per-request flow and `README.md` for the window semantics.
 """
 

@@ -1,17 +1,14 @@
-"""Configuration of the tenants library, built once at the edge (gateway lifespan, CLI).
+"""Configuration of the tenants library, built once at the edge and passed in.
 
-Environment (names shared with the gateway):
-    PREFIXGATE_REDIS_URL           unset: in-process store (embedded mode)
-    PREFIXGATE_ADMIN_KEY           unset: admin API off
-    PREFIXGATE_REDIS_FAILURE_MODE  closed (default) | open
-    PREFIXGATE_LEASE_TTL_S         concurrency lease TTL in seconds (default 300)
+The library reads no environment: the gateway's `Settings` reads `PREFIXGATE_REDIS_URL`,
+`PREFIXGATE_ADMIN_KEY`, `PREFIXGATE_REDIS_FAILURE_MODE`, ... and builds a `TenantsConfig`
+(`Settings.tenants_config()`; the table is in docs/configuration.md).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .failover import FailureMode
@@ -38,26 +35,25 @@ class TenantsConfig:
     breaker_cooldown_s: float = 1.0
 
     def __post_init__(self) -> None:
-        self.failure_mode = FailureMode(self.failure_mode)
-        assert self.lease_ttl_s > 0, "lease_ttl_s must be positive"
-        assert self.max_connections > 0
-        assert min(self.socket_timeout_s, self.connect_timeout_s, self.pool_timeout_s) > 0
-        assert self.op_timeout_s > 0 and self.breaker_cooldown_s >= 0
+        """Raises `ValueError` naming the first invalid field."""
+        try:
+            self.failure_mode = FailureMode(self.failure_mode)
+        except ValueError:
+            modes = ", ".join(m.value for m in FailureMode)
+            raise ValueError(
+                f"failure_mode must be one of {modes}: {self.failure_mode!r}"
+            ) from None
+        positive = ("lease_ttl_s", "socket_timeout_s", "connect_timeout_s", "pool_timeout_s")
+        for name in (*positive, "op_timeout_s", "max_connections"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive: {getattr(self, name)!r}")
+        if not self.breaker_cooldown_s >= 0:
+            raise ValueError(f"breaker_cooldown_s must be >= 0: {self.breaker_cooldown_s!r}")
 
     @property
     def embedded(self) -> bool:
         """No Redis: one process, in-memory store."""
         return not self.redis_url
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> TenantsConfig:
-        env = os.environ if env is None else env
-        return cls(
-            redis_url=env.get("PREFIXGATE_REDIS_URL") or None,
-            admin_key=env.get("PREFIXGATE_ADMIN_KEY") or None,
-            failure_mode=FailureMode(env.get("PREFIXGATE_REDIS_FAILURE_MODE", "closed").lower()),
-            lease_ttl_s=float(env.get("PREFIXGATE_LEASE_TTL_S", "300")),
-        )
 
 
 def build_store(

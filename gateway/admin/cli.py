@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from gateway.settings import DEFAULT_URL, AdminClientSettings
 from tenants import Quota
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 QUOTA_FIELDS = tuple(Quota.model_fields)
 
 Request = tuple[str, str, dict[str, Any] | None]  # method, path, JSON body
@@ -78,7 +77,7 @@ def add_admin_parser(commands: Any) -> None:
     )
     admin.add_argument(
         "--url",
-        default=os.environ.get("PREFIXGATE_URL", DEFAULT_URL),
+        default=AdminClientSettings().url,
         help=f"gateway base URL (default: $PREFIXGATE_URL or {DEFAULT_URL})",
     )
     admin.add_argument("--admin-key", help="admin key (default: $PREFIXGATE_ADMIN_KEY)")
@@ -198,7 +197,7 @@ _REQUESTS: dict[str, Callable[[argparse.Namespace], Request]] = {
 
 def run_admin(args: argparse.Namespace) -> int:
     """Make the call; print the answer (stdout) or the error (stderr). Returns the exit status."""
-    admin_key = args.admin_key or os.environ.get("PREFIXGATE_ADMIN_KEY")
+    admin_key = args.admin_key or AdminClientSettings().admin_key_value()
     if not admin_key:
         print("prefixgate admin: no admin key: pass --admin-key or set PREFIXGATE_ADMIN_KEY",
               file=sys.stderr)  # fmt: skip

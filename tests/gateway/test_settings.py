@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from gateway.settings import Settings
+from gateway.settings import DEFAULT_URL, AdminClientSettings, Settings, markdown
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,3 +78,38 @@ def test_invalid_tenant_settings(monkeypatch: pytest.MonkeyPatch, name: str, val
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name.removeprefix("PREFIXGATE_").lower()):
         Settings()
+
+
+def test_invalid_engine_settings_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values Settings accepts but the engine's config refuses still name the field."""
+    monkeypatch.setenv("PREFIXGATE_BLOCK_SIZE", "12")
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        Settings().engine_config()
+
+
+def test_admin_client_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = AdminClientSettings()
+    assert (client.url, client.admin_key_value()) == (DEFAULT_URL, None)
+    monkeypatch.setenv("PREFIXGATE_URL", "http://gw:9000")
+    monkeypatch.setenv("PREFIXGATE_ADMIN_KEY", "secret")
+    client = AdminClientSettings()
+    assert (client.url, client.admin_key_value()) == ("http://gw:9000", "secret")
+    assert "secret" not in repr(client)
+    monkeypatch.setenv("PREFIXGATE_ADMIN_KEY", "")
+    assert AdminClientSettings().admin_key is None
+
+
+def test_configuration_docs_are_current() -> None:
+    """docs/configuration.md is generated from the Settings declarations: regenerate it with
+    `python -m gateway.settings --markdown > docs/configuration.md` after changing them."""
+    docs = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert docs.read_text() == markdown()
+
+
+def test_configuration_docs_list_every_variable_and_flag() -> None:
+    text = markdown()
+    for name in (*Settings.model_fields, *AdminClientSettings.model_fields):
+        assert f"`PREFIXGATE_{name.upper()}`" in text
+    assert "| `PREFIXGATE_NUM_BLOCKS` | `--num-blocks` | unset |" in text
+    assert "| `PREFIXGATE_PORT` | `--port` | `8000` |" in text
+    assert "| `PREFIXGATE_REDIS_URL` |  | unset |" in text  # no flag: environment only

@@ -1,4 +1,4 @@
-"""Config from the environment and the store factory."""
+"""The tenants config (checked at construction) and the store factory."""
 
 from __future__ import annotations
 
@@ -7,21 +7,30 @@ import pytest
 from tenants import FailureMode, MemoryStore, RedisStore, TenantsConfig, build_service, build_store
 
 
-def test_from_env() -> None:
-    c = TenantsConfig.from_env({})
+def test_defaults() -> None:
+    c = TenantsConfig()
     assert c.embedded and c.admin_key is None and c.failure_mode is FailureMode.CLOSED
-    c = TenantsConfig.from_env(
-        {
-            "PREFIXGATE_REDIS_URL": "redis://localhost:6379/2",
-            "PREFIXGATE_ADMIN_KEY": "adm",
-            "PREFIXGATE_REDIS_FAILURE_MODE": "OPEN",
-            "PREFIXGATE_LEASE_TTL_S": "30",
-        }
-    )
-    assert not c.embedded and c.admin_key == "adm"
-    assert c.failure_mode is FailureMode.OPEN and c.lease_ttl_s == 30
-    with pytest.raises(ValueError):
-        TenantsConfig.from_env({"PREFIXGATE_REDIS_FAILURE_MODE": "sometimes"})
+    assert not TenantsConfig(redis_url="redis://localhost:6379/2").embedded
+    assert TenantsConfig(failure_mode="open").failure_mode is FailureMode.OPEN  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("failure_mode", "sometimes"),
+        ("lease_ttl_s", 0),
+        ("socket_timeout_s", -1.0),
+        ("connect_timeout_s", 0.0),
+        ("pool_timeout_s", 0.0),
+        ("op_timeout_s", 0.0),
+        ("max_connections", 0),
+        ("breaker_cooldown_s", -0.5),
+    ],
+)
+def test_invalid_config_names_the_field(field: str, value: object) -> None:
+    """A ValueError (not an assert, which `python -O` drops) that says which field is wrong."""
+    with pytest.raises(ValueError, match=f"^{field} "):
+        TenantsConfig(**{field: value})  # type: ignore[arg-type]
 
 
 async def test_build_store_and_service() -> None:
