@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import _record
+
 from tenants import MemoryStore, RedisStore, Store, TenantService
 
 PREFIX = "pgbench"
@@ -62,17 +64,32 @@ class Result:
     evalsha_per_request: float | None = None
     server_us_per_script: float | None = None
 
-    def row(self) -> str:
+    def figures(self) -> dict[str, float | int | None]:
         def pct(xs: list[float], q: int) -> float:
             return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
+        return {
+            "requests": self.requests,
+            "per_s": self.requests / self.seconds,
+            "admit_p50_ms": pct(self.admit_ms, 50),
+            "admit_p99_ms": pct(self.admit_ms, 99),
+            "settle_p50_ms": pct(self.settle_ms, 50),
+            "settle_p99_ms": pct(self.settle_ms, 99),
+            "round_trips_admit": self.rt_admit,
+            "round_trips_settle": self.rt_settle,
+            "evalsha_per_request": self.evalsha_per_request,
+            "server_us_per_script": self.server_us_per_script,
+        }
+
+    def row(self) -> str:
         def fmt(x: float | None) -> str:
             return "-" if x is None else f"{x:.2f}"
 
+        f = self.figures()
         return (
-            f"{self.name:<26} {self.requests:>7} {self.requests / self.seconds:>10.0f} "
-            f"{pct(self.admit_ms, 50):>8.3f} {pct(self.admit_ms, 99):>8.3f} "
-            f"{pct(self.settle_ms, 50):>8.3f} {pct(self.settle_ms, 99):>8.3f} "
+            f"{self.name:<26} {self.requests:>7} {f['per_s']:>10.0f} "
+            f"{f['admit_p50_ms']:>8.3f} {f['admit_p99_ms']:>8.3f} "
+            f"{f['settle_p50_ms']:>8.3f} {f['settle_p99_ms']:>8.3f} "
             f"{fmt(self.rt_admit):>6} {fmt(self.rt_settle):>6} {fmt(self.evalsha_per_request):>8}"
             f" {fmt(self.server_us_per_script):>8}"
         )
@@ -139,6 +156,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--tenants", type=int, default=1000)
+    _record.add_arguments(parser)
     args = parser.parse_args()
 
     print(f"redis {args.url}, {args.requests} requests per case, each admit + settle")
@@ -149,12 +167,14 @@ async def main() -> None:
         (f"redis, {args.tenants} tenants, c={args.concurrency}", args.tenants,
          args.concurrency, args.requests),
     ]  # fmt: skip
+    figures: dict[str, Any] = {}
     for name, tenants, concurrency, requests in cases:
         store = RedisStore.from_url(args.url, prefix=PREFIX)
         try:
             await store.load_scripts()
             result = await run_case(name, store, tenants, requests, concurrency)
             print(result.row(), flush=True)
+            figures[name] = result.figures()
         finally:
             await store._delete_matching(f"{PREFIX}:*")
             await store.aclose()
@@ -163,11 +183,13 @@ async def main() -> None:
         args.concurrency,
     )  # fmt: skip
     print(memory.row())
+    figures[memory.name] = memory.figures()
     print(
         "RT = client round trips per request (target 1 at admission, 1 at settlement); "
         "EVALSHA = server-side script calls per request (admit + settle = 2); srv = Redis CPU "
         "per script call, Lua included (server-wide counters: other clients can add to them)."
     )
+    _record.write(args, __file__, figures)
 
 
 if __name__ == "__main__":

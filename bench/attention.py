@@ -20,21 +20,20 @@ Usage: python bench/attention.py [--dtype bfloat16] [--heads 32] [--kv-heads 8] 
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-# This script is named like the `kernels` package: keep its own folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import _record
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from kernels import reference
+from kernels.metadata import AttentionMetadata
 
-from kernels import reference  # noqa: E402
-from kernels.metadata import AttentionMetadata  # noqa: E402
+Row = tuple[str, dict[str, float]]  # a printed line and its figures
 
 
 @dataclass(frozen=True)
@@ -207,7 +206,7 @@ def kv_bytes(case: Case, shape: Shape) -> int:
     return sum(n for n, _ in case.batch) * 2 * shape.kv_heads * shape.head_dim * elem
 
 
-def bench_attention(case: Case, shape: Shape, backend: Any) -> str:
+def bench_attention(case: Case, shape: Shape, backend: Any) -> Row:
     inputs = make_inputs(case, shape)
     scale = shape.head_dim**-0.5
     impls = implementations(backend)
@@ -222,14 +221,15 @@ def bench_attention(case: Case, shape: Shape, backend: Any) -> str:
     else:
         ms = {name: time_ms(call, shape.device) for name, call in calls.items()}
     line = f"{case.name:<32}" + "".join(f"{ms[n]:>10.3f}" for n in ("torch", "sdpa"))
+    figures = {f"{name}_ms": t for name, t in ms.items()}
     if "kernel" in ms:
         t = ms["kernel"]
-        gbs = kv_bytes(case, shape) / (t * 1e-3) / 1e9
+        gbs = figures["kernel_kv_read_gbps"] = kv_bytes(case, shape) / (t * 1e-3) / 1e9
         line += f"{t:>10.3f}{ms['torch'] / t:>9.2f}x{ms['sdpa'] / t:>9.2f}x{gbs:>9.0f}"
-    return line
+    return line, figures
 
 
-def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> str:
+def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> Row:
     gen = torch.Generator().manual_seed(0)
     num_blocks = -(-tokens // shape.block_size) + 1
     cache = torch.zeros(
@@ -240,10 +240,13 @@ def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> str:
     slots = (torch.randperm(tokens, generator=gen) + shape.block_size).to(shape.device)
     ref = time_ms(lambda: reference.write_kv(kv[0], kv[1], cache, slots), shape.device)
     line = f"{f'write_kv T={tokens}':<32}{ref:>10.3f}{'-':>10}"
+    figures = {"torch_ms": ref}
     if backend is not None:
-        t = time_ms(lambda: backend.write_kv(kv[0], kv[1], cache, slots), shape.device)
+        t = figures["kernel_ms"] = time_ms(
+            lambda: backend.write_kv(kv[0], kv[1], cache, slots), shape.device
+        )
         line += f"{t:>10.3f}{ref / t:>9.2f}x{'-':>10}"
-    return line
+    return line, figures
 
 
 def cpu_prefill_cases() -> list[Case]:
@@ -252,7 +255,7 @@ def cpu_prefill_cases() -> list[Case]:
     return [*fresh, Case("64 new over 1024 cached", [(1088, 64)]), step]
 
 
-def bench_cpu_prefill(case: Case, shape: Shape) -> str:
+def bench_cpu_prefill(case: Case, shape: Shape) -> Row:
     """The prefill kernel vs the SDPA path on the same paged inputs: ms, ratio, kernel GFLOP/s
     (causal: 4 * D flops per query head and visible key)."""
     from kernels import cpu_attention
@@ -278,10 +281,17 @@ def bench_cpu_prefill(case: Case, shape: Shape) -> str:
     visible = sum(q * (n - q) + q * (q + 1) // 2 for n, q in case.batch)  # keys seen, per head
     gflops = 4 * shape.head_dim * shape.heads * visible / (ms["kernel"] * 1e-3) / 1e9
     ratio = ms["sdpa"] / ms["kernel"]
-    return f"{case.name:<32}{ms['sdpa']:>10.3f}{ms['kernel']:>10.3f}{ratio:>9.2f}x{gflops:>9.0f}"
+    line = f"{case.name:<32}{ms['sdpa']:>10.3f}{ms['kernel']:>10.3f}{ratio:>9.2f}x{gflops:>9.0f}"
+    return line, {"sdpa_ms": ms["sdpa"], "kernel_ms": ms["kernel"], "kernel_gflops": gflops}
 
 
-def main_cpu_prefill(shape: Shape) -> None:
+def report(row: Row, name: str, figures: dict[str, dict[str, float]]) -> None:
+    """Print the row's line and keep its figures under the case's name."""
+    line, figures[name] = row
+    print(line, flush=True)
+
+
+def main_cpu_prefill(shape: Shape, figures: dict[str, dict[str, float]]) -> None:
     from kernels import cpu_attention
 
     if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
@@ -289,7 +299,7 @@ def main_cpu_prefill(shape: Shape) -> None:
     print(f"CPU prefill, {torch.get_num_threads()} threads")
     print(f"{'case':<32}{'sdpa ms':>10}{'kernel ms':>10}{'sdpa/ker':>10}{'GFLOP/s':>9}")
     for case in cpu_prefill_cases():
-        print(bench_cpu_prefill(case, shape), flush=True)
+        report(bench_cpu_prefill(case, shape), case.name, figures)
 
 
 def load_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
@@ -321,6 +331,7 @@ def main() -> None:
     ap.add_argument(
         "--cpu-prefill", action="store_true", help="the CPU prefill kernel vs the SDPA path"
     )
+    _record.add_arguments(ap)
     args = ap.parse_args()
     device = torch.device("cpu" if args.cpu_prefill or not torch.cuda.is_available() else "cuda")
     defaults = (32, 8, 128) if device.type == "cuda" else (9, 3, 64)
@@ -340,19 +351,30 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{name}, {args.dtype}, H={shape.heads} KVH={shape.kv_heads} D={shape.head_dim} "
           f"block_size={shape.block_size}")  # fmt: skip
+    figures: dict[str, dict[str, float]] = {}
     if args.cpu_prefill:
-        main_cpu_prefill(shape)
-        return
-    kernel, backend = load_backend(device, shape.dtype)
+        kernel = "cpu prefill"
+        main_cpu_prefill(shape, figures)
+    else:
+        kernel = main_attention(shape, quick, figures)
+    record = {"shape": dataclasses.asdict(shape), "kernel": kernel, "cases": figures}
+    _record.write(args, __file__, record)
+
+
+def main_attention(shape: Shape, quick: bool, figures: dict[str, dict[str, float]]) -> str:
+    """Every case of the device's kernel against the reference and SDPA; returns the kernel's
+    name ("" when only the reference and SDPA ran)."""
+    kernel, backend = load_backend(shape.device, shape.dtype)
     header = f"{'case':<32}{'torch ms':>10}{'sdpa ms':>10}"
     if backend is not None:
         k = kernel[:3]
         header += f"{kernel + ' ms':>10}{'torch/' + k:>10}{'sdpa/' + k:>10}{'KV GB/s':>9}"
     print(header)
-    for case in decode_cases(quick, device) + prefill_cases(quick):
-        print(bench_attention(case, shape, backend), flush=True)
+    for case in decode_cases(quick, shape.device) + prefill_cases(quick):
+        report(bench_attention(case, shape, backend), case.name, figures)
     for tokens in (16, 4096) if not quick else (16, 512):
-        print(bench_write_kv(tokens, shape, backend), flush=True)
+        report(bench_write_kv(tokens, shape, backend), f"write_kv T={tokens}", figures)
+    return kernel
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ Runs, in one process and on the same seeded workload:
      batches; prints output tokens/s, total tokens/s and their ratio;
   2. KV utilization over our run: tokens stored / slots allocated to sequences, summed over steps;
   3. a shared-prefix workload (one ~1,000-token system prompt, 32 short questions) with prefix
-     caching on vs off.
+     caching on vs off;
+and before those a single request's inter-token latency, the peers' workload shape (64 requests
+of ~160 prompt tokens, 64-128 output tokens) 16 and 64 at a time, and the roofline. The figures
+go to a JSON record under bench/results/ (see bench/_record.py). Peers are measured side by side
+with bench/serve.py --url (docs/performance.md), never against figures from another machine.
 
 Usage: python bench/offline.py [--model DIR] [--dtype auto] [--requests 64] [--hf-batch 16]
 """
@@ -18,6 +22,7 @@ import statistics
 import time
 from typing import Any
 
+import _record
 import torch
 
 from engine import LLM, SamplingParams
@@ -214,7 +219,7 @@ def prefill_rate(llm: LLM, tokens: int = 2048, runs: int = 3) -> float:
     return statistics.median(rates[1:])
 
 
-def roofline(llm: LLM) -> None:
+def roofline(llm: LLM) -> dict[str, Any]:
     """Achieved rates against the GEMM limit (the issue's roofline) and, for decode steps, against
     the memory floor: every weight and the batch's whole KV cache read once per step at the
     measured read rate (a decode step cannot beat it, whatever the GEMM rate)."""
@@ -234,6 +239,13 @@ def roofline(llm: LLM) -> None:
         f"  prefill-heavy: {prefill:.0f} tok/s of a {prefill_limit:.0f} tok/s limit = "
         f"{prefill / prefill_limit:.0%}"
     )
+    figures: dict[str, Any] = {
+        "gemm_gflops": peak,
+        "memory_read_gbps": gbps,
+        "prefill_tokens_per_s": prefill,
+        "prefill_of_gemm_limit": prefill / prefill_limit,
+        "decode": {},
+    }
     decode_limit = peak * 1e9 / flops_per_token(engine, with_head=True)
     for batch in (1, 16, 64):
         split = step_split(llm, batch)
@@ -246,14 +258,17 @@ def roofline(llm: LLM) -> None:
             f"memory floor {floor_ms:.1f} ms (KV {split['kv_bytes'] / 1e6:.0f} MB) = "
             f"{floor_ms / split['total']:.0%} of it"
         )
+        figures["decode"][batch] = {
+            "step_ms": split["total"],
+            "split_ms": {k: v for k, v in split.items() if k not in ("total", "kv_bytes")},
+            "of_gemm_limit": rate / decode_limit,
+            "memory_floor_ms": floor_ms,
+            "of_memory_floor": floor_ms / split["total"],
+        }
+    return figures
 
 
-# Figures measured on a machine like ours with the same model in bf16 (issue 3): vLLM 0.32 CPU with
-# prefix caching, and llama.cpp's server with 4-bit weights, 64 requests, 16 at a time.
-PEERS = {"vLLM 0.32 CPU": (260.0, 560.0, 26.0), "llama.cpp Q4": (110.0, None, 8.0)}
-
-
-def peer_workload(llm: LLM, concurrency: int, requests: int = 64) -> None:
+def peer_workload(llm: LLM, concurrency: int, requests: int = 64) -> dict[str, float]:
     """The peers' workload: ~160-token prompts, up to 128 output tokens, `concurrency` at a time.
     Each concurrency gets its own prompts: a rerun of the same ones would hit the prefix cache."""
     engine = llm.engine
@@ -269,15 +284,11 @@ def peer_workload(llm: LLM, concurrency: int, requests: int = 64) -> None:
         result = run_engine(llm, work)
     finally:
         engine.scheduler.config.max_num_seqs = saved
-    line = (
+    print(
         f"peer workload ({requests} requests, {concurrency} at a time): "
         f"output {result['output_tps']:.0f} tok/s, total {result['total_tps']:.0f} tok/s"
     )
-    for name, (out_tps, total_tps, _) in PEERS.items():
-        line += f"; vs {name} output {result['output_tps'] / out_tps:.2f}x"
-        if total_tps:
-            line += f" total {result['total_tps'] / total_tps:.2f}x"
-    print(line)
+    return result
 
 
 def single_stream_itl(llm: LLM, tokens: int = 64) -> float:
@@ -293,8 +304,7 @@ def single_stream_itl(llm: LLM, tokens: int = 64) -> float:
         gaps.append(time.perf_counter() - t0)
     gaps.sort()
     itl = 1000 * gaps[len(gaps) // 2]
-    peers = ", ".join(f"{name} {p[2]:.0f} ms" for name, p in PEERS.items())
-    print(f"single-request inter-token latency: {itl:.1f} ms (p50; {peers})")
+    print(f"single-request inter-token latency: {itl:.1f} ms (p50)")
     return itl
 
 
@@ -310,6 +320,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--only-roofline", action="store_true")
     ap.add_argument("--only-peers", action="store_true")
+    _record.add_arguments(ap)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
 
@@ -326,16 +337,30 @@ def main() -> None:
         f"model={engine.model_name} dtype={engine.dtype} device={engine.device} "
         f"blocks={engine.num_blocks} threads={torch.get_num_threads()}"
     )
-    single_stream_itl(llm)
-    for concurrency in (16, 64):
-        peer_workload(llm, concurrency)
+    figures: dict[str, Any] = {
+        "model": engine.model_name,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "threads": torch.get_num_threads(),
+    }
+    measure(args, llm, kwargs, figures)
+    _record.write(args, __file__, figures)
+
+
+def measure(
+    args: argparse.Namespace, llm: LLM, kwargs: dict[str, Any], figures: dict[str, Any]
+) -> None:
+    """Run the parts `args` asks for, adding each one's figures to `figures`."""
+    engine = llm.engine
+    figures["single_request_itl_ms"] = single_stream_itl(llm)
+    figures["peer_workload"] = {c: peer_workload(llm, c) for c in (16, 64)}
     if args.only_peers:
         return
-    roofline(llm)
+    figures["roofline"] = roofline(llm)
     if args.only_roofline:
         return
     work = workload(llm.tokenizer, args.requests, args.seed)
-    ours = run_engine(llm, work)
+    ours = figures["engine"] = run_engine(llm, work)
     print(
         f"prefixgate   : {ours['seconds']:.1f}s  output {ours['output_tps']:.1f} tok/s  "
         f"total {ours['total_tps']:.1f} tok/s  steps {ours['steps']}  "
@@ -352,14 +377,19 @@ def main() -> None:
         hf_dir = gguf_to_hf_dir(path) if path.endswith(".gguf") else path
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=engine.dtype)
         hf = hf.to(engine.device).eval()
-        theirs = run_transformers(hf, work, args.hf_batch, pad=0)
+        theirs = figures["transformers"] = run_transformers(hf, work, args.hf_batch, pad=0)
+        theirs["static_batch"] = args.hf_batch
+        figures["vs_transformers"] = {
+            "output": ours["output_tps"] / theirs["output_tps"],
+            "total": ours["total_tps"] / theirs["total_tps"],
+        }
         print(
             f"transformers : {theirs['seconds']:.1f}s  output {theirs['output_tps']:.1f} tok/s "
             f" total {theirs['total_tps']:.1f} tok/s  (static batches of {args.hf_batch})"
         )
         print(
-            f"ratio        : output {ours['output_tps'] / theirs['output_tps']:.2f}x  "
-            f"total {ours['total_tps'] / theirs['total_tps']:.2f}x"
+            f"ratio        : output {figures['vs_transformers']['output']:.2f}x  "
+            f"total {figures['vs_transformers']['total']:.2f}x"
         )
         del hf
 
@@ -368,6 +398,14 @@ def main() -> None:
     same = sum(
         a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(on[3], off[3], strict=True)
     )
+    figures["shared_prefix"] = {
+        "caching_off_s": off[0],
+        "caching_on_s": on[0],
+        "speedup": off[0] / on[0],
+        "cached_prompt_tokens": on[2],
+        "identical_outputs": same,
+        "requests": len(on[3]),
+    }
     print(
         f"shared prefix (1000-token system prompt, 32 questions): caching off {off[0]:.1f}s "
         f"({off[1]:.0f} tok/s), on {on[0]:.1f}s ({on[1]:.0f} tok/s), "

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _record
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -439,13 +440,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--port", type=int, default=8123, help="port for the server this starts")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--model")
     p.add_argument("--dtype")
     p.add_argument("--device")
     p.add_argument("--num-blocks", type=int)
     p.add_argument("--max-num-seqs", type=int)
     p.add_argument("--max-batched-tokens", type=int)
+    _record.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -524,9 +525,11 @@ def main(argv: list[str] | None = None) -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    figures = report(args, runs)
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    workload = {
+        k: getattr(args, k)
+        for k in ("url", "num_requests", "concurrency", "prompt_tokens", "max_tokens", "rounds")
+    }
+    _record.write(args, __file__, {"workload": workload, **report(args, runs)})
 
 
 if __name__ == "__main__":
