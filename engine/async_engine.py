@@ -16,17 +16,19 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.llm_engine import EngineStats, LLMEngine
-from engine.outputs import RequestDelta
+from engine.outputs import PrefixState, RequestDelta
+from engine.request import Request
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("prefixgate.engine")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -37,6 +39,29 @@ class _Add:
     tenant: str
     namespace: str | None
     priority: int
+
+
+@dataclass(slots=True)
+class _Call:
+    """Run `fn(engine)` on the engine thread; its result (or exception) resolves `future`."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future[Any]
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled)
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _resolve_soon(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    loop = future.get_loop()
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(_resolve, future, result, exc)
 
 
 class RequestStream:
@@ -115,8 +140,9 @@ class AsyncEngine:
         self.tokenizer: Any = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
-        self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Call | str | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
+        self._warms: dict[str, tuple[Request, asyncio.Future[PrefixState]]] = {}  # engine thread
         self._wakeup = threading.Event()
         self._go = threading.Event()  # set by start()
         self._thread: threading.Thread | None = None
@@ -236,6 +262,60 @@ class AsyncEngine:
         self._commands.put(request_id)
         self._wakeup.set()
 
+    # ---- prefixes (event loop thread) ------------------------------------------------------
+    async def warm_prefix(
+        self,
+        token_ids: list[int],
+        *,
+        key: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        expires_at: float | None = None,
+    ) -> PrefixState:
+        """Compute a prefix into the cache (one prefill) and, with `key`, pin its full blocks
+        until `unpin_prefix(key)` or `expires_at` (epoch seconds); see `LLMEngine.warm_prefix`.
+
+        Raises:
+            InvalidRequestError / ContextLengthError: the prefix cannot be a prompt.
+            PinRefusedError: over the engine's pin cap (HTTP 409).
+            EngineDeadError: the engine stopped before the prefix was computed.
+        """
+        done: asyncio.Future[PrefixState] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._ids += 1
+            request_id = f"warm-{self._ids}"
+
+        def start(engine: LLMEngine) -> None:
+            request = engine.warm_prefix(
+                token_ids,
+                key=key,
+                tenant=tenant,
+                namespace=namespace,
+                expires_at=expires_at,
+                request_id=request_id,
+            )
+            self._warms[request_id] = (request, done)
+
+        await self._call(start)
+        return await done
+
+    async def unpin_prefix(self, key: str) -> bool:
+        """End a pin; its blocks stay cached until evicted. False if `key` was not pinned."""
+        return await self._call(lambda engine: engine.unpin_prefix(key))
+
+    async def extend_pin(self, key: str, expires_at: float | None) -> bool:
+        """Move a pin's lease end (a use of the prefix); False if `key` is not pinned."""
+        return await self._call(lambda engine: engine.extend_pin(key, expires_at))
+
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """`fn(engine)` on the engine thread, which owns every engine structure."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine stopped: {self._dead!r}")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(fn, future))
+        self._wakeup.set()
+        return await future
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
@@ -245,21 +325,52 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_commands()
                 if not self.engine.has_unfinished:
+                    self.engine.expire_pins()  # leases end while idle too
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
                 self._dispatch_all(self.engine.step())
+                if self._warms:
+                    self._finish_warms()
         except BaseException as exc:  # the loop must never die silently
             log.exception("engine loop crashed")
             self._dead = exc
+            dead = EngineDeadError(f"engine loop crashed: {exc!r}")
             for stream in list(self._streams.values()):
-                stream._put(EngineDeadError(f"engine loop crashed: {exc!r}"))
+                stream._put(dead)
             self._streams.clear()
+            self._fail_pending(dead)
             return
         for request_id in list(self.engine.scheduler.requests):
             aborted = self.engine.abort(request_id)
             if aborted is not None:
                 self._dispatch(aborted)
+        self._fail_pending(EngineDeadError("engine shut down"))
+
+    def _finish_warms(self) -> None:
+        for request_id, (request, done) in list(self._warms.items()):
+            if not request.finished:
+                continue
+            del self._warms[request_id]
+            try:
+                state = self.engine.prefix_state(request)
+            except Exception as exc:
+                _resolve_soon(done, None, exc)
+            else:
+                _resolve_soon(done, state, None)
+
+    def _fail_pending(self, exc: EngineDeadError) -> None:
+        """The loop is ending: every warm-up and call still waiting gets `exc`."""
+        for _, done in self._warms.values():
+            _resolve_soon(done, None, exc)
+        self._warms.clear()
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Call):
+                _resolve_soon(cmd.future, None, exc)
 
     def _drain_commands(self) -> None:
         while True:
@@ -273,6 +384,9 @@ class AsyncEngine:
                 delta = self.engine.abort(cmd)
                 if delta is not None:
                     self._dispatch(delta)
+                continue
+            if isinstance(cmd, _Call):
+                self._run_call(cmd)
                 continue
             with self._lock:
                 self._pending -= 1
@@ -289,6 +403,14 @@ class AsyncEngine:
                 stream = self._streams.pop(cmd.request_id, None)
                 if stream is not None:
                     stream._put(exc)
+
+    def _run_call(self, cmd: _Call) -> None:
+        try:
+            result = cmd.fn(self.engine)
+        except Exception as exc:  # the caller's error, not the loop's
+            _resolve_soon(cmd.future, None, exc)
+        else:
+            _resolve_soon(cmd.future, result, None)
 
     def _dispatch(self, delta: RequestDelta) -> None:
         self._dispatch_all([delta])

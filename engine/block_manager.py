@@ -13,6 +13,16 @@ A sequence's tokens map onto its block table like this (block_size = 4):
 Only full blocks get a hash. A block is cached (findable by hash) from the moment its tokens are
 scheduled: within one step every layer writes all new K/V before any attention reads, so a second
 sequence that hits it in the same step reads correct values.
+
+Pins: a registered prefix holds one reference on each of its full blocks (`Pin`), so the blocks
+never reach the free queue and no memory pressure evicts them; when the pin ends (unpin, lease
+expiry, or a re-pin of the key with other content) the references are released and the blocks
+are ordinary cached blocks again, evicted LRU like any other. A block's `ref_cnt` is the number
+of sequences plus pins holding it; `pin_cnt` is the pins' part of it.
+
+Pin cap: distinct pinned blocks never exceed `max_pinned_blocks`. The engine sets it to at most
+half the pool and at most the pool minus what one request of the longest admissible length needs,
+so the scheduler can always run the longest request beside every pin: pins cannot starve traffic.
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from engine.errors import PinRefusedError
 
 
 @dataclass(slots=True, eq=False)
@@ -29,7 +41,8 @@ class KVBlock:
     """One block of `block_size` token slots in every layer's KV cache."""
 
     block_id: int
-    ref_cnt: int = 0  # sequences (and later pins) holding it; never negative
+    ref_cnt: int = 0  # sequences and pins holding it; never negative
+    pin_cnt: int = 0  # of ref_cnt, the references held by pins
     block_hash: bytes | None = None  # set once when full and cached; None otherwise
     prev_free: KVBlock | None = None  # links of the free queue, None when not in it
     next_free: KVBlock | None = None
@@ -116,6 +129,29 @@ class SeqBlocks:
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of the leading full blocks
 
 
+@dataclass(frozen=True, slots=True)
+class PinSpec:
+    """Pin a prefix once its request has computed it: what `Scheduler.finish` hands to `pin`."""
+
+    key: str  # the pin's identity (e.g. owner and prefix name); re-pinning a key replaces it
+    num_blocks: int  # leading full blocks of the request's prompt to pin
+    expires_at: float | None = None  # lease end, epoch seconds; None: until unpinned
+
+
+@dataclass(slots=True, eq=False)
+class Pin:
+    """A prefix's hold on its full blocks: one reference on each while it lives."""
+
+    key: str
+    tenant: str  # owner, for per-tenant pinned-block accounting
+    blocks: list[KVBlock]  # the prefix's full blocks in chain order
+    expires_at: float | None  # lease end, epoch seconds; None: until unpinned
+
+    @property
+    def block_ids(self) -> list[int]:
+        return [b.block_id for b in self.blocks]
+
+
 @dataclass(slots=True)
 class BlockManagerStats:
     num_blocks: int
@@ -123,6 +159,9 @@ class BlockManagerStats:
     prefix_queries_tokens: int  # prompt tokens looked up in the prefix cache
     prefix_hits_tokens: int  # of which served from the cache
     evictions: int  # cached blocks whose content was dropped for reuse
+    num_pinned_blocks: int  # distinct blocks held by pins
+    max_pinned_blocks: int  # the pin cap
+    pinned_blocks_by_tenant: dict[str, int]  # blocks of each tenant's pins (summed over its pins)
 
     @property
     def usage(self) -> float:
@@ -130,18 +169,39 @@ class BlockManagerStats:
 
 
 class BlockManager:
-    """Allocates KV blocks to sequences, shares identical prefixes, copies on write after fork."""
+    """Allocates KV blocks to sequences, shares identical prefixes, copies on write after fork,
+    and pins registered prefixes.
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    Args:
+        num_blocks: blocks in the pool.
+        block_size: token slots per block.
+        enable_caching: share full blocks by content hash (pins need it).
+        max_pinned_blocks: cap on distinct pinned blocks; None is half the pool.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        max_pinned_blocks: int | None = None,
+    ) -> None:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
+        if max_pinned_blocks is None:
+            max_pinned_blocks = num_blocks // 2
+        assert 0 <= max_pinned_blocks <= num_blocks
+        self.max_pinned_blocks = max_pinned_blocks if enable_caching else 0
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, KVBlock] = {}  # block hash -> block holding that content
         self.seqs: dict[int, SeqBlocks] = {}
         self.tenant_blocks: Counter[str] = Counter()  # block references held per tenant
+        self.pins: dict[str, Pin] = {}
+        self.num_pinned_blocks = 0  # blocks with pin_cnt > 0
+        self.tenant_pinned: Counter[str] = Counter()  # blocks of each tenant's pins
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
         self.evictions = 0
@@ -158,6 +218,9 @@ class BlockManager:
             self.prefix_queries_tokens,
             self.prefix_hits_tokens,
             self.evictions,
+            self.num_pinned_blocks,
+            self.max_pinned_blocks,
+            dict(self.tenant_pinned),
         )
 
     def block_ids(self, seq_id: int) -> list[int]:
@@ -175,16 +238,20 @@ class BlockManager:
         if not self.enable_caching:
             return []
         hits: list[KVBlock] = []
-        parent: bytes | None = None
-        bs = self.block_size
-        max_blocks = (len(token_ids) - 1) // bs
-        for i in range(max_blocks):
-            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], namespace)
-            block = self.cached.get(parent)
+        for h in self.chain_hashes(token_ids[: len(token_ids) - 1], namespace):
+            block = self.cached.get(h)
             if block is None:
                 break
             hits.append(block)
         return hits
+
+    def chain_hashes(self, token_ids: Sequence[int], namespace: str | None) -> Iterator[bytes]:
+        """Hash chain of the full blocks of `token_ids`, lazily (callers may stop early)."""
+        parent: bytes | None = None
+        bs = self.block_size
+        for i in range(len(token_ids) // bs):
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], namespace)
+            yield parent
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate(
@@ -283,6 +350,116 @@ class BlockManager:
             del self.tenant_blocks[seq.tenant]
         for block in reversed(seq.blocks):
             self._release(block)
+
+    # ---- pins ----------------------------------------------------------------------------
+    def check_pin(self, key: str, token_ids: Sequence[int], namespace: str | None) -> int:
+        """Refuse early a pin of the full blocks of `token_ids` that the cap cannot take, counting
+        blocks not cached yet as new (they will be by the time `pin` runs).
+
+        Returns:
+            The number of blocks the pin would hold.
+
+        Raises:
+            PinRefusedError: over the cap, or prefix caching is off.
+        """
+        blocks = [self.cached.get(h) for h in self.chain_hashes(token_ids, namespace)]
+        self._check_cap(key, blocks)
+        return len(blocks)
+
+    def pin(self, seq_id: int, spec: PinSpec) -> Pin:
+        """Pin the first `spec.num_blocks` full blocks of a sequence's prompt under `spec.key`.
+
+        The sequence must have computed them. Each position pins the block the cache finds for
+        its hash (a sequence may hold a private duplicate of a block that another sequence
+        registered first); a block nobody registered is registered now. A pin already held under
+        the key is replaced (new references are taken before the old ones are released, so
+        shared blocks stay put).
+
+        Raises:
+            PinRefusedError: the pin would take distinct pinned blocks over the cap (nothing
+                changes then).
+        """
+        seq = self.seqs[seq_id]
+        hashes = seq.hashes[: spec.num_blocks]
+        found = [self.cached.get(h) for h in hashes]
+        self._check_cap(spec.key, found)  # first: refuses when caching is off (no hashes then)
+        assert len(hashes) == spec.num_blocks, "pin of blocks the sequence has not computed"
+        pin = Pin(spec.key, seq.tenant, [], spec.expires_at)
+        for i, block in enumerate(found):
+            self._take_pin(pin, block or self._register(seq.blocks[i], hashes[i]))
+        self.unpin(spec.key)
+        self.pins[spec.key] = pin
+        return pin
+
+    def unpin(self, key: str) -> bool:
+        """End a pin: its blocks become ordinary cached blocks (revivable until evicted).
+        Released tail first, like `free`. False if no pin has this key."""
+        pin = self.pins.pop(key, None)
+        if pin is None:
+            return False
+        self.tenant_pinned[pin.tenant] -= len(pin.blocks)
+        if self.tenant_pinned[pin.tenant] == 0:
+            del self.tenant_pinned[pin.tenant]
+        for block in reversed(pin.blocks):
+            block.pin_cnt -= 1
+            if block.pin_cnt == 0:
+                self.num_pinned_blocks -= 1
+            self._release(block)
+        return True
+
+    def extend_pin(self, key: str, expires_at: float | None) -> bool:
+        """Move a pin's lease end (None: until unpinned); False if no pin has this key."""
+        pin = self.pins.get(key)
+        if pin is None:
+            return False
+        pin.expires_at = expires_at
+        return True
+
+    def expire_pins(self, now: float) -> list[str]:
+        """Unpin every pin whose lease ended at or before `now`; returns their keys."""
+        due = [k for k, p in self.pins.items() if p.expires_at is not None and p.expires_at <= now]
+        for key in due:
+            self.unpin(key)
+        return due
+
+    def _check_cap(self, key: str, blocks: Sequence[KVBlock | None]) -> None:
+        """Raise unless replacing pin `key` by one on `blocks` (None: not cached yet, so not
+        pinned) keeps distinct pinned blocks within the cap."""
+        if not self.enable_caching:
+            raise PinRefusedError("prefix caching is off in this engine: nothing can be pinned")
+        new = {id(b) for b in blocks if b is not None}
+        old = self.pins.get(key)
+        added = sum(1 for b in blocks if b is None or b.pin_cnt == 0)
+        dropped = (
+            0 if old is None else sum(1 for b in old.blocks if b.pin_cnt == 1 and id(b) not in new)
+        )
+        after = self.num_pinned_blocks + added - dropped
+        if added > 0 and after > self.max_pinned_blocks:
+            raise PinRefusedError(
+                f"Pinning {len(blocks)} blocks would hold {after} pinned KV blocks, over the "
+                f"engine's cap of {self.max_pinned_blocks} (of {self.num_blocks}) by "
+                f"{after - self.max_pinned_blocks}; pins never take the blocks running "
+                "requests need.",
+                cap=self.max_pinned_blocks,
+                requested=after,
+            )
+
+    def _register(self, block: KVBlock, block_hash: bytes) -> KVBlock:
+        """Make a full block nobody registered findable by its hash."""
+        assert block.block_hash is None, "a block's hash is set once"
+        block.block_hash = block_hash
+        self.cached[block_hash] = block
+        return block
+
+    def _take_pin(self, pin: Pin, block: KVBlock) -> None:
+        if block.ref_cnt == 0:
+            self.free_queue.remove(block)
+        block.ref_cnt += 1
+        if block.pin_cnt == 0:
+            self.num_pinned_blocks += 1
+        block.pin_cnt += 1
+        pin.blocks.append(block)
+        self.tenant_pinned[pin.tenant] += 1
 
     # ---- internals -----------------------------------------------------------------------
     def _take(self, seq: SeqBlocks, block: KVBlock) -> None:

@@ -77,17 +77,24 @@ class ModelConfig:
 
 @dataclass(slots=True)
 class CacheConfig:
-    """KV cache pool: `num_blocks` wins over `kv_cache_gib` when both are set."""
+    """KV cache pool: `num_blocks` wins over `kv_cache_gib` when both are set.
+
+    `max_pinned_fraction` caps the blocks pinned prefixes may hold; the engine also keeps room
+    for one request of `max_model_len` tokens beside every pin (see `engine/block_manager.py`).
+    """
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_gib: float = 1.0
     enable_prefix_caching: bool = True
+    max_pinned_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _check_positive(self, "block_size", "num_blocks", "kv_cache_gib")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two: {self.block_size}")
+        if not 0 <= self.max_pinned_fraction < 1:
+            raise ValueError(f"max_pinned_fraction must be in [0, 1): {self.max_pinned_fraction}")
 
 
 @dataclass(slots=True)

@@ -27,3 +27,14 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop crashed; no more requests are accepted."""
+
+
+class PinRefusedError(RuntimeError):
+    """A pin the engine refuses: it would take the pool below what running requests need (the
+    pin cap), or prefix caching is off (HTTP 409)."""
+
+    def __init__(self, message: str, *, cap: int = 0, requested: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cap = cap  # the engine's cap on distinct pinned blocks
+        self.requested = requested  # pinned blocks the pin would have led to

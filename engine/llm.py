@@ -8,7 +8,7 @@ from typing import Any
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.models.loader import LoadedModel
-from engine.outputs import RequestOutput
+from engine.outputs import PrefixState, RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -87,6 +87,31 @@ class LLM:
         while self.engine.has_unfinished:
             self.engine.step()
         return [self.engine.final_output(r) for r in requests]
+
+    def warm_prefix(
+        self,
+        prompt: Prompt,
+        *,
+        key: str | None = None,
+        namespace: str | None = None,
+        expires_at: float | None = None,
+    ) -> PrefixState:
+        """Compute `prompt` into the prefix cache now; with `key`, pin its full blocks so no
+        memory pressure evicts them until `unpin_prefix(key)` or `expires_at` (epoch seconds).
+
+        Raises:
+            PinRefusedError: the engine's pin cap cannot take it.
+        """
+        request = self.engine.warm_prefix(
+            self.encode(prompt), key=key, namespace=namespace, expires_at=expires_at
+        )
+        while not request.finished:
+            self.engine.step()
+        return self.engine.prefix_state(request)
+
+    def unpin_prefix(self, key: str) -> bool:
+        """End a pin; its blocks stay cached until evicted. False if `key` is not pinned."""
+        return self.engine.unpin_prefix(key)
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -5,18 +5,24 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, PinSpec
 from engine.config import EngineConfig, ModelConfig
-from engine.errors import ContextLengthError, EngineOverloadedError, InvalidRequestError
+from engine.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
 from engine.model_runner import ModelRunner, StepTimings, num_kv_blocks
 from engine.models.loader import LoadedModel, load_model, resolve_dtype
 from engine.output_processor import OutputProcessor
-from engine.outputs import CompletionOutput, RequestDelta, RequestOutput
+from engine.outputs import CompletionOutput, PrefixState, RequestDelta, RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -39,6 +45,9 @@ class EngineStats:
     prefix_queries_tokens: int  # cumulative
     prefix_hits_tokens: int  # cumulative
     num_preemptions: int  # cumulative
+    num_pinned_blocks: int = 0  # distinct blocks held by pinned prefixes
+    max_pinned_blocks: int = 0  # the engine's pin cap
+    pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -66,9 +75,16 @@ class LLMEngine:
         self.max_model_len = min(
             limit, mc.max_position_embeddings, self.num_blocks * cache.block_size
         )
+        # Pins hold at most max_pinned_fraction of the pool, and always leave room for one
+        # request of max_model_len tokens: they can slow traffic down, never starve it.
+        room = self.num_blocks - -(-self.max_model_len // cache.block_size)
         self.block_manager = BlockManager(
-            self.num_blocks, cache.block_size, cache.enable_prefix_caching
+            self.num_blocks,
+            cache.block_size,
+            cache.enable_prefix_caching,
+            max_pinned_blocks=min(int(self.num_blocks * cache.max_pinned_fraction), room),
         )
+        self.clock: Callable[[], float] = time.time  # pin leases (epoch seconds); tests swap it
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(
             loaded.model,
@@ -148,6 +164,71 @@ class LLMEngine:
             return None
         return self._delta(request)
 
+    # ---- prefixes --------------------------------------------------------------------------
+    def warm_prefix(
+        self,
+        token_ids: list[int],
+        *,
+        key: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        expires_at: float | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Compute a prefix into the cache with one prefill (and one greedy token); with `key`,
+        pin its full blocks under `key` as its prompt finishes, until `unpin_prefix(key)` or
+        `expires_at` (epoch seconds, `self.clock`). Read the outcome with `prefix_state` once
+        the request has finished.
+
+        Raises:
+            InvalidRequestError / ContextLengthError: as `add_request`.
+            PinRefusedError: the pin cap cannot take it (checked before anything runs).
+        """
+        if key is not None:
+            self.block_manager.check_pin(key, token_ids, namespace)
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        request = self.add_request(token_ids, params, request_id, tenant, namespace)
+        if key is not None:
+            num_blocks = len(token_ids) // self.block_manager.block_size
+            request.pin = PinSpec(key, num_blocks, expires_at)
+        return request
+
+    def prefix_state(self, request: Request) -> PrefixState:
+        """The outcome of a finished `warm_prefix` request.
+
+        Raises:
+            PinRefusedError: the pin was refused when the prompt finished (another pin took the
+                room meanwhile).
+            EngineDeadError: the request was aborted before its prompt finished.
+        """
+        assert request.finished
+        if request.pin_error is not None:
+            raise request.pin_error
+        if request.seqs[0].finish_reason == "abort":
+            raise EngineDeadError("the prefix's warm-up request was aborted")
+        n = len(request.prompt_token_ids)
+        return PrefixState(
+            num_tokens=n,
+            num_blocks=n // self.block_manager.block_size,
+            num_cached_tokens=request.num_cached_tokens,
+            pinned=request.pinned is not None,
+        )
+
+    def unpin_prefix(self, key: str) -> bool:
+        """End a pin now; its blocks stay cached until evicted. False if `key` is not pinned."""
+        return self.block_manager.unpin(key)
+
+    def extend_pin(self, key: str, expires_at: float | None) -> bool:
+        """Move a pin's lease end; False if `key` is not pinned (expired, or never pinned)."""
+        return self.block_manager.extend_pin(key, expires_at)
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self.block_manager.pins
+
+    def expire_pins(self) -> list[str]:
+        """Unpin every pin whose lease has ended by `self.clock()`; returns their keys."""
+        return self.block_manager.expire_pins(self.clock())
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -163,12 +244,17 @@ class LLMEngine:
             prefix_queries_tokens=bm.prefix_queries_tokens,
             prefix_hits_tokens=bm.prefix_hits_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            num_pinned_blocks=bm.num_pinned_blocks,
+            max_pinned_blocks=bm.max_pinned_blocks,
+            pinned_blocks_by_tenant=bm.pinned_blocks_by_tenant,
         )
 
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         """Schedule, run the model, sample, detokenize; return what each touched request made."""
         t = time.perf_counter()
+        if self.block_manager.pins:
+            self.expire_pins()
         out = self.scheduler.schedule()
         self.timings.add("schedule", t)
         sampled = self.runner.execute(out, self.timings)

@@ -67,3 +67,13 @@ class RequestDelta:
     prompt_tokens: int
     completion_tokens: int  # so far, all n completions together
     cached_tokens: int  # prompt tokens served from the prefix cache
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixState:
+    """What warming a prefix left in the engine (`warm_prefix`)."""
+
+    num_tokens: int  # the prefix's tokens
+    num_blocks: int  # its full blocks: the cacheable (and, when pinned, pinned) part
+    num_cached_tokens: int  # tokens found in the cache already, so not computed again
+    pinned: bool  # its full blocks are pinned under the key until unpinned or the lease ends

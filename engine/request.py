@@ -13,6 +13,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from engine.block_manager import Pin, PinSpec
+from engine.errors import PinRefusedError
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -86,6 +88,9 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     forked: bool = False  # the n - 1 siblings exist
+    pin: PinSpec | None = None  # pin the prompt's leading blocks when it finishes (warm requests)
+    pinned: Pin | None = None  # the pin taken at finish
+    pin_error: PinRefusedError | None = None  # or why it was refused
 
     def __post_init__(self) -> None:
         if not self.seqs:

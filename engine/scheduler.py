@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
+from engine.errors import PinRefusedError
 from engine.policy import make_waiting_queue
 from engine.request import Request, SeqStatus, Sequence
 from engine.sampling_params import SamplingParams
@@ -92,6 +93,8 @@ class Scheduler:
             self.waiting.remove(seq)
         elif seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            if seq.request.pin is not None and reason != "abort":
+                self._pin(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
@@ -100,6 +103,15 @@ class Scheduler:
         self._finished_seq_ids.append(seq.seq_id)
         if seq.request.finished:
             self.requests.pop(seq.request.request_id, None)
+
+    def _pin(self, seq: Sequence) -> None:
+        """A warm request's prompt is computed: pin its blocks before the sequence lets go."""
+        request = seq.request
+        assert request.pin is not None
+        try:
+            request.pinned = self.bm.pin(seq.seq_id, request.pin)
+        except PinRefusedError as exc:
+            request.pin_error = exc
 
     @property
     def has_work(self) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from engine.config import EngineConfig
-from engine.outputs import RequestDelta
+from engine.outputs import PrefixState, RequestDelta
 from engine.sampling_params import SamplingParams
 
 
@@ -27,6 +27,9 @@ class EngineStats(Protocol):
     prefix_queries_tokens: int
     prefix_hits_tokens: int
     num_preemptions: int
+    num_pinned_blocks: int  # distinct blocks held by pinned prefixes
+    max_pinned_blocks: int  # the engine's pin cap
+    pinned_blocks_by_tenant: dict[str, int]
 
 
 class RequestStream(Protocol):
@@ -74,6 +77,33 @@ class EngineClient(Protocol):
         ...
 
     def abort(self, request_id: str) -> None: ...
+
+    async def warm_prefix(
+        self,
+        token_ids: list[int],
+        *,
+        key: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        expires_at: float | None = None,
+    ) -> PrefixState:
+        """Compute a prefix into the cache (one prefill); with `key`, pin its full blocks until
+        `unpin_prefix(key)` or `expires_at` (epoch seconds). Re-pinning a key replaces its pin.
+
+        Raises:
+            InvalidRequestError / ContextLengthError: the prefix cannot be a prompt.
+            PinRefusedError: over the engine's pin cap, or prefix caching is off (HTTP 409).
+            EngineDeadError: the engine stopped.
+        """
+        ...
+
+    async def unpin_prefix(self, key: str) -> bool:
+        """End a pin (its blocks stay cached until evicted); False if `key` is not pinned."""
+        ...
+
+    async def extend_pin(self, key: str, expires_at: float | None) -> bool:
+        """Move a pin's lease end; False if `key` is not pinned (expired or never pinned)."""
+        ...
 
     def stats(self) -> EngineStats: ...
 

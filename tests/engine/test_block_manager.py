@@ -1,4 +1,4 @@
-"""Block manager: allocation, prefix caching, LRU revival, fork/CoW, namespaces, no leaks."""
+"""Block manager: allocation, prefix caching, LRU revival, fork/CoW, namespaces, pins, no leaks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.block_manager import BlockManager, hash_block
+from engine.block_manager import BlockManager, PinSpec, hash_block
+from engine.errors import PinRefusedError
 
 
 def test_imports_without_torch() -> None:
@@ -114,22 +115,156 @@ def test_double_release_is_refused() -> None:
         bm._release(block)
 
 
+def flood(bm: BlockManager, first_id: int, rounds: int = 4) -> None:
+    """Unique prompts that each take the whole free pool, then let go: evicts every free block."""
+    for i in range(rounds):
+        n = bm.num_free_blocks * bm.block_size
+        assert bm.allocate(first_id + i, [1000 + 7 * i + t for t in range(n)], n) == 0
+        bm.free(first_id + i)
+
+
+def pinned_prefix(bm: BlockManager, key: str, tokens: list[int], seq_id: int, **kw: object) -> None:
+    """Compute `tokens` as a sequence, pin its full blocks under `key`, let the sequence go."""
+    bm.allocate(seq_id, tokens, len(tokens), **kw)  # type: ignore[arg-type]
+    bm.pin(seq_id, PinSpec(key, len(tokens) // bm.block_size))
+    bm.free(seq_id)
+
+
+def test_pin_survives_pressure_and_unpinned_prefix_is_evicted() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    pinned, plain = list(range(9)), list(range(50, 59))
+    pinned_prefix(bm, "p", pinned, 1)
+    bm.allocate(2, plain, 9)
+    bm.free(2)
+    assert bm.num_pinned_blocks == 2 and bm.num_free_blocks == 6
+    flood(bm, 10)
+    assert bm.allocate(3, pinned, 9) == 8  # both pinned blocks hit
+    assert bm.allocate(4, plain, 9) == 0  # the unpinned one was evicted
+    bm.free(3)
+    bm.free(4)
+    assert bm.unpin("p") and not bm.unpin("p")
+    assert bm.num_pinned_blocks == 0 and bm.num_free_blocks == 8
+    assert bm.allocate(5, pinned, 9) == 8  # an ordinary cached block again: revivable...
+    bm.free(5)
+    flood(bm, 20)
+    assert bm.allocate(6, pinned, 9) == 0  # ...until evicted
+
+
+def test_pin_refs_and_per_tenant_accounting() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate(1, list(range(9)), 9, namespace="a", tenant="acme")
+    pin = bm.pin(1, PinSpec("acme/sys", 2))
+    assert [bm.blocks[b].ref_cnt for b in pin.block_ids] == [2, 2]
+    assert [bm.blocks[b].pin_cnt for b in pin.block_ids] == [1, 1]
+    bm.free(1)
+    assert [bm.blocks[b].ref_cnt for b in pin.block_ids] == [1, 1]
+    assert bm.stats().pinned_blocks_by_tenant == {"acme": 2}
+    assert bm.tenant_blocks == {}  # sequences' references are counted apart from pins
+    bm.unpin("acme/sys")
+    assert bm.stats().pinned_blocks_by_tenant == {} and bm.stats().num_pinned_blocks == 0
+
+
+def test_pin_cap_refuses_and_changes_nothing() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, max_pinned_blocks=3)
+    pinned_prefix(bm, "a", list(range(9)), 1)  # 2 blocks
+    with pytest.raises(PinRefusedError) as refused:
+        bm.check_pin("b", list(range(100, 109)), None)
+    assert (refused.value.cap, refused.value.requested) == (3, 4)
+    assert "by 1" in refused.value.message
+    bm.allocate(2, list(range(100, 109)), 9)
+    before = [(b.ref_cnt, b.pin_cnt) for b in bm.blocks]
+    with pytest.raises(PinRefusedError):
+        bm.pin(2, PinSpec("b", 2))
+    assert [(b.ref_cnt, b.pin_cnt) for b in bm.blocks] == before and set(bm.pins) == {"a"}
+    bm.pin(2, PinSpec("b", 1))  # one block fits
+    # A pin sharing blocks with another adds only its new blocks to the count.
+    assert bm.check_pin("c", list(range(4)), None) == 1
+    bm.free(2)
+    assert bm.num_pinned_blocks == 3
+
+
+def test_default_cap_is_half_the_pool_and_caching_off_pins_nothing() -> None:
+    assert BlockManager(num_blocks=9, block_size=4).max_pinned_blocks == 4
+    bm = BlockManager(num_blocks=8, block_size=4, enable_caching=False)
+    bm.allocate(1, list(range(9)), 9)
+    with pytest.raises(PinRefusedError, match="caching is off"):
+        bm.pin(1, PinSpec("p", 2))
+    with pytest.raises(PinRefusedError):
+        bm.check_pin("p", list(range(9)), None)
+
+
+def test_repin_replaces_and_keeps_shared_blocks() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    v1 = list(range(12))
+    v2 = [*range(4), 70, 71, 72, 73]  # shares the first block with v1
+    pinned_prefix(bm, "p", v1, 1)
+    first = bm.pins["p"].blocks[0]
+    pinned_prefix(bm, "p", v2, 2)
+    assert bm.pins["p"].blocks[0] is first and first.ref_cnt == 1
+    assert bm.num_pinned_blocks == 2 and bm.tenant_pinned == {"default": 2}
+    assert bm.num_free_blocks == 6  # v1's two other blocks are ordinary cached blocks again
+
+
+def test_pin_leases_expire() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    pinned_prefix(bm, "short", list(range(5)), 1)
+    pinned_prefix(bm, "forever", list(range(20, 25)), 2)
+    assert bm.extend_pin("short", 100.0) and not bm.extend_pin("missing", 1.0)
+    assert bm.expire_pins(99.9) == []
+    assert bm.expire_pins(100.0) == ["short"]
+    assert set(bm.pins) == {"forever"} and bm.num_pinned_blocks == 1
+
+
+def test_pin_takes_the_registered_block_not_a_private_duplicate() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(8))
+    bm.allocate(1, tokens, 2)  # seq 1 is mid-prefill when seq 2 computes the same blocks
+    bm.allocate(2, tokens, 8)
+    assert bm.append_slots(1, tokens, 2, 6) == []
+    registered = bm.block_ids(2)
+    assert bm.pin(1, PinSpec("p", 2)).block_ids == registered
+    bm.free(1)
+    bm.free(2)
+    flood(bm, 10)
+    assert bm.allocate(3, [*tokens, 9], 9) == 8
+
+
+def test_pin_registers_a_duplicate_whose_original_was_evicted() -> None:
+    bm = BlockManager(num_blocks=6, block_size=4)
+    tokens = list(range(8))
+    bm.allocate(1, tokens, 2)
+    bm.allocate(2, tokens, 8)
+    bm.append_slots(1, tokens, 2, 6)
+    own = bm.block_ids(1)[:2]
+    bm.free(2)
+    flood(bm, 10)  # evicts seq 2's blocks: the hashes now lead nowhere
+    assert bm.pin(1, PinSpec("p", 2)).block_ids == own
+    bm.free(1)
+    flood(bm, 20)
+    assert bm.allocate(3, [*tokens, 9], 9) == 8
+
+
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate/append/fork/free/abort sequences against a model of the KV contents.
+    """Random allocate/append/fork/free/abort/pin/unpin/expire sequences against a model of the
+    KV contents.
 
     The model writes each computed token into its slot, as the runner would, and copies blocks as
     copy-on-write asks. Every sequence must always read back exactly its own tokens, which proves
-    cache hits happen only on identical (namespace, tokens) chains.
+    cache hits happen only on identical (namespace, tokens) chains; every pin must keep its
+    blocks cached with its tokens in them whatever the pressure, and never pass the cap.
     """
 
     BS = 4
     NB = 12
+    CAP = 3
 
     def __init__(self) -> None:
         super().__init__()
-        self.bm = BlockManager(self.NB, self.BS)
+        self.bm = BlockManager(self.NB, self.BS, max_pinned_blocks=self.CAP)
         self.slots: dict[int, list[int | None]] = {i: [None] * self.BS for i in range(self.NB)}
         self.seqs: dict[int, tuple[str, list[int], int]] = {}  # id -> (ns, tokens, computed)
+        self.pins: dict[str, tuple[str, list[int], float | None]] = {}  # key -> (ns, tokens, end)
+        self.now = 0.0
         self.next_id = 0
 
     def _write(self, seq_id: int, tokens: list[int], start: int, end: int) -> None:
@@ -185,18 +320,72 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.free(seq_id)
         del self.seqs[seq_id]
 
+    @precondition(lambda self: self.seqs)
+    @rule(
+        data=st.data(),
+        key=st.sampled_from(["p", "q", "r"]),
+        lease=st.one_of(st.none(), st.floats(0.5, 4.0)),
+    )
+    def pin(self, data: st.DataObject, key: str, lease: float | None) -> None:
+        seq_id = data.draw(st.sampled_from(sorted(self.seqs)))
+        ns, tokens, computed = self.seqs[seq_id]
+        num_blocks = data.draw(st.integers(0, computed // self.BS))
+        before = [(b.ref_cnt, b.pin_cnt) for b in self.bm.blocks]
+        expires_at = None if lease is None else self.now + lease
+        try:
+            self.bm.pin(seq_id, PinSpec(key, num_blocks, expires_at))
+        except PinRefusedError:
+            assert [(b.ref_cnt, b.pin_cnt) for b in self.bm.blocks] == before
+            return
+        self.pins[key] = (ns, tokens[: num_blocks * self.BS], expires_at)
+
+    @precondition(lambda self: self.pins)
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.pins)))
+        assert self.bm.unpin(key)
+        del self.pins[key]
+
+    @rule(step=st.floats(0.0, 2.0))
+    def time_passes(self, step: float) -> None:
+        self.now += step
+        expired = set(self.bm.expire_pins(self.now))
+        due = {k for k, (_, _, end) in self.pins.items() if end is not None and end <= self.now}
+        assert expired == due
+        for key in due:
+            del self.pins[key]
+
     @invariant()
     def ref_counts_match_holders(self) -> None:
         held: dict[int, int] = {}
+        pinned: dict[int, int] = {}
         for seq_id in self.seqs:
             for b in self.bm.block_ids(seq_id):
                 held[b] = held.get(b, 0) + 1
+        for pin in self.bm.pins.values():
+            for b in pin.block_ids:
+                pinned[b] = pinned.get(b, 0) + 1
         for block in self.bm.blocks:
             assert block.ref_cnt >= 0
-            assert block.ref_cnt == held.get(block.block_id, 0)
+            assert block.pin_cnt == pinned.get(block.block_id, 0)
+            assert block.ref_cnt == held.get(block.block_id, 0) + block.pin_cnt
         free = {b.block_id for b in self.bm.free_queue}
         assert free == {b.block_id for b in self.bm.blocks if b.ref_cnt == 0}
         assert self.bm.num_free_blocks == len(free)
+        assert self.bm.num_pinned_blocks == len(pinned) <= self.CAP
+        assert sum(self.bm.tenant_pinned.values()) == sum(
+            len(p.blocks) for p in self.bm.pins.values()
+        )
+
+    @invariant()
+    def pins_keep_their_blocks_cached_and_intact(self) -> None:
+        assert set(self.bm.pins) == set(self.pins)
+        for key, (ns, tokens, _) in self.pins.items():
+            blocks = self.bm.pins[key].blocks
+            assert [b.block_hash for b in blocks] == list(self.bm.chain_hashes(tokens, ns))
+            for i, block in enumerate(blocks):
+                assert self.bm.cached[block.block_hash] is block
+                assert self.slots[block.block_id] == tokens[i * self.BS : (i + 1) * self.BS]
 
     @invariant()
     def every_sequence_reads_its_own_tokens(self) -> None:
@@ -213,9 +402,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for seq_id in list(self.seqs):
             self.bm.free(seq_id)
+        pinned = {b for p in self.bm.pins.values() for b in p.block_ids}
+        assert self.bm.num_free_blocks == self.NB - len(pinned)  # nothing leaks but pins
+        for key in list(self.pins):
+            self.bm.unpin(key)
         assert self.bm.num_free_blocks == self.NB
-        assert all(b.ref_cnt == 0 for b in self.bm.blocks)
-        assert sum(self.bm.tenant_blocks.values()) == 0
+        assert all(b.ref_cnt == 0 and b.pin_cnt == 0 for b in self.bm.blocks)
+        assert sum(self.bm.tenant_blocks.values()) == 0 and not self.bm.tenant_pinned
 
 
 BlockManagerMachine.TestCase.settings = settings(

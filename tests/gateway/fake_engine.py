@@ -2,8 +2,9 @@
 
 Character-level tokenizer (one token per ASCII character, three special tokens), outputs that
 depend only on (prompt, seed, choice index) so tests can compare runs, stop strings held back
-like the real engine, n > 1, logprobs, a queue bound, aborts, and block accounting so the
-disconnect tests can watch blocks return to the pool.
+like the real engine, n > 1, logprobs, a queue bound, aborts, block accounting so the
+disconnect tests can watch blocks return to the pool, and prefix warm-up and pins with leases
+(on `clock`) under a cap of half the pool, like the real engine's.
 """
 
 from __future__ import annotations
@@ -13,10 +14,19 @@ import hashlib
 import itertools
 import math
 import random
-from dataclasses import dataclass
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from engine.errors import ContextLengthError, EngineDeadError, EngineOverloadedError
-from engine.outputs import Delta, RequestDelta, TokenLogprob
+from engine.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    PinRefusedError,
+)
+from engine.outputs import Delta, PrefixState, RequestDelta, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -82,6 +92,18 @@ class FakeStats:
     prefix_queries_tokens: int
     prefix_hits_tokens: int
     num_preemptions: int
+    num_pinned_blocks: int = 0
+    max_pinned_blocks: int = 0
+    pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class FakePin:
+    tenant: str
+    namespace: str | None
+    token_ids: list[int]
+    num_blocks: int
+    expires_at: float | None
 
 
 def char_id(c: str) -> int:
@@ -165,6 +187,9 @@ class FakeEngine:
         self._ids = itertools.count()
         self.prefix_queries = 0
         self.prefix_hits = 0
+        self.pins: dict[str, FakePin] = {}
+        self.warmed: list[tuple[str | None, list[int], str | None]] = []  # (key, tokens, ns)
+        self.clock: Callable[[], float] = time.time
 
     # -- EngineClient -------------------------------------------------------------------------
 
@@ -216,7 +241,12 @@ class FakeEngine:
         stream.queue.put_nowait(RequestDelta(request_id, deltas, True, 0, 0, 0))
 
     def stats(self) -> FakeStats:
-        used = sum(self.blocks_held.values())
+        self._expire_pins()
+        pinned = sum(p.num_blocks for p in self.pins.values())
+        used = sum(self.blocks_held.values()) + pinned
+        by_tenant: Counter[str] = Counter()
+        for pin in self.pins.values():
+            by_tenant[pin.tenant] += pin.num_blocks
         return FakeStats(
             num_running=len(self._tasks),
             num_waiting=0,
@@ -226,7 +256,57 @@ class FakeEngine:
             prefix_queries_tokens=self.prefix_queries,
             prefix_hits_tokens=self.prefix_hits,
             num_preemptions=0,
+            num_pinned_blocks=pinned,
+            max_pinned_blocks=self.num_blocks // 2,
+            pinned_blocks_by_tenant=dict(by_tenant),
         )
+
+    async def warm_prefix(
+        self,
+        token_ids: list[int],
+        *,
+        key: str | None = None,
+        tenant: str = "default",
+        namespace: str | None = None,
+        expires_at: float | None = None,
+    ) -> PrefixState:
+        if self.dead:
+            raise EngineDeadError("fake engine is dead")
+        if not token_ids or len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError("the prefix must fit the context", param="prompt")
+        self._expire_pins()
+        num_blocks = len(token_ids) // self.block_size
+        if key is not None:
+            others = sum(p.num_blocks for k, p in self.pins.items() if k != key)
+            if others + num_blocks > self.num_blocks // 2:
+                raise PinRefusedError(
+                    f"over the fake engine's pin cap of {self.num_blocks // 2} blocks",
+                    cap=self.num_blocks // 2,
+                    requested=others + num_blocks,
+                )
+        self.warmed.append((key, list(token_ids), namespace))
+        cached = self._cached_tokens(list(token_ids), namespace)
+        if key is not None:
+            self.pins[key] = FakePin(tenant, namespace, list(token_ids), num_blocks, expires_at)
+        return PrefixState(len(token_ids), num_blocks, cached, pinned=key is not None)
+
+    async def unpin_prefix(self, key: str) -> bool:
+        return self.pins.pop(key, None) is not None
+
+    async def extend_pin(self, key: str, expires_at: float | None) -> bool:
+        self._expire_pins()
+        pin = self.pins.get(key)
+        if pin is None:
+            return False
+        pin.expires_at = expires_at
+        return True
+
+    def _expire_pins(self) -> None:
+        now = self.clock()
+        for key in [
+            k for k, p in self.pins.items() if p.expires_at is not None and p.expires_at <= now
+        ]:
+            del self.pins[key]
 
     # -- generation ---------------------------------------------------------------------------
 
