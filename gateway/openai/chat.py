@@ -20,6 +20,7 @@ from gateway.openai.schemas import (
     TopLogprob,
     Usage,
 )
+from gateway.openai.template import render_chat
 from gateway.openai.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
 
 ROLE_ALIASES = {"developer": "system"}
@@ -65,16 +66,13 @@ def _text_content(message: ChatMessage, i: int) -> str:
 
 
 def render_chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """Apply the model's chat template (with the assistant generation prompt), then tokenize."""
+    """Apply the model's chat template (with the assistant generation prompt) and tokenize;
+    special tokens written in a message are text, never control tokens (`template.py`)."""
     conversation = template_messages(messages)
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
-        )
+        return render_chat(tokenizer, conversation)
     except Exception as exc:  # jinja2 errors raised by the template itself (raise_exception)
         raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from exc
-    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
-    return ids
 
 
 class ChatFormat:

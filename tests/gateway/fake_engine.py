@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from engine.errors import (
     ContextLengthError,
@@ -35,20 +36,30 @@ FIRST_CHAR_ID = len(SPECIALS)
 ALPHABET = "abcdefghij klmnopqrstuvwxyz.,"
 
 
+@dataclass(frozen=True)
+class FakeAddedToken:
+    content: str
+    special: bool = True
+
+
 class FakeTokenizer:
     """One token per character (ids 3..258 for code points 0..255), ChatML-like template."""
 
     chat_template = "chatml"
     eos_token_id = EOS_ID
+    added_tokens_decoder: ClassVar = {i: FakeAddedToken(s) for i, s in enumerate(SPECIALS)}
 
     def __len__(self) -> int:
         return FIRST_CHAR_ID + 256
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False
+    ) -> list[int]:
         ids: list[int] = []
         i = 0
+        specials = () if split_special_tokens else SPECIALS
         while i < len(text):
-            special = next((s for s in SPECIALS if text.startswith(s, i)), None)
+            special = next((s for s in specials if text.startswith(s, i)), None)
             if special is not None:
                 ids.append(SPECIALS.index(special))
                 i += len(special)
