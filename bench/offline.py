@@ -374,7 +374,7 @@ def measure(
         from engine.models.loader import gguf_to_hf_dir
 
         path = engine.loaded.path
-        hf_dir = gguf_to_hf_dir(path) if path.endswith(".gguf") else path
+        hf_dir = gguf_to_hf_dir(path, engine.config.cache_dir) if path.endswith(".gguf") else path
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=engine.dtype)
         hf = hf.to(engine.device).eval()
         theirs = figures["transformers"] = run_transformers(hf, work, args.hf_batch, pad=0)

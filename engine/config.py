@@ -2,7 +2,7 @@
 
 Each raises `ValueError` naming the field on an invalid value (checks are not `assert`s, which
 `python -O` removes). None of them reads the environment: the gateway's `Settings` builds an
-`EngineConfig`, and `LLM(...)` builds one from its arguments.
+`EngineConfig`; `LLM(...)` builds one from its arguments and `engine.env.EngineEnv`.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "cpu" | "torch" | "triton"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads for the model; None: all cores
+    cache_dir: str | None = None  # converted models (GGUF); None: ~/.cache/prefixgate
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

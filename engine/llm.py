@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.env import EngineEnv
 from engine.llm_engine import LLMEngine
 from engine.models.loader import LoadedModel
 from engine.outputs import PrefixState, RequestOutput
@@ -19,7 +20,9 @@ class LLM:
     """Generate completions for many prompts at once with continuous batching.
 
     `LLM()` loads the bundled SmolLM2-135M-Instruct; `model` may be a Hugging Face directory
-    (safetensors) or a GGUF file.
+    (safetensors) or a GGUF file. Built from these arguments, the engine also honours the
+    variables of `engine.env.EngineEnv` (PREFIXGATE_CACHE_DIR, ...); a `config` given instead
+    is used as it is.
     """
 
     def __init__(
@@ -42,16 +45,22 @@ class LLM:
         loaded: LoadedModel | None = None,
     ) -> None:
         if config is None:
-            config = EngineConfig(
-                model=model,
-                dtype=dtype,
-                device=device,
-                attention_backend=attention_backend,
-                seed=seed,
-                cache=CacheConfig(block_size, num_blocks, kv_cache_gib, enable_prefix_caching),
-                scheduler=SchedulerConfig(
-                    max_num_seqs, max_num_batched_tokens, max_model_len, policy, max_waiting=1 << 30
-                ),
+            config = EngineEnv().apply(
+                EngineConfig(
+                    model=model,
+                    dtype=dtype,
+                    device=device,
+                    attention_backend=attention_backend,
+                    seed=seed,
+                    cache=CacheConfig(block_size, num_blocks, kv_cache_gib, enable_prefix_caching),
+                    scheduler=SchedulerConfig(
+                        max_num_seqs,
+                        max_num_batched_tokens,
+                        max_model_len,
+                        policy,
+                        max_waiting=1 << 30,
+                    ),
+                )
             )
         self.engine = LLMEngine(config, loaded)
 

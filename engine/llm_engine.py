@@ -62,7 +62,9 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if loaded is None:
-            loaded = load_model(config.model, self.dtype, self.device, config.attention_backend)
+            loaded = load_model(
+                config.model, self.dtype, self.device, config.attention_backend, config.cache_dir
+            )
         self.loaded = loaded
         self.model_config: ModelConfig = loaded.config
         self.tokenizer: Any = loaded.tokenizer

@@ -10,7 +10,8 @@ GGUF goes through transformers, which de-quantizes it (~20 s for SmolLM2). We do
 keep the result as a normal Hugging Face directory (float32 safetensors, config, tokenizer with its
 chat template) in the model cache:
 
-    $PREFIXGATE_CACHE_DIR/models/<stem>-<key>     (default root: ~/.cache/prefixgate)
+    <cache_dir>/models/<stem>-<key>     (cache_dir: `EngineConfig.cache_dir`, from
+                                        PREFIXGATE_CACHE_DIR; default ~/.cache/prefixgate)
 
 where `key` hashes the file's size and mtime, so a changed file converts again. The directory is
 written under a temporary name and renamed into place, so a crash never leaves half a model.
@@ -105,23 +106,26 @@ def bundled_model_path() -> str:
     return str(ggufs[0])
 
 
-def bundled_model_dir() -> str:
+def bundled_model_dir(cache_dir: str | None = None) -> str:
     """The bundled model as a Hugging Face directory (converting it on first use)."""
-    return str(gguf_to_hf_dir(bundled_model_path()))
+    return str(gguf_to_hf_dir(bundled_model_path(), cache_dir))
 
 
-def model_cache_root() -> Path:
-    """Root of converted models: `$PREFIXGATE_CACHE_DIR/models`, default ~/.cache/prefixgate."""
-    root = os.environ.get("PREFIXGATE_CACHE_DIR") or Path.home() / ".cache" / "prefixgate"
+def model_cache_root(cache_dir: str | None = None) -> Path:
+    """Root of converted models: `<cache_dir>/models`; cache_dir None: ~/.cache/prefixgate."""
+    root = cache_dir or Path.home() / ".cache" / "prefixgate"
     return Path(root) / "models"
 
 
-def gguf_to_hf_dir(gguf_path: str | os.PathLike[str]) -> Path:
-    """The cached Hugging Face directory for a GGUF file, converting it the first time."""
+def gguf_to_hf_dir(gguf_path: str | os.PathLike[str], cache_dir: str | None = None) -> Path:
+    """The cached Hugging Face directory for a GGUF file, converting it the first time into
+    `model_cache_root(cache_dir)`."""
     gguf = Path(gguf_path).resolve()
     stat = gguf.stat()
     key = f"{stat.st_size}:{stat.st_mtime_ns}:v{_CONVERSION_VERSION}"
-    target = model_cache_root() / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    target = (
+        model_cache_root(cache_dir) / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    )
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)
     return target
@@ -162,6 +166,7 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     attention_backend: str = "auto",
+    cache_dir: str | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer (see the module docstring for accepted sources).
 
@@ -170,6 +175,7 @@ def load_model(
         dtype: weight and activation dtype (see `resolve_dtype`).
         device: where the weights go.
         attention_backend: name passed to `kernels.get_attention_backend`.
+        cache_dir: where GGUF conversions are kept (see `model_cache_root`).
 
     Raises:
         FileNotFoundError: the path does not exist, or holds no model.
@@ -177,7 +183,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    source, hf_dir, name = _locate(model)
+    source, hf_dir, name = _locate(model, cache_dir)
     hf_config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -191,11 +197,11 @@ def load_model(
     return LoadedModel(net.eval(), config, tokenizer, name, str(source))
 
 
-def _locate(model: str | None) -> tuple[Path, Path, str]:
+def _locate(model: str | None, cache_dir: str | None) -> tuple[Path, Path, str]:
     """(source path, Hugging Face directory to read, served name) for a `load_model` argument."""
     if model is None:
         gguf = Path(bundled_model_path())
-        return gguf, gguf_to_hf_dir(gguf), BUNDLED_NAME
+        return gguf, gguf_to_hf_dir(gguf, cache_dir), BUNDLED_NAME
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -204,12 +210,12 @@ def _locate(model: str | None) -> tuple[Path, Path, str]:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory")
-        return path, gguf_to_hf_dir(path), path.stem
+        return path, gguf_to_hf_dir(path, cache_dir), path.stem
     if (path / "config.json").is_file():
         return path, path, path.name
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return ggufs[0], gguf_to_hf_dir(ggufs[0]), path.name
+        return ggufs[0], gguf_to_hf_dir(ggufs[0], cache_dir), path.name
     what = "several .gguf files" if ggufs else "no config.json and no .gguf file"
     raise FileNotFoundError(f"{path}: {what}")
 

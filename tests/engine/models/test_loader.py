@@ -125,7 +125,7 @@ def test_gguf_is_converted_once_and_keyed_by_file(
     tiny_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The conversion itself is transformers' (slow test below); here: caching and naming."""
-    monkeypatch.setenv("PREFIXGATE_CACHE_DIR", str(tmp_path / "cache"))
+    cache = str(tmp_path / "cache")
     calls: list[Path] = []
 
     def fake_convert(gguf: Path, target: Path) -> None:
@@ -138,18 +138,20 @@ def test_gguf_is_converted_once_and_keyed_by_file(
     model_dir.mkdir()
     gguf = model_dir / "Tiny.Q4.gguf"
     gguf.write_bytes(b"GGUF")
-    first = load_model(str(gguf), torch.float32)
+    first = load_model(str(gguf), torch.float32, cache_dir=cache)
     assert first.name == "Tiny.Q4" and first.path == str(gguf)
-    assert load_model(str(model_dir), torch.float32).name == "my-model"  # dir with one .gguf
+    assert (
+        load_model(str(model_dir), torch.float32, cache_dir=cache).name == "my-model"
+    )  # dir with one .gguf
     assert len(calls) == 1
     assert calls[0].parent == tmp_path / "cache" / "models"
     assert calls[0].name.startswith("Tiny.Q4-")
     os.utime(gguf, ns=(time.time_ns(), time.time_ns() + 10**9))  # a changed file converts again
-    load_model(str(gguf), torch.float32)
+    load_model(str(gguf), torch.float32, cache_dir=cache)
     assert len(calls) == 2 and calls[1] != calls[0]
     (model_dir / "second.gguf").write_bytes(b"GGUF")
     with pytest.raises(FileNotFoundError, match=r"several \.gguf"):
-        load_model(str(model_dir), torch.float32)
+        load_model(str(model_dir), torch.float32, cache_dir=cache)
 
 
 @pytest.mark.slow

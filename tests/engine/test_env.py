@@ -1,0 +1,46 @@
+"""The engine's environment variables: read once by `EngineEnv`, handed down as config."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine import LLM
+from engine.config import EngineConfig
+from engine.env import EngineEnv
+from engine.models import loader
+
+
+def test_engine_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert EngineEnv().apply(EngineConfig()) == EngineConfig()
+    monkeypatch.setenv("PREFIXGATE_CACHE_DIR", "/srv/prefixgate")
+    assert EngineEnv().apply(EngineConfig(seed=3)) == EngineConfig(
+        seed=3, cache_dir="/srv/prefixgate"
+    )
+    monkeypatch.setenv("PREFIXGATE_CACHE_DIR", "")  # empty means unset
+    assert EngineEnv().cache_dir is None
+
+
+def test_offline_llm_converts_into_the_cache_dir_of_the_environment(
+    tiny_dirs: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`LLM(...)` without the gateway still honours PREFIXGATE_CACHE_DIR; a config given
+    explicitly is used as it is."""
+    targets: list[Path] = []
+
+    def fake_convert(gguf: Path, target: Path) -> None:  # transformers' part, tested elsewhere
+        targets.append(target)
+        shutil.copytree(tiny_dirs["llama"], target)
+
+    monkeypatch.setattr(loader, "_convert_gguf", fake_convert)
+    monkeypatch.setenv("PREFIXGATE_CACHE_DIR", str(tmp_path / "env-cache"))
+    gguf = tmp_path / "Tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    llm = LLM(str(gguf), num_blocks=8)
+    assert llm.engine.config.cache_dir == str(tmp_path / "env-cache")
+    assert targets[0].parent == tmp_path / "env-cache" / "models"
+    config = EngineConfig(model=str(gguf), cache_dir=str(tmp_path / "own"))
+    assert LLM(config=config).engine.config.cache_dir == str(tmp_path / "own")
+    assert targets[1].parent == tmp_path / "own" / "models"
