@@ -11,6 +11,8 @@ from .errors import (
     InvalidError,
     KeyNotFound,
     NotFoundError,
+    PrefixLimitExceeded,
+    PrefixNotFound,
     StoreUnavailable,
     TenantNotFound,
     TenantsError,
@@ -25,6 +27,8 @@ from .models import (
     KeyCreate,
     MinuteUsage,
     PeriodUsage,
+    Prefix,
+    PrefixSpec,
     Quota,
     Tenant,
     TenantCreate,
@@ -33,7 +37,7 @@ from .models import (
 )
 from .quotas import AdmissionDecision, Limit
 from .redis_store import RedisStore
-from .service import Caller, TenantService
+from .service import Caller, PrefixRegistration, TenantService
 from .store import Store, Ticket
 
 __all__ = [
@@ -53,6 +57,11 @@ __all__ = [
     "MinuteUsage",
     "NotFoundError",
     "PeriodUsage",
+    "Prefix",
+    "PrefixLimitExceeded",
+    "PrefixNotFound",
+    "PrefixRegistration",
+    "PrefixSpec",
     "Quota",
     "RedisStore",
     "Store",

@@ -41,10 +41,26 @@ class KeyNotFound(NotFoundError):
         super().__init__(f"API key '{key_id}' of tenant '{tenant_id}' does not exist.")
 
 
+class PrefixNotFound(NotFoundError):
+    """A prefix name the caller cannot see: absent, lease ended, or another tenant's."""
+
+    default_code = "prefix_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Prefix '{name}' does not exist.", param="prefix")
+        self.name = name
+
+
 class ConflictError(TenantsError):
-    """Creating something that already exists."""
+    """Creating something that already exists, or that a limit does not leave room for."""
 
     default_code = "conflict"
+
+
+class PrefixLimitExceeded(ConflictError):
+    """A registration over the owner's `max_prefixes` or `max_pinned_blocks`."""
+
+    default_code = "prefix_limit_exceeded"
 
 
 class InvalidError(TenantsError):

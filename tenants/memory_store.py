@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .models import ApiKey, Tenant
+from .models import ApiKey, Prefix, Quota, Tenant
 from .periods import (
     DAY_TTL_S,
     MINUTE_TTL_S,
@@ -20,12 +21,14 @@ from .periods import (
     bucket_expiry_ms,
     bucket_of,
     oldest_live_bucket,
+    utc,
 )
 from .store import (
     AdmitRequest,
     AdmitResult,
     Consumption,
     KeyLookup,
+    PrefixPut,
     RawUsage,
     Refusal,
     Ticket,
@@ -45,6 +48,84 @@ class _TenantState:
     periods: dict[str, Counter[str]] = field(default_factory=dict)  # "day:<id>" -> counters
     period_expiry: dict[str, int] = field(default_factory=dict)  # "day:<id>" -> expiry ms
     minutes: dict[int, Counter[str]] = field(default_factory=dict)  # epoch minute -> counters
+    prefixes: _PrefixTable = field(default_factory=lambda: _PrefixTable())
+
+
+@dataclass(slots=True)
+class _PrefixTable:
+    """One owner's prefix registry; mirrors lua/*_prefix*.lua (same keys, same steps)."""
+
+    docs: dict[str, Prefix] = field(default_factory=dict)  # name -> stored registration
+    state: Counter[str] = field(default_factory=Counter)  # <name>:pinned / :ttl_ms / counters
+    leases: dict[str, int] = field(default_factory=dict)  # name -> lease end ms
+
+    def forget(self, name: str) -> None:
+        self.docs.pop(name, None)
+        for f in _PREFIX_FIELDS:
+            self.state.pop(name + f, None)
+        self.leases.pop(name, None)
+
+    def purge(self, now: int) -> None:
+        for name in [n for n, end in self.leases.items() if end <= now]:
+            self.forget(name)
+
+    def read(self, name: str) -> Prefix | None:
+        doc = self.docs.get(name)
+        if doc is None:
+            return None
+        end = self.leases.get(name)
+        return doc.model_copy(
+            update={
+                "expires_at": utc(end) if end is not None else None,
+                "requests": self.state[name + ":requests"],
+                "cached_tokens": self.state[name + ":cached_tokens"],
+            }
+        )
+
+    def put(self, prefix: Prefix, quota: Quota, now: int) -> PrefixPut:
+        """Mirror of lua/put_prefix.lua."""
+        self.purge(now)
+        name = prefix.name
+        old = self.docs.get(name)
+        refusals: list[Refusal] = []
+        count = len(self.docs)
+        if quota.max_prefixes is not None and old is None and count + 1 > quota.max_prefixes:
+            refusals.append(Refusal("max_prefixes", None, False, quota.max_prefixes, count, 1))
+        pinned = prefix.pinned_blocks
+        if quota.max_pinned_blocks is not None and pinned > 0:
+            used = sum(
+                v for k, v in self.state.items() if k.endswith(":pinned") and k != name + ":pinned"
+            )
+            if used + pinned > quota.max_pinned_blocks:
+                limit = quota.max_pinned_blocks
+                refusals.append(Refusal("max_pinned_blocks", None, False, limit, used, pinned))
+        if refusals:
+            return PrefixPut(stored=False, refusals=tuple(refusals))
+        self.forget(name)
+        self.docs[name] = prefix.model_copy(
+            update={"expires_at": None, "requests": 0, "cached_tokens": 0}
+        )
+        if pinned > 0:
+            self.state[name + ":pinned"] = pinned
+        if prefix.ttl_seconds:
+            ttl = prefix.ttl_seconds * 1000
+            self.state[name + ":ttl_ms"] = ttl
+            self.leases[name] = now + ttl
+        return PrefixPut(stored=True, replaced=old)
+
+    def use(self, name: str, now: int) -> Prefix | None:
+        """One owner's part of lua/use_prefix.lua."""
+        self.purge(now)
+        if name not in self.docs:
+            return None
+        self.state[name + ":requests"] += 1
+        ttl = self.state.get(name + ":ttl_ms")
+        if ttl is not None:
+            self.leases[name] = now + ttl
+        return self.read(name)
+
+
+_PREFIX_FIELDS = (":pinned", ":ttl_ms", ":requests", ":cached_tokens")
 
 
 class MemoryStore:
@@ -53,6 +134,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self._tenants: dict[str, _TenantState] = {}
         self._keys: dict[str, ApiKey] = {}  # sha256 -> record
+        self._public = _PrefixTable()  # public prefixes
         self._lock = threading.Lock()
 
     # -- tenants ------------------------------------------------------------------------------
@@ -178,6 +260,66 @@ class MemoryStore:
             st.minutes.clear()
             st.rpm.clear()
             st.tpm.clear()
+
+    # -- prefixes -----------------------------------------------------------------------------
+
+    def _table(self, owner: str | None) -> _PrefixTable | None:
+        if owner is None:
+            return self._public
+        st = self._tenants.get(owner)
+        return st.prefixes if st else None
+
+    async def put_prefix(self, prefix: Prefix, now_ms: int) -> PrefixPut | None:
+        with self._lock:
+            table = self._table(prefix.owner)
+            if table is None:
+                return None
+            st = self._tenants.get(prefix.owner) if prefix.owner is not None else None
+            return table.put(prefix, st.tenant.quota if st else Quota(), now_ms)
+
+    async def get_prefix(self, owner: str | None, name: str, now_ms: int) -> Prefix | None:
+        with self._lock:
+            table = self._table(owner)
+            if table is None:
+                return None
+            table.purge(now_ms)
+            return table.read(name)
+
+    async def list_prefixes(self, owner: str | None, now_ms: int) -> list[Prefix]:
+        with self._lock:
+            table = self._table(owner)
+            if table is None:
+                return []
+            table.purge(now_ms)
+            return [p for n in sorted(table.docs) if (p := table.read(n)) is not None]
+
+    async def delete_prefix(self, owner: str | None, name: str, now_ms: int) -> Prefix | None:
+        with self._lock:
+            table = self._table(owner)
+            if table is None:
+                return None
+            table.purge(now_ms)
+            doc = table.docs.get(name)
+            table.forget(name)
+            return doc
+
+    async def use_prefix(
+        self, owners: Sequence[str | None], name: str, now_ms: int
+    ) -> Prefix | None:
+        with self._lock:
+            for owner in owners:
+                table = self._table(owner)
+                found = table.use(name, now_ms) if table is not None else None
+                if found is not None:
+                    return found
+            return None
+
+    async def count_prefix_tokens(self, owner: str | None, name: str, cached_tokens: int) -> None:
+        with self._lock:
+            table = self._table(owner)
+            if table is not None and name in table.docs:
+                key = name + ":cached_tokens"
+                table.state[key] = max(table.state[key] + cached_tokens, 0)
 
     async def ping(self) -> None:
         return None

@@ -1,4 +1,5 @@
-"""Pydantic models of the tenant domain: Tenant, Quota, ApiKey, Usage, and the admin payloads.
+"""Pydantic models of the tenant domain: Tenant, Quota, ApiKey, Usage, Prefix, and the admin
+payloads.
 
 Models that are stored (Tenant, Quota, ApiKey) are frozen: a change is a `model_copy(update=...)`
 written back through the store, so a model handed out can never alias the store's state.
@@ -8,9 +9,9 @@ All timestamps are timezone-aware UTC datetimes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 # Tenant ids appear inside Redis key names and URLs: no braces, colons, spaces or glob characters.
 TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -33,6 +34,8 @@ class Quota(BaseModel):
     tokens_per_day: PositiveCount | None = None  # UTC calendar day
     tokens_per_month: PositiveCount | None = None  # UTC calendar month
     max_tokens_per_request: PositiveCount | None = None  # bound on the request's `max_tokens`
+    max_prefixes: PositiveCount | None = None  # registered prefixes (`/v1/prefixes`)
+    max_pinned_blocks: PositiveCount | None = None  # KV blocks held by the tenant's pinned prefixes
 
     def limits(self) -> dict[str, int]:
         """The limits that are set, by field name."""
@@ -168,3 +171,71 @@ class Usage(BaseModel):
     recent: list[MinuteUsage]  # minutes with activity, oldest first, last hour
     in_flight: int  # live concurrency leases
     quota: Quota
+
+
+# Prefix names appear inside Redis hash fields and URLs.
+PREFIX_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+PrefixName = Annotated[str, Field(pattern=PREFIX_NAME_PATTERN)]
+
+
+class PrefixSpec(BaseModel):
+    """What registering a prefix says: a name, its content (chat messages or text), whether to
+    pin it, and its lease. Body of `POST /v1/prefixes` and `POST /admin/prefixes`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: PrefixName
+    messages: list[dict[str, Any]] | None = Field(default=None, min_length=1)
+    text: str | None = Field(default=None, min_length=1)
+    pin: bool = False
+    # The registration's lease: unused for this long, the prefix is forgotten and its pin ends.
+    ttl_seconds: PositiveCount | None = None
+
+    @model_validator(mode="after")
+    def _one_content(self) -> PrefixSpec:
+        if (self.messages is None) == (self.text is None):
+            raise ValueError("exactly one of 'messages' and 'text' is required")
+        return self
+
+
+class Prefix(BaseModel):
+    """A registered prefix as stored, with its tokens, plus the live part a read adds
+    (`expires_at`, counters: `LIVE_FIELDS`, kept apart from the document in the store)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    LIVE_FIELDS: ClassVar[frozenset[str]] = frozenset({"expires_at", "requests", "cached_tokens"})
+
+    name: PrefixName
+    owner: TenantId | None  # None: a public prefix (admin-registered, usable by every tenant)
+    messages: list[dict[str, Any]] | None = None
+    text: str | None = None
+    token_ids: list[int]  # rendered by the gateway with the model's chat template
+    num_blocks: int  # full KV blocks: what a hit can serve, and what a pin holds
+    model: str  # whose tokenizer rendered token_ids
+    pinned: bool = False
+    ttl_seconds: int | None = None
+    created_at: datetime
+    expires_at: datetime | None = None  # the lease's end (moved by every use); None: never
+    requests: int = 0  # requests that used it by reference
+    cached_tokens: int = 0  # tokens those requests were served from the cache
+
+    @property
+    def token_count(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def pinned_blocks(self) -> int:
+        """What the prefix counts against `max_pinned_blocks`."""
+        return self.num_blocks if self.pinned else 0
+
+    def document(self) -> str:
+        """The stored JSON: everything but the live fields."""
+        return self.model_dump_json(exclude=set(self.LIVE_FIELDS))
+
+    def public(self) -> dict[str, Any]:
+        """JSON-ready view for the API: the content and state, not the token ids."""
+        out = self.model_dump(mode="json", exclude={"token_ids", "owner", "model"})
+        out["token_count"] = self.token_count
+        out["public"] = self.owner is None
+        return out

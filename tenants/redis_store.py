@@ -32,13 +32,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .errors import StoreUnavailable
-from .models import ApiKey, Tenant
-from .periods import DAY_TTL_S, MINUTE_TTL_S, MONTH_TTL_S, Periods
+from .models import ApiKey, Prefix, Tenant
+from .periods import DAY_TTL_S, MINUTE_TTL_S, MONTH_TTL_S, Periods, utc
 from .store import (
     AdmitRequest,
     AdmitResult,
     Consumption,
     KeyLookup,
+    PrefixPut,
     RawUsage,
     Refusal,
     Ticket,
@@ -89,6 +90,11 @@ SCRIPT_NAMES = (
     "create_tenant",
     "add_key",
     "delete_tenant",
+    "put_prefix",
+    "read_prefixes",
+    "use_prefix",
+    "delete_prefix",
+    "count_prefix",
 )
 
 
@@ -112,6 +118,11 @@ class KeySpace:
 
     def key_record(self, key_hash: str) -> str:
         return self.key_record_prefix + key_hash
+
+    def prefix_keys(self, owner: str | None) -> list[str]:
+        """The owner's prefixes, prefix state and prefix leases; None: the public ones."""
+        base = f"{self.prefix}:public:" if owner is None else self.tenant_prefix(owner)
+        return [base + "prefixes", base + "prefix_state", base + "prefix_leases"]
 
 
 class RedisStore:
@@ -342,11 +353,71 @@ class RedisStore:
         ]
         await self._script("reset_usage", keys, [DAY_TTL_S, MONTH_TTL_S])
 
+    # -- prefixes -----------------------------------------------------------------------------
+
+    async def put_prefix(self, prefix: Prefix, now_ms: int) -> PrefixPut | None:
+        owner = prefix.owner
+        tenant_doc = self.keys.tenant(owner) if owner is not None else self.keys.index
+        keys = [tenant_doc, *self.keys.prefix_keys(owner)]
+        ttl_ms = (prefix.ttl_seconds or 0) * 1000
+        flag = 0 if owner is None else 1
+        args = [now_ms, prefix.name, prefix.document(), prefix.pinned_blocks, ttl_ms, flag]
+        reply = await self._script("put_prefix", keys, args)
+        status = int(reply[0])
+        if status < 0:
+            return None
+        if status == 1:
+            return PrefixPut(stored=True, replaced=_prefix(reply[1]) if reply[1] else None)
+        refusals = tuple(
+            Refusal(
+                str(reply[i]), None, False, int(reply[i + 1]), int(reply[i + 2]), int(reply[i + 3])
+            )
+            for i in range(2, 2 + 4 * int(reply[1]), 4)
+        )
+        return PrefixPut(stored=False, refusals=refusals)
+
+    async def get_prefix(self, owner: str | None, name: str, now_ms: int) -> Prefix | None:
+        found = await self._read_prefixes(owner, name, now_ms)
+        return found[0] if found else None
+
+    async def list_prefixes(self, owner: str | None, now_ms: int) -> list[Prefix]:
+        return sorted(await self._read_prefixes(owner, "", now_ms), key=lambda p: p.name)
+
+    async def _read_prefixes(self, owner: str | None, name: str, now_ms: int) -> list[Prefix]:
+        flat = await self._script("read_prefixes", self.keys.prefix_keys(owner), [now_ms, name])
+        return [_prefix(*flat[i + 1 : i + 5]) for i in range(0, len(flat), 5)]
+
+    async def delete_prefix(self, owner: str | None, name: str, now_ms: int) -> Prefix | None:
+        doc = await self._script("delete_prefix", self.keys.prefix_keys(owner), [now_ms, name])
+        return _prefix(doc) if doc else None
+
+    async def use_prefix(
+        self, owners: Sequence[str | None], name: str, now_ms: int
+    ) -> Prefix | None:
+        keys = [k for owner in owners for k in self.keys.prefix_keys(owner)]
+        reply = await self._script("use_prefix", keys, [now_ms, name])
+        return _prefix(*reply[1:5]) if reply else None
+
+    async def count_prefix_tokens(self, owner: str | None, name: str, cached_tokens: int) -> None:
+        keys = self.keys.prefix_keys(owner)[:2]
+        await self._script("count_prefix", keys, [name, cached_tokens])
+
     async def ping(self) -> None:
         await self._do(lambda: self.client.execute_command("PING"))
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _prefix(doc: str, lease_ms: Any = -1, requests: Any = 0, cached_tokens: Any = 0) -> Prefix:
+    """A stored prefix document plus the live part read beside it."""
+    lease = int(lease_ms)
+    live = {
+        "expires_at": utc(lease) if lease >= 0 else None,
+        "requests": int(requests),
+        "cached_tokens": int(cached_tokens),
+    }
+    return Prefix.model_validate_json(doc).model_copy(update=live)
 
 
 def _ints(flat: Sequence[Any]) -> dict[str, int]:

@@ -38,6 +38,8 @@ from .errors import (
     ConflictError,
     InvalidError,
     KeyNotFound,
+    PrefixLimitExceeded,
+    PrefixNotFound,
     StoreUnavailable,
     TenantNotFound,
 )
@@ -52,6 +54,8 @@ from .models import (
     KeyCreate,
     MinuteUsage,
     PeriodUsage,
+    Prefix,
+    PrefixSpec,
     Quota,
     Tenant,
     TenantCreate,
@@ -60,12 +64,20 @@ from .models import (
 )
 from .periods import UTC, Periods, to_ms, utc
 from .quotas import AdmissionDecision, decide
-from .store import AdmitRequest, Consumption, KeyLookup, Store, Ticket
+from .store import AdmitRequest, Consumption, KeyLookup, Refusal, Store, Ticket
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("prefixgate.tenants")
 
 _NO_MATCH = "0" * 64  # compared against on a miss, so a miss does the comparison too
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRegistration:
+    """A registered prefix, and the registration of the same name it replaced (to unpin)."""
+
+    prefix: Prefix
+    replaced: Prefix | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +472,91 @@ class TenantService:
         now, _ = self._now()
         await self.guard.call(lambda: self.store.reset_usage(tenant_id, Periods.at(now)))
 
+    # -- prefixes -----------------------------------------------------------------------------
+    # `owner` is a tenant id, or None for the public prefixes (admin-registered).
+
+    async def register_prefix(
+        self,
+        owner: str | None,
+        spec: PrefixSpec | Mapping[str, Any],
+        *,
+        token_ids: list[int],
+        block_size: int,
+        model: str,
+    ) -> PrefixRegistration:
+        """Register (or replace) a prefix whose content the caller has rendered to `token_ids`.
+
+        Raises:
+            InvalidError: a bad spec. TenantNotFound: no such owner.
+            PrefixLimitExceeded: over `max_prefixes` or `max_pinned_blocks` (the message says
+                which and by how much).
+        """
+        spec = _parse(PrefixSpec, spec)
+        now_ms = to_ms(self.clock())
+        prefix = Prefix(
+            name=spec.name,
+            owner=owner,
+            messages=spec.messages,
+            text=spec.text,
+            token_ids=token_ids,
+            num_blocks=len(token_ids) // block_size,
+            model=model,
+            pinned=spec.pin,
+            ttl_seconds=spec.ttl_seconds,
+            created_at=utc(now_ms),
+        )
+        put = await self.guard.call(lambda: self.store.put_prefix(prefix, now_ms))
+        if put is None:
+            raise TenantNotFound(owner or "")
+        if not put.stored:
+            raise PrefixLimitExceeded(_prefix_refusal(prefix, put.refusals))
+        expires = None if spec.ttl_seconds is None else utc(now_ms + spec.ttl_seconds * 1000)
+        return PrefixRegistration(prefix.model_copy(update={"expires_at": expires}), put.replaced)
+
+    async def get_prefix(self, owner: str | None, name: str) -> Prefix:
+        """Raises PrefixNotFound (also for another owner's names)."""
+        now_ms = to_ms(self.clock())
+        found = await self.guard.call(lambda: self.store.get_prefix(owner, name, now_ms))
+        if found is None:
+            raise PrefixNotFound(name)
+        return found
+
+    async def list_prefixes(self, owner: str | None) -> list[Prefix]:
+        now_ms = to_ms(self.clock())
+        return await self.guard.call(lambda: self.store.list_prefixes(owner, now_ms))
+
+    async def delete_prefix(self, owner: str | None, name: str) -> Prefix:
+        """Forget a prefix; returns what it was (the caller unpins it). Raises PrefixNotFound."""
+        now_ms = to_ms(self.clock())
+        found = await self.guard.call(lambda: self.store.delete_prefix(owner, name, now_ms))
+        if found is None:
+            raise PrefixNotFound(name)
+        return found
+
+    async def use_prefix(self, tenant_id: str, name: str) -> Prefix:
+        """Resolve `name` for a request of `tenant_id`: its own prefix, else a public one.
+        Counts the request and extends the lease (one store round trip).
+
+        Raises:
+            PrefixNotFound: neither the tenant nor the public registry has it.
+        """
+        now_ms = to_ms(self.clock())
+        owners = (tenant_id, None)
+        found = await self.guard.call(lambda: self.store.use_prefix(owners, name, now_ms))
+        if found is None:
+            raise PrefixNotFound(name)
+        return found
+
+    async def count_prefix_tokens(self, prefix: Prefix, cached_tokens: int) -> None:
+        """Add the cached tokens a request that used `prefix` was served. A counter: an outage
+        drops it (logged) rather than fail the request."""
+        try:
+            await self.guard.call(
+                lambda: self.store.count_prefix_tokens(prefix.owner, prefix.name, cached_tokens)
+            )
+        except StoreUnavailable as exc:
+            log.warning("prefix counter of %r not recorded: %s", prefix.name, exc.detail)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -498,6 +595,20 @@ def _parse(model: type[M], data: M | Mapping[str, Any]) -> M:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise InvalidError(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
+
+
+_PREFIX_LIMIT_UNITS = {"max_prefixes": "Registered", "max_pinned_blocks": "Pinned"}
+
+
+def _prefix_refusal(prefix: Prefix, refusals: tuple[Refusal, ...]) -> str:
+    """Which limits refused the registration, and by how much."""
+    whose = "the public registry" if prefix.owner is None else f"tenant '{prefix.owner}'"
+    parts = [
+        f"{r.limit} of {whose} by {r.used + r.requested - r.value} (Limit {r.value}, "
+        f"{_PREFIX_LIMIT_UNITS.get(r.limit, 'Used')} {r.used}, Requested {r.requested})"
+        for r in refusals
+    ]
+    return f"Registering prefix '{prefix.name}' would exceed " + " and ".join(parts) + "."
 
 
 def _counters(raw: Mapping[str, int]) -> dict[str, int]:

@@ -14,6 +14,14 @@ State of one tenant, as both stores hold it (Redis key names in brackets, `T` = 
     day / month counters       [T:day:<id>]      charged, reserved, requests, prompt_tokens,
                                [T:month:<id>]    completion_tokens, cached_tokens
     minute counters            [T:min:<minute>]  requests, prompt/completion/cached tokens
+    prefixes                   [T:prefixes]      name -> JSON of `Prefix` (content, token ids)
+    prefix state               [T:prefix_state]  <name>:pinned (blocks; pinned ones only),
+                                                 <name>:ttl_ms (leased ones only),
+                                                 <name>:requests, <name>:cached_tokens
+    prefix leases              [T:prefix_leases] name -> lease end ms (zset; leased ones only)
+
+Public prefixes (registered by the admin, usable by every tenant) have the same three keys under
+`pg:public:` (no braces, so no tenant id can reach them).
 
 A lease member is `lease_id|reserved|day|month`, so that reclaiming an expired lease knows which
 reservation to release without another lookup.
@@ -26,14 +34,22 @@ Invariants:
   settlement still replaces the reservation with the real usage.
 - Settlement charges the period and minute-window bucket of the *admission*; a tokens-window
   bucket that has already left the window is not adjusted.
+- A prefix whose lease ended (`lease end <= now`) is forgotten, document, state and lease, by
+  the next prefix call of its owner; until then no read returns it. Every use by reference moves
+  its lease end to now + ttl. Registering a name again replaces the registration (counters
+  start again from zero).
+- A tenant's prefixes number at most `max_prefixes`, and its pinned prefixes' blocks sum to at
+  most `max_pinned_blocks`, checked and stored in one step; a registration that does not grow a
+  count is accepted even when a lowered quota is already exceeded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from .models import ApiKey, Tenant
+from .models import ApiKey, Prefix, Tenant
 from .periods import Periods
 
 
@@ -144,6 +160,16 @@ class RawUsage:
     in_flight: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class PrefixPut:
+    """Outcome of registering a prefix: stored (with the registration it replaced, if any), or
+    refused by the owner's prefix limits (`Refusal.limit`: max_prefixes, max_pinned_blocks)."""
+
+    stored: bool
+    replaced: Prefix | None = None
+    refusals: tuple[Refusal, ...] = ()
+
+
 @runtime_checkable
 class Store(Protocol):
     """Primitives the tenant service is written against. Every method may raise
@@ -207,6 +233,35 @@ class Store(Protocol):
     async def reset_usage(self, tenant_id: str, periods: Periods) -> None:
         """Zero the day, month and minute counters and the per-minute windows. Reservations of
         requests in flight stay, so their settlement remains exact."""
+        ...
+
+    async def put_prefix(self, prefix: Prefix, now_ms: int) -> PrefixPut | None:
+        """Register `prefix` under `prefix.owner` (None: public), replacing a registration of the
+        same name, within the owner's `max_prefixes` and `max_pinned_blocks`, atomically. Its
+        lease, if it has a TTL, ends at `now_ms + ttl`. None if the owner tenant does not exist."""
+        ...
+
+    async def get_prefix(self, owner: str | None, name: str, now_ms: int) -> Prefix | None:
+        """A live prefix with its lease end and counters, or None."""
+        ...
+
+    async def list_prefixes(self, owner: str | None, now_ms: int) -> list[Prefix]:
+        """The owner's live prefixes, sorted by name."""
+        ...
+
+    async def delete_prefix(self, owner: str | None, name: str, now_ms: int) -> Prefix | None:
+        """Forget a prefix; returns the registration it was (None if absent)."""
+        ...
+
+    async def use_prefix(
+        self, owners: Sequence[str | None], name: str, now_ms: int
+    ) -> Prefix | None:
+        """Resolve `name` for a request: the first of `owners` holding it (a tenant's own names
+        shadow public ones), counting the request and extending its lease, in one step."""
+        ...
+
+    async def count_prefix_tokens(self, owner: str | None, name: str, cached_tokens: int) -> None:
+        """Add the cached tokens a request that used the prefix was served (if it still exists)."""
         ...
 
     async def ping(self) -> None:

@@ -66,3 +66,31 @@ local function reclaim(leases, prefix, now)
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', leases, '-inf', now) end
 end
 
+
+-- Prefix registry of one owner: KEYS prefixes (name -> JSON), state (<name>:pinned, :ttl_ms,
+-- :requests, :cached_tokens) and leases (name -> lease end ms).
+local PREFIX_FIELDS = {':pinned', ':ttl_ms', ':requests', ':cached_tokens'}
+
+local function forget_prefix(prefixes, state, leases, name)
+  redis.call('HDEL', prefixes, name)
+  local fields = {}
+  for i, f in ipairs(PREFIX_FIELDS) do fields[i] = name .. f end
+  redis.call('HDEL', state, unpack(fields))
+  redis.call('ZREM', leases, name)
+end
+
+-- Forget every prefix whose lease ended at or before now.
+local function purge_prefixes(prefixes, state, leases, now)
+  for _, name in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+    forget_prefix(prefixes, state, leases, name)
+  end
+end
+
+-- A live prefix for a read: {JSON, lease end (-1: none), requests, cached_tokens}, or nil.
+local function read_prefix(prefixes, state, leases, name)
+  local doc = redis.call('HGET', prefixes, name)
+  if not doc then return nil end
+  local counts = redis.call('HMGET', state, name .. ':requests', name .. ':cached_tokens')
+  local lease = redis.call('ZSCORE', leases, name)
+  return {doc, lease and tonumber(lease) or -1, num(counts[1]), num(counts[2])}
+end

@@ -24,6 +24,8 @@ def test_quota_fields_are_optional_positive_ints() -> None:
         "tokens_per_day",
         "tokens_per_month",
         "max_tokens_per_request",
+        "max_prefixes",
+        "max_pinned_blocks",
     }
 
 

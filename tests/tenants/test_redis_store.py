@@ -1,5 +1,6 @@
 """RedisStore specifics: only key hashes in Redis, script (re)loading, exactness under
-concurrency across two store instances, and one round trip per admission and settlement."""
+concurrency across two store instances (admissions, prefix registrations), and one round trip
+per admission and settlement."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tenants import RedisStore, TenantService
+from tenants import PrefixLimitExceeded, RedisStore, TenantService
 
 from .conftest import REDIS_URL, FakeClock, close_redis_store, fresh_redis_store
 
@@ -105,6 +106,32 @@ async def test_concurrency_slots_are_exact(
     assert len(tickets) == 7
     await asyncio.gather(*[a.settle(t, prompt_tokens=1, completion_tokens=0) for t in tickets])
     assert (await b.get_usage("acme")).in_flight == 0
+
+
+async def test_prefix_limits_are_exact_under_concurrency(
+    two_services: tuple[TenantService, TenantService],
+) -> None:
+    a, b = two_services
+    await a.create_tenant({"id": "acme", "quota": {"max_prefixes": 7}})
+    await a.create_tenant({"id": "pins", "quota": {"max_pinned_blocks": 20}})
+
+    async def register(tenant: str, i: int, pin: bool) -> bool:
+        svc = a if i % 2 else b
+        spec = {"name": f"p{i}", "text": "x", "pin": pin}
+        try:
+            await svc.register_prefix(tenant, spec, token_ids=[1] * 50, block_size=16, model="m")
+        except PrefixLimitExceeded:
+            return False
+        return True
+
+    counts = await asyncio.gather(
+        *[register("acme", i, False) for i in range(40)],
+        *[register("pins", i, True) for i in range(40)],
+    )
+    assert sum(counts[:40]) == 7  # max_prefixes
+    assert sum(counts[40:]) == 6  # 3 blocks each: 6 * 3 <= 20 < 7 * 3
+    assert len(await b.list_prefixes("acme")) == 7
+    assert sum(p.pinned_blocks for p in await b.list_prefixes("pins")) == 18
 
 
 class CallCounter:

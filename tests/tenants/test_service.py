@@ -11,6 +11,9 @@ from tenants import (
     ConflictError,
     InvalidError,
     KeyNotFound,
+    PrefixLimitExceeded,
+    PrefixNotFound,
+    PrefixRegistration,
     Quota,
     TenantNotFound,
     TenantService,
@@ -215,3 +218,67 @@ async def test_recent_usage_is_the_last_hour(service: TenantService, clock: Fake
     usage = await service.get_usage("acme")
     assert usage.recent == []
     assert usage.today.requests == 2
+
+
+# -- prefixes ----------------------------------------------------------------------------------
+
+
+async def register(
+    service: TenantService, owner: str | None, name: str, blocks: int, **spec: object
+) -> PrefixRegistration:
+    body = {"name": name, "text": f"You are {name}.", **spec}
+    ids = list(range(blocks * 16 + 5))
+    return await service.register_prefix(owner, body, token_ids=ids, block_size=16, model="m")
+
+
+async def test_prefix_lease_on_the_service_clock(service: TenantService, clock: FakeClock) -> None:
+    await service.create_tenant({"id": "acme"})
+    reg = await register(service, "acme", "support", 4, pin=True, ttl_seconds=60)
+    p = reg.prefix
+    assert (p.num_blocks, p.pinned_blocks, p.token_count, reg.replaced) == (4, 4, 69, None)
+    assert p.expires_at == utc(int(START * 1000) + 60_000)
+    clock.advance(59)
+    used = await service.use_prefix("acme", "support")  # extends to 59 + 60
+    assert used.requests == 1 and used.expires_at == utc(int((START + 119) * 1000))
+    await service.count_prefix_tokens(used, 64)
+    assert (await service.get_prefix("acme", "support")).cached_tokens == 64
+    clock.advance(60)
+    with pytest.raises(PrefixNotFound) as nf:
+        await service.get_prefix("acme", "support")
+    assert (nf.value.code, nf.value.param) == ("prefix_not_found", "prefix")
+    assert await service.list_prefixes("acme") == []
+
+
+async def test_prefix_errors(service: TenantService) -> None:
+    await service.create_tenant(
+        {"id": "acme", "quota": {"max_prefixes": 2, "max_pinned_blocks": 10}}
+    )
+    await service.create_tenant({"id": "other"})
+    with pytest.raises(TenantNotFound):
+        await register(service, "nobody", "a", 1)
+    for bad in ({"name": "a/b", "text": "x"}, {"name": "a", "text": "x", "messages": [{}]},
+                {"name": "a"}, {"name": "x" * 65, "text": "x"}):  # fmt: skip
+        with pytest.raises(InvalidError):
+            await service.register_prefix("acme", bad, token_ids=[1], block_size=16, model="m")
+    await register(service, "acme", "a", 6, pin=True)
+    await register(service, "acme", "b", 4, pin=True)
+    with pytest.raises(PrefixLimitExceeded) as over:
+        await register(service, "acme", "a", 8, pin=True)
+    assert over.value.message == (
+        "Registering prefix 'a' would exceed max_pinned_blocks of tenant 'acme' by 2 "
+        "(Limit 10, Pinned 4, Requested 8)."
+    )
+    with pytest.raises(PrefixLimitExceeded, match="max_prefixes of tenant 'acme' by 1"):
+        await register(service, "acme", "c", 1)
+    # Another tenant's names: not found, never forbidden.
+    for call in (service.get_prefix("other", "a"), service.delete_prefix("other", "a"),
+                 service.use_prefix("other", "a")):  # fmt: skip
+        with pytest.raises(PrefixNotFound):
+            await call
+    await register(service, None, "a", 1)  # public
+    assert (await service.use_prefix("other", "a")).owner is None
+    assert (await service.use_prefix("acme", "a")).owner == "acme"
+    replaced = (await register(service, "acme", "a", 2)).replaced
+    assert replaced is not None and replaced.pinned
+    assert (await service.delete_prefix("acme", "a")).num_blocks == 2
+    assert [p.name for p in await service.list_prefixes(None)] == ["a"]

@@ -4,15 +4,17 @@ differential test that drives both with the same random operations and compares 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tenants import MemoryStore, Quota, RedisStore, Store, Tenant
+from tenants import MemoryStore, Prefix, Quota, RedisStore, Store, Tenant
 from tenants.keys import new_api_key
-from tenants.periods import UTC, Periods, to_ms
-from tenants.store import AdmitRequest, AdmitResult, Consumption, Ticket
+from tenants.periods import UTC, Periods, to_ms, utc
+from tenants.store import AdmitRequest, AdmitResult, Consumption, PrefixPut, Refusal, Ticket
 
 from .conftest import NOW, START, close_redis_store, fresh_redis_store
 
@@ -211,6 +213,138 @@ async def test_delete_tenant_leaves_no_redis_keys(redis_store: RedisStore) -> No
     assert left == [f"{p}:tenants", f"{p}:{{other}}:tenant"]
 
 
+# -- prefixes -------------------------------------------------------------------------------
+
+MS = to_ms(START)
+
+
+def prefix(
+    name: str,
+    owner: str | None = "acme",
+    blocks: int = 2,
+    pin: bool = False,
+    ttl: int | None = None,
+) -> Prefix:
+    return Prefix(
+        name=name,
+        owner=owner,
+        text=f"You are {name}.",
+        token_ids=list(range(blocks * 16 + 3)),
+        num_blocks=blocks,
+        model="m",
+        pinned=pin,
+        ttl_seconds=ttl,
+        created_at=NOW,
+    )
+
+
+async def put(store: Store, p: Prefix, now_ms: int = MS) -> PrefixPut:
+    result = await store.put_prefix(p, now_ms)
+    assert result is not None
+    return result
+
+
+async def test_prefix_registry(store: Store) -> None:
+    await store.create_tenant(tenant())
+    await store.create_tenant(tenant("other"))
+    assert await store.put_prefix(prefix("a", owner="nobody"), MS) is None
+    assert (await put(store, prefix("b", pin=True))).replaced is None
+    await put(store, prefix("a"))
+    got = await store.get_prefix("acme", "b", MS)
+    assert got is not None and got.pinned and got.token_ids == list(range(35))
+    assert (got.requests, got.cached_tokens, got.expires_at) == (0, 0, None)
+    assert [p.name for p in await store.list_prefixes("acme", MS)] == ["a", "b"]
+    # Another tenant's names are invisible to it.
+    assert await store.get_prefix("other", "b", MS) is None
+    assert await store.list_prefixes("other", MS) == []
+    assert await store.use_prefix(["other", None], "b", MS) is None
+    used = await store.use_prefix(["acme", None], "b", MS)
+    assert used is not None and used.requests == 1 and used.owner == "acme"
+    await store.count_prefix_tokens("acme", "b", 32)
+    await store.count_prefix_tokens("acme", "missing", 32)  # no counter appears for it
+    got = await store.get_prefix("acme", "b", MS)
+    assert got is not None and (got.requests, got.cached_tokens) == (1, 32)
+    # Registering the name again replaces it; its counters start again.
+    replaced = (await put(store, prefix("b", blocks=3))).replaced
+    assert replaced is not None and replaced.pinned and replaced.num_blocks == 2
+    got = await store.get_prefix("acme", "b", MS)
+    assert got is not None and (got.num_blocks, got.pinned, got.requests) == (3, False, 0)
+    deleted = await store.delete_prefix("acme", "b", MS)
+    assert deleted is not None and deleted.num_blocks == 3
+    assert await store.delete_prefix("acme", "b", MS) is None
+    assert [p.name for p in await store.list_prefixes("acme", MS)] == ["a"]
+
+
+async def test_public_prefixes_are_shadowed_by_a_tenants_own(store: Store) -> None:
+    await store.create_tenant(tenant())
+    await store.create_tenant(tenant("other"))
+    assert (await put(store, prefix("sys", owner=None, blocks=4))).stored
+    await put(store, prefix("sys", blocks=1))
+    own = await store.use_prefix(["acme", None], "sys", MS)
+    shared = await store.use_prefix(["other", None], "sys", MS)
+    assert own is not None and (own.owner, own.num_blocks) == ("acme", 1)
+    assert shared is not None and (shared.owner, shared.num_blocks) == (None, 4)
+    assert [p.name for p in await store.list_prefixes(None, MS)] == ["sys"]
+    public = await store.get_prefix(None, "sys", MS)
+    assert public is not None and public.requests == 1
+    await store.delete_tenant("acme")  # a tenant's prefixes go with it, the public ones stay
+    assert await store.list_prefixes("acme", MS) == []
+    await store.create_tenant(tenant())
+    assert await store.get_prefix("acme", "sys", MS) is None
+    assert await store.get_prefix(None, "sys", MS) is not None
+
+
+async def test_prefix_leases_end_unless_used(store: Store) -> None:
+    await store.create_tenant(tenant(max_prefixes=1))
+    await put(store, prefix("a", pin=True, ttl=10))
+    got = await store.get_prefix("acme", "a", MS + 9_999)
+    assert got is not None and got.expires_at == utc(MS + 10_000)
+    used = await store.use_prefix(["acme"], "a", MS + 5_000)  # a use moves the lease end
+    assert used is not None and used.expires_at == utc(MS + 15_000)
+    assert await store.get_prefix("acme", "a", MS + 14_999) is not None
+    assert await store.get_prefix("acme", "a", MS + 15_000) is None
+    assert await store.list_prefixes("acme", MS + 15_000) == []
+    assert await store.use_prefix(["acme"], "a", MS + 15_000) is None
+    assert (await put(store, prefix("b"), MS + 15_000)).stored  # no longer counted
+    assert await store.delete_prefix("acme", "a", MS + 15_000) is None
+
+
+async def test_prefix_limits_are_exact(store: Store) -> None:
+    await store.create_tenant(tenant(max_prefixes=2, max_pinned_blocks=10))
+    assert (await put(store, prefix("a", blocks=6, pin=True))).stored
+    assert (await put(store, prefix("b", blocks=4, pin=True))).stored
+    refused = await put(store, prefix("c"))
+    assert not refused.stored
+    assert refused.refusals == (Refusal("max_prefixes", None, False, 2, 2, 1),)
+    refused = await put(store, prefix("a", blocks=7, pin=True))  # replaces: 4 + 7 > 10
+    assert refused.refusals == (Refusal("max_pinned_blocks", None, False, 10, 4, 7),)
+    refused = await put(store, prefix("c", blocks=7, pin=True))
+    assert [r.limit for r in refused.refusals] == ["max_prefixes", "max_pinned_blocks"]
+    assert (await put(store, prefix("a", blocks=6, pin=True))).stored  # same size: fits
+    assert (await put(store, prefix("a", blocks=9))).stored  # unpinned blocks do not count
+    assert (await put(store, prefix("b", blocks=10, pin=True))).stored
+    got = await store.get_prefix("acme", "b", MS)
+    assert got is not None and got.pinned_blocks == 10
+    # A lowered quota refuses growth only: re-registering within the old counts still works.
+    await store.replace_tenant(tenant(max_prefixes=1, max_pinned_blocks=5))
+    assert (await put(store, prefix("a", blocks=9))).stored
+    assert not (await put(store, prefix("a", blocks=6, pin=True))).stored
+    # Public prefixes have no limits.
+    for i in range(3):
+        assert (await put(store, prefix(f"p{i}", owner=None, blocks=50, pin=True))).stored
+
+
+async def test_delete_tenant_deletes_its_prefix_keys(redis_store: RedisStore) -> None:
+    await redis_store.create_tenant(tenant())
+    await put(redis_store, prefix("a", pin=True, ttl=60))
+    await redis_store.use_prefix(["acme"], "a", MS)
+    await put(redis_store, prefix("pub", owner=None))
+    assert await redis_store.delete_tenant("acme")
+    p = redis_store.keys.prefix
+    left = sorted(await redis_store.client.keys(f"{p}:*"))
+    assert left == [f"{p}:public:prefixes"]  # (the emptied tenant index went too)
+
+
 # -- differential: both stores, same operations, same answers ---------------------------------
 
 QUOTAS = st.fixed_dictionaries(
@@ -267,11 +401,14 @@ async def _drive(store: Store, quota: Quotas, ops: Ops) -> list[object]:
     return trace
 
 
-async def _both(quota: Quotas, ops: Ops) -> None:
+async def _both(
+    drive: Callable[[Store, Quotas, Any], Awaitable[object]], quota: Quotas, ops: Any
+) -> None:
+    """Run the same operations on a MemoryStore and a RedisStore: the traces must be equal."""
     redis = await fresh_redis_store()
     try:
-        expected = await _drive(MemoryStore(), quota, ops)
-        got = await _drive(redis, quota, ops)
+        expected = await drive(MemoryStore(), quota, ops)
+        got = await drive(redis, quota, ops)
     finally:
         await close_redis_store(redis)
     assert got == expected
@@ -280,4 +417,57 @@ async def _both(quota: Quotas, ops: Ops) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(quota=QUOTAS, ops=OPS)
 def test_memory_and_redis_agree(quota: Quotas, ops: Ops) -> None:
-    asyncio.run(_both(quota, ops))
+    asyncio.run(_both(_drive, quota, ops))
+
+
+PREFIX_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"),
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from(["acme", None]),
+            st.integers(0, 5),
+            st.booleans(),
+            st.sampled_from([None, 1, 2]),
+        ),
+        st.tuples(st.just("use"), st.sampled_from(["a", "b", "c"]), st.booleans()),
+        st.tuples(
+            st.just("delete"), st.sampled_from(["a", "b", "c"]), st.sampled_from(["acme", None])
+        ),
+        st.tuples(st.just("count"), st.sampled_from(["a", "b", "c"]), st.integers(0, 64)),
+        st.tuples(st.just("advance"), st.sampled_from([1, 999, 1_000, 2_000])),
+    ),
+    max_size=30,
+)
+PREFIX_QUOTAS = st.fixed_dictionaries(
+    {
+        "max_prefixes": st.none() | st.integers(1, 3),
+        "max_pinned_blocks": st.none() | st.integers(1, 8),
+    }
+)
+
+
+async def _drive_prefixes(store: Store, quota: Quotas, ops: list[tuple]) -> list[object]:
+    await store.create_tenant(tenant(**{k: v for k, v in quota.items() if v is not None}))
+    now, trace = MS, []
+    for op, *args in ops:
+        if op == "put":
+            name, owner, blocks, pin, ttl = args
+            trace.append(await store.put_prefix(prefix(name, owner, blocks, pin, ttl), now))
+        elif op == "use":
+            name, own_first = args
+            trace.append(await store.use_prefix(["acme", None] if own_first else [None], name, now))
+        elif op == "delete":
+            trace.append(await store.delete_prefix(args[1], args[0], now))
+        elif op == "count":
+            await store.count_prefix_tokens("acme", args[0], args[1])
+        else:
+            now += args[0]
+        trace.append([await store.list_prefixes(o, now) for o in ("acme", None)])
+    return trace
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quota=PREFIX_QUOTAS, ops=PREFIX_OPS)
+def test_memory_and_redis_prefix_registries_agree(quota: Quotas, ops: list[tuple]) -> None:
+    asyncio.run(_both(_drive_prefixes, quota, ops))
