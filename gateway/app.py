@@ -3,7 +3,7 @@
 ```
 AccessLogMiddleware      request id, one JSON access line, prefixgate_http_requests_total
   ErrorMiddleware        anything unexpected -> OpenAI-shaped 500 (bad input never gets here)
-    BodySizeLimit        413 over settings.max_body_bytes
+    BodyLimit            413 over settings.max_body_bytes, 408 past settings.body_timeout_s
       ApiKeyAuth         API key -> tenant Principal in the scope, on /v1/* (401 / 503)
         router           ENDPOINTS: the OpenAI API (gateway/openai), /v1/usage (gateway/tenancy),
                          operations, the admin API (gateway/admin, admin key); + extra_routes
@@ -32,7 +32,7 @@ from gateway.admin import routes as admin
 from gateway.engine_client import EngineClient, load_embedded_engine
 from gateway.errors import APIError, from_tenants_error
 from gateway.hooks import GenerationHooks
-from gateway.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, ErrorMiddleware
+from gateway.middleware import AccessLogMiddleware, BodyLimitMiddleware, ErrorMiddleware
 from gateway.openai import routes as openai
 from gateway.routing import Endpoint, starlette_routes
 from gateway.settings import Settings
@@ -118,7 +118,11 @@ def create_app(
         middleware=[
             Middleware(AccessLogMiddleware, metrics=state.metrics, enabled=settings.access_log),
             Middleware(ErrorMiddleware),
-            Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes),
+            Middleware(
+                BodyLimitMiddleware,
+                max_bytes=state.limits.max_body_bytes,
+                timeout_s=state.limits.body_timeout_s,
+            ),
             auth,
         ],
         exception_handlers={

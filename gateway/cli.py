@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from gateway.admin.cli import add_admin_parser, run_admin
 from gateway.app import create_app
 from gateway.logs import configure_logging
+from gateway.server import uvicorn_config
 from gateway.settings import Settings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -93,8 +94,9 @@ def serve(settings: Settings) -> int:
         server.should_exit = True
 
     app = create_app(settings, on_engine_error=on_engine_error, on_engine_ready=freeze_gc_heap)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings.max_header_bytes,
         host=settings.host,
         port=settings.port,
         log_config=None,

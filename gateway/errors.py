@@ -12,6 +12,7 @@ import json
 import math
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from engine.errors import (
     ContextLengthError,
@@ -99,6 +100,15 @@ def body_too_large(limit: int) -> APIError:
     )
 
 
+def request_timeout(timeout_s: float) -> APIError:
+    return APIError(
+        408,
+        f"The request body did not arrive within {timeout_s:g} seconds.",
+        code="request_timeout",
+        headers={"connection": "close"},
+    )
+
+
 def from_engine_error(exc: Exception) -> APIError:
     """Translate an engine exception raised by `add_request` or mid-stream."""
     if isinstance(exc, ContextLengthError):
@@ -160,8 +170,9 @@ def from_refusal(decision: AdmissionDecision) -> APIError:
 
 
 def from_validation_error(exc: ValidationError) -> APIError:
-    """The first pydantic error as a 400, with `param` as OpenAI writes it (`messages[0].role`)."""
-    err = exc.errors(include_url=False)[0]
+    """The most telling pydantic error as a 400, with `param` as OpenAI writes it
+    (`messages[0].role`)."""
+    err = _most_telling(exc.errors(include_url=False))
     if err["type"] == "json_invalid":
         return bad_request(
             "We could not parse the JSON body of your request. The body must be valid JSON "
@@ -174,6 +185,17 @@ def from_validation_error(exc: ValidationError) -> APIError:
     if err["type"] == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param)
     return bad_request(f"Invalid value for '{param}': {err['msg']}.", param=param)
+
+
+def _most_telling(errors: list[ErrorDetails]) -> ErrorDetails:
+    """For a union (`stop`: a string or a list of strings), pydantic reports one error per
+    member; a member whose type matched (a list that is too long) tells more than the members
+    whose type did not ("should be a valid string")."""
+
+    def type_mismatch(err: ErrorDetails) -> bool:
+        return err["type"].endswith("_type") or err["type"] == "none_required"
+
+    return min(enumerate(errors), key=lambda pair: (type_mismatch(pair[1]), pair[0]))[1]
 
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})

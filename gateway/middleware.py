@@ -2,7 +2,7 @@
 
 Order, outermost first: `AccessLogMiddleware` (request id, timing, one structured log line and
 the request counter), `ErrorMiddleware` (any exception -> OpenAI-shaped error if nothing was sent
-yet), `BodySizeLimitMiddleware` (413), then authentication and the router.
+yet), `BodyLimitMiddleware` (413, 408), then authentication and the router.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import SERVER_ERROR, APIError, body_too_large
+from gateway.errors import SERVER_ERROR, APIError, body_too_large, request_timeout
 from gateway.metrics import GatewayMetrics
 from gateway.tenancy.auth import get_principal
 
@@ -155,16 +156,20 @@ class ErrorMiddleware:
             await send_error(send, error)
 
 
-class BodySizeLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413.
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413, and bodies that have not fully arrived
+    `timeout_s` after the request started with 408 (a slow-loris client holds no worker).
 
     A `content-length` over the limit is refused before reading; a chunked body is counted as it
-    is read and `APIError(413)` is raised from `receive` once it passes the limit.
+    is read and `APIError(413)` is raised from `receive` once it passes the limit. The deadline
+    applies only while the body is incomplete: a handler waiting for `http.disconnect` later
+    (a streamed response) waits as long as the response takes.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -174,16 +179,23 @@ class BodySizeLimitMiddleware:
         if declared is not None and declared > self.max_bytes:
             await send_error(send, body_too_large(self.max_bytes))
             return
+        deadline = anyio.current_time() + self.timeout_s
         received = 0
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise body_too_large(self.max_bytes)
-            return message
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_bytes:
+                        raise body_too_large(self.max_bytes)
+                    complete = not message.get("more_body", False)
+                return message
+            raise request_timeout(self.timeout_s)
 
         await self.app(scope, limited_receive, send)
 

@@ -17,8 +17,9 @@ ERROR_TEXTS = {
     401: "Missing, unknown, revoked or expired API key (`invalid_api_key`)",
     403: "A tenant key on the admin API (`permission_denied`)",
     404: "Unknown model",
+    408: "The body did not arrive in time (`request_timeout`)",
     409: "Already exists (`tenant_exists`)",
-    413: "Body too large",
+    413: "Body too large (`request_too_large`)",
     429: "Quota exceeded (`rate_limit_exceeded`, `insufficient_quota`; see retry-after)",
     503: "Engine loading or overloaded, or the tenant store unavailable (see retry-after)",
 }

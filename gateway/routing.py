@@ -31,7 +31,8 @@ class Endpoint:
 
     `path` is Starlette's (a converter such as `{model:path}` is allowed; the document shows
     `{model}`). `errors` are the documented error statuses (OpenAI's error body); a route with a
-    `body` also documents 400. `error_texts` overrides the default description of a status.
+    `body` also documents 400, 408 and 413 (`BodyLimitMiddleware`). `error_texts` overrides the
+    default description of a status.
     """
 
     method: str
@@ -58,7 +59,9 @@ class Endpoint:
 
     @property
     def error_statuses(self) -> tuple[int, ...]:
-        return tuple(sorted({400, *self.errors})) if self.body is not None else self.errors
+        if self.body is None:
+            return self.errors
+        return tuple(sorted({400, 408, 413, *self.errors}))
 
     def route(self) -> Route:
         return Route(self.path, self.handler, methods=[self.method])

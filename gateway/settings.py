@@ -18,10 +18,12 @@ from pydantic_settings import BaseSettings
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.env import ENV_CONFIG, EngineEnv, none_if_empty
+from gateway.limits import RequestLimits
 from tenants import FailureMode, TenantsConfig
 
 BUNDLED_MODEL_NAME = "smollm2"
 DEFAULT_URL = "http://127.0.0.1:8000"
+_LIMITS = RequestLimits()  # the defaults
 
 
 class Settings(EngineEnv):
@@ -72,10 +74,29 @@ class Settings(EngineEnv):
         default=1024, ge=1, description="waiting requests at most; past it: 503 and retry-after"
     )
 
-    # Request limits
-    max_n: int = Field(default=16, ge=1, description="largest `n` a request may ask for")
+    # Request limits (gateway/limits.py holds the defaults and the fixed bounds)
+    max_n: int = Field(default=_LIMITS.max_n, ge=1, description="largest `n` a request may ask for")
     max_body_bytes: int = Field(
-        default=2 * 1024 * 1024, ge=1, description="largest request body; past it: 413"
+        default=_LIMITS.max_body_bytes, ge=1, description="largest request body; past it: 413"
+    )
+    max_messages: int = Field(
+        default=_LIMITS.max_messages, ge=1, description="messages of one chat request at most"
+    )
+    max_prompt_chars: int = Field(
+        default=_LIMITS.max_prompt_chars,
+        ge=1,
+        description="characters of a chat request's contents, or of a completions prompt "
+        "(token ids: as many), at most",
+    )
+    body_timeout_s: float = Field(
+        default=_LIMITS.body_timeout_s,
+        gt=0,
+        description="the whole request body must arrive within this time; past it: 408",
+    )
+    max_header_bytes: int = Field(
+        default=_LIMITS.max_header_bytes,
+        ge=1,
+        description="request line and headers at most; past it: 431",
     )
 
     # Tenants, keys and quotas
@@ -132,6 +153,16 @@ class Settings(EngineEnv):
 
     def admin_key_value(self) -> str | None:
         return _secret(self.admin_key)
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_n=self.max_n,
+            max_messages=self.max_messages,
+            max_prompt_chars=self.max_prompt_chars,
+            max_body_bytes=self.max_body_bytes,
+            body_timeout_s=self.body_timeout_s,
+            max_header_bytes=self.max_header_bytes,
+        )
 
     def tenants_config(self) -> TenantsConfig:
         return TenantsConfig(

@@ -44,6 +44,7 @@ class GatewayState:
         tenants: TenantService | None = None,
     ) -> None:
         self.settings = settings
+        self.limits = settings.request_limits()
         self.engine = engine
         self.owns_engine = engine is None
         self.load_error: BaseException | None = None

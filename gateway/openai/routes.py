@@ -71,7 +71,7 @@ async def completions(request: Request) -> Response:
 
 def _prepare(state: GatewayState, req: ChatCompletionRequest | CompletionRequest) -> EngineClient:
     state.check_model(req.model)
-    check_request(req, state.settings.max_n)
+    check_request(req, state.limits)
     return state.require_engine()
 
 

@@ -5,15 +5,25 @@ from __future__ import annotations
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from gateway.errors import APIError, bad_request
+from gateway.limits import RequestLimits
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def check_request(req: _SamplingRequest, max_n: int) -> None:
-    """Checks that need no tokenizer: n limit, unsupported fields, stream_options."""
-    if req.n > max_n:
-        raise bad_request(f"n must be at most {max_n}, got {req.n}.", param="n")
+def check_request(req: _SamplingRequest, limits: RequestLimits) -> None:
+    """Checks that need no tokenizer: the deployer's limits, unsupported fields,
+    stream_options."""
+    if req.n > limits.max_n:
+        raise bad_request(f"n must be at most {limits.max_n}, got {req.n}.", param="n")
+    if isinstance(req, ChatCompletionRequest):
+        _check_messages(req, limits)
+    elif isinstance(req, CompletionRequest) and _prompt_size(req.prompt) > limits.max_prompt_chars:
+        raise bad_request(
+            f"The prompt is too long: at most {limits.max_prompt_chars} characters (or token "
+            "ids) per request.",
+            param="prompt",
+        )
     unsupported = req.unsupported_fields()
     if unsupported:
         name = unsupported[0]
@@ -25,6 +35,34 @@ def check_request(req: _SamplingRequest, max_n: int) -> None:
         )
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+
+
+def _check_messages(req: ChatCompletionRequest, limits: RequestLimits) -> None:
+    if len(req.messages) > limits.max_messages:
+        raise bad_request(
+            f"Too many messages: at most {limits.max_messages}, got {len(req.messages)}.",
+            param="messages",
+        )
+    chars = 0
+    for i, message in enumerate(req.messages):
+        content = message.content
+        if isinstance(content, str):
+            chars += len(content)
+        elif content is not None:
+            chars += sum(len(part.text or "") for part in content)
+        if chars > limits.max_prompt_chars:
+            raise bad_request(
+                f"The messages are too long: at most {limits.max_prompt_chars} characters of "
+                "content per request.",
+                param=f"messages[{i}].content",
+            )
+
+
+def _prompt_size(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """Characters of a text prompt, or token ids of a token prompt (all prompts together)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
 
 
 def resolve_max_tokens(

@@ -8,10 +8,21 @@ instead of silently ignoring them.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.limits import (
+    MAX_CONTENT_PARTS,
+    MAX_LOGIT_BIAS,
+    MAX_NAME_CHARS,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKENS,
+    MAX_TOP_LOGPROBS,
+    MAX_USER_CHARS,
+)
 from gateway.schemas import is_none
 
 # ---------------------------------------------------------------------------------------------
@@ -19,6 +30,7 @@ from gateway.schemas import is_none
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Request(BaseModel):
@@ -38,33 +50,33 @@ class ContentPart(_Request):
 
 class ChatMessage(_Request):
     role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
 
 class _SamplingRequest(_Request):
     """Fields shared by chat and text completions."""
 
-    model: str
-    n: int = Field(default=1, ge=1)
+    model: str = Field(max_length=MAX_NAME_CHARS)
+    n: int = Field(default=1, ge=1)  # at most `RequestLimits.max_n`
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # vLLM extension; 0, -1: off
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)  # OpenAI: int64
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int = Field(default=0, ge=0)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Declared only to refuse them clearly (see `unsupported_fields`).
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     best_of: int | None = None
 
     def unsupported_fields(self) -> list[str]:
@@ -77,10 +89,10 @@ class _SamplingRequest(_Request):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1)  # at most `RequestLimits.max_messages`
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
@@ -99,7 +111,7 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     # One prompt: text, a list of one text, token ids, or a list of one token id list.
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 

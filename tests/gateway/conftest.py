@@ -18,7 +18,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.server import uvicorn_config
 from gateway.settings import Settings
+from gateway.state import GatewayState
 from tests.gateway.fake_engine import FakeEngine
 from tests.gateway.tenancy.helpers import ADMIN_KEY, REDIS_URL, Gateway
 from tests.tenants.conftest import unique_prefix
@@ -88,7 +90,10 @@ def running_server(app: Starlette) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    state: GatewayState = app.state.gateway
+    config = uvicorn_config(
+        app, state.limits.max_header_bytes, log_level="warning", access_log=False, lifespan="on"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

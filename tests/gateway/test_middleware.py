@@ -14,7 +14,7 @@ from gateway.errors import APIError
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import (
     AccessLogMiddleware,
-    BodySizeLimitMiddleware,
+    BodyLimitMiddleware,
     ErrorMiddleware,
     log_fields,
 )
@@ -92,14 +92,14 @@ async def test_body_limit_by_content_length_does_not_call_the_app() -> None:
         nonlocal called
         called = True
 
-    mw = BodySizeLimitMiddleware(app, max_bytes=10)
+    mw = BodyLimitMiddleware(app, max_bytes=10, timeout_s=30)
     status, body = await _collect(mw, _scope([(b"content-length", b"11")]), [b"x" * 11])
     assert (status, called) == (413, False)
     assert json.loads(body)["error"]["code"] == "request_too_large"
 
 
 async def test_body_limit_counts_chunks() -> None:
-    mw = ErrorMiddleware(BodySizeLimitMiddleware(_read_all, max_bytes=10))
+    mw = ErrorMiddleware(BodyLimitMiddleware(_read_all, max_bytes=10, timeout_s=30))
     assert (await _collect(mw, _scope(), [b"x" * 6, b"x" * 4]))[0] == 200
     assert (await _collect(mw, _scope(), [b"x" * 6, b"x" * 5]))[0] == 413
 

@@ -45,7 +45,7 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     assert chat["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ChatCompletionRequest"
     }
-    assert set(chat["responses"]) == {"200", "400", "401", "404", "413", "429", "503"}
+    assert set(chat["responses"]) == {"200", "400", "401", "404", "408", "413", "429", "503"}
     assert chat["security"] == [{"apiKey": []}]
     request = schemas["ChatCompletionRequest"]
     assert {"model", "messages"} <= set(request["required"])
@@ -67,7 +67,7 @@ async def test_openapi_documents_the_admin_api(client: httpx.AsyncClient) -> Non
     assert create["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/TenantCreate"
     }
-    assert set(create["responses"]) == {"201", "400", "401", "403", "409", "503"}
+    assert set(create["responses"]) == {"201", "400", "401", "403", "408", "409", "413", "503"}
     issue = doc["paths"]["/admin/tenants/{tenant_id}/keys"]["post"]
     assert issue["requestBody"]["required"] is False
     schemas = doc["components"]["schemas"]

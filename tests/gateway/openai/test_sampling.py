@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import APIError
+from gateway.limits import RequestLimits
 from gateway.openai.sampling import check_request, resolve_max_tokens, sampling_params
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -51,10 +52,12 @@ def test_engine_validation_becomes_a_400() -> None:
 
 
 def test_check_request() -> None:
-    check_request(chat(n=4), max_n=4)
+    check_request(chat(n=4), RequestLimits(max_n=4))
     with pytest.raises(APIError, match="at most 4"):
-        check_request(chat(n=5), max_n=4)
-    check_request(chat(response_format={"type": "text"}, tool_choice="none"), max_n=1)
+        check_request(chat(n=5), RequestLimits(max_n=4))
+    check_request(
+        chat(response_format={"type": "text"}, tool_choice="none"), RequestLimits(max_n=1)
+    )
     with pytest.raises(APIError) as info:
-        check_request(chat(response_format={"type": "json_object"}), max_n=1)
+        check_request(chat(response_format={"type": "json_object"}), RequestLimits(max_n=1))
     assert info.value.param == "response_format"
