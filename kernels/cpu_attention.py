@@ -1,9 +1,9 @@
 """CPU attention backend: C++ kernels that read the paged cache in place.
 
 The reference (`kernels.reference`) gathers every decoding sequence's whole context into a padded
-copy in every layer of every step. The kernels in `csrc/cpu_attention.cpp` (decodes) and
-`csrc/cpu_prefill.cpp` (prefills) instead walk each sequence's block table and read K and V rows
-where they lie, once per KV head for all the query heads of its group, with float32 scores,
+copy in every layer of every step. The kernels in `csrc/decode_attention.cpp` (decodes) and
+`csrc/prefill_attention.cpp` (prefills) instead walk each sequence's block table and read K and V
+rows where they lie, once per KV head for all the query heads of its group, with float32 scores,
 softmax and accumulation.
 
     decode rows  (q_len == 1)   -> C++ decode kernel    [S_d, H, D] -> [S_d, H, D]
@@ -12,32 +12,23 @@ softmax and accumulation.
                                    has no vector code (`prefill_sdpa`, `prefill_kernel_serves`)
     write_kv                    -> reference
 
-The extension is compiled on first use (one library of three sources, ~20 s on 2 cores) with
-`torch.utils.cpp_extension` into `$PREFIXGATE_CACHE_DIR/torch_extensions` (default
-`~/.cache/prefixgate/torch_extensions`), in a folder keyed by the source, the compiler flags,
-torch, Python and the CPU, under a file lock so that concurrent processes build it once. When it
-cannot be built (no compiler, no ninja) one warning is logged and the reference runs instead.
-`PREFIXGATE_CPU_ATTENTION=torch` forces the reference.
+The library is compiled on first use (`kernels._build`). When it cannot be built (no compiler, no
+ninja) one warning is logged and the reference runs instead. `PREFIXGATE_CPU_ATTENTION=torch`
+forces the reference.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import os
-import platform
-import sys
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from kernels import _build, reference
 from kernels.metadata import AttentionMetadata
 from kernels.reference import write_kv
 
@@ -55,18 +46,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# one library: the attention kernels and the fused layer ops (`kernels.cpu_ops`)
-SOURCES = [
-    Path(__file__).parent / "csrc" / name
-    for name in ("cpu_attention.cpp", "cpu_ops.cpp", "cpu_prefill.cpp", "cpu_decoder.cpp")
-]
-HEADERS = [Path(__file__).parent / "csrc" / name for name in ("ops.h", "simd.h")]
 # cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
-_NAME = "prefixgate_cpu_attention"
-# Tried in order: the host's vector units first, portable code if the compiler refuses.
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
 
 Kernel = Callable[..., None]  # (out, query, kv_cache, block_tables, seq_lens, scale) -> None
 
@@ -82,7 +64,8 @@ def load_kernel() -> Kernel | None:
         if not _tried:
             _tried = True
             try:
-                _kernel = _build()
+                _build.build()
+                _kernel = torch.ops.prefixgate_cpu.paged_decode_attention
             except Exception as exc:  # any build failure falls back, it never fails the engine
                 log.warning("CPU attention kernel unavailable, using the reference: %s", exc)
     return _kernel
@@ -97,7 +80,7 @@ def small_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T (+ bias) in float32 for the few rows of a decode step: one pass
-    over the weights (see `csrc/cpu_attention.cpp`). Needs `small_linear_available()`."""
+    over the weights (see `csrc/linear.cpp`). Needs `small_linear_available()`."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     torch.ops.prefixgate_cpu.small_linear_f32(out, x, weight, bias)
     return out
@@ -314,76 +297,3 @@ def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
         seq_lens=meta.seq_lens.index_select(0, index),
         prefills=prefills,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# building the extension
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("PREFIXGATE_CACHE_DIR") or Path.home() / ".cache" / "prefixgate"
-    return Path(root) / "torch_extensions"
-
-
-def _cpu_id() -> str:
-    """What `-march=native` depends on: the CPU model and its feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keep = [ln for ln in info if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _build_dir(flags: list[str]) -> Path:
-    key = hashlib.sha256()
-    for source in SOURCES + HEADERS:
-        key.update(source.read_bytes())
-    for part in (" ".join(flags), torch.__version__, sys.version, platform.machine(), _cpu_id()):
-        key.update(b"\0" + part.encode())
-    return _cache_root() / f"cpu_attention-{key.hexdigest()[:16]}"
-
-
-def _build() -> Kernel:
-    errors = []
-    for flags in _FLAG_SETS:
-        try:
-            _compile(flags)
-        except Exception as exc:
-            errors.append(f"{' '.join(flags)}: {exc}")
-            continue
-        op: Kernel = torch.ops.prefixgate_cpu.paged_decode_attention
-        return op
-    raise RuntimeError("; ".join(errors))
-
-
-def _compile(flags: list[str]) -> None:
-    """Build (or reuse) and load the library; loading registers `torch.ops.prefixgate_cpu`."""
-    build_dir = _build_dir(flags)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library, done = build_dir / f"{_NAME}.so", build_dir / "built"
-    with open(build_dir / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if this process dies
-        if not done.exists():
-            _run_build(flags, build_dir)
-            done.touch()
-    torch.ops.load_library(str(library))
-
-
-def _run_build(flags: list[str], build_dir: Path) -> None:
-    from torch.utils import cpp_extension
-
-    cpp_extension.verify_ninja_availability()
-    # torch's own lock file is a plain file: one left by a killed build would block forever
-    (build_dir / "lock").unlink(missing_ok=True)
-    with warnings.catch_warnings():  # compiler-version notes are not our users' problem
-        warnings.simplefilter("ignore")
-        cpp_extension.load(
-            name=_NAME,
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )

@@ -1,4 +1,5 @@
-"""Fused CPU ops for a decoder layer (C++ in `csrc/cpu_ops.cpp`, built with the attention kernel).
+"""Fused CPU ops for a decoder layer (C++ in `csrc/row_ops.cpp` and `csrc/linear.cpp`, built with
+the attention kernels).
 
 Each op does in one pass what eager PyTorch does in several, with the same bfloat16 roundings
 (results equal the eager chain up to float32 summation order):
@@ -11,7 +12,7 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
     argmax_rows(x)                  x.max(dim=-1).indices (first maximum, NaN the largest) for
                                     greedy sampling, at memory speed
     layer_stack(...)                a step's whole stack of Llama layers in one call
-                                    (csrc/cpu_decoder.cpp): these ops and the attention
+                                    (csrc/layer_stack.cpp): these ops and the attention
                                     kernels
 
 They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the

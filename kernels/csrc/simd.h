@@ -11,7 +11,12 @@
 // it refuses, and in other builds); amx_configure() sets this thread's 8 tiles to 16 rows of 64
 // bytes, before a kernel's first tile instruction on each thread, and amx_release() frees them
 // after its last (both no-ops in other builds).
+//
+//   dot(a, b, n)    float32 dot product (AVX-512: two accumulators; else 8 independent partial
+//                   sums, which the compiler vectorizes without -ffast-math)
 #pragma once
+
+#include <cstdint>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define PREFIXGATE_AMX_BF16 1
@@ -100,3 +105,38 @@ inline void store16(c10::BFloat16* p, __m512 v) {
 
 }  // namespace
 #endif
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                              : static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+  constexpr int kLanes = 8;  // independent partial sums: vectorizable without -ffast-math
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+#endif
+}
+
+}  // namespace

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import AttentionMetadata, cpu_attention, get_attention_backend, reference
+from kernels import AttentionMetadata, _build, cpu_attention, get_attention_backend, reference
 from tests.helpers import ToyBlockAllocator
 
 HEAD_DIM = 64
@@ -208,10 +208,10 @@ def test_env_switch_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_build_failure_warns_once_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken() -> cpu_attention.Kernel:
+    def broken() -> None:
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(cpu_attention, "_build", broken)
+    monkeypatch.setattr(_build, "build", broken)
     monkeypatch.setattr(cpu_attention, "_tried", False)
     monkeypatch.setattr(cpu_attention, "_kernel", None)
     with caplog.at_level(logging.WARNING, logger="kernels.cpu_attention"):

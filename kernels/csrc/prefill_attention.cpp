@@ -1,6 +1,6 @@
 // Paged prefill attention on CPU: every new token of a prefill (or of a chunk of one, over cached
 // context) attends causally over its sequence's keys, read in place from the paged cache through
-// the block table. Built into the same library as cpu_attention.cpp.
+// the block table. Built into the same library as decode_attention.cpp.
 //
 //   out[t, h] = softmax(scale * q[t, h] . K[s, 0:p+1]) @ V[s, 0:p+1]
 //   for row t = start[s] + i, new token i of sequence s (Q = q_len, L = seq_lens[s]), which sits
@@ -53,8 +53,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
-#include <torch/library.h>
 
+#include "ops.h"
+#include "paging.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -79,12 +80,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // ---- 2^t, for the softmax ----------------------------------------------------------------------
 //
 // Scores are kept in base-2 units (the scale is multiplied by log2(e) before the dot products), so
-// the softmax's exponentials are 2^t for t <= 0: the approach of exp_shifted in cpu_attention.cpp
-// without its ln 2 range reduction. 2^t = 2^k * 2^f with k = round(t) and f = t - k in [-1/2, 1/2]
-// (exact), 2^f by a degree-5 polynomial with p(0) = 1 fitted to its relative error (< 1.6e-7
-// with float32 multiply-adds, where exp_shifted's degree-6 Taylor polynomial reaches 2.2e-7). t is
-// clamped at -126: underflow gives ~1e-38, not 0 (masked scores are zeroed separately), and
-// t = -inf (the first block's alpha) gives no NaN.
+// the softmax's exponentials are 2^t for t <= 0: the approach of exp_shifted in
+// decode_attention.cpp without its ln 2 range reduction. 2^t = 2^k * 2^f with k = round(t) and f =
+// t - k in [-1/2, 1/2] (exact), 2^f by a degree-5 polynomial with p(0) = 1 fitted to its relative
+// error (< 1.6e-7 with float32 multiply-adds, where exp_shifted's degree-6 Taylor polynomial
+// reaches 2.2e-7). t is clamped at -126: underflow gives ~1e-38, not 0 (masked scores are zeroed
+// separately), and t = -inf (the first block's alpha) gives no NaN.
 constexpr double kLog2e = 1.4426950408889634;
 constexpr float kExp2Poly[] = {1.321867225e-03f, 9.671698324e-03f, 5.550893024e-02f,
                                2.402223796e-01f, 6.931468844e-01f, 1.f};
@@ -104,14 +105,7 @@ inline float exp2_nonpositive(float t) {
 
 // ---- layout, work items and scratch -------------------------------------------------------------
 
-struct Layout {
-  int64_t num_tokens, num_heads, kv_heads, group, head_dim, block_size, num_blocks;
-  int64_t q_tok, q_head;                   // query strides
-  int64_t o_tok, o_head;                   // out strides
-  int64_t c_kv, c_block, c_token, c_head;  // cache strides
-  int64_t table_row, max_blocks;           // block table row stride and width
-  bool table64;                            // int64 (else int32) block table
-};
+using Layout = PagedLayout;  // paging.h: one query row per new token
 
 // The pointers of one call, typed.
 template <typename T>
@@ -131,10 +125,6 @@ struct Item {
   int64_t row0, rows;
   int64_t keys;  // keys 0 .. keys - 1 are seen by some row: position of the last row's token + 1
 };
-
-inline int64_t read_index(const void* base, bool is64, int64_t i) {
-  return is64 ? static_cast<const int64_t*>(base)[i] : static_cast<const int32_t*>(base)[i];
-}
 
 // Per-thread scratch, sized once per thread for the longest context.
 struct Scratch {
@@ -168,22 +158,12 @@ struct Scratch {
         kb(16 * lay.head_dim) {}
 };
 
-// offs[t] = where token t's row starts, relative to its (K or V, head) base. The table entries
-// were checked before the threads started.
-void row_offsets(const Layout& lay, const void* table, int64_t seq, int64_t len, int64_t* offs) {
-  for (int64_t t0 = 0, b = 0; t0 < len; t0 += lay.block_size, ++b) {
-    const int64_t block = read_index(table, lay.table64, seq * lay.table_row + b);
-    const int64_t n = std::min(lay.block_size, len - t0);
-    for (int64_t j = 0; j < n; ++j) offs[t0 + j] = block * lay.c_block + j * lay.c_token;
-  }
-}
-
 // The query row of item row r (r < it.rows).
 template <typename T>
 const T* query_row(const Layout& lay, const Item& it, const T* query, int64_t r) {
   const int64_t row = it.row0 + r;
   const int64_t token = it.q_start + row / lay.group;
-  return query + token * lay.q_tok + (it.kvh * lay.group + row % lay.group) * lay.q_head;
+  return query + token * lay.q_row + (it.kvh * lay.group + row % lay.group) * lay.q_head;
 }
 
 inline float to_float(float v) { return v; }
@@ -768,7 +748,7 @@ void store_rows(const Layout& lay, const Item& it, const Tensors<T>& in, const S
   const int64_t D = lay.head_dim;
   for (int64_t r = 0; r < it.rows; ++r) {
     const int64_t row = it.row0 + r;
-    T* dst = in.out + (it.q_start + row / lay.group) * lay.o_tok +
+    T* dst = in.out + (it.q_start + row / lay.group) * lay.o_row +
              (it.kvh * lay.group + row % lay.group) * lay.o_head;
     const float inv = 1.f / w.l[r];
     const float* src = w.o.data() + r * D;
@@ -850,19 +830,7 @@ ItemFn<T> item_fn(int64_t head_dim, int64_t rows) {
   return &attend_item<T, Path::kPortable, 1, 1>;
 }
 
-// ---- the op -------------------------------------------------------------------------------------
-
-// True when this build runs prefills of this head dim with vector instructions. The plain loops
-// are correct but slower than PyTorch's SDPA (2-3x on an AVX2 CPU), so the backend keeps SDPA
-// where this is false.
-bool prefill_vectorized(int64_t head_dim) {
-#if defined(__AVX512F__)
-  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
-#else
-  (void)head_dim;
-  return false;
-#endif
-}
+// ---- items and their schedule -------------------------------------------------------------------
 
 struct Indices {
   const void* starts;
@@ -925,15 +893,10 @@ std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* t
     const int64_t start = read_index(ix.starts, ix.starts64, s);
     const int64_t q_len = read_index(ix.starts, ix.starts64, s + 1) - start;
     const int64_t len = read_index(ix.lens, ix.lens64, s);
-    TORCH_CHECK(start >= 0 && q_len >= 0 && start + q_len <= lay.num_tokens,
+    TORCH_CHECK(start >= 0 && q_len >= 0 && start + q_len <= lay.num_rows,
                 "query rows of sequence ", s, " out of range");
     TORCH_CHECK(q_len <= len, "q_len ", q_len, " exceeds seq_len ", len);
-    TORCH_CHECK(len <= lay.max_blocks * lay.block_size, "seq_len ", len,
-                " exceeds the block table");
-    for (int64_t b = 0; b * lay.block_size < len; ++b) {
-      const int64_t block = read_index(table, lay.table64, s * lay.table_row + b);
-      TORCH_CHECK(block >= 0 && block < lay.num_blocks, "block id ", block, " out of range");
-    }
+    check_blocks(lay, table, s, len);
     seqs.push_back(s);
     q_lens.push_back(q_len);
     firsts.push_back(len - q_len);
@@ -975,56 +938,34 @@ void attend_all(const Layout& lay, const Tensors<T>& in, const std::vector<Item>
   });
 }
 
+}  // namespace
+
+namespace prefixgate {  // ops.h
+
+// True when this build runs prefills of this head dim with vector instructions. The plain loops
+// are correct but slower than PyTorch's SDPA (2-3x on an AVX2 CPU), so the backend keeps SDPA
+// where this is false.
+bool prefill_vectorized(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
 void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
                              const at::Tensor& kv_cache, const at::Tensor& block_tables,
                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
                              const at::Tensor& seq_ids, double scale) {
-  TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5,
-              "expected query/out [T, H, D] and kv_cache [2, num_blocks, block_size, KVH, D]");
-  TORCH_CHECK(block_tables.dim() == 2 && query_start_loc.dim() == 1 && seq_lens.dim() == 1 &&
-                  seq_ids.dim() == 1,
-              "bad block_tables/query_start_loc/seq_lens/seq_ids rank");
-  for (const at::Tensor* t : {&out, &query, &kv_cache, &block_tables, &query_start_loc,
-                              &seq_lens, &seq_ids})
-    TORCH_CHECK(t->device().is_cpu(), "paged_prefill_attention runs on CPU tensors");
+  const Layout lay = paged_layout("paged_prefill_attention", out, query, kv_cache, block_tables,
+                                  {&query_start_loc, &seq_lens, &seq_ids});
   const auto dtype = kv_cache.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
               "paged_prefill_attention: unsupported dtype ", dtype);
-  TORCH_CHECK(query.scalar_type() == dtype && out.scalar_type() == dtype,
-              "query, out and kv_cache must share a dtype");
-  for (const at::Tensor* t : {&block_tables, &query_start_loc, &seq_lens, &seq_ids}) {
-    TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong,
-                "block_tables, query_start_loc, seq_lens and seq_ids must be int32 or int64");
-    TORCH_CHECK(t->stride(-1) == 1, "index rows must be contiguous");
-  }
-  Layout lay{};
-  lay.num_tokens = query.size(0);
-  lay.num_heads = query.size(1);
-  lay.head_dim = query.size(2);
-  lay.kv_heads = kv_cache.size(3);
-  lay.block_size = kv_cache.size(2);
-  lay.num_blocks = kv_cache.size(1);
-  TORCH_CHECK(kv_cache.size(0) == 2 && kv_cache.size(4) == lay.head_dim, "bad kv_cache shape");
-  TORCH_CHECK(lay.kv_heads > 0 && lay.num_heads % lay.kv_heads == 0,
-              "H must be a multiple of KVH");
-  lay.group = lay.num_heads / lay.kv_heads;
-  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
   const int64_t num_seqs = seq_lens.size(0);
   TORCH_CHECK(block_tables.size(0) == num_seqs && query_start_loc.size(0) == num_seqs + 1,
               "block_tables and query_start_loc need one row per sequence (and one more)");
-  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.stride(4) == 1,
-              "the head dimension must be contiguous");
-  lay.q_tok = query.stride(0);
-  lay.q_head = query.stride(1);
-  lay.o_tok = out.stride(0);
-  lay.o_head = out.stride(1);
-  lay.c_kv = kv_cache.stride(0);
-  lay.c_block = kv_cache.stride(1);
-  lay.c_token = kv_cache.stride(2);
-  lay.c_head = kv_cache.stride(3);
-  lay.table_row = block_tables.stride(0);
-  lay.max_blocks = block_tables.size(1);
-  lay.table64 = block_tables.scalar_type() == at::kLong;
   const Indices ix{query_start_loc.const_data_ptr(),
                    seq_lens.const_data_ptr(),
                    seq_ids.const_data_ptr(),
@@ -1049,26 +990,4 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
   }
 }
 
-}  // namespace
-
-namespace prefixgate {  // ops.h
-void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
-                             const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                             const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                             const at::Tensor& seq_ids, double scale) {
-  ::paged_prefill_attention(out, query, kv_cache, block_tables, query_start_loc, seq_lens,
-                            seq_ids, scale);
-}
 }  // namespace prefixgate
-
-TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
-  m.def(
-      "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
-      "Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, Tensor seq_ids, "
-      "float scale) -> ()");
-  m.def("prefill_vectorized(int head_dim) -> bool", &prefill_vectorized);
-}
-
-TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
-  m.impl("paged_prefill_attention", &paged_prefill_attention);
-}

@@ -26,16 +26,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include "ops.h"
+#include "paging.h"
 #include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -72,33 +71,6 @@ inline void widen(const c10::Half* src, float* dst, int64_t n) {
 }
 
 // ---- float32 vector helpers --------------------------------------------------------------------
-
-inline float dot(const float* a, const float* b, int64_t n) {
-#if defined(__AVX512F__)
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-  }
-  for (; i < n; i += 16) {
-    __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
-                              : static_cast<__mmask16>((1u << (n - i)) - 1);
-    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#else
-  constexpr int kLanes = 8;  // independent partial sums: vectorizable without -ffast-math
-  float lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
-  float sum = 0.f;
-  for (; i < n; ++i) sum += a[i] * b[i];
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
-#endif
-}
 
 #if defined(__AVX2__)
 inline float hsum8(__m256 v) {
@@ -566,18 +538,10 @@ void values_portable(const float* p, int64_t G, int64_t D, const T* head, const 
 
 // ---- the kernel --------------------------------------------------------------------------------
 
-struct Layout {
-  int64_t num_seqs, num_heads, kv_heads, group, head_dim, block_size, num_blocks;
-  int64_t q_seq, q_head;                   // query strides
-  int64_t o_seq, o_head;                   // out strides
-  int64_t c_kv, c_block, c_token, c_head;  // cache strides
-  int64_t table_row, max_blocks;           // block table row stride and width
-  bool table64, lens64;                    // int64 (else int32) block tables / seq_lens
+// The call's layout (paging.h): one query row per sequence.
+struct Layout : PagedLayout {
+  bool lens64;  // int64 (else int32) seq_lens
 };
-
-inline int64_t read_index(const void* base, bool is64, int64_t i) {
-  return is64 ? static_cast<const int64_t*>(base)[i] : static_cast<const int32_t*>(base)[i];
-}
 
 // Per-thread scratch, sized for the longest context once per parallel chunk.
 struct Scratch {
@@ -593,17 +557,6 @@ struct Scratch {
         parts(l.group * 16 * 16),
         probs(l.group * (max_len + 1)) {}
 };
-
-// offs[t] = where token t's row starts, relative to its (K or V, head) base; checks the table.
-void row_offsets(const Layout& l, const void* table, int64_t s, int64_t len, int64_t* offs) {
-  TORCH_CHECK(len <= l.max_blocks * l.block_size, "seq_len ", len, " exceeds the block table");
-  for (int64_t t0 = 0, b = 0; t0 < len; t0 += l.block_size, ++b) {
-    const int64_t block = read_index(table, l.table64, s * l.table_row + b);
-    TORCH_CHECK(block >= 0 && block < l.num_blocks, "block id ", block, " out of range");
-    const int64_t n = std::min(l.block_size, len - t0);
-    for (int64_t j = 0; j < n; ++j) offs[t0 + j] = block * l.c_block + j * l.c_token;
-  }
-}
 
 // scores[g] <- exp(scores[g] - max) in place; returns 1 / sum for each head in inv_sum
 void softmax_rows(float* scores, int64_t G, int64_t len, float* inv_sum) {
@@ -670,18 +623,19 @@ template <typename T>
 void attend_one(const Layout& l, int64_t s, int64_t kvh, int64_t len, const T* query,
                 const T* cache, const void* table, double scale, T* out, Scratch& w) {
   const int64_t G = l.group, D = l.head_dim;
-  T* o = out + s * l.o_seq + kvh * G * l.o_head;
+  T* o = out + s * l.o_row + kvh * G * l.o_head;
   if (len <= 0) {  // nothing to attend to: zeros rather than NaN
     for (int64_t g = 0; g < G; ++g)
       for (int64_t d = 0; d < D; ++d) o[g * l.o_head + d] = static_cast<T>(0.f);
     return;
   }
-  const T* q = query + s * l.q_seq + kvh * G * l.q_head;
+  const T* q = query + s * l.q_row + kvh * G * l.q_head;
   for (int64_t g = 0; g < G; ++g) {
     widen(q + g * l.q_head, w.q.data() + g * D, D);
     for (int64_t d = 0; d < D; ++d) w.q[g * D + d] *= static_cast<float>(scale);
   }
   int64_t* offs = w.offs.data();
+  check_blocks(l, table, s, len);
   row_offsets(l, table, s, len, offs);
   const T* k_head = cache + kvh * l.c_head;
   const T* v_head = k_head + l.c_kv;
@@ -709,9 +663,9 @@ void attend_all(const Layout& l, const at::Tensor& query, const at::Tensor& cach
   const void* lens = seq_lens.const_data_ptr();
   T* o = static_cast<T*>(out.mutable_data_ptr());
   int64_t max_len = 1;
-  for (int64_t s = 0; s < l.num_seqs; ++s)
+  for (int64_t s = 0; s < l.num_rows; ++s)
     max_len = std::max(max_len, read_index(lens, l.lens64, s));
-  at::parallel_for(0, l.num_seqs * l.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, l.num_rows * l.kv_heads, 1, [&](int64_t begin, int64_t end) {
     Scratch w(l, max_len);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / l.kv_heads, kvh = item % l.kv_heads;
@@ -720,53 +674,21 @@ void attend_all(const Layout& l, const at::Tensor& query, const at::Tensor& cach
   });
 }
 
+}  // namespace
+
+namespace prefixgate {  // ops.h
+
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
                             const at::Tensor& kv_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale) {
-  TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 5,
-              "expected query/out [S, H, D] and kv_cache [2, num_blocks, block_size, KVH, D]");
-  TORCH_CHECK(block_tables.dim() == 2 && seq_lens.dim() == 1, "bad block_tables/seq_lens rank");
-  TORCH_CHECK(query.device().is_cpu() && kv_cache.device().is_cpu() && out.device().is_cpu() &&
-                  block_tables.device().is_cpu() && seq_lens.device().is_cpu(),
-              "paged_decode_attention runs on CPU tensors");
-  const auto dtype = kv_cache.scalar_type();
-  TORCH_CHECK(query.scalar_type() == dtype && out.scalar_type() == dtype,
-              "query, out and kv_cache must share a dtype");
-  for (const at::Tensor* idx : {&block_tables, &seq_lens})
-    TORCH_CHECK(idx->scalar_type() == at::kInt || idx->scalar_type() == at::kLong,
-                "block_tables and seq_lens must be int32 or int64");
-  TORCH_CHECK(block_tables.stride(1) == 1 && seq_lens.stride(0) == 1,
-              "block_tables rows and seq_lens must be contiguous");
-  Layout l{};
-  l.num_seqs = query.size(0);
-  l.num_heads = query.size(1);
-  l.head_dim = query.size(2);
-  l.kv_heads = kv_cache.size(3);
-  l.block_size = kv_cache.size(2);
-  l.num_blocks = kv_cache.size(1);
-  TORCH_CHECK(kv_cache.size(0) == 2 && kv_cache.size(4) == l.head_dim, "bad kv_cache shape");
-  TORCH_CHECK(l.kv_heads > 0 && l.num_heads % l.kv_heads == 0, "H must be a multiple of KVH");
-  l.group = l.num_heads / l.kv_heads;
-  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
-  TORCH_CHECK(block_tables.size(0) == l.num_seqs && seq_lens.size(0) == l.num_seqs,
+  const Layout l{paged_layout("paged_decode_attention", out, query, kv_cache, block_tables,
+                              {&seq_lens}),
+                 seq_lens.scalar_type() == at::kLong};
+  TORCH_CHECK(block_tables.size(0) == l.num_rows && seq_lens.size(0) == l.num_rows,
               "block_tables and seq_lens need one row per sequence");
-  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && kv_cache.stride(4) == 1,
-              "the head dimension must be contiguous");
-  l.q_seq = query.stride(0);
-  l.q_head = query.stride(1);
-  l.o_seq = out.stride(0);
-  l.o_head = out.stride(1);
-  l.c_kv = kv_cache.stride(0);
-  l.c_block = kv_cache.stride(1);
-  l.c_token = kv_cache.stride(2);
-  l.c_head = kv_cache.stride(3);
-  l.table_row = block_tables.stride(0);
-  l.max_blocks = block_tables.size(1);
-  l.table64 = block_tables.scalar_type() == at::kLong;
-  l.lens64 = seq_lens.scalar_type() == at::kLong;
   TORCH_CHECK(l.group <= 256, "at most 256 query heads per KV head");
-  if (l.num_seqs == 0) return;
-  switch (dtype) {
+  if (l.num_rows == 0) return;
+  switch (kv_cache.scalar_type()) {
     case at::kFloat:
       attend_all<float>(l, query, kv_cache, block_tables, seq_lens, scale, out);
       break;
@@ -777,131 +699,8 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
       attend_all<c10::Half>(l, query, kv_cache, block_tables, seq_lens, scale, out);
       break;
     default:
-      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", dtype);
+      TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", kv_cache.scalar_type());
   }
 }
 
-// ---- small-batch float32 linear (decode GEMMs) -------------------------------------------------
-//
-//   out[m, n] = x[m, :] . w[n, :] (+ bias[n])    x [M, K], w [N, K], out [M, N], float32
-//
-// For the few rows of a decode step the GEMM is a stream over the weights: every weight row is
-// loaded once from memory and dotted with all M input rows while it sits in L1 (tiles of 4
-// weight rows x 2 input rows, or 8 x 1: 8 accumulators with AVX2). Tiles of 8 weight rows run in
-// parallel. Without AVX2 + FMA the plain loops below are used.
-
-#if defined(__AVX2__) && defined(__FMA__)
-// the sums of a, b, c, d (8 lanes each) as 4 floats
-inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
-  __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit half: a, b, c, d partial sums
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-// NB rows of w (a multiple of 4) against MB rows of x: MB * NB accumulators, the weight vectors
-// streamed through one register
-template <int MB, int NB>
-inline void linear_tile(const float* x, int64_t ldx, const float* w, int64_t K, float* out,
-                        int64_t ldo) {
-  static_assert(NB % 4 == 0 && MB * NB + MB + 1 <= 16, "AVX2 has 16 vector registers");
-  __m256 acc[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
-    for (int j = 0; j < NB; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * K + k);
-      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
-    }
-  }
-  for (int m = 0; m < MB; ++m) {
-    for (int j0 = 0; j0 < NB; j0 += 4) {
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, sum4(acc[m][j0], acc[m][j0 + 1], acc[m][j0 + 2], acc[m][j0 + 3]));
-      for (int j = 0; j < 4; ++j) {
-        float tail = 0.f;
-        for (int64_t t = k; t < K; ++t) tail += x[m * ldx + t] * w[(j0 + j) * K + t];
-        out[m * ldo + j0 + j] = sums[j] + tail;
-      }
-    }
-  }
-}
-#endif
-
-inline float dot_row(const float* x, const float* w, int64_t K) { return dot(x, w, K); }
-
-void small_linear_f32(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "expected 2-D x, w, out");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-                  out.scalar_type() == at::kFloat,
-              "small_linear_f32 takes float32 tensors");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && out.device().is_cpu(),
-              "small_linear_f32 runs on CPU tensors");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K && out.size(0) == M && out.size(1) == N, "shape mismatch");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && weight.is_contiguous(),
-              "rows must be contiguous");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "bias must be a contiguous float32 [N]");
-    b = bias->const_data_ptr<float>();
-  }
-  const float* xp = x.const_data_ptr<float>();
-  const float* wp = weight.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldo = out.stride(0);
-  constexpr int64_t kRows = 8;  // weight rows per tile
-  const int64_t tiles = (N + kRows - 1) / kRows;
-  // ~64 KB of weights per task: enough work per thread hand-off, many tasks for two threads
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n0 = tile * kRows, n1 = std::min(N, n0 + kRows);
-      const float* w = wp + n0 * K;
-#if defined(__AVX2__) && defined(__FMA__)
-      if (n1 - n0 == kRows) {
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) {  // two input rows against each half of the tile
-          linear_tile<2, 4>(xp + m * ldx, ldx, w, K, op + m * ldo + n0, ldo);
-          linear_tile<2, 4>(xp + m * ldx, ldx, w + 4 * K, K, op + m * ldo + n0 + 4, ldo);
-        }
-        if (m < M) linear_tile<1, 8>(xp + m * ldx, ldx, w, K, op + m * ldo + n0, ldo);
-      } else
-#endif
-      {
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t m = 0; m < M; ++m)
-            op[m * ldo + n] = dot_row(xp + m * ldx, wp + n * K, K);
-      }
-      if (b != nullptr)
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = n0; n < n1; ++n) op[m * ldo + n] += b[n];
-    }
-  });
-}
-
-}  // namespace
-
-namespace prefixgate {  // ops.h
-void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
-                            const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, double scale) {
-  ::paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, scale);
-}
 }  // namespace prefixgate
-
-TORCH_LIBRARY(prefixgate_cpu, m) {
-  m.def(
-      "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
-      "Tensor block_tables, Tensor seq_lens, float scale) -> ()");
-  m.def("small_linear_f32(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
-  m.impl("paged_decode_attention", &paged_decode_attention);
-  m.impl("small_linear_f32", &small_linear_f32);
-}

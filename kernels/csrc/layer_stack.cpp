@@ -24,7 +24,6 @@
 // Returns the last layer's MLP output (the `delta` of the final norm).
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
@@ -90,6 +89,10 @@ void attention(const at::Tensor& attn, const at::Tensor& q, const at::Tensor& ca
                                         *p.seq_lens, *p.prefill_ids, scale);
 }
 
+}  // namespace
+
+namespace prefixgate {  // ops.h
+
 at::Tensor layer_stack(const at::Tensor& x, const std::optional<at::Tensor>& delta_in,
                        at::TensorList weights, at::TensorList qkv_biases,
                        at::TensorList kv_caches, const at::Tensor& cos, const at::Tensor& sin,
@@ -152,15 +155,4 @@ at::Tensor layer_stack(const at::Tensor& x, const std::optional<at::Tensor>& del
   return delta;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(prefixgate_cpu, m) {
-  m.def(
-      "layer_stack(Tensor(a!) x, Tensor? delta, Tensor[] weights, Tensor[] qkv_biases, "
-      "Tensor(b!)[] kv_caches, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor? decode_rows, "
-      "Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_ids, Tensor? block_tables, "
-      "Tensor? query_start_loc, Tensor? seq_lens, int num_heads, int kv_heads, int head_dim, "
-      "int intermediate, float eps, float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) { m.impl("layer_stack", &layer_stack); }
+}  // namespace prefixgate
