@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
-from engine import AsyncEngine, EngineDeadError, EngineOverloadedError, LLMEngine, SamplingParams
+from engine import (
+    LLM,
+    AsyncEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    LLMEngine,
+    SamplingParams,
+)
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.outputs import RequestDelta
 
 
 @pytest.fixture
@@ -23,14 +30,47 @@ async def engine(tiny_dirs):
     eng.shutdown()
 
 
-async def wait_all_free(eng: AsyncEngine, deadline_s: float = 5.0) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
+def assert_all_free(eng: AsyncEngine) -> None:
+    """Every block is back in the pool and no request is left.
+
+    Called once the last delta has arrived: the engine frees a request's blocks before it hands
+    that delta over, so this needs no waiting.
+    """
+    s = eng.stats()
+    assert (s.num_free_blocks, s.num_running, s.num_waiting) == (s.num_blocks, 0, 0), s
+
+
+class StepCounter:
+    """Counts the engine's steps: the clock of the abort tests (a request asking for N tokens
+    needs N steps to finish on its own, so freeing after a few steps proves the abort did it)."""
+
+    def __init__(self, eng: AsyncEngine) -> None:
+        self.steps = 0
+        real_step = eng.engine.step
+
+        def step() -> list[RequestDelta]:
+            self.steps += 1
+            return real_step()
+
+        eng.engine.step = step  # type: ignore[method-assign]
+
+
+async def wait_freed_by_abort(eng: AsyncEngine, counter: StepCounter, max_tokens: int) -> None:
+    """Wait for the pool to be whole again, then check it happened long before the request of
+    `max_tokens` tokens could have finished by itself (event ordering, not time)."""
+    while True:
         s = eng.stats()
         if s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"blocks not freed: {eng.stats()}")
+            break
+        await asyncio.sleep(0.005)
+    assert counter.steps < max_tokens // 4, f"freed after {counter.steps} steps"
+
+
+def long_request(eng: AsyncEngine, prompt: list[int]) -> SamplingParams:
+    """Parameters for a request that fills the whole context: hundreds of steps to finish."""
+    max_tokens = eng.max_model_len - len(prompt)
+    assert max_tokens >= 400
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
 
 async def test_stream_adds_up(engine: AsyncEngine) -> None:
@@ -46,31 +86,60 @@ async def test_stream_adds_up(engine: AsyncEngine) -> None:
     assert last is not None and last.finished and last.completion_tokens == 40
     assert tokens[0] == tokens[1] and len(tokens[0]) == 20
     assert texts[0] == engine.tokenizer.decode(tokens[0], skip_special_tokens=True)
-    await wait_all_free(engine)
+    assert_all_free(engine)
+
+
+async def test_abort_ends_the_stream_and_frees_the_pool(engine: AsyncEngine) -> None:
+    counter = StepCounter(engine)
+    prompt = [1, 2, 3] * 20
+    params = long_request(engine, prompt)
+    stream = engine.add_request(prompt, params)
+    tokens: list[int] = []
+    aborted = False
+    last = None
+    async for delta in stream:
+        tokens += [t for d in delta.deltas for t in d.token_ids]
+        if len(tokens) >= 3 and not aborted:
+            engine.abort(stream.request_id)  # the stream stays open for the abort's delta
+            aborted = True
+        last = delta
+    assert last is not None and last.finished
+    assert [d.finish_reason for d in last.deltas] == ["abort"]
+    assert 3 <= len(tokens) < (params.max_tokens or 0) // 4
+    assert_all_free(engine)
+    assert counter.steps < (params.max_tokens or 0) // 4
 
 
 async def test_cancel_aborts_and_frees(engine: AsyncEngine) -> None:
-    stream = engine.add_request([1, 2, 3] * 20, SamplingParams(max_tokens=400, ignore_eos=True))
+    counter = StepCounter(engine)
+    prompt = [1, 2, 3] * 20
+    params = long_request(engine, prompt)
+    stream = engine.add_request(prompt, params)
     got = 0
     async for _ in stream:
         got += 1
         if got == 3:
             break
     await stream.aclose()
-    await wait_all_free(engine)
+    await wait_freed_by_abort(engine, counter, params.max_tokens or 0)
 
 
 async def test_task_cancellation_aborts(engine: AsyncEngine) -> None:
+    counter = StepCounter(engine)
+    prompt = [4] * 30
+    params = long_request(engine, prompt)
+    streaming = asyncio.Event()
+
     async def consume() -> None:
-        async for _ in engine.generate([4] * 30, SamplingParams(max_tokens=400, ignore_eos=True)):
-            pass
+        async for _ in engine.generate(prompt, params):
+            streaming.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.2)
+    await streaming.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await wait_all_free(engine)
+    await wait_freed_by_abort(engine, counter, params.max_tokens or 0)
 
 
 async def test_many_concurrent_streams_independent(engine: AsyncEngine) -> None:
@@ -86,7 +155,7 @@ async def test_many_concurrent_streams_independent(engine: AsyncEngine) -> None:
     results = await asyncio.gather(*(one(i) for i in range(16)))
     sequential = [await one(i) for i in (0, 7, 15)]
     assert [results[0], results[7], results[15]] == sequential
-    await wait_all_free(engine)
+    assert_all_free(engine)
 
 
 async def test_shutdown_refuses_new_requests(engine: AsyncEngine) -> None:
@@ -156,3 +225,39 @@ def test_shutdown_before_start_ends_the_loop_thread(tiny_dirs) -> None:
     assert thread is not None and thread.is_alive()
     eng.shutdown()
     assert not thread.is_alive()
+
+
+async def test_streamed_text_with_stop_equals_the_offline_text(engine: AsyncEngine, tiny_dirs):
+    """A stop string that spans two tokens: its first part must be held back from the stream,
+    never sent and then taken back, so the deltas add up to the offline (non-streamed) text."""
+    prompt = [5, 17, 230, 4000, 12, 99, 1024]
+    pieces: list[str] = []
+    async for delta in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=24)):
+        pieces += [d.text for d in delta.deltas]
+    text = "".join(pieces)
+    # The stop: the last two characters of one step's text and the first two of the next's,
+    # at the first place where it occurs nowhere earlier in the text.
+    stop = ""
+    for k in range(1, len(pieces) - 1):
+        start = len("".join(pieces[:k])) - 2
+        candidate = text[start : start + 4]
+        if len(pieces[k - 1]) >= 2 and len(pieces[k]) >= 2 and text.find(candidate) == start:
+            stop = candidate
+            break
+    assert stop, f"no stop string spans two steps of {pieces!r}"
+    expected = text[: text.index(stop)]
+
+    params = SamplingParams(temperature=0, max_tokens=24, stop=[stop])
+    streamed = ""
+    last = None
+    async for delta in engine.generate(prompt, params):
+        for d in delta.deltas:
+            streamed += d.text
+            assert expected.startswith(streamed), f"sent {streamed!r}, ends as {expected!r}"
+        last = delta
+    assert last is not None and last.finished
+    assert [(d.finish_reason, d.stop_reason) for d in last.deltas] == [("stop", stop)]
+    assert streamed == expected
+    offline = LLM(tiny_dirs["llama"], dtype="float32", num_blocks=64).generate([prompt], params)
+    assert offline[0].outputs[0].text == streamed
+    assert_all_free(engine)

@@ -248,10 +248,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
     """Random allocate/append/fork/free/abort/pin/unpin/expire sequences against a model of the
     KV contents.
 
-    The model writes each computed token into its slot, as the runner would, and copies blocks as
-    copy-on-write asks. Every sequence must always read back exactly its own tokens, which proves
-    cache hits happen only on identical (namespace, tokens) chains; every pin must keep its
-    blocks cached with its tokens in them whatever the pressure, and never pass the cap.
+    The model writes each computed token into its slot, as the runner would, tagged with the
+    namespace of the sequence that computed it, and copies blocks as copy-on-write asks. Every
+    sequence must always read back exactly its own (namespace, token) pairs, which proves cache
+    hits happen only on identical (namespace, tokens) chains (a hit across namespaces reads the
+    right tokens under the wrong tag); every pin must keep its blocks cached with its tokens in
+    them whatever the pressure, and never pass the cap.
     """
 
     BS = 4
@@ -261,16 +263,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.bm = BlockManager(self.NB, self.BS, max_pinned_blocks=self.CAP)
-        self.slots: dict[int, list[int | None]] = {i: [None] * self.BS for i in range(self.NB)}
+        # block id -> its slots' (namespace, token) pairs, None where nothing was written
+        self.slots: dict[int, list[tuple[str, int] | None]] = {
+            i: [None] * self.BS for i in range(self.NB)
+        }
         self.seqs: dict[int, tuple[str, list[int], int]] = {}  # id -> (ns, tokens, computed)
         self.pins: dict[str, tuple[str, list[int], float | None]] = {}  # key -> (ns, tokens, end)
         self.now = 0.0
         self.next_id = 0
 
-    def _write(self, seq_id: int, tokens: list[int], start: int, end: int) -> None:
+    def _write(self, seq_id: int, ns: str, tokens: list[int], start: int, end: int) -> None:
         table = self.bm.block_ids(seq_id)
         for pos in range(start, end):
-            self.slots[table[pos // self.BS]][pos % self.BS] = tokens[pos]
+            self.slots[table[pos // self.BS]][pos % self.BS] = (ns, tokens[pos])
 
     @rule(
         tokens=st.lists(st.integers(0, 2), min_size=1, max_size=24),
@@ -285,7 +290,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         assert cached % self.BS == 0 and cached < len(tokens)
         computed = cached + min(chunk, len(tokens) - cached)
-        self._write(seq_id, tokens, cached, computed)
+        self._write(seq_id, ns, tokens, cached, computed)
         self.seqs[seq_id] = (ns, list(tokens), computed)
 
     @precondition(lambda self: self.seqs)
@@ -300,7 +305,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         for src, dst in copies:
             self.slots[dst] = list(self.slots[src])
-        self._write(seq_id, tokens, computed, len(tokens))
+        self._write(seq_id, ns, tokens, computed, len(tokens))
         self.seqs[seq_id] = (ns, tokens, len(tokens))
 
     @precondition(lambda self: self.seqs)
@@ -385,14 +390,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert [b.block_hash for b in blocks] == list(self.bm.chain_hashes(tokens, ns))
             for i, block in enumerate(blocks):
                 assert self.bm.cached[block.block_hash] is block
-                assert self.slots[block.block_id] == tokens[i * self.BS : (i + 1) * self.BS]
+                want = [(ns, t) for t in tokens[i * self.BS : (i + 1) * self.BS]]
+                assert self.slots[block.block_id] == want
 
     @invariant()
     def every_sequence_reads_its_own_tokens(self) -> None:
-        for seq_id, (_, tokens, computed) in self.seqs.items():
+        for seq_id, (ns, tokens, computed) in self.seqs.items():
             table = self.bm.block_ids(seq_id)
             got = [self.slots[table[p // self.BS]][p % self.BS] for p in range(computed)]
-            assert got == tokens[:computed]
+            assert got == [(ns, t) for t in tokens[:computed]]
 
     @invariant()
     def cached_blocks_hold_their_content(self) -> None:

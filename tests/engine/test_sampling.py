@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from tests.engine.conftest import hf_model
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +72,61 @@ def test_logprobs_top_k(llm: LLM) -> None:
         assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
 
 
-def test_penalties_change_greedy_output(llm: LLM) -> None:
-    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    base = llm.generate([PROMPT], plain)[0].outputs[0].token_ids
-    rep = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=2.0)
-    penalized = llm.generate([PROMPT], rep)[0].outputs[0].token_ids
-    assert len(set(penalized)) >= len(set(base))
+@pytest.fixture(scope="module")
+def free_run(llm: LLM) -> tuple[list[int], int, int]:
+    """Unpenalized greedy output of PROMPT, with the first i such that output i repeats an
+    earlier output j (a sharp random model loops sooner or later)."""
+    plain = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    out = llm.generate([PROMPT], plain)[0].outputs[0].token_ids
+    i = next(i for i, t in enumerate(out) if t in out[:i])
+    return out, i, out.index(out[i])
+
+
+def replay_penalized(llm: LLM, tiny_dirs, prompt: list[int], params: SamplingParams) -> list[int]:
+    """Generate with penalties, then replay each step on transformers' logits with the formula
+    (repetition over prompt and outputs, frequency and presence over outputs only)."""
+    got = llm.generate([prompt], params)[0].outputs[0].token_ids
+    hf = hf_model(tiny_dirs["llama"])
+    ids = list(prompt)
+    for token in got:
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+        seen = torch.tensor(sorted(set(ids)))
+        rep = params.repetition_penalty
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / rep, logits[seen] * rep)
+        outputs = torch.tensor(ids[len(prompt) :], dtype=torch.long)
+        counts = torch.bincount(outputs, minlength=len(logits)).double()
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        assert int(logits.argmax()) == token
+        ids.append(token)
+    return got
+
+
+def penalized(max_tokens: int, **knobs: float) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **knobs)
+
+
+def test_repetition_penalty_on_the_model_logits(llm: LLM, tiny_dirs, free_run) -> None:
+    out, i, _ = free_run
+    # Prompt up to the repeat: unpenalized, output 0 would repeat a prompt token.
+    got = replay_penalized(llm, tiny_dirs, PROMPT + out[:i], penalized(4, repetition_penalty=2))
+    assert got[0] != out[i]
+
+
+def test_frequency_and_presence_penalties_on_the_model_logits(llm, tiny_dirs, free_run) -> None:
+    out, i, j = free_run
+    # Prompt up to the first occurrence: unpenalized, output i - j would repeat output 0.
+    for knobs in (dict(frequency_penalty=2.0), dict(presence_penalty=2.0)):
+        got = replay_penalized(llm, tiny_dirs, PROMPT + out[:j], penalized(i - j + 2, **knobs))
+        assert got[: i - j] == out[j:i] and got[i - j] != out[i]
+
+
+def test_frequency_and_presence_penalties_ignore_the_prompt(llm, tiny_dirs, free_run) -> None:
+    out, i, _ = free_run
+    # Prompt up to the repeat: the repeated token is a prompt token, so it is not penalized.
+    params = penalized(3, frequency_penalty=2.0, presence_penalty=2.0)
+    got = replay_penalized(llm, tiny_dirs, PROMPT + out[:i], params)
+    assert got[0] == out[i]
 
 
 def test_multibyte_text_streams_cleanly(llm: LLM) -> None:

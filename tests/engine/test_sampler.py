@@ -1,0 +1,185 @@
+"""Sampler on hand-built logits: each penalty against its formula, each knob's effect on draws."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.sampler import Sampler
+from engine.scheduler import SampleSpec
+
+# Six tokens: positive, negative and zero logits, so the repetition penalty's two branches show.
+LOGITS = [2.0, -1.0, 0.5, 3.0, -2.0, 0.0]
+PROMPT = [1, 2, 4]
+OUTPUTS = [3, 3, 1, 5]  # token 3 twice, token 1 in both prompt and outputs, 0 and 2 unseen here
+EOS = 0
+
+
+def spec(params: SamplingParams, seq_id: int = 0, token_ids: list[int] | None = None) -> SampleSpec:
+    ids = [*PROMPT, *OUTPUTS] if token_ids is None else token_ids
+    return SampleSpec(seq_id, seq_id, params, params.seed, ids, len(PROMPT))
+
+
+def penalized(params: SamplingParams, token_ids: list[int] | None = None) -> list[float]:
+    sampler = Sampler(vocab_size=len(LOGITS), eos_token_ids=[EOS])
+    out = sampler._apply_penalties(torch.tensor([LOGITS]), [spec(params, token_ids=token_ids)])
+    return out[0].tolist()
+
+
+def by_formula(rep: float = 1.0, freq: float = 0.0, presence: float = 0.0) -> list[float]:
+    """The documented formulas: repetition divides positive logits and multiplies negative ones
+    of every token seen in prompt or output; frequency subtracts `freq * count` and presence
+    subtracts `presence` once, counting output tokens only."""
+    seen = set(PROMPT) | set(OUTPUTS)
+    counts = Counter(OUTPUTS)
+    want = []
+    for tok, x in enumerate(LOGITS):
+        if tok in seen:
+            x = x / rep if x > 0 else x * rep
+        x -= freq * counts[tok] + presence * (counts[tok] > 0)
+        want.append(x)
+    return want
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(repetition_penalty=2.0),
+        dict(repetition_penalty=0.5),
+        dict(frequency_penalty=0.75),
+        dict(frequency_penalty=-0.5),
+        dict(presence_penalty=1.25),
+        dict(repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.25),
+    ],
+)
+def test_penalties_follow_the_formula(knobs: dict) -> None:
+    params = SamplingParams(temperature=0, **knobs)
+    want = by_formula(
+        knobs.get("repetition_penalty", 1.0),
+        knobs.get("frequency_penalty", 0.0),
+        knobs.get("presence_penalty", 0.0),
+    )
+    assert penalized(params) == pytest.approx(want, abs=1e-6)
+    assert want != LOGITS
+
+
+def test_penalties_move_the_greedy_choice() -> None:
+    """Token 3 (logit 3.0) wins unpenalized; each penalty alone hands the win to token 0 (2.0)."""
+    sampler = Sampler(vocab_size=len(LOGITS), eos_token_ids=[EOS])
+    knobs = [
+        dict(),
+        dict(repetition_penalty=2.0),
+        dict(frequency_penalty=0.6),
+        dict(presence_penalty=1.1),
+    ]
+    specs = [spec(SamplingParams(temperature=0, **k), seq_id=i) for i, k in enumerate(knobs)]
+    got = sampler(torch.tensor([LOGITS] * len(knobs)), specs)
+    assert [t.token_id for t in got] == [3, 0, 0, 0]
+
+
+def test_no_output_tokens_means_no_frequency_or_presence_penalty() -> None:
+    params = SamplingParams(temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalized(params, token_ids=list(PROMPT)) == LOGITS
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached() -> None:
+    params = SamplingParams(temperature=0, min_tokens=5, stop_token_ids=[3])
+    banned = penalized(params)  # 4 outputs so far: one short of min_tokens
+    assert banned[EOS] == float("-inf") and banned[3] == float("-inf")
+    assert banned[1:3] == LOGITS[1:3] and banned[4:] == LOGITS[4:]
+    assert penalized(SamplingParams(temperature=0, min_tokens=4, stop_token_ids=[3])) == LOGITS
+    keep_eos = penalized(SamplingParams(temperature=0, min_tokens=5, ignore_eos=True))
+    assert keep_eos == LOGITS  # with ignore_eos there is nothing to ban
+
+
+# ---- each knob's effect on what is drawn ---------------------------------------------------
+# Probabilities 0.5, 0.3, 0.15, 0.05 over four tokens.
+PROBS = [0.5, 0.3, 0.15, 0.05]
+DRAWS = 4000
+
+
+def draw(params: SamplingParams, probs: list[float] = PROBS, seed: int = 0) -> Counter[int]:
+    """Sample `DRAWS` rows of the same logits in one batch; return how often each token came."""
+    sampler = Sampler(vocab_size=len(probs), eos_token_ids=[99], seed=seed)
+    logits = torch.tensor(probs).log().expand(DRAWS, -1).contiguous()
+    specs = [SampleSpec(i, i, params, None, [7], 1) for i in range(DRAWS)]
+    return Counter(t.token_id for t in sampler(logits, specs))
+
+
+def test_plain_sampling_follows_the_distribution() -> None:
+    counts = draw(SamplingParams(temperature=1.0))
+    for tok, p in enumerate(PROBS):
+        assert counts[tok] / DRAWS == pytest.approx(p, abs=0.03)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_sharpens_or_flattens(temperature: float) -> None:
+    counts = draw(SamplingParams(temperature=temperature))
+    want = torch.softmax(torch.tensor(PROBS).log() / temperature, dim=-1).tolist()
+    for tok, p in enumerate(want):
+        assert counts[tok] / DRAWS == pytest.approx(p, abs=0.03)
+
+
+@pytest.mark.parametrize(("top_k", "kept"), [(1, {0}), (2, {0, 1}), (3, {0, 1, 2})])
+def test_top_k_keeps_the_k_most_likely(top_k: int, kept: set[int]) -> None:
+    counts = draw(SamplingParams(temperature=1.0, top_k=top_k))
+    assert set(counts) == kept
+    if top_k == 2:  # renormalized over the survivors: 0.5 : 0.3
+        assert counts[0] / DRAWS == pytest.approx(0.625, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    # the nucleus: tokens whose preceding mass is below top_p
+    [(0.4, {0}), (0.5, {0}), (0.7, {0, 1}), (0.85, {0, 1, 2}), (0.99, {0, 1, 2, 3})],
+)
+def test_top_p_keeps_the_nucleus(top_p: float, kept: set[int]) -> None:
+    assert set(draw(SamplingParams(temperature=1.0, top_p=top_p))) == kept
+
+
+@pytest.mark.parametrize(
+    ("min_p", "kept"),
+    # tokens whose probability is at least min_p times the top token's (0.5)
+    [(0.05, {0, 1, 2, 3}), (0.25, {0, 1, 2}), (0.5, {0, 1}), (0.9, {0})],
+)
+def test_min_p_drops_tokens_below_a_fraction_of_the_top(min_p: float, kept: set[int]) -> None:
+    assert set(draw(SamplingParams(temperature=1.0, min_p=min_p))) == kept
+
+
+def test_filters_apply_after_temperature() -> None:
+    """At temperature 0.5 the probabilities become 0.69, 0.25, 0.06, 0.01: top_p=0.9 then keeps
+    two tokens where it keeps three at temperature 1."""
+    assert set(draw(SamplingParams(temperature=0.5, top_p=0.9))) == {0, 1}
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.9))) == {0, 1, 2}
+
+
+def test_seed_fixes_the_draws_whatever_the_engine_rng_and_batch() -> None:
+    def seeded(seed: int, engine_seed: int, neighbours: int) -> list[int]:
+        sampler = Sampler(vocab_size=len(PROBS), eos_token_ids=[99], seed=engine_seed)
+        logits = torch.tensor(PROBS).log().expand(neighbours + 1, -1).contiguous()
+        params = SamplingParams(temperature=1.0, seed=seed)
+        plain = SamplingParams(temperature=1.0)
+        specs = [SampleSpec(i + 1, i, plain, None, [7], 1) for i in range(neighbours)]
+        specs.append(SampleSpec(0, neighbours, params, seed, [7], 1))
+        # 64 steps of the same sequence: its generator advances from step to step
+        return [sampler(logits, specs)[-1].token_id for _ in range(64)]
+
+    a = seeded(seed=5, engine_seed=0, neighbours=0)
+    assert a == seeded(seed=5, engine_seed=123, neighbours=7)
+    assert a != seeded(seed=6, engine_seed=0, neighbours=0)
+    assert len(set(a)) > 1  # the steps draw afresh, not one token repeated
+
+
+def test_greedy_rows_ignore_noise_beside_sampled_rows() -> None:
+    sampler = Sampler(vocab_size=len(PROBS), eos_token_ids=[99])
+    logits = torch.tensor(PROBS).log().expand(64, -1).contiguous()
+    specs = [
+        SampleSpec(i, i, SamplingParams(temperature=0.0 if i % 2 else 1.0), None, [7], 1)
+        for i in range(64)
+    ]
+    got = [t.token_id for t in sampler(logits, specs)]
+    assert all(tok == 0 for tok in got[1::2])
+    assert set(got[0::2]) != {0}
