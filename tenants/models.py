@@ -18,6 +18,7 @@ TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TenantId = Annotated[str, Field(pattern=TENANT_ID_PATTERN)]
 # Counts stay far below 2**53 so that Lua's doubles hold them exactly.
 MAX_COUNT = 10**15
+MAX_KEY_LIFETIME_S = 100 * 365 * 86400
 PositiveCount = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
 
 DEFAULT_TENANT_ID = "default"
@@ -132,7 +133,8 @@ class KeyCreate(BaseModel):
 
     name: str | None = Field(default=None, max_length=200)
     expires_at: datetime | None = None
-    expires_in_s: PositiveCount | None = None  # alternative to expires_at
+    # Alternative to expires_at; at most a century (a datetime past year 9999 cannot exist).
+    expires_in_s: Annotated[StrictInt, Field(gt=0, le=MAX_KEY_LIFETIME_S)] | None = None
 
 
 class UsageCounters(BaseModel):

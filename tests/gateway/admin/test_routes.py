@@ -141,3 +141,13 @@ async def test_usage_read_and_reset(make_gateway: MakeGateway) -> None:
         assert r.json()["today"]["total_tokens"] == 0 and r.json()["today"]["remaining"] == 1000
     r = await gw.client.get("/admin/tenants/acme/usage", headers=bearer(key))
     assert r.status_code == 403
+
+
+async def test_key_lifetime_past_a_century_is_a_400(make_gateway: MakeGateway) -> None:
+    """Found by the fuzzer: a huge expires_in_s overflowed the datetime arithmetic (a 500)."""
+    gw = await make_gateway()
+    await gw.admin("POST", "/admin/tenants", {"id": "acme"})
+    r = await gw.admin("POST", "/admin/tenants/acme/keys", {"expires_in_s": 10**12})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "expires_in_s"
+    r = await gw.admin("POST", "/admin/tenants/acme/keys", {"expires_in_s": 100 * 365 * 86400})
+    assert r.status_code == 201
