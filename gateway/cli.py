@@ -96,7 +96,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, on_engine_error=on_engine_error, on_engine_ready=freeze_gc_heap)
     config = uvicorn_config(
         app,
-        settings.max_header_bytes,
+        settings.request_limits(),
         host=settings.host,
         port=settings.port,
         log_config=None,

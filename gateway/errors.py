@@ -100,10 +100,10 @@ def body_too_large(limit: int) -> APIError:
     )
 
 
-def request_timeout(timeout_s: float) -> APIError:
+def request_timeout(timeout_s: float, what: str = "request body") -> APIError:
     return APIError(
         408,
-        f"The request body did not arrive within {timeout_s:g} seconds.",
+        f"The {what} did not arrive within {timeout_s:g} seconds.",
         code="request_timeout",
         headers={"connection": "close"},
     )

@@ -8,8 +8,9 @@ the handlers and the HTTP layer check them:
 | bound | where | answer |
 |---|---|---|
 | header bytes (request line + headers) | `gateway.server` (uvicorn protocol) | 431 |
+| header arrival time (slow headers) | `gateway.server` (uvicorn protocol) | 408 `request_timeout` |
 | body bytes | `BodyLimitMiddleware` | 413 `request_too_large` |
-| body read time (slow bodies) | `BodyLimitMiddleware` | 408 `request_timeout` |
+| body arrival time (slow bodies) | `BodyLimitMiddleware` | 408 `request_timeout` |
 | JSON: invalid UTF-8, nesting deeper than 200 | pydantic's parser | 400 `invalid_json` |
 | `n`, messages, prompt characters | `gateway.openai.sampling.check_request` | 400, `param` |
 | the fields below | the request models | 400, `param` |
@@ -41,7 +42,7 @@ class RequestLimits:
     max_messages: int = 2048  # messages of one chat request
     max_prompt_chars: int = 1_048_576  # all message contents, or the prompt (chars or token ids)
     max_body_bytes: int = 2 * 1024 * 1024
-    body_timeout_s: float = 30.0  # the whole body must arrive within this time
+    body_timeout_s: float = 30.0  # the headers, then the whole body, must each arrive within it
     max_header_bytes: int = 32 * 1024  # request line and headers
 
     def __post_init__(self) -> None:

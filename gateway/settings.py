@@ -91,7 +91,8 @@ class Settings(EngineEnv):
     body_timeout_s: float = Field(
         default=_LIMITS.body_timeout_s,
         gt=0,
-        description="the whole request body must arrive within this time; past it: 408",
+        description="the request line and headers, then the whole body, must each arrive "
+        "within this time; past it: 408",
     )
     max_header_bytes: int = Field(
         default=_LIMITS.max_header_bytes,

@@ -91,9 +91,7 @@ def running_server(app: Starlette) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     state: GatewayState = app.state.gateway
-    config = uvicorn_config(
-        app, state.limits.max_header_bytes, log_level="warning", access_log=False, lifespan="on"
-    )
+    config = uvicorn_config(app, state.limits, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

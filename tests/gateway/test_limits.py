@@ -230,6 +230,34 @@ def test_headers_over_the_limit_are_a_431_before_they_end(url: str) -> None:
     assert sent < 16 * 1024 * 1024
 
 
+def test_slow_headers_are_a_408_and_the_connection_closes(url: str) -> None:
+    with _raw(url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: t\r\nx-slow: ")  # and nothing more
+        status, body = _read_response(sock)
+        assert status == 408 and body["error"]["code"] == "request_timeout"
+        assert "headers" in body["error"]["message"]
+        assert sock.recv(1) == b""  # closed
+
+
+def test_a_silent_connection_is_closed(url: str) -> None:
+    with _raw(url) as sock:
+        status, _ = _read_response(sock)  # sends nothing at all
+        assert status == 408 and sock.recv(1) == b""
+
+
+def test_a_long_stream_outlives_the_header_deadline(url: str, engine: FakeEngine) -> None:
+    """The header deadline ends with the headers: a response that takes longer than it (40
+    tokens, 0.02 s apart: four deadlines) streams to the end, twice on one connection."""
+    engine.token_delay = 0.02
+    body = chat(stream=True, max_tokens=40, ignore_eos=True)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(2):
+            with client.stream("POST", CHAT, json=body) as r:
+                assert r.status_code == 200
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and len(lines) > 40
+
+
 def test_headers_under_the_limit_and_keep_alive(url: str) -> None:
     with httpx.Client(base_url=url) as client:
         for _ in range(3):  # one connection, several requests: the count restarts each time

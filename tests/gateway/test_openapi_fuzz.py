@@ -11,6 +11,7 @@ derandomized so a run is reproducible.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,8 @@ from tests.gateway.conftest import make_settings, running_server
 from tests.gateway.fake_engine import FakeEngine
 from tests.gateway.tenancy.helpers import ADMIN_KEY
 
-EXAMPLES = 80  # per operation: ~50 s for the whole document on 2 cores
+# Per operation: ~50 s for the whole document on 2 cores; FUZZ_EXAMPLES=1000 for a longer run.
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "80"))
 TENANT = "fuzz-tenant-5d1c9e"  # an id the generator will not hit
 
 schema = schemathesis.openapi.from_dict(build_openapi(ENDPOINTS))
