@@ -152,7 +152,7 @@ def _generation(
     return Endpoint(
         "POST", path, handler, summary, op_id, "OpenAI", result,
         description=f"A {result.__name__} (or server-sent events when `stream` is true)",
-        stream=chunk, security="apiKey", body=request, errors=(401, 404, 413, 429, 503),
+        stream=chunk, security="apiKey", body=request, errors=(401, 404, 429, 503),
     )  # fmt: skip
 
 
