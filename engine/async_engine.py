@@ -39,6 +39,7 @@ class _Add:
     tenant: str
     namespace: str | None
     priority: int
+    shared_blocks: int
 
 
 @dataclass(slots=True)
@@ -140,6 +141,7 @@ class AsyncEngine:
         self.tokenizer: Any = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.block_size = engine.block_manager.block_size
         self._commands: queue.SimpleQueue[_Add | _Call | str | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._warms: dict[str, tuple[Request, asyncio.Future[PrefixState]]] = {}  # engine thread
@@ -220,6 +222,7 @@ class AsyncEngine:
         tenant: str = "default",
         namespace: str | None = None,
         priority: int = 0,
+        shared_blocks: int = 0,
     ) -> RequestStream:
         """Validate and enqueue; raises `InvalidRequestError`, `ContextLengthError`,
         `EngineOverloadedError` or `EngineDeadError` before anything is allocated."""
@@ -239,7 +242,15 @@ class AsyncEngine:
         with self._lock:
             self._pending += 1
         self._commands.put(
-            _Add(list(prompt_token_ids), params, request_id, tenant, namespace, priority)
+            _Add(
+                list(prompt_token_ids),
+                params,
+                request_id,
+                tenant,
+                namespace,
+                priority,
+                shared_blocks,
+            )
         )
         self._wakeup.set()
         # Hand the GIL to the engine thread now, while it waits for it to leave `wait()`: else it
@@ -398,6 +409,7 @@ class AsyncEngine:
                     cmd.tenant,
                     cmd.namespace,
                     cmd.priority,
+                    cmd.shared_blocks,
                 )
             except Exception as exc:  # validated already; report rather than crash the loop
                 stream = self._streams.pop(cmd.request_id, None)

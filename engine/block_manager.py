@@ -101,6 +101,12 @@ class FreeBlockQueue:
             block = block.next_free
 
 
+# Salt of the leading blocks of a public prefix, which every tenant shares: a request's first
+# `shared_blocks` blocks are hashed in it, the blocks after them in the request's own namespace
+# again, so what follows a shared prompt is never shared. No tenant namespace is ever "public".
+PUBLIC_NAMESPACE = "public"
+
+
 def hash_block(parent: bytes | None, tokens: Sequence[int], namespace: str | None) -> bytes:
     """Stable content hash of one full block: identical across processes and replicas.
 
@@ -124,6 +130,7 @@ class SeqBlocks:
 
     namespace: str | None
     tenant: str
+    shared_blocks: int = 0  # leading blocks hashed in PUBLIC_NAMESPACE instead
     blocks: list[KVBlock] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # mirror of blocks, handed to the runner
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of the leading full blocks
@@ -229,7 +236,9 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, token_ids: Sequence[int], namespace: str | None) -> list[KVBlock]:
+    def find_cached_prefix(
+        self, token_ids: Sequence[int], namespace: str | None, shared_blocks: int = 0
+    ) -> list[KVBlock]:
         """Longest chain of cached full blocks that prefixes `token_ids`.
 
         At least one token is always left to compute (the model needs a query to produce logits),
@@ -238,19 +247,24 @@ class BlockManager:
         if not self.enable_caching:
             return []
         hits: list[KVBlock] = []
-        for h in self.chain_hashes(token_ids[: len(token_ids) - 1], namespace):
+        prompt = token_ids[: len(token_ids) - 1]
+        for h in self.chain_hashes(prompt, namespace, shared_blocks):
             block = self.cached.get(h)
             if block is None:
                 break
             hits.append(block)
         return hits
 
-    def chain_hashes(self, token_ids: Sequence[int], namespace: str | None) -> Iterator[bytes]:
-        """Hash chain of the full blocks of `token_ids`, lazily (callers may stop early)."""
+    def chain_hashes(
+        self, token_ids: Sequence[int], namespace: str | None, shared_blocks: int = 0
+    ) -> Iterator[bytes]:
+        """Hash chain of the full blocks of `token_ids`, lazily (callers may stop early): blocks
+        below `shared_blocks` in PUBLIC_NAMESPACE, the others in `namespace`."""
         parent: bytes | None = None
         bs = self.block_size
         for i in range(len(token_ids) // bs):
-            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], namespace)
+            ns = PUBLIC_NAMESPACE if i < shared_blocks else namespace
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], ns)
             yield parent
 
     # ---- allocation ----------------------------------------------------------------------
@@ -261,6 +275,7 @@ class BlockManager:
         num_new_tokens: int,
         namespace: str | None = None,
         tenant: str = "default",
+        shared_blocks: int = 0,
     ) -> int | None:
         """Start a sequence: reuse its cached prefix, then allocate blocks for the new tokens.
 
@@ -271,20 +286,22 @@ class BlockManager:
                 caller's budget; also capped here to what is left after the hits).
             namespace: cache namespace; sequences in different namespaces never share blocks.
             tenant: owner, for per-tenant block accounting.
+            shared_blocks: leading blocks that are a public prefix's, hashed in
+                PUBLIC_NAMESPACE (shared by every tenant); the rest in `namespace`.
 
         Returns:
             The number of leading tokens served from the cache (the sequence's computed tokens),
             or None when there are not enough free blocks (nothing is changed then).
         """
         assert seq_id not in self.seqs, f"sequence {seq_id} already holds blocks"
-        hits = self.find_cached_prefix(token_ids, namespace)
+        hits = self.find_cached_prefix(token_ids, namespace, shared_blocks)
         num_cached = len(hits) * self.block_size
         num_new_tokens = min(num_new_tokens, len(token_ids) - num_cached)
         needed = self.blocks_needed(num_cached + num_new_tokens) - len(hits)
         revived = sum(1 for b in hits if b.ref_cnt == 0)
         if needed + revived > self.num_free_blocks:
             return None
-        seq = SeqBlocks(namespace, tenant)
+        seq = SeqBlocks(namespace, tenant, shared_blocks)
         self.seqs[seq_id] = seq
         for block in hits:
             self._take(seq, block)
@@ -331,7 +348,9 @@ class BlockManager:
         """Give `child_id` the parent's blocks by reference (parallel sampling, n > 1)."""
         parent = self.seqs[parent_id]
         assert child_id not in self.seqs
-        child = SeqBlocks(parent.namespace, parent.tenant, hashes=list(parent.hashes))
+        child = SeqBlocks(
+            parent.namespace, parent.tenant, parent.shared_blocks, hashes=list(parent.hashes)
+        )
         self.seqs[child_id] = child
         for block in parent.blocks:
             self._take(child, block)
@@ -505,7 +524,8 @@ class BlockManager:
         num_full = min(num_tokens // bs, len(seq.blocks))
         parent = seq.hashes[-1] if seq.hashes else None
         for i in range(len(seq.hashes), num_full):
-            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], seq.namespace)
+            ns = PUBLIC_NAMESPACE if i < seq.shared_blocks else seq.namespace
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], ns)
             seq.hashes.append(parent)
             block = seq.blocks[i]
             if block.block_hash is None and parent not in self.cached:

@@ -146,7 +146,10 @@ class LLMEngine:
         tenant: str = "default",
         namespace: str | None = None,
         priority: int = 0,
+        shared_blocks: int = 0,
     ) -> Request:
+        """Queue a request (validated first: see `validate`). `namespace` salts its cache blocks;
+        its first `shared_blocks` blocks are a public prefix's, shared by every namespace."""
         max_tokens = self.validate(prompt_token_ids, params)
         if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
             raise EngineOverloadedError("the engine's waiting queue is full; retry later")
@@ -154,7 +157,14 @@ class LLMEngine:
         if request_id in self.scheduler.requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
         request = Request(
-            request_id, list(prompt_token_ids), params, max_tokens, tenant, namespace, priority
+            request_id,
+            list(prompt_token_ids),
+            params,
+            max_tokens,
+            tenant,
+            namespace,
+            priority,
+            shared_blocks,
         )
         self.scheduler.add_request(request)
         return request

@@ -84,6 +84,7 @@ class Request:
     tenant: str = "default"
     namespace: str | None = None
     priority: int = 0  # lower is served first by the priority policy
+    shared_blocks: int = 0  # leading blocks of a public prefix (block_manager.PUBLIC_NAMESPACE)
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule

@@ -190,7 +190,12 @@ class Scheduler:
             if slots + need > self.config.max_num_seqs:
                 break
             num_cached = self.bm.allocate(
-                seq.seq_id, seq.token_ids, budget, request.namespace, request.tenant
+                seq.seq_id,
+                seq.token_ids,
+                budget,
+                request.namespace,
+                request.tenant,
+                request.shared_blocks,
             )
             if num_cached is None:
                 break

@@ -97,7 +97,9 @@ def create_app(
         loading = None
         if state.owns_tenants:
             await state.start_tenants()
-        if state.engine is None:
+        if state.engine is not None:  # injected: warm the registered prefixes before serving
+            await state.prefixes.warm_all(state.engine)
+        else:
             loading = asyncio.create_task(
                 state.load_engine(engine_loader, on_engine_error, on_engine_ready)
             )

@@ -52,6 +52,7 @@ class EngineClient(Protocol):
     tokenizer: Any  # a transformers tokenizer: apply_chat_template, encode, decode
     model_name: str
     max_model_len: int
+    block_size: int  # tokens per KV block: a prefix's full blocks are what a hit serves
 
     def start(self) -> None: ...
 
@@ -66,8 +67,10 @@ class EngineClient(Protocol):
         tenant: str = "default",
         namespace: str | None = None,
         priority: int = 0,
+        shared_blocks: int = 0,
     ) -> RequestStream:
-        """Admit a request (event loop thread only).
+        """Admit a request (event loop thread only). `namespace` salts its KV cache blocks; its
+        first `shared_blocks` blocks are a public prefix's, shared by every namespace.
 
         Raises:
             InvalidRequestError / ContextLengthError: bad request, nothing allocated.

@@ -19,6 +19,7 @@ from engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
+    PinRefusedError,
 )
 from tenants import (
     AdmissionDecision,
@@ -110,7 +111,8 @@ def request_timeout(timeout_s: float, what: str = "request body") -> APIError:
 
 
 def from_engine_error(exc: Exception) -> APIError:
-    """Translate an engine exception raised by `add_request` or mid-stream."""
+    """Translate an engine exception raised by `add_request`, mid-stream or by a prefix
+    warm-up (a refused pin: 409)."""
     if isinstance(exc, ContextLengthError):
         return APIError(400, exc.message, param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
@@ -126,6 +128,8 @@ def from_engine_error(exc: Exception) -> APIError:
         )
     if isinstance(exc, EngineDeadError):
         return APIError(503, "The engine has stopped.", type=SERVER_ERROR, code="engine_dead")
+    if isinstance(exc, PinRefusedError):
+        return APIError(409, exc.message, param="pin", code="pin_refused")
     return APIError(500, "Internal server error.", type=SERVER_ERROR, code="internal_error")
 
 

@@ -82,6 +82,18 @@ class EngineStatsCollector(Collector):
         yield CounterMetricFamily(
             "prefixgate_preemptions", "Requests preempted (recompute).", s.num_preemptions
         )
+        yield GaugeMetricFamily(
+            "prefixgate_pinned_blocks_max", "The engine's cap on pinned KV blocks.",
+            s.max_pinned_blocks,
+        )  # fmt: skip
+        pinned = GaugeMetricFamily(
+            "prefixgate_pinned_blocks",
+            "KV blocks held by pinned prefixes, by owner (tenant, or (public)).",
+            labels=["tenant"],
+        )
+        for tenant, blocks in sorted(s.pinned_blocks_by_tenant.items()):
+            pinned.add_metric([tenant], blocks)
+        yield pinned
 
 
 _STORE_HELP = {
@@ -166,6 +178,18 @@ class GatewayMetrics:
             "prefixgate_rate_limited_requests",
             "Requests refused by a tenant quota (429, or 400 for max_tokens_per_request).",
             ["tenant", "limit"],
+            registry=r,
+        )
+        self.prefix_requests = Counter(
+            "prefixgate_prefix_requests",
+            "Requests that used a registered prefix by reference (scope: private or public).",
+            ["tenant", "scope"],
+            registry=r,
+        )
+        self.prefix_cached_tokens = Counter(
+            "prefixgate_prefix_cached_tokens",
+            "Tokens of registered prefixes served from the cache to requests using them.",
+            ["tenant"],
             registry=r,
         )
         r.register(EngineStatsCollector(get_engine))

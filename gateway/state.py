@@ -19,6 +19,7 @@ from gateway.hooks import GenerationHooks
 from gateway.metrics import GatewayMetrics
 from gateway.openai.tokens import TokenTexts
 from gateway.openapi import build_openapi
+from gateway.prefixes import PrefixRegistry
 from gateway.routing import Endpoint
 from gateway.settings import Settings
 from tenants import TenantService, build_service
@@ -52,6 +53,7 @@ class GatewayState:
         self.tenants = tenants or build_service(settings.tenants_config())
         self.hooks = hooks or GenerationHooks()
         self.metrics = GatewayMetrics(lambda: self.engine, self.tenants.stats)
+        self.prefixes = PrefixRegistry(self.tenants, self.metrics, settings.anonymous)
         self.created = int(time.time())
         self.model_name = settings.served_model_name or (
             engine.model_name if engine is not None else settings.model_name()
@@ -115,6 +117,7 @@ class GatewayState:
             engine.start()
             if on_ready is not None:
                 on_ready()
+            await self.prefixes.warm_all(engine)  # registered prefixes are hits from the start
         except Exception as exc:
             if engine is not None:
                 engine.shutdown()

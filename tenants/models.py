@@ -180,6 +180,13 @@ PREFIX_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 PrefixName = Annotated[str, Field(pattern=PREFIX_NAME_PATTERN)]
 
 
+def one_content(body: Any) -> Any:
+    """A prefix body's check: exactly one of `messages` and `text`."""
+    if (body.messages is None) == (body.text is None):
+        raise ValueError("exactly one of 'messages' and 'text' is required")
+    return body
+
+
 class PrefixSpec(BaseModel):
     """What registering a prefix says: a name, its content (chat messages or text), whether to
     pin it, and its lease. Body of `POST /v1/prefixes` and `POST /admin/prefixes`."""
@@ -195,9 +202,7 @@ class PrefixSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_content(self) -> PrefixSpec:
-        if (self.messages is None) == (self.text is None):
-            raise ValueError("exactly one of 'messages' and 'text' is required")
-        return self
+        return one_content(self)
 
 
 class Prefix(BaseModel):

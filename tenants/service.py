@@ -513,6 +513,12 @@ class TenantService:
         expires = None if spec.ttl_seconds is None else utc(now_ms + spec.ttl_seconds * 1000)
         return PrefixRegistration(prefix.model_copy(update={"expires_at": expires}), put.replaced)
 
+    async def restore_prefix(self, prefix: Prefix) -> None:
+        """Put a registration back as it was (one that a refused replacement displaced); its
+        lease starts again from now and its counters from zero."""
+        now_ms = to_ms(self.clock())
+        await self.guard.call(lambda: self.store.put_prefix(prefix, now_ms))
+
     async def get_prefix(self, owner: str | None, name: str) -> Prefix:
         """Raises PrefixNotFound (also for another owner's names)."""
         now_ms = to_ms(self.clock())

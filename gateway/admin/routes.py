@@ -1,4 +1,4 @@
-"""Admin REST API under `/admin`: tenants, quotas, API keys, usage.
+"""Admin REST API under `/admin`: tenants, quotas, API keys, usage, public prefixes.
 
 Every route needs `Authorization: Bearer <PREFIXGATE_ADMIN_KEY>` (compared in constant time):
 a tenant's key gets 403 `permission_denied`, no key or any other key 401 `invalid_api_key`.
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from engine.block_manager import PUBLIC_NAMESPACE
 from gateway.admin.schemas import (
     ApiKeyInfo,
     ApiKeyList,
@@ -30,6 +31,7 @@ from gateway.admin.schemas import (
     TenantUsage,
 )
 from gateway.errors import APIError, from_tenants_error
+from gateway.prefixes import PrefixCreate, PrefixDeleted, PrefixList, PrefixObject
 from gateway.routing import JSON, Endpoint, Handler, optional_body, parse_body
 from gateway.state import get_state
 from tenants import (
@@ -126,20 +128,34 @@ async def get_tenant(request: Request, tenants: TenantService) -> Response:
 @admin
 async def update_tenant(request: Request, tenants: TenantService) -> Response:
     patch = await parse_body(request, TenantUpdate)
-    return JSON(await tenants.update_tenant(_tenant_id(request), patch))
+    tenant = await tenants.update_tenant(_tenant_id(request), patch)
+    if patch.quota is not None:
+        await _quota_changed(request, tenant)
+    return JSON(tenant)
 
 
 @admin
 async def delete_tenant(request: Request, tenants: TenantService) -> Response:
+    """The tenant, its keys, usage and prefixes (their pins end)."""
     tenant_id = _tenant_id(request)
-    await tenants.delete_tenant(tenant_id)
+    state = get_state(request)
+    await state.prefixes.delete_tenant(state.engine, tenant_id)
     return JSON(TenantDeleted(id=tenant_id))
 
 
 @admin
 async def set_quota(request: Request, tenants: TenantService) -> Response:
     quota = await parse_body(request, Quota)
-    return JSON(await tenants.set_quota(_tenant_id(request), quota))
+    tenant = await tenants.set_quota(_tenant_id(request), quota)
+    await _quota_changed(request, tenant)
+    return JSON(tenant)
+
+
+async def _quota_changed(request: Request, tenant: Tenant) -> None:
+    """Re-warm the tenant's prefixes (re-pinning the pinned ones) under its new quota."""
+    state = get_state(request)
+    if state.engine is not None:
+        await state.prefixes.warm_tenant(state.engine, tenant)
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -175,6 +191,38 @@ async def rotate_key(request: Request, tenants: TenantService) -> Response:
     return JSON(IssuedApiKey.issued(issued), status_code=201)
 
 
+# -- public prefixes --------------------------------------------------------------------------
+
+
+@admin
+async def create_public_prefix(request: Request, tenants: TenantService) -> Response:
+    state = get_state(request)
+    body = await parse_body(request, PrefixCreate)
+    prefix = await state.prefixes.register(state.require_engine(), None, PUBLIC_NAMESPACE, body)
+    return JSON(PrefixObject.of(prefix), status_code=201)
+
+
+@admin
+async def list_public_prefixes(request: Request, tenants: TenantService) -> Response:
+    return JSON(PrefixList(data=[PrefixObject.of(p) for p in await tenants.list_prefixes(None)]))
+
+
+@admin
+async def get_public_prefix(request: Request, tenants: TenantService) -> Response:
+    return JSON(PrefixObject.of(await tenants.get_prefix(None, _prefix_name(request))))
+
+
+@admin
+async def delete_public_prefix(request: Request, tenants: TenantService) -> Response:
+    state = get_state(request)
+    prefix = await state.prefixes.delete(state.engine, None, _prefix_name(request))
+    return JSON(PrefixDeleted(name=prefix.name))
+
+
+def _prefix_name(request: Request) -> str:
+    return str(request.path_params["name"])
+
+
 # -- usage ------------------------------------------------------------------------------------
 
 
@@ -191,6 +239,7 @@ async def reset_usage(request: Request, tenants: TenantService) -> Response:
 
 
 _TENANT = "/admin/tenants/{tenant_id}"
+_PREFIX = "/admin/prefixes/{name}"
 _KEY = _TENANT + "/keys/{key_id}"
 _ERRORS = (401, 403, 404, 503)
 
@@ -205,7 +254,7 @@ def _admin(
     **fields: Any,
 ) -> Endpoint:
     fields.setdefault("errors", _ERRORS)
-    texts = {404: "Unknown tenant or key"}
+    texts = {404: "Unknown tenant, key or prefix"}
     return Endpoint(
         method, path, handler, summary, op_id, "Admin", response,
         security="adminKey", error_texts=texts, **fields,
@@ -240,4 +289,14 @@ ENDPOINTS = (
            "deleteTenantUsage", TenantUsage),
     _admin("POST", _TENANT + "/usage/reset", reset_usage,
            "Reset today's and this month's usage", "resetTenantUsage", TenantUsage),
+    _admin("POST", "/admin/prefixes", create_public_prefix,
+           "Register a public prefix: every tenant can use it by name, and hits it",
+           "createPublicPrefix", PrefixObject, body=PrefixCreate, status=201,
+           errors=(401, 403, 409, 503)),
+    _admin("GET", "/admin/prefixes", list_public_prefixes, "List the public prefixes",
+           "listPublicPrefixes", PrefixList, errors=(401, 403, 503)),
+    _admin("GET", _PREFIX, get_public_prefix, "Describe a public prefix, with its counters",
+           "getPublicPrefix", PrefixObject),
+    _admin("DELETE", _PREFIX, delete_public_prefix, "Delete a public prefix (and end its pin)",
+           "deletePublicPrefix", PrefixDeleted),
 )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from engine.outputs import Delta, TokenLogprob
@@ -65,12 +66,23 @@ def _text_content(message: ChatMessage, i: int) -> str:
     return "\n".join(texts)
 
 
-def render_chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def render_chat_prompt(
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    prefix: Sequence[dict[str, str]] = (),
+) -> list[int]:
     """Apply the model's chat template (with the assistant generation prompt) and tokenize;
-    special tokens written in a message are text, never control tokens (`template.py`)."""
-    conversation = template_messages(messages)
+    special tokens written in a message are text, never control tokens (`template.py`).
+    `prefix`: a registered prefix's messages (already checked), put first."""
+    return render_conversation(tokenizer, [*prefix, *template_messages(messages)])
+
+
+def render_conversation(
+    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
+    """`template.render_chat`, a template's own refusal as a 400 on `messages`."""
     try:
-        return render_chat(tokenizer, conversation)
+        return render_chat(tokenizer, conversation, add_generation_prompt)
     except Exception as exc:  # jinja2 errors raised by the template itself (raise_exception)
         raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from exc
 

@@ -16,9 +16,12 @@ from gateway.openai.tokens import TokenTexts, chunk_frame, json_opt_str, json_st
 
 
 def prompt_token_ids(
-    tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]
+    tokenizer: Any,
+    prompt: str | list[str] | list[int] | list[list[int]],
+    prefix: list[int] | None = None,
 ) -> list[int]:
-    """Tokenize the prompt (special tokens such as BOS added as the model expects)."""
+    """Tokenize the prompt (special tokens such as BOS added as the model expects); after a
+    registered prefix's tokens, the prompt continues them (no BOS of its own)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
             raise bad_request(
@@ -28,7 +31,8 @@ def prompt_token_ids(
             )
         prompt = prompt[0]  # type: ignore[assignment]
     if isinstance(prompt, str):
-        ids: list[int] = tokenizer.encode(prompt) if prompt else []
+        special = prefix is None
+        ids: list[int] = tokenizer.encode(prompt, add_special_tokens=special) if prompt else []
     else:
         ids = list(prompt)  # type: ignore[arg-type]
         vocab = len(tokenizer)
@@ -36,7 +40,7 @@ def prompt_token_ids(
             raise bad_request(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
     if not ids:
         raise bad_request("The prompt must not be empty.", param="prompt")
-    return ids
+    return ids if prefix is None else [*prefix, *ids]
 
 
 class CompletionFormat:

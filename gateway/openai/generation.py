@@ -166,8 +166,10 @@ async def start_generation(
     params: SamplingParams,
     started_at: float,
     log: dict[str, object],
+    shared_blocks: int = 0,
 ) -> tuple[Generation, Mapping[str, str]]:
-    """Admit (hooks), then add the request to the engine.
+    """Admit (hooks), then add the request to the engine (its first `shared_blocks` blocks are
+    a public prefix's, hashed in the shared namespace).
 
     Returns the generation and the extra response headers from the admission hook.
 
@@ -184,6 +186,7 @@ async def start_generation(
             tenant=principal.tenant,
             namespace=principal.namespace,
             priority=principal.priority,
+            shared_blocks=shared_blocks,
         )
     except BaseException as exc:
         await hooks.settle(info, UsageCounts(), "rejected")

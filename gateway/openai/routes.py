@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.engine_client import EngineClient
-from gateway.errors import model_not_found
+from gateway.errors import bad_request, model_not_found
 from gateway.hooks import GenerationInfo
 from gateway.middleware import log_fields
 from gateway.openai.chat import ChatFormat, render_chat_prompt
@@ -31,6 +31,7 @@ from gateway.openai.schemas import (
 from gateway.routing import JSON, Endpoint, Handler, parse_body
 from gateway.state import GatewayState, get_state
 from gateway.tenancy.auth import get_principal
+from tenants import Prefix
 
 
 async def chat_completions(request: Request) -> Response:
@@ -38,7 +39,8 @@ async def chat_completions(request: Request) -> Response:
     state = get_state(request)
     req = await parse_body(request, ChatCompletionRequest)
     engine = _prepare(state, req)
-    prompt = render_chat_prompt(engine.tokenizer, req.messages)
+    prefix = await _resolve_prefix(request, state, engine, req)
+    prompt = render_chat_prompt(engine.tokenizer, req.messages, _prefix_messages(prefix))
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     fmt = ChatFormat(
@@ -49,7 +51,7 @@ async def chat_completions(request: Request) -> Response:
         top_logprobs=top_logprobs,
         token_texts=state.token_texts(),
     )
-    return await _generate(request, state, engine, req, prompt, top_logprobs, fmt, started)
+    return await _generate(request, state, engine, req, prompt, top_logprobs, fmt, started, prefix)
 
 
 async def completions(request: Request) -> Response:
@@ -57,7 +59,8 @@ async def completions(request: Request) -> Response:
     state = get_state(request)
     req = await parse_body(request, CompletionRequest)
     engine = _prepare(state, req)
-    prompt = prompt_token_ids(engine.tokenizer, req.prompt)
+    prefix = await _resolve_prefix(request, state, engine, req)
+    prompt = prompt_token_ids(engine.tokenizer, req.prompt, prefix.token_ids if prefix else None)
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     fmt = CompletionFormat(
         completion_id=completion_id,
@@ -66,13 +69,36 @@ async def completions(request: Request) -> Response:
         logprobs=req.logprobs,
         token_texts=state.token_texts(),
     )
-    return await _generate(request, state, engine, req, prompt, req.logprobs, fmt, started)
+    return await _generate(request, state, engine, req, prompt, req.logprobs, fmt, started, prefix)
 
 
 def _prepare(state: GatewayState, req: ChatCompletionRequest | CompletionRequest) -> EngineClient:
     state.check_model(req.model)
     check_request(req, state.limits)
     return state.require_engine()
+
+
+async def _resolve_prefix(
+    request: Request,
+    state: GatewayState,
+    engine: EngineClient,
+    req: ChatCompletionRequest | CompletionRequest,
+) -> Prefix | None:
+    """The registered prefix the request names with `prefix` or `prompt_cache_key`, if any."""
+    principal = get_principal(request.scope)
+    return await state.prefixes.resolve(engine, principal, req.prefix, req.prompt_cache_key)
+
+
+def _prefix_messages(prefix: Prefix | None) -> list[dict[str, str]]:
+    if prefix is None:
+        return []
+    if prefix.messages is None:
+        raise bad_request(
+            f"Prefix '{prefix.name}' was registered as text: a chat completion can only use a "
+            "prefix registered with messages (use it with /v1/completions).",
+            param="prefix",
+        )
+    return prefix.messages
 
 
 async def _generate(
@@ -84,6 +110,7 @@ async def _generate(
     logprobs: int | None,
     fmt: ChatFormat | CompletionFormat,
     started: float,
+    prefix: Prefix | None,
 ) -> Response:
     principal = get_principal(request.scope)
     cap = principal.max_tokens_per_request
@@ -102,13 +129,14 @@ async def _generate(
     log.update(completion_id=fmt.id, model=req.model, stream=req.stream, n=req.n)
     gen, headers = await start_generation(
         engine,
-        hooks=state.hooks,
+        hooks=state.prefixes.hooks(state.hooks, prefix),
         metrics=state.metrics,
         info=info,
         prompt_token_ids=prompt,
         params=params,
         started_at=started,
         log=log,
+        shared_blocks=state.prefixes.shared_blocks(engine, prompt, prefix),
     )
     output: OutputFormat = fmt
     if req.stream:

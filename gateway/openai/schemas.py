@@ -73,6 +73,10 @@ class _SamplingRequest(_Request):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
     user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
+    # A registered prefix (`/v1/prefixes`) put before the messages / prompt; unknown: 404.
+    prefix: str | None = Field(default=None, max_length=64)
+    # OpenAI's cache routing hint; naming a registered prefix uses it like `prefix` does.
+    prompt_cache_key: str | None = Field(default=None, max_length=MAX_USER_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Declared only to refuse them clearly (see `unsupported_fields`).

@@ -61,20 +61,25 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
     return SpecialTokens(ids, re.compile(find or never), re.compile(split or never))
 
 
-def render_chat(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation with the assistant generation prompt (module docstring).
+def render_chat(
+    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of the conversation with the assistant generation prompt (module docstring);
+    without it for a registered prefix, which a request's messages then continue.
 
     Raises whatever the template raises (jinja2 errors from `raise_exception`).
     """
     specials = special_tokens(tokenizer)
     if not any(specials.find.search(m["content"]) for m in conversation):
-        text = _apply(tokenizer, conversation)
+        text = _apply(tokenizer, conversation, add_generation_prompt)
         ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
         return ids
-    return render_keeping_text(tokenizer, conversation)
+    return render_keeping_text(tokenizer, conversation, add_generation_prompt)
 
 
-def render_keeping_text(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
+def render_keeping_text(
+    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
     """The masked path of `render_chat` (public so tests can run it on benign contents)."""
     specials = special_tokens(tokenizer)
     texts = list(specials.ids)
@@ -86,7 +91,7 @@ def render_keeping_text(tokenizer: Any, conversation: list[dict[str, str]]) -> l
         return f"{_MARK_OPEN}{nonce}{index[match.group(0)]}{_MARK_CLOSE}"
 
     masked = [{**m, "content": specials.find.sub(mask, m["content"])} for m in conversation]
-    rendered = _apply(tokenizer, masked)
+    rendered = _apply(tokenizer, masked, add_generation_prompt)
     ids: list[int] = []
     start = 0
     for match in specials.split.finditer(rendered):
@@ -98,9 +103,9 @@ def render_keeping_text(tokenizer: Any, conversation: list[dict[str, str]]) -> l
     return ids
 
 
-def _apply(tokenizer: Any, conversation: list[dict[str, str]]) -> str:
+def _apply(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool) -> str:
     text: str = tokenizer.apply_chat_template(
-        conversation, tokenize=False, add_generation_prompt=True
+        conversation, tokenize=False, add_generation_prompt=add_generation_prompt
     )
     return text
 

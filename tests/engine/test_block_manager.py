@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.block_manager import BlockManager, PinSpec, hash_block
+from engine.block_manager import PUBLIC_NAMESPACE, BlockManager, PinSpec, hash_block
 from engine.errors import PinRefusedError
 
 
@@ -55,6 +55,18 @@ def test_namespaces_never_share() -> None:
     assert bm.allocate(2, list(range(9)), 9, namespace="b") == 0
     assert bm.allocate(3, list(range(9)), 9, namespace="a") == 8
     assert set(bm.block_ids(1)).isdisjoint(bm.block_ids(2))
+
+
+def test_public_prefix_blocks_are_shared_and_what_follows_is_not() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    public, tail = list(range(8)), [50, 51, 52, 53, 54]
+    bm.allocate(1, [*public, 9], 9, namespace=PUBLIC_NAMESPACE)  # the public prefix, warmed
+    assert bm.allocate(2, [*public, *tail], 13, namespace="a", shared_blocks=2) == 8
+    assert bm.allocate(3, [*public, *tail], 13, namespace="b", shared_blocks=2) == 8
+    assert bm.block_ids(2)[:2] == bm.block_ids(3)[:2] == bm.block_ids(1)[:2]
+    assert bm.block_ids(2)[2] != bm.block_ids(3)[2]  # the tenant's own block after it
+    assert bm.allocate(4, [*public, *tail], 13, namespace="a", shared_blocks=2) == 12
+    assert bm.allocate(5, [*public, 9], 9, namespace="b") == 0  # not public: no hit
 
 
 def test_freed_blocks_stay_revivable_until_reused() -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from engine.block_manager import PUBLIC_NAMESPACE
 from engine.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -221,6 +222,7 @@ class FakeEngine:
         tenant: str = "default",
         namespace: str | None = None,
         priority: int = 0,
+        shared_blocks: int = 0,
     ) -> FakeStream:
         if self.dead:
             raise EngineDeadError("fake engine is dead")
@@ -235,7 +237,8 @@ class FakeEngine:
         self._streams[request_id] = stream
         self._n[request_id] = params.n
         loop = asyncio.get_running_loop()
-        coro = self._run(request_id, list(prompt_token_ids), namespace, params, max_tokens, stream)
+        scope = (namespace, shared_blocks)
+        coro = self._run(request_id, list(prompt_token_ids), scope, params, max_tokens, stream)
         self._tasks[request_id] = loop.create_task(coro)
         return stream
 
@@ -296,7 +299,7 @@ class FakeEngine:
                     requested=others + num_blocks,
                 )
         self.warmed.append((key, list(token_ids), namespace))
-        cached = self._cached_tokens(list(token_ids), namespace)
+        cached = self._cached_tokens(list(token_ids), (namespace, 0))
         if key is not None:
             self.pins[key] = FakePin(tenant, namespace, list(token_ids), num_blocks, expires_at)
         return PrefixState(len(token_ids), num_blocks, cached, pinned=key is not None)
@@ -321,17 +324,24 @@ class FakeEngine:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _cached_tokens(self, prompt: list[int], namespace: str | None) -> int:
-        """Full blocks of the prompt seen before in the same cache namespace."""
+    def _cached_tokens(self, prompt: list[int], scope: tuple[str | None, int]) -> int:
+        """Full blocks of the prompt seen before in the same cache namespace (its first
+        `shared_blocks` blocks in the public one, like the real engine's hash chain)."""
+        namespace, shared = scope
         bs = self.block_size
         full = (len(prompt) - 1) // bs  # the last prompt token is always computed
+
+        def key(k: int) -> tuple[str | int | None, ...]:  # (public blocks, then namespace)
+            public = k if namespace == PUBLIC_NAMESPACE else min(k, shared)
+            return (public, namespace if public < k else None, *prompt[: k * bs])
+
         cached = 0
         for k in range(1, full + 1):
-            if (namespace, *prompt[: k * bs]) not in self._cached_prefixes:
+            if key(k) not in self._cached_prefixes:
                 break
             cached = k * bs
         for k in range(1, len(prompt) // bs + 1):
-            self._cached_prefixes.add((namespace, *prompt[: k * bs]))
+            self._cached_prefixes.add(key(k))
         return cached
 
     def _rng(self, prompt: list[int], params: SamplingParams, index: int) -> random.Random:
@@ -345,12 +355,12 @@ class FakeEngine:
         self,
         request_id: str,
         prompt: list[int],
-        namespace: str | None,
+        scope: tuple[str | None, int],
         params: SamplingParams,
         max_tokens: int,
         stream: FakeStream,
     ) -> None:
-        cached = self._cached_tokens(prompt, namespace)
+        cached = self._cached_tokens(prompt, scope)
         self.prefix_queries += len(prompt)
         self.prefix_hits += cached
         choices = [_Choice(i, self._rng(prompt, params, i)) for i in range(params.n)]
