@@ -9,6 +9,8 @@ prefixgate admin [--url URL] [--admin-key KEY] RESOURCE ACTION ...
   keys issue ID [--name N] [--expires-in SECONDS]
   keys list ID | revoke ID KEY_ID | rotate ID KEY_ID [--grace SECONDS]
   usage get ID | reset ID
+  prefixes create NAME (--text TEXT | --system TEXT | --messages-file FILE) [--pin] [--ttl S]
+  prefixes list | get NAME | delete NAME   (public prefixes: every tenant uses and hits them)
 ```
 
 QUOTA FLAGS are the quota fields with dashes (`--requests-per-minute 50`), `none` for
@@ -98,6 +100,27 @@ def add_admin_parser(commands: Any) -> None:
     actions.add_parser("reset", help="zero today's and this month's usage").add_argument(
         "tenant_id"
     )
+    _prefixes_parser(resources)
+
+
+def _prefixes_parser(resources: Any) -> None:
+    prefixes = resources.add_parser(
+        "prefixes", help="register, list, read, delete public prefixes (shared system prompts)"
+    )
+    actions = prefixes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="register (or replace) a public prefix")
+    create.add_argument("name")
+    content = create.add_mutually_exclusive_group(required=True)
+    content.add_argument("--text", help="the prefix as plain text")
+    content.add_argument("--system", help="the prefix as one system message")
+    content.add_argument("--messages-file", metavar="FILE",
+                         help="a JSON file holding the chat messages")  # fmt: skip
+    create.add_argument("--pin", action="store_true", help="keep its KV blocks pinned")
+    create.add_argument("--ttl", type=int, metavar="SECONDS",
+                        help="forget it after this long unused (default: never)")  # fmt: skip
+    actions.add_parser("list", help="list the public prefixes")
+    actions.add_parser("get", help="describe one, with its counters").add_argument("name")
+    actions.add_parser("delete", help="delete one (its pin ends)").add_argument("name")
 
 
 def _tenants_parser(resources: Any) -> None:
@@ -187,11 +210,29 @@ def _usage_request(args: argparse.Namespace) -> Request:
     return "POST", f"{usage}/reset", None
 
 
+def _prefixes_request(args: argparse.Namespace) -> Request:
+    base = "/admin/prefixes"
+    if args.action == "list":
+        return "GET", base, None
+    if args.action != "create":
+        return {"get": "GET", "delete": "DELETE"}[args.action], f"{base}/{args.name}", None
+    body: dict[str, Any] = {"name": args.name, "pin": args.pin, "ttl_seconds": args.ttl}
+    if args.text is not None:
+        body["text"] = args.text
+    elif args.system is not None:
+        body["messages"] = [{"role": "system", "content": args.system}]
+    else:
+        with open(args.messages_file, encoding="utf-8") as f:
+            body["messages"] = json.load(f)
+    return "POST", base, body
+
+
 _REQUESTS: dict[str, Callable[[argparse.Namespace], Request]] = {
     "tenants": _tenants_request,
     "keys": _keys_request,
     "quota": _quota_request,
     "usage": _usage_request,
+    "prefixes": _prefixes_request,
 }
 
 

@@ -121,3 +121,19 @@ def test_entry_point_reads_the_admin_key_from_the_environment(url: str) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["id"] == "acme"
+
+
+def test_public_prefixes(cli: CLI, tmp_path: Any) -> None:
+    made = cli("prefixes", "create", "house", "--system", "You are terse.", "--pin")
+    assert (made["name"], made["public"], made["pinned"]) == ("house", True, True)
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps([{"role": "system", "content": "Be kind."}]))
+    made = cli("prefixes", "create", "kind", "--messages-file", str(messages), "--ttl", "60")
+    assert made["messages"] == [{"role": "system", "content": "Be kind."}]
+    assert made["expires_at"] is not None
+    assert cli("prefixes", "create", "doc", "--text", "Once upon a time")["text"]
+    assert [p["name"] for p in cli("prefixes", "list")["data"]] == ["doc", "house", "kind"]
+    assert cli("prefixes", "get", "house")["requests"] == 0
+    assert cli("prefixes", "delete", "house")["deleted"] is True
+    err = cli("prefixes", "get", "house", status=1)
+    assert "404 (prefix_not_found)" in err
