@@ -123,7 +123,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "cpu" | "torch" | "triton"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads for the model; None: all cores
-    cache_dir: str | None = None  # converted models (GGUF); None: ~/.cache/prefixgate
+    # converted models (GGUF) and the compiled CPU kernels; None: ~/.cache/prefixgate
+    cache_dir: str | None = None
+    cpu_attention: bool = True  # False: the PyTorch reference attention on CPU, not C++ kernels
+    cpu_fused: bool = True  # False: eager PyTorch layer ops on CPU, not the fused C++ ones
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

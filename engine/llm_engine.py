@@ -26,6 +26,7 @@ from engine.outputs import CompletionOutput, PrefixState, RequestDelta, RequestO
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from kernels.options import KernelOptions, configure
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,6 +62,7 @@ class LLMEngine:
             # torch ops, which release it.
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        configure(KernelOptions(config.cpu_attention, config.cpu_fused, config.cache_dir))
         if loaded is None:
             loaded = load_model(
                 config.model, self.dtype, self.device, config.attention_backend, config.cache_dir

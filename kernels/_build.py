@@ -1,24 +1,25 @@
 """Building the C++ library of `kernels/csrc` (one shared object, `torch.ops.prefixgate_cpu`).
 
 The library is compiled on first use (`build`, called by `kernels.cpu_attention.load_kernel`;
-~20 s on 2 cores) with `torch.utils.cpp_extension` into `$PREFIXGATE_CACHE_DIR/torch_extensions`
-(default `~/.cache/prefixgate/torch_extensions`), in a folder keyed by the sources, the compiler
-flags, torch, Python and the CPU, under a file lock so that concurrent processes build it once.
-Flag sets are tried in order (`FLAG_SETS`): the host's vector units first, portable code if the
-compiler refuses. See `csrc/README.md` for what each source holds.
+~20 s on 2 cores) with `torch.utils.cpp_extension` into `<cache_dir>/torch_extensions` (cache_dir:
+`kernels.options`, from PREFIXGATE_CACHE_DIR; default ~/.cache/prefixgate), in a folder keyed by
+the sources, the compiler flags, torch, Python and the CPU, under a file lock so that concurrent
+processes build it once. Flag sets are tried in order (`FLAG_SETS`): the host's vector units
+first, portable code if the compiler refuses. See `csrc/README.md` for what each source holds.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import platform
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from kernels.options import cache_root, options
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.cpp"))  # all in one library
@@ -43,8 +44,7 @@ def build() -> None:
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("PREFIXGATE_CACHE_DIR") or Path.home() / ".cache" / "prefixgate"
-    return Path(root) / "torch_extensions"
+    return cache_root(options().cache_dir) / "torch_extensions"
 
 
 def _cpu_id() -> str:

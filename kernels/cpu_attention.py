@@ -13,14 +13,13 @@ softmax and accumulation.
     write_kv                    -> reference
 
 The library is compiled on first use (`kernels._build`). When it cannot be built (no compiler, no
-ninja) one warning is logged and the reference runs instead. `PREFIXGATE_CPU_ATTENTION=torch`
-forces the reference.
+ninja) one warning is logged and the reference runs instead. `KernelOptions.cpu_attention=False`
+(`PREFIXGATE_CPU_ATTENTION=torch`) forces the reference.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from kernels import _build, reference
 from kernels.metadata import AttentionMetadata
+from kernels.options import options
 from kernels.reference import write_kv
 
 __all__ = [
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 # cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
-ENV_SWITCH = "PREFIXGATE_CPU_ATTENTION"  # "torch": always the reference
 
 Kernel = Callable[..., None]  # (out, query, kv_cache, block_tables, seq_lens, scale) -> None
 
@@ -88,7 +87,7 @@ def small_linear(
 
 def kernel_available() -> bool:
     """True when decodes on CPU run through the C++ kernel (built, and not switched off)."""
-    return os.environ.get(ENV_SWITCH, "").lower() != "torch" and load_kernel() is not None
+    return options().cpu_attention and load_kernel() is not None
 
 
 def paged_decode(
@@ -170,7 +169,7 @@ def paged_attention(
     """Decode rows through the C++ decode kernel, prefill rows through the C++ prefill kernel
     (`paged_prefill`; SDPA where `prefill_kernel_serves` says no, see `prefill_sdpa`).
 
-    Without the kernel (no compiler, or `PREFIXGATE_CPU_ATTENTION=torch`) the whole step runs
+    Without the kernel (no compiler, or switched off in `kernels.options`) the whole step runs
     the reference.
     """
     plan = _plan(meta, kv_cache)

@@ -16,20 +16,19 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
                                     kernels
 
 They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the
-eager ops elsewhere and when `PREFIXGATE_CPU_FUSED=0`.
+eager ops elsewhere and when `KernelOptions.cpu_fused` is False (`PREFIXGATE_CPU_FUSED=0`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import torch
 
 from kernels.cpu_attention import StackAttention, load_kernel
+from kernels.options import options
 
-ENV_SWITCH = "PREFIXGATE_CPU_FUSED"  # "0": eager PyTorch ops instead
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -38,7 +37,7 @@ def fused_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     return (
         torch.device(device).type == "cpu"
         and dtype in DTYPES
-        and os.environ.get(ENV_SWITCH, "1") != "0"
+        and options().cpu_fused
         and load_kernel() is not None
     )
 

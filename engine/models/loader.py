@@ -38,6 +38,7 @@ import torch
 from engine.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from kernels import cpu_ops
+from kernels.options import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,7 @@ def bundled_model_dir(cache_dir: str | None = None) -> str:
 
 def model_cache_root(cache_dir: str | None = None) -> Path:
     """Root of converted models: `<cache_dir>/models`; cache_dir None: ~/.cache/prefixgate."""
-    root = cache_dir or Path.home() / ".cache" / "prefixgate"
-    return Path(root) / "models"
+    return cache_root(cache_dir) / "models"
 
 
 def gguf_to_hf_dir(gguf_path: str | os.PathLike[str], cache_dir: str | None = None) -> Path:

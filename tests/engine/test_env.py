@@ -11,6 +11,9 @@ from engine import LLM
 from engine.config import EngineConfig
 from engine.env import EngineEnv
 from engine.models import loader
+from kernels import layer_ops
+from kernels import options as kernel_options
+from kernels.options import KernelOptions
 
 
 def test_engine_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -21,6 +24,40 @@ def test_engine_env(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setenv("PREFIXGATE_CACHE_DIR", "")  # empty means unset
     assert EngineEnv().cache_dir is None
+    monkeypatch.setenv("PREFIXGATE_CPU_ATTENTION", "Torch")
+    monkeypatch.setenv("PREFIXGATE_CPU_FUSED", "0")
+    config = EngineEnv().apply(EngineConfig())
+    assert (config.cpu_attention, config.cpu_fused) == (False, False)
+    monkeypatch.setenv("PREFIXGATE_CPU_ATTENTION", "")
+    monkeypatch.setenv("PREFIXGATE_CPU_FUSED", "1")
+    config = EngineEnv().apply(EngineConfig())
+    assert (config.cpu_attention, config.cpu_fused) == (True, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("PREFIXGATE_CPU_ATTENTION", "cuda"), ("PREFIXGATE_CPU_FUSED", "maybe")]
+)
+def test_invalid_engine_env_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name.removeprefix("PREFIXGATE_").lower()):
+        EngineEnv()
+
+
+def test_offline_llm_hands_the_kernel_switches_down(
+    tiny_dirs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PREFIXGATE_CPU_ATTENTION=torch and PREFIXGATE_CPU_FUSED=0 reach the kernels through the
+    engine's config: the model runs the eager ops and the reference attention."""
+    monkeypatch.setattr(kernel_options, "_options", KernelOptions())  # restored after the test
+    monkeypatch.setenv("PREFIXGATE_CPU_ATTENTION", "torch")
+    monkeypatch.setenv("PREFIXGATE_CPU_FUSED", "0")
+    llm = LLM(tiny_dirs["llama"], dtype="float32", device="cpu", num_blocks=8)
+    assert kernel_options.options() == KernelOptions(cpu_attention=False, cpu_fused=False)
+    model = llm.engine.loaded.model
+    assert model.ops is layer_ops and model._stack is None
+    assert not llm.engine.runner.sampler._cpu_argmax
 
 
 def test_offline_llm_converts_into_the_cache_dir_of_the_environment(

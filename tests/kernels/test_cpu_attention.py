@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from kernels import AttentionMetadata, _build, cpu_attention, get_attention_backend, reference
+from kernels import options as kernel_options
+from kernels.options import KernelOptions
 from tests.helpers import ToyBlockAllocator
 
 HEAD_DIM = 64
@@ -192,8 +194,11 @@ def test_prefill_only_and_decode_only_steps(kernel: cpu_attention.Kernel) -> Non
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_env_switch_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "torch")
+def test_switched_off_kernel_leaves_the_step_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`KernelOptions(cpu_attention=False)`, what PREFIXGATE_CPU_ATTENTION=torch sets."""
+    monkeypatch.setattr(kernel_options, "_options", KernelOptions(cpu_attention=False))
 
     def refuse(*args: object, **kwargs: object) -> torch.Tensor:
         raise AssertionError("the kernel ran although switched off")
@@ -245,6 +250,9 @@ def test_backend_table_picks_the_kernel_on_cpu() -> None:
 
 
 BUILD_AND_RUN = """
+import sys
+from kernels.options import KernelOptions, configure
+configure(KernelOptions(cache_dir=sys.argv[1]))  # the library is built under the test's tmp dir
 import torch
 from kernels import cpu_attention
 op = cpu_attention.load_kernel()
@@ -262,11 +270,10 @@ torch.testing.assert_close(out[0], want)
 def test_concurrent_first_builds_share_one_cache(kernel: object, tmp_path: Path) -> None:
     """Two fresh processes race to build into an empty cache: both load a working kernel."""
     root = Path(__file__).resolve().parents[2]
-    env = {"PREFIXGATE_CACHE_DIR": str(tmp_path), "PATH": str(Path(sys.executable).parent)}
-    env["PATH"] += ":/usr/local/bin:/usr/bin:/bin"
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
     procs = [
-        subprocess.Popen([sys.executable, "-c", BUILD_AND_RUN], cwd=root, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen([sys.executable, "-c", BUILD_AND_RUN, str(tmp_path)], cwd=root, env=env,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for _ in range(2)
     ]  # fmt: skip
     for p in procs:

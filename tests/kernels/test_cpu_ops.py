@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import layer_ops
+from kernels import options as kernel_options
+from kernels.options import KernelOptions
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -89,7 +91,7 @@ def test_fused_ops_are_picked_on_cpu_for_float32_and_bf16(cpu_ops, monkeypatch) 
     assert layer_ops.get_layer_ops("cpu", torch.bfloat16) is cpu_ops
     assert layer_ops.get_layer_ops("cpu", torch.float16) is layer_ops
     assert layer_ops.get_layer_ops("meta", torch.float32) is layer_ops
-    monkeypatch.setenv(cpu_ops.ENV_SWITCH, "0")
+    monkeypatch.setattr(kernel_options, "_options", KernelOptions(cpu_fused=False))
     assert layer_ops.get_layer_ops("cpu", torch.float32) is layer_ops
 
 

@@ -272,6 +272,9 @@ def test_bad_inputs_are_refused(kernel: object) -> None:
 
 
 PORTABLE_CHECK = """
+import sys
+from kernels.options import KernelOptions, configure
+configure(KernelOptions(cache_dir=sys.argv[1]))  # the library is built under the test's tmp dir
 import torch
 from kernels import _build, cpu_attention, reference
 from tests.kernels.test_cpu_attention import make_step
@@ -292,10 +295,9 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
 def test_portable_build_matches_reference(kernel: object, tmp_path: Path) -> None:
     """The library built without -march (so without AVX-512) runs the plain loops correctly."""
     root = Path(__file__).resolve().parents[2]
-    env = {"PREFIXGATE_CACHE_DIR": str(tmp_path), "PATH": str(Path(sys.executable).parent)}
-    env["PATH"] += ":/usr/local/bin:/usr/bin:/bin"
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-c", PORTABLE_CHECK],
+        [sys.executable, "-c", PORTABLE_CHECK, str(tmp_path)],
         cwd=root,
         env=env,
         text=True,
