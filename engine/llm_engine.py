@@ -19,10 +19,10 @@ from engine.errors import (
     EngineOverloadedError,
     InvalidRequestError,
 )
-from engine.model_runner import ModelRunner, StepTimings, num_kv_blocks
+from engine.model_runner import ModelRunner, PromptLogprobs, StepTimings, num_kv_blocks
 from engine.models.loader import LoadedModel, load_model, resolve_dtype
 from engine.output_processor import OutputProcessor
-from engine.outputs import CompletionOutput, PrefixState, RequestDelta, RequestOutput
+from engine.outputs import CompletionOutput, Delta, PrefixState, RequestDelta, RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -158,6 +158,9 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.scheduler.requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}", param="request_id")
+        if params.prompt_logprobs is not None:
+            # Cached tokens have no logits: a namespace of its own computes the whole prompt.
+            namespace = f"{namespace or ''}\x00prompt-logprobs\x00{request_id}"
         request = Request(
             request_id,
             list(prompt_token_ids),
@@ -271,16 +274,19 @@ class LLMEngine:
             self.expire_pins()
         out = self.scheduler.schedule()
         self.timings.add("schedule", t)
-        sampled = self.runner.execute(out, self.timings)
+        result = self.runner.execute(out, self.timings)
         t = time.perf_counter()
+        self._record_prompt_logprobs(result.prompt_logprobs)
         touched: dict[str, Request] = {}
-        for token in sampled:
+        for token in result.sampled:
             seq = self.scheduler.seqs[token.seq_id]
             seq.token_ids.append(token.token_id)
             if token.logprob is not None:
-                if seq.logprobs is None:
-                    seq.logprobs = []
-                seq.logprobs.append(token.logprob)
+                seq.cumulative_logprob += token.logprob.logprob
+                if seq.request.params.logprobs is not None:
+                    if seq.logprobs is None:
+                        seq.logprobs = []
+                    seq.logprobs.append(token.logprob)
             stop = self.output_processor.check_stop(seq, token.token_id)
             if stop is not None:
                 self.scheduler.finish(seq, *stop)
@@ -294,13 +300,31 @@ class LLMEngine:
         self.timings.steps += 1
         return deltas
 
+    def _record_prompt_logprobs(self, chunks: list[PromptLogprobs]) -> None:
+        for chunk in chunks:
+            seq = self.scheduler.seqs.get(chunk.seq_id)
+            if seq is None or seq.request.prompt_logprobs is None:
+                continue
+            first = chunk.start + 1
+            seq.request.prompt_logprobs[first : first + len(chunk.logprobs)] = chunk.logprobs
+
     def _delta(self, request: Request) -> RequestDelta:
-        with_lp = request.params.logprobs is not None
-        deltas = [
-            d
-            for seq in request.seqs
-            if (d := self.output_processor.take_delta(seq, with_lp)) is not None
-        ]
+        """The request's new output. With best_of > n nothing is sent until every candidate
+        has finished; then the n best, numbered 0..n-1, whole."""
+        params = request.params
+        with_lp = params.logprobs is not None
+        deltas: list[Delta] = []
+        if params.num_seqs == params.n or request.finished:
+            for index, seq in enumerate(request.returned_seqs):
+                delta = self.output_processor.take_delta(seq, with_lp)
+                if delta is not None:
+                    delta.index = index
+                    deltas.append(delta)
+        prompt_logprobs = None
+        ready = bool(deltas) or request.finished
+        if ready and request.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            prompt_logprobs = request.prompt_logprobs
+            request.prompt_logprobs_sent = True
         return RequestDelta(
             request.request_id,
             deltas,
@@ -308,6 +332,7 @@ class LLMEngine:
             request.num_prompt_tokens,
             request.num_output_tokens,
             request.num_cached_tokens,
+            prompt_logprobs,
         )
 
     # ---- offline helpers -------------------------------------------------------------------
@@ -318,10 +343,11 @@ class LLMEngine:
             request.prompt_token_ids,
             [
                 CompletionOutput(
-                    s.index, s.text, s.output_token_ids, s.finish_reason, s.stop_reason, s.logprobs
+                    i, s.text, s.output_token_ids, s.finish_reason, s.stop_reason, s.logprobs
                 )
-                for s in sorted(request.seqs, key=lambda s: s.index)
+                for i, s in enumerate(request.returned_seqs)
             ],
             request.finished,
             request.num_cached_tokens,
+            request.prompt_logprobs,
         )

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from engine.config import CacheConfig, ModelConfig
+from engine.outputs import TokenLogprob
 from engine.sampler import SampledToken, Sampler
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledSeq, SchedulerOutput
 from kernels.metadata import AttentionMetadata
 
 GIB = 1 << 30
+PROMPT_LOGITS_ROWS = 256  # prompt logprobs: rows of [rows, vocab] logits computed at a time
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -52,6 +54,21 @@ class StepTimings:
 
     def per_step_ms(self) -> dict[str, float]:
         return {k: 1000 * v / max(self.steps, 1) for k, v in self.phases.items()}
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens `start + 1 ...` of one sequence, from one step's chunk."""
+
+    seq_id: int
+    start: int  # the position of the chunk's first token; entry i is prompt token start + 1 + i
+    logprobs: list[TokenLogprob]
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    sampled: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -93,10 +110,9 @@ class ModelRunner:
         self.sampler = Sampler(config.vocab_size, config.eos_token_ids, seed, device)
 
     @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput, timings: StepTimings | None = None
-    ) -> list[SampledToken]:
-        """Run one step and return one sampled token per `out.samples` entry."""
+    def execute(self, out: SchedulerOutput, timings: StepTimings | None = None) -> RunnerOutput:
+        """Run one step: one sampled token per `out.samples` entry, and the prompt logprobs of
+        the scheduled sequences that asked for them."""
         timings = timings or StepTimings()
         t = time.perf_counter()
         self.sampler.forget(out.finished_seq_ids)
@@ -105,18 +121,53 @@ class ModelRunner:
             dst = torch.tensor([d for _, d in out.block_copies], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         if out.empty:
-            return []
+            return RunnerOutput()
         inputs = self.prepare(out)
         t = timings.add("prepare", t)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        result = RunnerOutput(prompt_logprobs=self._prompt_logprobs(out, inputs, hidden))
         if not out.samples:
             timings.add("model", t)
-            return []
+            return result
         logits = self.model.compute_logits(hidden[inputs.logits_rows])
         t = timings.add("model", t)
-        sampled = self.sampler(logits, out.samples)
+        result.sampled = self.sampler(logits, out.samples)
         timings.add("sample", t)
-        return sampled
+        return result
+
+    def _prompt_logprobs(
+        self, out: SchedulerOutput, inputs: StepInputs, hidden: torch.Tensor
+    ) -> list[PromptLogprobs]:
+        starts = inputs.meta.query_start_loc_list
+        return [
+            PromptLogprobs(s.seq_id, s.start_pos, self._token_logprobs(hidden, starts[row], s))
+            for row, s in enumerate(out.seqs)
+            if s.prompt_targets
+        ]
+
+    def _token_logprobs(
+        self, hidden: torch.Tensor, first: int, s: ScheduledSeq
+    ) -> list[TokenLogprob]:
+        """Logprob (and top k) of each target given the tokens up to it, a slice at a time."""
+        assert s.prompt_targets is not None
+        result: list[TokenLogprob] = []
+        for lo in range(0, len(s.prompt_targets), PROMPT_LOGITS_ROWS):
+            targets = s.prompt_targets[lo : lo + PROMPT_LOGITS_ROWS]
+            rows = hidden[first + lo : first + lo + len(targets)]
+            logprobs = torch.log_softmax(
+                self.model.compute_logits(rows)[:, : self.config.vocab_size].float(), dim=-1
+            )
+            target_t = torch.tensor(targets, device=logprobs.device).unsqueeze(1)
+            chosen = logprobs.gather(1, target_t).squeeze(1).tolist()
+            top_vals, top_ids = logprobs.topk(max(s.prompt_top_k, 1), dim=-1)
+            top = [
+                list(zip(ids[: s.prompt_top_k], vals[: s.prompt_top_k], strict=True))
+                for ids, vals in zip(top_ids.tolist(), top_vals.tolist(), strict=True)
+            ]
+            result += [
+                TokenLogprob(t, lp, k) for t, lp, k in zip(targets, chosen, top, strict=True)
+            ]
+        return result
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Flatten the scheduled sequences into one batch (see `AttentionMetadata`)."""

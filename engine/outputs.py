@@ -35,6 +35,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -65,8 +67,10 @@ class RequestDelta:
     deltas: list[Delta]
     finished: bool
     prompt_tokens: int
-    completion_tokens: int  # so far, all n completions together
+    completion_tokens: int  # so far, all n completions together (all best_of candidates)
     cached_tokens: int  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs: on the first delta after the prompt was computed
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float = 0.0  # of the sampled tokens, when the sampler reports them
     # Output text bookkeeping, owned by the output processor.
     text: str = ""  # full detokenized output text (stop strings trimmed once finished)
     num_text_sent: int = 0  # characters already handed to the client
@@ -75,7 +76,7 @@ class Sequence:
 
 @dataclass(slots=True, eq=False)
 class Request:
-    """A user's request: one prompt, `params.n` sequences."""
+    """A user's request: one prompt, `params.num_seqs` sequences (n, or best_of)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -92,12 +93,27 @@ class Request:
     pin: PinSpec | None = None  # pin the prompt's leading blocks when it finishes (warm requests)
     pinned: Pin | None = None  # the pin taken at finish
     pin_error: PinRefusedError | None = None  # or why it was refused
+    # params.prompt_logprobs: entry i is prompt token i's logprob (None for the first token and
+    # until computed); filled by the engine as the prompt's chunks run.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False  # handed out with a delta already
 
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs.append(Sequence(self, 0, list(self.prompt_token_ids)))
-        if self.params.n == 1:
+        if self.params.num_seqs == 1:
             self.forked = True
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+
+    @property
+    def returned_seqs(self) -> list[Sequence]:
+        """The sequences the caller sees, in output order: all of them, or with best_of the
+        n best by cumulative logprob (ties: lower index first)."""
+        if self.params.num_seqs == self.params.n:
+            return self.seqs  # forked in index order
+        ranked = sorted(self.seqs, key=lambda s: (-s.cumulative_logprob, s.index))
+        return ranked[: self.params.n]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+"""Batched sampling: logit bias, penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
 
 All rows are processed together; only per-row seeds and penalties touch rows one at a time.
 Sampling uses the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p, so a seeded
@@ -58,14 +58,15 @@ class Sampler:
         """
         logits = logits[:, : self.vocab_size].float()
         raw_logprobs = None
-        if any(s.params.logprobs is not None for s in specs):
+        if any(s.params.sample_logprobs is not None for s in specs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_logit_bias(logits, specs)
         logits = self._apply_penalties(logits, specs)
         greedy = [s.params.greedy for s in specs]
         tokens = self._argmax(logits) if all(greedy) else self._sample(logits, specs, greedy)
         token_list = tokens.tolist()
         return [
-            SampledToken(s.seq_id, t, self._logprob(raw_logprobs, i, t, s.params.logprobs))
+            SampledToken(s.seq_id, t, self._logprob(raw_logprobs, i, t, s.params.sample_logprobs))
             for i, (s, t) in enumerate(zip(specs, token_list, strict=True))
         ]
 
@@ -76,6 +77,17 @@ class Sampler:
         if self._cpu_argmax and x.dtype == torch.float32 and x.stride(-1) == 1:
             return cpu_ops.argmax_rows(x)
         return x.max(dim=-1).indices
+
+    def _apply_logit_bias(self, logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(specs) if s.params.logit_bias]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            bias = specs[i].params.logit_bias
+            ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+            logits[i, ids] += torch.tensor(list(bias.values()), device=logits.device)
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
         rows = [i for i, s in enumerate(specs) if _has_penalty(s)]

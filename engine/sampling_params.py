@@ -14,6 +14,11 @@ class SamplingParams:
     `temperature == 0` is greedy. `top_k <= 0` and `top_p == 1` disable those filters.
     `max_tokens=None` means "until the context is full". `logprobs=None` returns none;
     `logprobs=k` returns the chosen token's logprob plus the top k alternatives.
+    `logit_bias` adds a bias in [-100, 100] to a token's logit before sampling (-100 bans it,
+    +100 all but forces it). `best_of` samples that many completions (n <= best_of) sharing the
+    prompt's blocks and returns the n with the highest cumulative logprob, once all finished.
+    `prompt_logprobs=k` also returns each prompt token's logprob (and top k) after the first;
+    such a request computes its whole prompt (no prefix-cache hits: cached tokens have no logits).
     """
 
     n: int = 1
@@ -32,19 +37,37 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
 
     MAX_LOGPROBS = 20
+    MAX_BIAS = 100.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        self.logit_bias = dict(self.logit_bias)
         self.validate()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences sampled: `best_of` when set, else `n`."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def sample_logprobs(self) -> int | None:
+        """Top-k the sampler must report per token: `logprobs`, or 0 (the chosen token's
+        logprob alone) when `best_of` ranks candidates by cumulative logprob."""
+        if self.logprobs is None and self.num_seqs > self.n:
+            return 0
+        return self.logprobs
 
     def validate(self) -> None:
         """Raise `InvalidRequestError` naming the first invalid field."""
@@ -99,6 +122,24 @@ class SamplingParams:
                 "stop_token_ids",
                 "stop_token_ids must be non-negative integers",
             ),
+            (
+                self.best_of is None or self.best_of >= self.n,
+                "best_of",
+                f"best_of must be at least n ({self.n}), got {self.best_of}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
+                "prompt_logprobs",
+                f"prompt_logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.prompt_logprobs}",
+            ),
+            (
+                all(
+                    isinstance(t, int) and t >= 0 and -self.MAX_BIAS <= b <= self.MAX_BIAS
+                    for t, b in self.logit_bias.items()
+                ),
+                "logit_bias",
+                f"logit_bias maps token ids to biases in [-{self.MAX_BIAS:g}, {self.MAX_BIAS:g}]",
+            ),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -108,9 +149,11 @@ class SamplingParams:
 
     def validate_for_model(self, vocab_size: int) -> None:
         """Checks that need the model: token ids must exist in the vocabulary."""
-        bad = [t for t in self.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})",
-                param="stop_token_ids",
-            )
+        token_fields = (("stop_token_ids", self.stop_token_ids), ("logit_bias", self.logit_bias))
+        for param, ids in token_fields:
+            bad = sorted(t for t in ids if t >= vocab_size)
+            if bad:
+                raise InvalidRequestError(
+                    f"{param}: token ids {bad[:8]} are outside the vocabulary (size {vocab_size})",
+                    param=param,
+                )

@@ -29,6 +29,10 @@ class ScheduledSeq:
     token_ids: list[int]  # the new tokens to compute this step
     start_pos: int  # position of the first new token (= tokens already in the cache)
     block_ids: list[int]  # the sequence's block table (read only)
+    # prompt_logprobs requests: the prompt tokens that follow each new token (the targets of
+    # its logits; shorter than token_ids where the chunk reaches the prompt's end), and top-k.
+    prompt_targets: list[int] | None = None
+    prompt_top_k: int = 0
 
 
 @dataclass(slots=True)
@@ -179,14 +183,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _running_slots(self) -> int:
-        return sum(1 if s.request.forked else s.request.params.n for s in self.running)
+        return sum(1 if s.request.forked else s.request.params.num_seqs for s in self.running)
 
     def _schedule_waiting(self, plan: list[tuple[Sequence, int]], budget: int) -> None:
         slots = self._running_slots()
         while len(self.waiting) > 0 and budget > 0:
             seq = self.waiting.peek()
             request = seq.request
-            need = 1 if request.forked else request.params.n
+            need = 1 if request.forked else request.params.num_seqs
             if slots + need > self.config.max_num_seqs:
                 break
             num_cached = self.bm.allocate(
@@ -213,14 +217,18 @@ class Scheduler:
     def _emit(self, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> None:
         for row, (seq, num_new) in enumerate(plan):
             start = seq.num_computed_tokens
-            out.seqs.append(
-                ScheduledSeq(
-                    seq.seq_id,
-                    seq.token_ids[start : start + num_new],
-                    start,
-                    self.bm.block_ids(seq.seq_id),
-                )
+            scheduled = ScheduledSeq(
+                seq.seq_id,
+                seq.token_ids[start : start + num_new],
+                start,
+                self.bm.block_ids(seq.seq_id),
             )
+            top_k = seq.request.params.prompt_logprobs
+            if top_k is not None and seq.index == 0 and start + 1 < seq.num_prompt_tokens:
+                end = min(start + num_new, seq.num_prompt_tokens - 1)
+                scheduled.prompt_targets = seq.token_ids[start + 1 : end + 1]
+                scheduled.prompt_top_k = top_k
+            out.seqs.append(scheduled)
             seq.num_computed_tokens += num_new
             out.num_batched_tokens += num_new
             if seq.num_uncomputed == 0:
@@ -228,12 +236,13 @@ class Scheduler:
                     out.samples.append(self._sample_spec(sampler, row))
 
     def _fork_if_due(self, seq: Sequence) -> list[Sequence]:
-        """The sequences that sample from `seq`'s logits: itself, plus its n - 1 new siblings."""
+        """The sequences that sample from `seq`'s logits: itself, plus its num_seqs - 1 new
+        siblings."""
         request = seq.request
         if request.forked:
             return [seq]
         request.forked = True
-        for index in range(1, request.params.n):
+        for index in range(1, request.params.num_seqs):
             child = Sequence(request, index, list(seq.token_ids))
             child.num_computed_tokens = seq.num_computed_tokens
             child.status = SeqStatus.RUNNING

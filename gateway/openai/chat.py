@@ -117,6 +117,9 @@ class ChatFormat:
         )
         return chunk.model_dump_json().encode()
 
+    def take_prompt_logprobs(self, logprobs: list[TokenLogprob | None]) -> None:
+        """Chat never asks for prompt logprobs."""
+
     def opening_chunks(self) -> list[bytes]:
         role = ChatDelta(role="assistant", content="")
         return [self._chunk([ChatChunkChoice(index=i, delta=role)]) for i in range(self.n)]

@@ -84,6 +84,7 @@ class Generation:
         self.prompt_tokens = info.prompt_tokens
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finished = False
         self.aborted = False  # the engine ended it with finish_reason "abort"
         self._ttft_metric = metrics.ttft.labels(info.route)
@@ -124,6 +125,8 @@ class Generation:
         self.prompt_tokens = out.prompt_tokens
         self.completion_tokens = out.completion_tokens
         self.cached_tokens = out.cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finished = True
             self.aborted = any(d.finish_reason == "abort" for d in out.deltas)

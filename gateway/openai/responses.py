@@ -14,7 +14,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from engine.outputs import Delta
+from engine.outputs import Delta, TokenLogprob
 from gateway.errors import APIError
 from gateway.hooks import Outcome
 from gateway.openai.generation import ChoiceState, Generation, aborted_error, collect
@@ -32,6 +32,9 @@ class OutputFormat(Protocol):
     """Chat or text completion: how deltas and results become JSON bytes."""
 
     def opening_chunks(self) -> list[bytes]: ...
+
+    def take_prompt_logprobs(self, logprobs: list[TokenLogprob | None]) -> None:
+        """The prompt's logprobs (requests with prompt logprobs), before the deltas that follow."""
 
     def delta_chunks(self, delta: Delta) -> list[bytes]: ...
 
@@ -121,6 +124,8 @@ class StreamingGenerationResponse(Response):
         await emit(b"".join(sse(c) for c in fmt.opening_chunks()))
         try:
             async for out in self.generation:
+                if out.prompt_logprobs is not None:
+                    fmt.take_prompt_logprobs(out.prompt_logprobs)
                 events = [sse(c) for d in out.deltas for c in fmt.delta_chunks(d)]
                 if events:
                     await emit(b"".join(events))
@@ -164,6 +169,8 @@ class GenerationResponse(Response):
                 await self._send(send, exc.status, exc.body_bytes(), exc.headers)
                 return
             outcome = "finished"
+            if self.generation.prompt_logprobs is not None:
+                self.fmt.take_prompt_logprobs(self.generation.prompt_logprobs)
             body = self.fmt.final_body(choices, self.generation.usage())
             await self._send(send, 200, body, {})
         finally:

@@ -15,7 +15,7 @@ from gateway.errors import bad_request, model_not_found
 from gateway.hooks import GenerationInfo
 from gateway.middleware import log_fields
 from gateway.openai.chat import ChatFormat, render_chat_prompt
-from gateway.openai.completions import CompletionFormat, prompt_token_ids
+from gateway.openai.completions import CompletionFormat, echo_prompt, prompt_token_ids
 from gateway.openai.generation import start_generation
 from gateway.openai.responses import GenerationResponse, OutputFormat, StreamingGenerationResponse
 from gateway.openai.sampling import check_request, resolve_max_tokens, sampling_params
@@ -68,6 +68,7 @@ async def completions(request: Request) -> Response:
         model=state.model_name,
         logprobs=req.logprobs,
         token_texts=state.token_texts(),
+        echo=echo_prompt(engine.tokenizer, req.prompt, prompt) if req.echo else None,
     )
     return await _generate(request, state, engine, req, prompt, req.logprobs, fmt, started, prefix)
 
@@ -114,16 +115,17 @@ async def _generate(
 ) -> Response:
     principal = get_principal(request.scope)
     cap = principal.max_tokens_per_request
-    default_cap = None if cap is None else cap // req.n
+    default_cap = None if cap is None else cap // req.num_seqs
     max_tokens = resolve_max_tokens(req, len(prompt), engine.max_model_len, default_cap)
-    params = sampling_params(req, max_tokens, logprobs)
+    echo = isinstance(req, CompletionRequest) and req.echo
+    params = sampling_params(req, max_tokens, logprobs, logprobs if echo else None)
     route = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
     info = GenerationInfo(
         request_id=fmt.id,
         principal=principal,
         route=route,
         prompt_tokens=len(prompt),
-        max_completion_tokens=max_tokens * req.n,
+        max_completion_tokens=max_tokens * req.num_seqs,
     )
     log = log_fields(request.scope)
     log.update(completion_id=fmt.id, model=req.model, stream=req.stream, n=req.n)

@@ -16,6 +16,7 @@ def check_request(req: _SamplingRequest, limits: RequestLimits) -> None:
     stream_options."""
     if req.n > limits.max_n:
         raise bad_request(f"n must be at most {limits.max_n}, got {req.n}.", param="n")
+    _check_best_of(req, limits)
     if isinstance(req, ChatCompletionRequest):
         _check_messages(req, limits)
     elif isinstance(req, CompletionRequest) and _prompt_size(req.prompt) > limits.max_prompt_chars:
@@ -35,6 +36,22 @@ def check_request(req: _SamplingRequest, limits: RequestLimits) -> None:
         )
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+
+
+def _check_best_of(req: _SamplingRequest, limits: RequestLimits) -> None:
+    if req.best_of is None:
+        return
+    if req.best_of > limits.max_n:
+        raise bad_request(
+            f"best_of must be at most {limits.max_n}, got {req.best_of}.", param="best_of"
+        )
+    if req.best_of < req.n:
+        raise bad_request(
+            f"best_of must be at least n ({req.n}), got {req.best_of}.", param="best_of"
+        )
+    if req.stream and req.best_of > req.n:
+        raise bad_request("best_of > n cannot be streamed: the best are known at the end.",
+                          param="best_of")  # fmt: skip
 
 
 def _check_messages(req: ChatCompletionRequest, limits: RequestLimits) -> None:
@@ -121,7 +138,25 @@ def _requested_max_tokens(req: _SamplingRequest) -> int | None:
     return req.max_tokens
 
 
-def sampling_params(req: _SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def logit_bias(req: _SamplingRequest) -> dict[int, float]:
+    """`logit_bias` with its keys as token ids (JSON keys are strings of digits)."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isascii() or not key.isdigit() or len(key) > 10:
+            raise bad_request(
+                f"logit_bias keys must be token ids (strings of digits), got {key[:32]!r}.",
+                param="logit_bias",
+            )
+        bias[int(key)] = value
+    return bias
+
+
+def sampling_params(
+    req: _SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
     """Build validated engine params; a field the engine refuses becomes a 400 naming it."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
@@ -141,6 +176,9 @@ def sampling_params(req: _SamplingRequest, max_tokens: int, logprobs: int | None
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            logit_bias=logit_bias(req),
+            best_of=req.best_of,
+            prompt_logprobs=prompt_logprobs,
         )
     except InvalidRequestError as exc:
         raise bad_request(exc.message, param=exc.param) from exc

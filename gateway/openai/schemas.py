@@ -2,7 +2,7 @@
 
 Requests are validated strictly from JSON (`"0.5"` is not a number; `1` is a valid float), and
 unknown fields are ignored like OpenAI does. Fields that OpenAI defines but we cannot honour
-(`tools`, `logit_bias`, `echo`, ...) are declared so `unsupported_fields` can refuse them clearly
+(`functions`, `suffix`, ...) are declared so `unsupported_fields` can refuse them clearly
 instead of silently ignoring them.
 """
 
@@ -31,6 +31,7 @@ from gateway.schemas import is_none
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _Request(BaseModel):
@@ -79,17 +80,17 @@ class _SamplingRequest(_Request):
     prompt_cache_key: str | None = Field(default=None, max_length=MAX_USER_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Declared only to refuse them clearly (see `unsupported_fields`).
-    logit_bias: dict[str, Any] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
-    best_of: int | None = None
+    # token id (a string of digits, as OpenAI's JSON keys) -> bias added to its logit
+    logit_bias: dict[str, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    best_of: int | None = Field(default=None, ge=1)  # at most `RequestLimits.max_n`
+
+    @property
+    def num_seqs(self) -> int:
+        """Completions sampled: best_of when set, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     def unsupported_fields(self) -> list[str]:
-        found = []
-        if self.logit_bias:
-            found.append("logit_bias")
-        if self.best_of is not None and self.best_of != self.n:
-            found.append("best_of")
-        return found
+        return []
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -121,8 +122,6 @@ class CompletionRequest(_SamplingRequest):
 
     def unsupported_fields(self) -> list[str]:
         found = super().unsupported_fields()
-        if self.echo:
-            found.append("echo")
         if self.suffix:
             found.append("suffix")
         return found
@@ -213,9 +212,11 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """Per token; with `echo` the prompt's tokens come first, the very first with nulls."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

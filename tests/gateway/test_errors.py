@@ -92,12 +92,19 @@ BAD_REQUESTS = [
      400, "stream_options", None),
     ("tools", CHAT, chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
      "tools", None),
-    ("logit_bias", CHAT, chat_body(logit_bias={"50": 10}), 400, "logit_bias", None),
+    ("logit_bias not a token id", CHAT, chat_body(logit_bias={"x50": 10}), 400, "logit_bias",
+     None),
+    ("logit_bias over 100", CHAT, chat_body(logit_bias={"50": 101}), 400, "logit_bias", None),
+    ("best_of below n", COMPLETIONS, {"model": MODEL, "prompt": "x", "n": 3, "best_of": 2}, 400,
+     "best_of", None),
+    ("best_of streamed", COMPLETIONS, {"model": MODEL, "prompt": "x", "best_of": 2,
+     "stream": True}, 400, "best_of", None),
+    ("best_of over max_n", COMPLETIONS, {"model": MODEL, "prompt": "x", "best_of": 17}, 400,
+     "best_of", None),
     ("batched prompts", COMPLETIONS, {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", None),
     ("empty prompt", COMPLETIONS, {"model": MODEL, "prompt": ""}, 400, "prompt", None),
     ("token id outside vocab", COMPLETIONS, {"model": MODEL, "prompt": [1, 99999]}, 400,
      "prompt", None),
-    ("echo", COMPLETIONS, {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo", None),
 ]  # fmt: skip
 
 
