@@ -4,9 +4,7 @@ recovery by itself, no leaked slots, usage replayed."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -26,54 +24,52 @@ from tenants.store import Consumption
 
 from .conftest import NOW, START, FakeClock, RedisServer
 
-T = TypeVar("T")
 QUOTA = {"requests_per_minute": 3, "max_concurrent_requests": 2}
 
 
-async def quick(aw: Awaitable[T], limit: float = 1.5) -> T:
-    """Await, failing the test if it takes longer than `limit` seconds (never hang)."""
-    started = time.monotonic()
-    result = await asyncio.wait_for(aw, limit * 2)
-    assert time.monotonic() - started < limit
-    return result
+COOLDOWN_S = 1.0  # of the fake clock: the breaker stays open until the test moves the clock
 
 
 @pytest.fixture
-async def make_service(redis_server: RedisServer) -> AsyncIterator[object]:
+async def make_service(redis_server: RedisServer, clock: FakeClock) -> AsyncIterator[object]:
     made: list[TenantService] = []
 
     async def make(mode: str) -> TenantService:
-        """A service with 0.2 s deadlines, once it has reached Redis and loaded the scripts:
-        on a loaded 2-core machine those first round trips can miss such a deadline, which
-        would fail the test's setup rather than what it tests."""
+        """A service on the fake clock (the breaker's cooldown passes only when the test says
+        so), with 1 s socket deadlines: a stalled Redis fails a call after one deadline,
+        while a loaded machine still answers within it. It has reached Redis and loaded the
+        scripts before the test proper."""
         store = RedisStore.from_url(
-            redis_server.url, socket_timeout=0.2, connect_timeout=0.2, op_timeout=0.6
+            redis_server.url, socket_timeout=1.0, connect_timeout=1.0, op_timeout=3.0
         )
-        svc = TenantService(store, failure_mode=mode, breaker_cooldown_s=0.1, lease_ttl_s=30)
+        svc = TenantService(
+            store, clock=clock, failure_mode=mode, breaker_cooldown_s=COOLDOWN_S, lease_ttl_s=30
+        )
         made.append(svc)
-        for _ in range(100):
-            if await svc.check():
-                await svc.start()  # loads the scripts; a timeout opens the breaker
-                if await svc.check():
-                    return svc
-            await asyncio.sleep(0.05)
-        raise AssertionError("Redis did not answer")
+        await wait_until_available(svc, clock)
+        await svc.start()  # loads the scripts
+        assert await svc.check()
+        return svc
 
     yield make
     for svc in made:
         await svc.aclose()
 
 
-async def wait_until_available(svc: TenantService) -> None:
-    for _ in range(100):
+async def wait_until_available(svc: TenantService, clock: FakeClock) -> None:
+    """Probe until the store answers (each probe after the breaker's cooldown on the fake
+    clock), then replay what was queued."""
+    while True:
+        clock.advance(COOLDOWN_S)
         if await svc.check():
             await svc.flush_pending()  # waits for the replay that check() started
             return
-        await asyncio.sleep(0.05)
-    raise AssertionError("store did not come back")
+        await asyncio.sleep(0.01)
 
 
-async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisServer) -> None:
+async def test_closed_mode_kill_and_restart(
+    make_service, redis_server: RedisServer, clock: FakeClock
+) -> None:
     svc: TenantService = await make_service("closed")
     await svc.create_tenant({"id": "acme", "quota": QUOTA})
     key = (await svc.issue_key("acme")).key
@@ -83,20 +79,20 @@ async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisSer
 
     redis_server.kill()
     with pytest.raises(StoreUnavailable) as exc:
-        await quick(svc.authenticate(key))
+        await svc.authenticate(key)
     assert exc.value.code == "store_unavailable"
     with pytest.raises(StoreUnavailable):
-        await quick(svc.admit("acme", prompt_tokens=1, max_tokens=1))
-    await quick(svc.settle(a.ticket, prompt_tokens=10, completion_tokens=2))  # queued, no raise
+        await svc.admit("acme", prompt_tokens=1, max_tokens=1)
+    await svc.settle(a.ticket, prompt_tokens=10, completion_tokens=2)  # queued, no raise
     assert not svc.stats.available and svc.stats.errors_total >= 1
     assert svc.stats.fast_failures_total >= 1 and svc.stats.pending_settlements == 1
     with pytest.raises(StoreUnavailable):  # admin calls fail the same way
-        await quick(svc.get_usage("acme"))
-    await quick(svc.start())  # a gateway starting during the outage does not crash
-    assert not await quick(svc.check())
+        await svc.get_usage("acme")
+    await svc.start()  # a gateway starting during the outage does not crash
+    assert not await svc.check()
 
     redis_server.start()  # same data (append-only file), scripts gone from the script cache
-    await wait_until_available(svc)
+    await wait_until_available(svc, clock)
     assert svc.stats.available and svc.stats.settlements_replayed_total == 1
     assert (await svc.authenticate(key)).tenant_id == "acme"
     usage = await svc.get_usage("acme")
@@ -108,23 +104,25 @@ async def test_closed_mode_kill_and_restart(make_service, redis_server: RedisSer
     assert c.admitted and c.headers["x-ratelimit-remaining-requests"] == "0"
 
 
-async def test_closed_mode_stalled_redis_times_out(make_service, redis_server: RedisServer) -> None:
+async def test_closed_mode_stalled_redis_times_out(
+    make_service, redis_server: RedisServer, clock: FakeClock
+) -> None:
     svc: TenantService = await make_service("closed")
     await svc.create_tenant({"id": "acme", "quota": QUOTA})
     redis_server.pause()
     with pytest.raises(StoreUnavailable):
-        await quick(svc.admit("acme", prompt_tokens=1, max_tokens=1))
-    started = time.monotonic()
+        await svc.admit("acme", prompt_tokens=1, max_tokens=1)
+    errors, fast = svc.stats.errors_total, svc.stats.fast_failures_total
     with pytest.raises(StoreUnavailable):  # breaker open: fails at once, no second timeout
         await svc.admit("acme", prompt_tokens=1, max_tokens=1)
-    assert time.monotonic() - started < 0.05
+    assert (svc.stats.errors_total, svc.stats.fast_failures_total) == (errors, fast + 1)
     redis_server.resume()
-    await wait_until_available(svc)
+    await wait_until_available(svc, clock)
     assert (await svc.admit("acme", prompt_tokens=1, max_tokens=1)).admitted
 
 
 async def test_open_mode_admits_locally_and_replays_usage(
-    make_service, redis_server: RedisServer
+    make_service, redis_server: RedisServer, clock: FakeClock
 ) -> None:
     svc: TenantService = await make_service("open")
     await svc.create_tenant({"id": "acme", "quota": QUOTA})
@@ -134,13 +132,13 @@ async def test_open_mode_admits_locally_and_replays_usage(
     await svc.authenticate(known)
 
     redis_server.kill()
-    caller = await quick(svc.authenticate(known))
+    caller = await svc.authenticate(known)
     assert caller.degraded and caller.tenant_id == "acme"
     with pytest.raises(StoreUnavailable):
-        await quick(svc.authenticate(never_used))  # cannot tell: 503, not 401
+        await svc.authenticate(never_used)  # cannot tell: 503, not 401
     with pytest.raises(StoreUnavailable):
-        await quick(svc.authenticate("pg-wrong"))
-    decisions = [await quick(svc.admit("acme", prompt_tokens=5, max_tokens=5)) for _ in range(3)]
+        await svc.authenticate("pg-wrong")
+    decisions = [await svc.admit("acme", prompt_tokens=5, max_tokens=5) for _ in range(3)]
     assert all(d.admitted and d.degraded for d in decisions[:2])
     assert not decisions[2].admitted  # local max_concurrent_requests=2
     for d in decisions[:2]:
@@ -157,7 +155,7 @@ async def test_open_mode_admits_locally_and_replays_usage(
     assert svc.stats.fallback_authentications_total == 1
 
     redis_server.start()
-    await wait_until_available(svc)
+    await wait_until_available(svc, clock)
     assert svc.stats.pending_settlements == 0 and svc.stats.settlements_replayed_total == 3
     usage = await svc.get_usage("acme")
     assert usage.today.requests == 3 and usage.today.total_tokens == 17
@@ -167,7 +165,7 @@ async def test_open_mode_admits_locally_and_replays_usage(
 
 
 async def test_open_mode_refuses_revoked_key_seen_before(
-    make_service, redis_server: RedisServer
+    make_service, redis_server: RedisServer, clock: FakeClock
 ) -> None:
     svc: TenantService = await make_service("open")
     await svc.create_tenant({"id": "acme"})
@@ -176,9 +174,9 @@ async def test_open_mode_refuses_revoked_key_seen_before(
     await svc.revoke_key("acme", issued.api_key.key_id)  # this process forgets the key
     redis_server.kill()
     with pytest.raises(StoreUnavailable):
-        await quick(svc.authenticate(issued.key))
+        await svc.authenticate(issued.key)
     redis_server.start()
-    await wait_until_available(svc)
+    await wait_until_available(svc, clock)
     with pytest.raises(AuthenticationError):
         await svc.authenticate(issued.key)
 

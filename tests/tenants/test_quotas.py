@@ -242,10 +242,25 @@ async def test_hold_renews_the_lease(store: Store, clock: FakeClock) -> None:
     svc = TenantService(store, clock=clock, lease_ttl_s=0.3)
     await make(svc, max_concurrent_requests=1)
     t = ticket(await admit(svc))
+    renewed_at: list[float] = []  # the fake clock at the start of each renewal that succeeded
+    renewed = asyncio.Event()
+    real_renew = svc.renew
+
+    async def renew(t: Ticket) -> bool:
+        now = clock()
+        ok = await real_renew(t)
+        if ok:
+            renewed_at.append(now)
+            renewed.set()
+        return ok
+
+    svc.renew = renew  # type: ignore[method-assign]
     async with svc.hold(t):
         for _ in range(4):
-            clock.advance(0.15)
-            await asyncio.sleep(0.12)  # a renewal every 0.1 s of real time
+            clock.advance(0.15)  # half the TTL: without the renewal below it would lapse next
+            while clock() not in renewed_at:  # a renewal at this instant, however long it takes
+                renewed.clear()
+                await renewed.wait()
         assert not (await admit(svc)).admitted  # 0.6 s on the clock: alive thanks to renewals
     await svc.settle(t, prompt_tokens=10, completion_tokens=1)
     assert (await admit(svc)).admitted

@@ -164,12 +164,9 @@ def test_bundled_smollm2_loads_from_cache_and_matches_transformers(
         raise AssertionError("the cached conversion should have been used")
 
     monkeypatch.setattr(loader, "_convert_gguf", no_conversion)
-    start = time.perf_counter()
-    loaded = load_model(None, torch.float32)
-    elapsed = time.perf_counter() - start
+    loaded = load_model(None, torch.float32)  # from the cache: no_conversion never runs
     assert loaded.name == "smollm2" and loaded.path == bundled_model_path()
     assert loaded.config.num_layers == 30 and loaded.config.tie_word_embeddings
-    assert elapsed < 15, f"cached load took {elapsed:.1f} s"
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     tokens = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     tokens = list(tokens["input_ids"] if isinstance(tokens, Mapping) else tokens)

@@ -5,17 +5,18 @@ leaked concurrency slot, usage replayed."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.gateway.conftest import MakeGateway, wait_until
+from tests.gateway.conftest import MakeGateway
 from tests.gateway.fake_engine import FakeEngine
 from tests.gateway.tenancy.helpers import Gateway, bearer
-from tests.tenants.conftest import RedisServer
+from tests.tenants.conftest import FakeClock, RedisServer
+
+COOLDOWN_S = 1.0  # the store breaker's default cooldown, in seconds of the fake clock
 
 
 @pytest.fixture
@@ -29,39 +30,42 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
-async def timed_chat(gw: Gateway, key: str, **fields: object) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    r = await gw.chat(key, max_tokens=1, **fields)
-    return r, time.monotonic() - started
-
-
-async def until_admitted(gw: Gateway, key: str, timeout: float = 8.0) -> httpx.Response:
-    """Retry until Redis is back (the breaker probes again a second after a failure)."""
-    deadline = time.monotonic() + timeout
+async def until_admitted(gw: Gateway, key: str, clock: FakeClock) -> httpx.Response:
+    """Retry until Redis is back: each try after the breaker's cooldown on the fake clock.
+    The first answer once it is back may be a 429, until the replay of a queued settlement has
+    given the tenant's concurrency slot back."""
     while True:
+        clock.advance(COOLDOWN_S)
         r = await gw.chat(key, max_tokens=1)
-        if r.status_code == 200 or time.monotonic() > deadline:
+        if r.status_code == 200:
             return r
-        await asyncio.sleep(0.1)
+        assert r.status_code in (429, 503), r.text
+        await asyncio.sleep(0.05)
 
 
-async def tenant_when_store_answers(gw: Gateway, tenant_id: str, timeout: float = 8.0) -> str:
-    """Create the tenant and a key, retrying while the store refuses: with a 0.2 s deadline a
+async def tenant_when_store_answers(gw: Gateway, tenant_id: str, clock: FakeClock) -> str:
+    """Create the tenant and a key, retrying while the store refuses: with a short deadline a
     loaded 2-core machine can miss the first round trips (loading the scripts at startup), and
-    the breaker then answers 503 for a second."""
-    deadline = time.monotonic() + timeout
+    the breaker then answers 503 until its cooldown has passed on the fake clock."""
 
     async def created(path: str, body: dict[str, object]) -> httpx.Response:
         while True:
             r = await gw.admin("POST", path, body)
             if r.status_code == 201:
                 return r
-            assert r.status_code == 503 and time.monotonic() < deadline, r.text
-            await asyncio.sleep(0.1)
+            assert r.status_code == 503, r.text
+            clock.advance(COOLDOWN_S)
+            await asyncio.sleep(0.05)
 
     await created("/admin/tenants", {"id": tenant_id, "quota": {}})
     key: str = (await created(f"/admin/tenants/{tenant_id}/keys", {})).json()["key"]
     return key
+
+
+def store_calls(gw: Gateway) -> tuple[int, int]:
+    """(calls that reached the store and failed, calls the open breaker refused at once)."""
+    stats = gw.state.tenants.stats
+    return stats.errors_total, stats.fast_failures_total
 
 
 def assert_store_unavailable(r: httpx.Response) -> None:
@@ -74,15 +78,17 @@ def assert_store_unavailable(r: httpx.Response) -> None:
 async def test_closed_mode_redis_killed_then_restarted(
     make_gateway: MakeGateway, server: RedisServer
 ) -> None:
-    gw = await make_gateway(redis_url=server.url)
+    clock = FakeClock()
+    gw = await make_gateway(redis_url=server.url, clock=clock)
     key = await gw.tenant("acme", max_concurrent_requests=1)
     assert (await gw.chat(key, max_tokens=1)).status_code == 200
 
     server.kill()
+    errors, fast = store_calls(gw)
     for _ in range(3):
-        r, elapsed = await timed_chat(gw, key)
-        assert_store_unavailable(r)
-        assert elapsed < 1.5  # no hang: refused connections, then the breaker fails fast
+        assert_store_unavailable(await gw.chat(key, max_tokens=1))
+    # No hang: one refused connection, then the open breaker fails the others without trying.
+    assert store_calls(gw)[0] == errors + 1 and store_calls(gw)[1] >= fast + 2
     assert_store_unavailable(await gw.client.get("/v1/usage", headers=bearer(key)))
     assert_store_unavailable(await gw.admin("GET", "/admin/tenants"))
     ready = await gw.client.get("/ready")
@@ -90,7 +96,7 @@ async def test_closed_mode_redis_killed_then_restarted(
     assert (ready.json()["status"], ready.json()["tenant_store"]) == ("unavailable", "unavailable")
 
     server.start()
-    assert (await until_admitted(gw, key)).status_code == 200
+    await until_admitted(gw, key, clock)
     assert (await gw.client.get("/ready")).json()["tenant_store"] == "ok"
     usage = await gw.usage(key)
     assert usage["in_flight"] == 0 and usage["today"]["requests"] == 2  # no leaked slot
@@ -103,8 +109,9 @@ async def test_settlement_during_an_outage_is_replayed(
 ) -> None:
     """A stream admitted before Redis dies finishes; its settlement waits and is replayed, and
     the tenant's only concurrency slot comes back."""
+    clock = FakeClock()
     engine = FakeEngine(token_delay=0.01)
-    gw = await make_gateway(engine, redis_url=server.url)
+    gw = await make_gateway(engine, redis_url=server.url, clock=clock)
     key = await gw.tenant("acme", max_concurrent_requests=1)
     streaming = asyncio.create_task(gw.chat(key, max_tokens=40, stream=True))
     while not engine.requests:
@@ -115,7 +122,7 @@ async def test_settlement_during_an_outage_is_replayed(
     assert gw.state.tenants.stats.pending_settlements == 1
 
     server.start()
-    assert (await until_admitted(gw, key)).status_code == 200
+    await until_admitted(gw, key, clock)
     await gw.state.tenants.flush_pending()
     usage = await gw.usage(key)
     assert usage["in_flight"] == 0 and usage["today"]["requests"] == 2
@@ -126,20 +133,17 @@ async def test_settlement_during_an_outage_is_replayed(
 async def test_open_mode_admits_known_keys_with_local_limits(
     make_gateway: MakeGateway, server: RedisServer
 ) -> None:
-    gw = await make_gateway(redis_url=server.url, redis_failure_mode="open")
+    clock = FakeClock()
+    gw = await make_gateway(redis_url=server.url, redis_failure_mode="open", clock=clock)
     key = await gw.tenant("acme", requests_per_minute=3)
     unseen = await gw.key("acme")  # never used through this gateway
     assert (await gw.chat(key, max_tokens=1)).status_code == 200
 
     server.kill()
-    statuses = []
-    for _ in range(4):
-        r, elapsed = await timed_chat(gw, key)
-        statuses.append(r.status_code)
-        assert elapsed < 1.5
+    statuses = [(await gw.chat(key, max_tokens=1)).status_code for _ in range(4)]
     # Per-process limits, counting from the outage: 3 more admitted, then 429.
     assert statuses == [200, 200, 200, 429]
-    assert_store_unavailable((await timed_chat(gw, unseen))[0])  # cannot be checked
+    assert_store_unavailable(await gw.chat(unseen, max_tokens=1))  # cannot be checked
     ready = await gw.client.get("/ready")
     assert ready.status_code == 200 and ready.json()["tenant_store"] == "unavailable"
     stats = gw.state.tenants.stats
@@ -150,7 +154,7 @@ async def test_open_mode_admits_known_keys_with_local_limits(
     assert "prefixgate_tenant_store_available 0.0" in metrics
 
     server.start()
-    assert (await until_admitted(gw, unseen)).status_code == 200
+    await until_admitted(gw, unseen, clock)
     await gw.state.tenants.flush_pending()
     usage = await gw.usage(key)
     assert usage["today"]["requests"] == 5 and usage["in_flight"] == 0  # local usage replayed
@@ -159,13 +163,15 @@ async def test_open_mode_admits_known_keys_with_local_limits(
 async def test_stalled_redis_gets_503_not_a_hang(
     make_gateway: MakeGateway, server: RedisServer
 ) -> None:
-    gw = await make_gateway(redis_url=server.url, redis_timeout_s=0.2)
-    key = await tenant_when_store_answers(gw, "acme")
-    assert (await until_admitted(gw, key)).status_code == 200
+    clock = FakeClock()
+    gw = await make_gateway(redis_url=server.url, redis_timeout_s=0.5, clock=clock)
+    key = await tenant_when_store_answers(gw, "acme", clock)
+    await until_admitted(gw, key, clock)
     server.pause()  # connections hang, as with a stalled server or a network partition
-    r, elapsed = await timed_chat(gw, key)
-    assert_store_unavailable(r)
-    assert elapsed < 2.0  # bounded by the operation deadline (4 x 0.2 s), plus slack
+    errors, fast = store_calls(gw)
+    assert_store_unavailable(await gw.chat(key, max_tokens=1))  # after the operation deadline
+    assert_store_unavailable(await gw.chat(key, max_tokens=1))
+    assert store_calls(gw) == (errors + 1, fast + 1)  # the second one without waiting
     server.resume()
-    assert (await until_admitted(gw, key)).status_code == 200
-    assert wait_until(lambda: gw.state.tenants.stats.available, timeout=1)
+    await until_admitted(gw, key, clock)
+    assert gw.state.tenants.stats.available
