@@ -143,7 +143,7 @@ def test_disconnect_frees_the_concurrency_slot(redis_url: str) -> None:
             r = http.post("/v1/chat/completions", json=chat(max_tokens=1))
             assert r.status_code == 200
             # Settlement follows the response: wait for it in the store rather than race it.
-            assert wait_until(lambda: http.get("/v1/usage").json()["in_flight"] == 0, timeout=5)
+            assert wait_until(lambda: http.get("/v1/usage").json()["in_flight"] == 0)
             usage = http.get("/v1/usage").json()
     assert usage["in_flight"] == 0 and usage["today"]["requests"] == 2
     assert 0 < usage["today"]["completion_tokens"] < 400  # what was generated, not reserved
