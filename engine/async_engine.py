@@ -24,7 +24,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import PrefixState, RequestDelta
-from engine.request import Request
+from engine.request import Request, TenantShare
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("prefixgate.engine")
@@ -40,6 +40,7 @@ class _Add:
     namespace: str | None
     priority: int
     shared_blocks: int
+    share: TenantShare | None
 
 
 @dataclass(slots=True)
@@ -223,6 +224,7 @@ class AsyncEngine:
         namespace: str | None = None,
         priority: int = 0,
         shared_blocks: int = 0,
+        share: TenantShare | None = None,
     ) -> RequestStream:
         """Validate and enqueue; raises `InvalidRequestError`, `ContextLengthError`,
         `EngineOverloadedError` or `EngineDeadError` before anything is allocated."""
@@ -250,6 +252,7 @@ class AsyncEngine:
                 namespace,
                 priority,
                 shared_blocks,
+                share,
             )
         )
         self._wakeup.set()
@@ -410,6 +413,7 @@ class AsyncEngine:
                     cmd.namespace,
                     cmd.priority,
                     cmd.shared_blocks,
+                    cmd.share,
                 )
             except Exception as exc:  # validated already; report rather than crash the loop
                 stream = self._streams.pop(cmd.request_id, None)

@@ -8,7 +8,10 @@ Each raises `ValueError` naming the field on an invalid value (checks are not `a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+# Orders of the waiting queue (`engine/policy.py` holds one strategy class for each).
+SchedulingPolicy = Literal["fcfs", "priority", "fair"]
 
 
 @dataclass(slots=True)
@@ -104,13 +107,31 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences at most
     max_num_batched_tokens: int = 2048  # tokens computed per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    policy: str = "fcfs"  # "fcfs" | "priority"
+    policy: SchedulingPolicy = "fcfs"  # docs/fairness.md
     max_waiting: int = 1024  # queue bound; past it add_request raises EngineOverloadedError
+    # The fair policy (engine/fairness.py): a tenant's service is prefill tokens that missed the
+    # cache times `prefill_weight` plus generated tokens times `decode_weight`, over its weight;
+    # tenants within `fair_allowance` of the least served may run their longest cached prefix.
+    prefill_weight: float = 1.0
+    decode_weight: float = 2.0
+    fair_allowance: float = 2048.0
 
     def __post_init__(self) -> None:
         _check_positive(
-            self, "max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"
+            self,
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "max_waiting",
+            "prefill_weight",
+            "decode_weight",
         )
+        if self.policy not in get_args(SchedulingPolicy):
+            raise ValueError(
+                f"policy must be one of {', '.join(get_args(SchedulingPolicy))}: {self.policy!r}"
+            )
+        if not self.fair_allowance >= 0:
+            raise ValueError(f"fair_allowance must be at least 0: {self.fair_allowance!r}")
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SchedulingPolicy
 from engine.env import EngineEnv
 from engine.llm_engine import LLMEngine
 from engine.models.loader import LoadedModel
@@ -38,7 +38,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
-        policy: str = "fcfs",
+        policy: SchedulingPolicy = "fcfs",
         attention_backend: str = "auto",
         seed: int = 0,
         config: EngineConfig | None = None,

@@ -23,7 +23,7 @@ from engine.model_runner import ModelRunner, PromptLogprobs, StepTimings, num_kv
 from engine.models.loader import LoadedModel, load_model, resolve_dtype
 from engine.output_processor import OutputProcessor
 from engine.outputs import CompletionOutput, Delta, PrefixState, RequestDelta, RequestOutput
-from engine.request import Request
+from engine.request import Request, TenantShare
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from kernels.options import KernelOptions, configure
@@ -149,6 +149,7 @@ class LLMEngine:
         namespace: str | None = None,
         priority: int = 0,
         shared_blocks: int = 0,
+        share: TenantShare | None = None,
     ) -> Request:
         """Queue a request (validated first: see `validate`). `namespace` salts its cache blocks;
         its first `shared_blocks` blocks are a public prefix's, shared by every namespace."""
@@ -171,6 +172,8 @@ class LLMEngine:
             priority,
             shared_blocks,
         )
+        if share is not None:
+            request.share = share
         self.scheduler.add_request(request)
         return request
 

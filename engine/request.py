@@ -21,6 +21,22 @@ from engine.sampling_params import SamplingParams
 _seq_ids = itertools.count()
 
 
+@dataclass(frozen=True, slots=True)
+class TenantShare:
+    """What the scheduler knows of a request's tenant besides its id and priority (the gateway
+    reads it from the tenant's quota; offline requests get the default). The newest request of a
+    tenant carries its current value."""
+
+    weight: int = 1  # its share of the engine under the fair policy, relative to other tenants'
+
+    def __post_init__(self) -> None:
+        if self.weight < 1:
+            raise ValueError(f"weight must be at least 1: {self.weight!r}")
+
+
+DEFAULT_SHARE = TenantShare()
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -97,6 +113,7 @@ class Request:
     # until computed); filled by the engine as the prompt's chunks run.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False  # handed out with a delta already
+    share: TenantShare = DEFAULT_SHARE  # the tenant's weight
 
     def __post_init__(self) -> None:
         if not self.seqs:

@@ -2,11 +2,13 @@
 
 One step's plan, under a token budget and a cap on running sequences:
   1. running sequences, decodes first, then chunked prefills still in progress;
-     when blocks run out, preempt the newest running sequence not yet planned this step
-     (recompute: its blocks are freed but stay in the prefix cache, so the redo is mostly hits);
+     when blocks run out, preempt a running sequence not yet planned this step, the one the
+     policy picks (recompute: its blocks are freed but stay in the prefix cache, so the redo is
+     mostly hits);
   2. if nothing was preempted, admit waiting sequences in policy order while budget and blocks
      last; a long prompt is cut into chunks (chunked prefill).
-A sequence samples a token in a step that computes its last known token.
+A sequence samples a token in a step that computes its last known token. Every planned piece of
+work is charged to its tenant as it is planned (`TenantLedger`), so the policy sees it at once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.errors import PinRefusedError
-from engine.policy import make_waiting_queue
+from engine.fairness import PrefixProbe, TenantLedger
+from engine.policy import PolicyContext, make_waiting_queue
 from engine.request import Request, SeqStatus, Sequence
 from engine.sampling_params import SamplingParams
 
@@ -67,7 +70,11 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.bm = block_manager
-        self.waiting = make_waiting_queue(config.policy)
+        self.ledger = TenantLedger(config.prefill_weight, config.decode_weight)
+        probe = PrefixProbe(block_manager)
+        self.waiting = make_waiting_queue(
+            PolicyContext(config, self.ledger, probe.cached_blocks, probe.forget)
+        )
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}  # unfinished sequences by id
@@ -79,6 +86,7 @@ class Scheduler:
         assert request.request_id not in self.requests, "duplicate request id"
         self.requests[request.request_id] = request
         self.seqs[request.seqs[0].seq_id] = request.seqs[0]
+        self.ledger.arrive(request)
         self.waiting.push(request.seqs[0])
 
     def abort_request(self, request_id: str) -> Request | None:
@@ -105,8 +113,8 @@ class Scheduler:
         self.bm.free(seq.seq_id)
         self.seqs.pop(seq.seq_id, None)
         self._finished_seq_ids.append(seq.seq_id)
-        if seq.request.finished:
-            self.requests.pop(seq.request.request_id, None)
+        if seq.request.finished and self.requests.pop(seq.request.request_id, None) is not None:
+            self.ledger.leave(seq.request)
 
     def _pin(self, seq: Sequence) -> None:
         """A warm request's prompt is computed: pin its blocks before the sequence lets go."""
@@ -151,7 +159,7 @@ class Scheduler:
                 continue
             out.block_copies.extend(copies)
             planned.add(seq.seq_id)
-            plan.append((seq, num_new))
+            self._plan(plan, seq, num_new)
             budget -= num_new
         return budget
 
@@ -165,10 +173,8 @@ class Scheduler:
             )
             if copies is not None:
                 return copies
-            victim = next(
-                (s for s in reversed(self.running) if s.seq_id not in planned and s is not seq),
-                seq,
-            )
+            others = [s for s in self.running if s.seq_id not in planned and s is not seq]
+            victim = self.waiting.victim(seq, others)
             self._preempt(victim)
             out.num_preempted += 1
             if victim is seq:
@@ -211,8 +217,20 @@ class Scheduler:
             self.running.append(seq)
             slots += need
             num_new = min(seq.num_uncomputed, budget)
-            plan.append((seq, num_new))
+            self._plan(plan, seq, num_new)
             budget -= num_new
+
+    def _plan(self, plan: list[tuple[Sequence, int]], seq: Sequence, num_new: int) -> None:
+        """Plan `num_new` tokens of `seq` for this step and charge them to its tenant: the
+        prompt tokens computed (never cache hits: those are not computed) and the samples."""
+        plan.append((seq, num_new))
+        request = seq.request
+        start = seq.num_computed_tokens
+        prompt = max(0, min(start + num_new, request.num_prompt_tokens) - start)
+        samples = 0
+        if num_new == seq.num_uncomputed:
+            samples = 1 if request.forked else request.params.n
+        self.ledger.charge(request.tenant, prompt, samples)
 
     def _emit(self, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> None:
         for row, (seq, num_new) in enumerate(plan):
