@@ -11,11 +11,12 @@ import contextlib
 import gc
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import uvicorn
 from pydantic import ValidationError
 
+from engine.config import SchedulingPolicy
 from gateway.admin.cli import add_admin_parser, run_admin
 from gateway.app import create_app
 from gateway.logs import configure_logging
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batched-tokens", type=int, help="tokens per engine step (default 2048)")
     add("--max-model-len", type=int, help="context length (default: the model's)")
     add("--max-queue", type=int, help="waiting requests before 503 (default 1024)")
+    add(
+        "--scheduling-policy",
+        choices=get_args(SchedulingPolicy),
+        help="fcfs (default), priority (tenant quota `priority`) or fair (tenant quota `weight`)",
+    )
     add("--max-n", type=int, help="largest `n` accepted (default 16)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     add("--no-access-log", dest="access_log", action="store_false", default=None)

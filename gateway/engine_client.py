@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from engine.config import EngineConfig
 from engine.outputs import PrefixState, RequestDelta
+from engine.request import TenantShare
 from engine.sampling_params import SamplingParams
 
 
@@ -68,9 +69,12 @@ class EngineClient(Protocol):
         namespace: str | None = None,
         priority: int = 0,
         shared_blocks: int = 0,
+        share: TenantShare | None = None,
     ) -> RequestStream:
         """Admit a request (event loop thread only). `namespace` salts its KV cache blocks; its
         first `shared_blocks` blocks are a public prefix's, shared by every namespace.
+        `priority` (lower first) orders it under the priority policy; `share` carries its
+        tenant's weight (fair policy).
 
         Raises:
             InvalidRequestError / ContextLengthError: bad request, nothing allocated.

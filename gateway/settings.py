@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SchedulingPolicy
 from engine.env import ENV_CONFIG, EngineEnv, none_if_empty
 from gateway.limits import RequestLimits
 from tenants import FailureMode, TenantsConfig
@@ -72,6 +72,12 @@ class Settings(EngineEnv):
     )
     max_queue: int = Field(
         default=1024, ge=1, description="waiting requests at most; past it: 503 and retry-after"
+    )
+    scheduling_policy: SchedulingPolicy = Field(
+        default="fcfs",
+        description="order of waiting requests: fcfs, priority (the tenant's quota `priority`, "
+        "lower first) or fair (tenants share the engine by their quota `weight`, cache hits "
+        "first; docs/fairness.md)",
     )
 
     # Request limits (gateway/limits.py holds the defaults and the fixed bounds)
@@ -141,7 +147,7 @@ class Settings(EngineEnv):
 
     _empty_is_unset = field_validator("redis_url", "admin_key", mode="before")(none_if_empty)
 
-    @field_validator("redis_failure_mode", mode="before")
+    @field_validator("redis_failure_mode", "scheduling_policy", mode="before")
     @classmethod
     def _lowercase(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -196,6 +202,7 @@ class Settings(EngineEnv):
                     max_num_batched_tokens=self.max_batched_tokens,
                     max_model_len=self.max_model_len,
                     max_waiting=self.max_queue,
+                    policy=self.scheduling_policy,
                 ),
             )
         )

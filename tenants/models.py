@@ -20,12 +20,15 @@ TenantId = Annotated[str, Field(pattern=TENANT_ID_PATTERN)]
 MAX_COUNT = 10**15
 MAX_KEY_LIFETIME_S = 100 * 365 * 86400
 PositiveCount = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
+MAX_PRIORITY = 1000
+MAX_WEIGHT = 1000
 
 DEFAULT_TENANT_ID = "default"
 
 
 class Quota(BaseModel):
-    """Limits of one tenant. Every field is optional: absent or null means unlimited."""
+    """Limits of one tenant, and its share of the engine. Every field is optional: absent or
+    null means unlimited, or for `priority` and `weight` the default (0 and 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,6 +40,10 @@ class Quota(BaseModel):
     max_tokens_per_request: PositiveCount | None = None  # bound on the request's `max_tokens`
     max_prefixes: PositiveCount | None = None  # registered prefixes (`/v1/prefixes`)
     max_pinned_blocks: PositiveCount | None = None  # KV blocks held by the tenant's pinned prefixes
+    # The tenant's share of the engine (docs/fairness.md): its order under the priority policy
+    # (lower first) and its weight under the fair policy.
+    priority: Annotated[StrictInt, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] | None = None
+    weight: Annotated[StrictInt, Field(ge=1, le=MAX_WEIGHT)] | None = None
 
     def limits(self) -> dict[str, int]:
         """The limits that are set, by field name."""

@@ -36,24 +36,31 @@ QUOTA_FIELDS = tuple(Quota.model_fields)
 Request = tuple[str, str, dict[str, Any] | None]  # method, path, JSON body
 
 
-def _limit(text: str) -> int | None:
+def _integer(text: str) -> int | None:
     if text.lower() in ("none", "null", "unlimited"):
         return None
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        message = f"expected a positive integer or 'none', got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
-    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _limit(text: str) -> int | None:
+    value = _integer(text)
+    if value is not None and value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value}")
     return value
 
 
 def _add_quota_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("quota (a positive integer, or 'none' for unlimited)")
+    group = parser.add_argument_group(
+        "quota (a positive integer, or 'none' for unlimited; --priority: any integer, lower "
+        "first, 'none' for 0)"
+    )
     for name in QUOTA_FIELDS:
         flag = "--" + name.replace("_", "-")
-        group.add_argument(flag, dest=name, type=_limit, default=argparse.SUPPRESS, metavar="N")
+        kind = _integer if name == "priority" else _limit
+        group.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, metavar="N")
 
 
 def _quota(args: argparse.Namespace) -> dict[str, int | None]:

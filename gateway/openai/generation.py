@@ -190,6 +190,7 @@ async def start_generation(
             namespace=principal.namespace,
             priority=principal.priority,
             shared_blocks=shared_blocks,
+            share=principal.share,
         )
     except BaseException as exc:
         await hooks.settle(info, UsageCounts(), "rejected")

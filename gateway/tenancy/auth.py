@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engine.request import DEFAULT_SHARE, TenantShare
 from gateway.errors import from_tenants_error
 from tenants import Caller, Tenant, TenantsError, TenantService, bearer_token
 
@@ -30,7 +31,8 @@ PRINCIPAL_SCOPE_KEY = "prefixgate.principal"
 class Principal:
     tenant: str = "default"
     namespace: str | None = None  # KV cache namespace (salt), set by the server, never the client
-    priority: int = 0
+    priority: int = 0  # the tenant's quota `priority`: lower is served first (priority policy)
+    share: TenantShare = DEFAULT_SHARE  # the tenant's quota `weight`
     # The tenant's max_tokens_per_request: caps the default max_tokens of a request that sets none.
     max_tokens_per_request: int | None = None
 
@@ -53,10 +55,13 @@ def cache_namespace(tenant: Tenant) -> str:
 
 def principal_of(caller: Caller) -> Principal:
     tenant = caller.tenant
+    quota = tenant.quota
     return Principal(
         tenant=tenant.id,
         namespace=cache_namespace(tenant),
-        max_tokens_per_request=tenant.quota.max_tokens_per_request,
+        priority=quota.priority or 0,
+        share=TenantShare(weight=quota.weight or 1),
+        max_tokens_per_request=quota.max_tokens_per_request,
     )
 
 

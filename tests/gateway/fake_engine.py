@@ -29,6 +29,7 @@ from engine.errors import (
     PinRefusedError,
 )
 from engine.outputs import Delta, PrefixState, RequestDelta, TokenLogprob
+from engine.request import DEFAULT_SHARE, TenantShare
 from engine.sampling_params import SamplingParams
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -192,6 +193,7 @@ class FakeEngine:
         self.blocks_held: dict[str, int] = {}
         self.aborted: list[str] = []
         self.requests: list[tuple[str, list[int], SamplingParams, str, str | None]] = []
+        self.tenancy: dict[str, tuple[int, TenantShare]] = {}  # request id -> (priority, share)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: dict[str, FakeStream] = {}
         self._n: dict[str, int] = {}
@@ -223,6 +225,7 @@ class FakeEngine:
         namespace: str | None = None,
         priority: int = 0,
         shared_blocks: int = 0,
+        share: TenantShare | None = None,
     ) -> FakeStream:
         if self.dead:
             raise EngineDeadError("fake engine is dead")
@@ -233,6 +236,7 @@ class FakeEngine:
             raise EngineOverloadedError("fake engine queue full", retry_after_s=2.0)
         request_id = request_id or f"fake-{next(self._ids)}"
         self.requests.append((request_id, list(prompt_token_ids), params, tenant, namespace))
+        self.tenancy[request_id] = (priority, share or DEFAULT_SHARE)
         stream = FakeStream(self, request_id)
         self._streams[request_id] = stream
         self._n[request_id] = params.n

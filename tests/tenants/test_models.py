@@ -26,7 +26,18 @@ def test_quota_fields_are_optional_positive_ints() -> None:
         "max_tokens_per_request",
         "max_prefixes",
         "max_pinned_blocks",
+        "priority",
+        "weight",
     }
+
+
+def test_priority_and_weight_are_bounded_ints_null_means_default() -> None:
+    q = Quota(priority=-3, weight=4)
+    assert (q.priority, q.weight) == (-3, 4)
+    assert Quota().priority is None and Quota().weight is None
+    for field, bad in (("priority", 1001), ("priority", 1.5), ("weight", 0), ("weight", 1001)):
+        with pytest.raises(ValidationError):
+            Quota.model_validate({field: bad})
 
 
 def test_quota_from_json_accepts_null_as_unlimited() -> None:

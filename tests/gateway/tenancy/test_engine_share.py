@@ -1,0 +1,56 @@
+"""The tenant's engine share: `--scheduling-policy` reaches the engine config, and a tenant's quota
+`priority` and `weight` reach the engine with each of its requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.request import DEFAULT_SHARE, TenantShare
+from gateway.cli import build_parser, settings_from_args
+from gateway.settings import Settings
+from tests.gateway.conftest import MakeGateway
+
+
+def test_scheduling_policy_from_environment_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().engine_config().scheduler.policy == "fcfs"
+    monkeypatch.setenv("PREFIXGATE_SCHEDULING_POLICY", "FAIR")
+    assert Settings().engine_config().scheduler.policy == "fair"
+    args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
+    assert settings_from_args(args).engine_config().scheduler.policy == "priority"
+    monkeypatch.setenv("PREFIXGATE_SCHEDULING_POLICY", "lottery")
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        Settings()
+
+
+async def test_quota_priority_weight_and_kv_cap_reach_the_engine(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    gold = await gw.tenant("gold", priority=-5, weight=3)
+    plain = await gw.tenant("plain")
+    for key in (gold, plain):
+        assert (await gw.chat(key, max_tokens=1)).status_code == 200
+    r = await gw.admin("PATCH", "/admin/tenants/plain", {"quota": {"priority": 2, "weight": 2}})
+    assert r.status_code == 200, r.text
+    assert (await gw.chat(plain, max_tokens=1)).status_code == 200
+    seen = [gw.engine.tenancy[rid] for rid, *_ in gw.engine.requests]
+    assert seen == [
+        (-5, TenantShare(weight=3)),
+        (0, DEFAULT_SHARE),
+        (2, TenantShare(weight=2)),
+    ]
+
+
+async def test_out_of_range_share_fields_are_refused(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    for quota in ({"weight": 0}, {"priority": 10**6}, {"priority": 1.5}):
+        r = await gw.admin("POST", "/admin/tenants", {"id": "bad", "quota": quota})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_admin_cli_takes_a_signed_priority_and_a_positive_weight() -> None:
+    from gateway.admin.cli import _quota
+
+    create = ["admin", "tenants", "create", "acme", "--priority", "-2", "--weight", "3"]
+    assert _quota(build_parser().parse_args(create)) == {"priority": -2, "weight": 3}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["admin", "quota", "set", "acme", "--weight", "0"])
