@@ -110,7 +110,9 @@ class PrefixProbe:
         if chain is None or chain[0] != len(seq.token_ids):
             # As `BlockManager.find_cached_prefix`: the last token is always computed.
             tokens = seq.token_ids[: len(seq.token_ids) - 1]
-            chain = (len(seq.token_ids), list(self.bm.chain_hashes(tokens, seq.request.namespace)))
+            request = seq.request
+            hashes = self.bm.chain_hashes(tokens, request.namespace, request.shared_blocks)
+            chain = (len(seq.token_ids), list(hashes))
             self._chains[seq.seq_id] = chain
         cached = self.bm.cached if self.bm.enable_caching else {}
         n = 0

@@ -294,3 +294,20 @@ def test_greedy_outputs_do_not_depend_on_the_policy(tiny_dirs) -> None:
         assert [r.seqs[0].output_token_ids for r in requests] == expected, policy
         assert engine.scheduler.num_preemptions > 0
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_the_cache_probe_sees_a_public_prefix_cached_by_another_tenant() -> None:
+    sim = make_sim(0, "fair")
+    public = list(range(500, 508))  # 2 blocks, shared by every tenant
+    first = Request("a-1", [*public, 1, 2, 3, 4, 5], SamplingParams(max_tokens=1), 1, tenant="a")
+    first.shared_blocks, first.namespace = 2, "t:a"
+    sim.s.add_request(first)
+    while sim.s.has_work:
+        sim.step()
+    other = Request("b-1", [*public, 9, 9, 9, 9, 9], SamplingParams(max_tokens=1), 1, tenant="b")
+    other.shared_blocks, other.namespace = 2, "t:b"
+    private = Request("b-2", [*public, 9, 9, 9, 9, 9], SamplingParams(max_tokens=1), 1, tenant="b")
+    private.namespace = "t:b"
+    for r in (private, other):
+        sim.s.add_request(r)
+    assert sim.s.waiting.peek() is other.seqs[0]  # 2 cached public blocks beat 0
