@@ -229,7 +229,7 @@ class Scheduler:
         prompt = max(0, min(start + num_new, request.num_prompt_tokens) - start)
         samples = 0
         if num_new == seq.num_uncomputed:
-            samples = 1 if request.forked else request.params.n
+            samples = 1 if request.forked else request.params.num_seqs
         self.ledger.charge(request.tenant, prompt, samples)
 
     def _emit(self, plan: list[tuple[Sequence, int]], out: SchedulerOutput) -> None:
