@@ -321,6 +321,10 @@ class AsyncEngine:
         """Move a pin's lease end (a use of the prefix); False if `key` is not pinned."""
         return await self._call(lambda engine: engine.extend_pin(key, expires_at))
 
+    async def cached_block_hashes(self) -> list[bytes]:
+        """Content hashes of every cached block (a replica publishes them as KV events)."""
+        return await self._call(lambda engine: list(engine.block_manager.cached))
+
     async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """`fn(engine)` on the engine thread, which owns every engine structure."""
         if self._dead is not None:

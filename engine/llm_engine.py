@@ -14,7 +14,6 @@ import torch
 from engine.block_manager import BlockManager, PinSpec
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import (
-    ContextLengthError,
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
@@ -26,6 +25,7 @@ from engine.outputs import CompletionOutput, Delta, PrefixState, RequestDelta, R
 from engine.request import Request, TenantShare
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.validation import validate_request
 from kernels.options import KernelOptions, configure
 
 
@@ -116,29 +116,12 @@ class LLMEngine:
             InvalidRequestError / ContextLengthError naming the field, before anything is
             allocated.
         """
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        params.validate_for_model(vocab)
-        if n >= self.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens, but the "
-                f"prompt has {n} tokens (at least one output token must fit).",
-                param="prompt",
-            )
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - n
-        elif n + max_tokens > self.max_model_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
-                f"has {n} tokens and max_tokens asks for {max_tokens} more.",
-                param="max_tokens",
-            )
-        return max_tokens
+        return validate_request(
+            prompt_token_ids,
+            params,
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+        )
 
     def add_request(
         self,

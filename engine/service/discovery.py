@@ -1,0 +1,154 @@
+"""A replica's registration in Redis: heartbeat with a TTL, load, and KV events.
+
+Key layout (under the deployment's key prefix `p`, as the tenant store's):
+
+```
+p:replicas                 ZSET  replica id -> expiry (epoch s); a gateway reads the live ones
+p:replica:{id}             STRING (EX ttl) JSON: id, url, model, stats, heartbeat time
+p:kv-events                STREAM  r=id, s=stored hashes, e=evicted hashes (8 bytes each,
+                                   concatenated), trimmed to about MAX_EVENTS entries
+p:replica-blocks:{id}      STRING (EX 10 ttl) every cached hash of the replica: the full
+                                   snapshot, rewritten every `snapshot_s`
+```
+
+Every `ttl_s / 3` the replica renews its key and its ZSET score, and diffs its cached block
+hashes against the previous beat: new ones go out as stored, gone ones as evicted, in one
+stream entry. A gateway that starts late or loses events converges at the next snapshot. A
+replica that stops beating leaves the ZSET's live range and its key expires within `ttl_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from engine.service import protocol
+
+logger = logging.getLogger("prefixgate.engine.discovery")
+
+HASH_BYTES = 8  # index keys: the first bytes of the engine's 32-byte block hash
+MAX_EVENTS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryKeys:
+    prefix: str
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.prefix}:replicas"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:kv-events"
+
+    def replica(self, replica_id: str) -> str:
+        return f"{self.prefix}:replica:{replica_id}"
+
+    def blocks(self, replica_id: str) -> str:
+        return f"{self.prefix}:replica-blocks:{replica_id}"
+
+
+def pack(hashes: set[bytes]) -> bytes:
+    return b"".join(sorted(hashes))
+
+
+def unpack(blob: bytes) -> list[bytes]:
+    return [blob[i : i + HASH_BYTES] for i in range(0, len(blob), HASH_BYTES)]
+
+
+class Heartbeat:
+    """Publishes one replica's liveness, load and KV events (see the module docstring).
+
+    Args:
+        engine: the served engine (`stats()`, `async cached_block_hashes()`).
+        redis: an asyncio Redis client (binary replies).
+        clock: epoch seconds.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        redis: aioredis.Redis,
+        keys: RegistryKeys,
+        *,
+        replica_id: str,
+        url: str,
+        ttl_s: float = 5.0,
+        snapshot_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.redis = redis
+        self.keys = keys
+        self.replica_id = replica_id
+        self.url = url
+        self.ttl_s = ttl_s
+        self.snapshot_s = snapshot_s
+        self.clock = clock
+        self.cached: set[bytes] = set()
+        self._last_snapshot: float | None = None
+
+    async def beat(self) -> None:
+        """One heartbeat: liveness and load, the KV diff, a snapshot when due."""
+        now = self.clock()
+        current = {h[:HASH_BYTES] for h in await self.engine.cached_block_hashes()}
+        stored, evicted = current - self.cached, self.cached - current
+        record = {
+            "replica_id": self.replica_id,
+            "url": self.url,
+            "model_name": self.engine.model_name,
+            "stats": protocol.jsonable(self.engine.stats()),
+            "time": now,
+        }
+        ttl_ms = max(1, int(self.ttl_s * 1000))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.replica(self.replica_id), json.dumps(record), px=ttl_ms)
+        pipe.zadd(self.keys.replicas, {self.replica_id: now + self.ttl_s})
+        if stored or evicted:
+            fields = {"r": self.replica_id, "s": pack(stored), "e": pack(evicted)}
+            pipe.xadd(self.keys.events, fields, maxlen=MAX_EVENTS, approximate=True)  # type: ignore[arg-type]
+        if self._last_snapshot is None or now - self._last_snapshot >= self.snapshot_s:
+            pipe.set(self.keys.blocks(self.replica_id), pack(current), px=10 * ttl_ms)
+            self._last_snapshot = now
+        await pipe.execute()
+        self.cached = current
+
+    async def leave(self) -> None:
+        """Deregister at a clean shutdown (gateways drop it at once, not after the TTL)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.replicas, self.replica_id)
+        pipe.delete(self.keys.replica(self.replica_id), self.keys.blocks(self.replica_id))
+        await pipe.execute()
+
+    async def run(self) -> None:
+        """Beat every ttl/3 until cancelled; a Redis outage is logged and retried."""
+        while True:
+            try:
+                await self.beat()
+            except Exception:
+                logger.exception("heartbeat to Redis failed")
+            await asyncio.sleep(self.ttl_s / 3)
+
+
+@contextlib.asynccontextmanager
+async def heartbeating(heartbeat: Heartbeat) -> AsyncIterator[None]:
+    """Run `heartbeat` for the duration of the block; leave the registry at the end."""
+    task = asyncio.get_running_loop().create_task(heartbeat.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(Exception):
+            await heartbeat.leave()
+        await heartbeat.redis.aclose()

@@ -1,0 +1,195 @@
+"""The wire protocol between a gateway and an engine replica (`prefixgate engine`).
+
+HTTP/1.1 with JSON bodies; a request's deltas stream back as one JSON line each (NDJSON) on a
+chunked response, so the transport is the one the gateway already runs (uvicorn, httpx) and
+docs/deployment.md says why (measured against the embedded engine).
+
+```
+POST /engine/requests              {"prompt_token_ids", "params", "request_id", "kwargs"}
+                                   -> 200, then one line per RequestDelta, or an error line;
+                                      an error found before the first delta is a 4xx/503 body.
+                                      Closing the connection aborts the request.
+POST /engine/requests/{id}/abort   -> 204 (idempotent)
+POST /engine/prefixes/warm         {"token_ids", "kwargs"} -> PrefixState
+POST /engine/prefixes/unpin        {"key"} -> {"ok": bool}
+POST /engine/prefixes/extend       {"key", "expires_at"} -> {"ok": bool}
+GET  /engine/stats                 -> EngineStats
+GET  /engine/info                  -> ReplicaInfo
+GET  /engine/tokenizer             -> {"files": {name: text}} (the gateway tokenizes itself)
+GET  /health, /ready
+```
+
+The keyword arguments of `add_request` and `warm_prefix` travel generically as `kwargs`: the
+client encodes whatever it was given (dataclasses included, with pydantic's JSON encoder) and
+the replica rebuilds each one from the type hints of `AsyncEngine`'s own signature, so a new
+argument of the in-process engine (a tenant share, a shared-block count) needs no protocol
+change. Engine errors cross as `{"error": {"type", "message", ...fields}}` and are raised again
+as the same class on the client.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter
+from pydantic_core import to_json, to_jsonable_python
+
+from engine.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    PinRefusedError,
+)
+from engine.outputs import PrefixState, RequestDelta
+from engine.sampling_params import SamplingParams
+
+ADD = "/engine/requests"
+ABORT = "/engine/requests/{request_id}/abort"
+WARM = "/engine/prefixes/warm"
+UNPIN = "/engine/prefixes/unpin"
+EXTEND = "/engine/prefixes/extend"
+STATS = "/engine/stats"
+INFO = "/engine/info"
+TOKENIZER = "/engine/tokenizer"
+
+DELTA = TypeAdapter(RequestDelta)
+PARAMS = TypeAdapter(SamplingParams)
+PREFIX_STATE = TypeAdapter(PrefixState)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """What a replica serves: a gateway checks it and validates requests with it."""
+
+    replica_id: str
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+
+
+@dataclass(slots=True)
+class ReplicaStats:
+    """`EngineStats` as it crosses the wire (the gateway's `EngineStats` protocol)."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    kv_usage: float
+    prefix_queries_tokens: int
+    prefix_hits_tokens: int
+    num_preemptions: int
+    num_pinned_blocks: int = 0
+    max_pinned_blocks: int = 0
+    pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
+
+
+INFO_ADAPTER = TypeAdapter(ReplicaInfo)
+STATS_ADAPTER = TypeAdapter(ReplicaStats)
+
+
+def encode(value: Any) -> bytes:
+    """JSON bytes of plain data, dataclasses included."""
+    return to_json(value)
+
+
+def jsonable(value: Any) -> Any:
+    return to_jsonable_python(value)
+
+
+# ---- keyword arguments, rebuilt from the engine's own signature ---------------------------
+
+
+class KwargsCodec:
+    """Rebuilds the keyword arguments of one engine method from JSON by its type hints.
+
+    Args:
+        method: the in-process engine's method (e.g. `AsyncEngine.add_request`); its keyword
+            parameters are the ones accepted.
+        skip: parameters carried outside `kwargs`.
+    """
+
+    def __init__(self, method: Callable[..., Any], skip: tuple[str, ...]) -> None:
+        hints = typing.get_type_hints(method)
+        names = [
+            name
+            for name, p in inspect.signature(method).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in skip
+        ]
+        self.adapters = {name: TypeAdapter(hints[name]) for name in names}
+
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Raises InvalidRequestError for an unknown or ill-typed argument."""
+        out: dict[str, Any] = {}
+        for name, value in raw.items():
+            adapter = self.adapters.get(name)
+            if adapter is None:
+                raise InvalidRequestError(f"unknown engine argument {name!r}", param=name)
+            try:
+                out[name] = adapter.validate_python(value)
+            except ValueError as exc:
+                raise InvalidRequestError(f"invalid engine argument {name!r}: {exc}", name) from exc
+        return out
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+# Subclasses first: the first class an exception is an instance of names it.
+_ERRORS: tuple[type[Exception], ...] = (
+    ContextLengthError,
+    InvalidRequestError,
+    EngineOverloadedError,
+    PinRefusedError,
+    EngineDeadError,
+)
+_BY_NAME = {cls.__name__: cls for cls in _ERRORS}
+_STATUS = {
+    "ContextLengthError": 400,
+    "InvalidRequestError": 400,
+    "EngineOverloadedError": 503,
+    "PinRefusedError": 409,
+    "EngineDeadError": 503,
+}
+
+
+def is_engine_error(exc: BaseException) -> bool:
+    return isinstance(exc, _ERRORS)
+
+
+def error_body(exc: Exception) -> dict[str, Any]:
+    """`{"error": {...}}` for an engine error (anything else crosses as EngineDeadError)."""
+    name = next((cls.__name__ for cls in _ERRORS if isinstance(exc, cls)), "EngineDeadError")
+    fields: dict[str, Any] = {"type": name, "message": getattr(exc, "message", str(exc))}
+    for attr in ("param", "retry_after_s", "cap", "requested"):
+        if hasattr(exc, attr):
+            fields[attr] = getattr(exc, attr)
+    return {"error": fields}
+
+
+def error_status(body: dict[str, Any]) -> int:
+    return _STATUS.get(body["error"]["type"], 503)
+
+
+def decode_error(body: Any) -> Exception:
+    """The engine error an error body describes (EngineDeadError for anything unreadable)."""
+    try:
+        fields = dict(body["error"])
+        cls = _BY_NAME[fields.pop("type")]
+        message = str(fields.pop("message"))
+    except (KeyError, TypeError, ValueError):
+        return EngineDeadError(f"unreadable answer from the engine replica: {body!r:.200}")
+    if issubclass(cls, InvalidRequestError):
+        return cls(message, param=fields.get("param"))
+    if cls is EngineOverloadedError:
+        return EngineOverloadedError(message, retry_after_s=float(fields.get("retry_after_s", 1)))
+    if cls is PinRefusedError:
+        return PinRefusedError(
+            message, cap=int(fields.get("cap", 0)), requested=int(fields.get("requested", 0))
+        )
+    return cls(message)

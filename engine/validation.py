@@ -1,0 +1,40 @@
+"""Request checks that need only the model's shape (vocabulary, context length): pure Python, so
+the engine and a remote client of it (`gateway.replicas.remote`) reject the same requests with
+the same errors before anything is sent or allocated."""
+
+from __future__ import annotations
+
+from engine.errors import ContextLengthError, InvalidRequestError
+from engine.sampling_params import SamplingParams
+
+
+def validate_request(
+    prompt_token_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int
+) -> int:
+    """Check a request against the model; return its resolved max_tokens.
+
+    Raises:
+        InvalidRequestError / ContextLengthError naming the field.
+    """
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+    params.validate_for_model(vocab_size)
+    if n >= max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens, but the "
+            f"prompt has {n} tokens (at least one output token must fit).",
+            param="prompt",
+        )
+    max_tokens = params.max_tokens
+    if max_tokens is None:
+        max_tokens = max_model_len - n
+    elif n + max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt "
+            f"has {n} tokens and max_tokens asks for {max_tokens} more.",
+            param="max_tokens",
+        )
+    return max_tokens
