@@ -37,7 +37,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the OpenAI-compatible API. Every flag can also be set with the "
         "environment variable PREFIXGATE_<FLAG> (e.g. PREFIXGATE_PORT=9000).",
     )
+    _add_engine_flags(serve)
     add = serve.add_argument
+    add("--engine-urls", help="comma-separated engine replica URLs (default: engine in process)")
+    add("--discovery", action="store_true", default=None,
+        help="route to the engine replicas registered in Redis (PREFIXGATE_REDIS_URL)")  # fmt: skip
+    add("--routing", choices=("prefix", "least-loaded", "round-robin"),
+        help="how to pick a replica (default prefix)")  # fmt: skip
+    add("--no-access-log", dest="access_log", action="store_false", default=None)
+    engine = commands.add_parser(
+        "engine",
+        help="serve one engine replica for `serve` gateways (docs/deployment.md)",
+        description="Run one engine replica with an internal API for gateways started with "
+        "--engine-urls or --discovery. Reads the same PREFIXGATE_* variables as serve.",
+    )
+    _add_engine_flags(engine)
+    engine.add_argument("--discovery", action="store_true", default=None,
+                        help="register in Redis (heartbeat, load, KV events)")  # fmt: skip
+    engine.add_argument("--replica-id", help="this replica's name (default host:port)")
+    engine.add_argument("--advertise-url", help="URL gateways reach it at")
+    add_admin_parser(commands)
+    return parser
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags `serve` and `engine` share: server, model, engine, logging."""
+    add = parser.add_argument
     add("--model", help="Hugging Face model dir or GGUF file (default: bundled SmolLM2-135M)")
     add("--served-model-name", help="name clients pass as `model` (default: smollm2 / dir name)")
     add("--host", help="bind address (default 127.0.0.1)")
@@ -49,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "cpu", "torch", "triton"),
         help="attention kernels (default auto: triton on CUDA, the C++/SDPA path on CPU)",
     )
-    cache = serve.add_mutually_exclusive_group()
+    cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default 1)")
     cache.add_argument("--num-blocks", type=int, help="KV cache size in blocks")
     add("--block-size", type=int, help="tokens per KV block (default 16)")
@@ -64,9 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--max-n", type=int, help="largest `n` accepted (default 16)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
-    add("--no-access-log", dest="access_log", action="store_false", default=None)
-    add_admin_parser(commands)
-    return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -99,7 +121,14 @@ def serve(settings: Settings) -> int:
         failed = True
         server.should_exit = True
 
-    app = create_app(settings, on_engine_error=on_engine_error, on_engine_ready=freeze_gc_heap)
+    extra: dict[str, Any] = {}
+    if settings.remote_engines:
+        from gateway.replicas import replicas_loader
+
+        extra["engine_loader"] = replicas_loader(settings)
+    app = create_app(
+        settings, on_engine_error=on_engine_error, on_engine_ready=freeze_gc_heap, **extra
+    )
     config = uvicorn_config(
         app,
         settings.request_limits(),
@@ -127,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(settings)
+    if args.command == "engine":
+        from gateway.replicas.service import serve_engine
+
+        return serve_engine(settings)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -137,6 +137,50 @@ class Settings(EngineEnv):
         description="prefix of every Redis key, so deployments sharing one Redis stay apart",
     )
 
+    # Engine replicas (docs/deployment.md)
+    engine_urls: str | None = Field(
+        default=None,
+        description="comma-separated URLs of engine replicas (`prefixgate engine`) this gateway "
+        "sends requests to; unset: replicas are discovered in Redis when `discovery` is on, "
+        "else the engine runs in this process",
+    )
+    discovery: bool = Field(
+        default=False,
+        description="`serve`: route to the engine replicas registered in Redis (`redis_url`); "
+        "`engine`: register this replica there (heartbeat, load, KV events)",
+    )
+    routing: Literal["prefix", "least-loaded", "round-robin"] = Field(
+        default="prefix",
+        description="how a gateway picks a replica: prefix (most cached blocks of the "
+        "request, tempered by load), least-loaded, or round-robin",
+    )
+    routing_load_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="prefix routing: score = cached fraction of the prompt - weight x load "
+        "(load: the replica's share of running + waiting requests among all replicas)",
+    )
+    engine_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="deadline of a control call to a replica (stats, abort, pin); connecting "
+        "gets at most 2 s of it",
+    )
+    replica_ttl_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="a replica that has not answered or heartbeated for this long leaves "
+        "rotation and its streams end with an error",
+    )
+    replica_id: str | None = Field(
+        default=None, description="`engine`: this replica's name; unset: host name and port"
+    )
+    advertise_url: str | None = Field(
+        default=None,
+        description="`engine`: the URL gateways reach this replica at; unset: "
+        "http://<host name>:<port>",
+    )
+
     def model_name(self) -> str:
         """The name clients pass as `model`."""
         if self.served_model_name:
@@ -145,7 +189,9 @@ class Settings(EngineEnv):
             return BUNDLED_MODEL_NAME
         return Path(self.model.rstrip("/")).name or self.model
 
-    _empty_is_unset = field_validator("redis_url", "admin_key", mode="before")(none_if_empty)
+    _empty_is_unset = field_validator(
+        "redis_url", "admin_key", "engine_urls", "replica_id", "advertise_url", mode="before"
+    )(none_if_empty)
 
     @field_validator("redis_failure_mode", "scheduling_policy", mode="before")
     @classmethod
@@ -160,6 +206,14 @@ class Settings(EngineEnv):
 
     def admin_key_value(self) -> str | None:
         return _secret(self.admin_key)
+
+    def engine_url_list(self) -> list[str]:
+        return [u.strip() for u in (self.engine_urls or "").split(",") if u.strip()]
+
+    @property
+    def remote_engines(self) -> bool:
+        """The gateway drives engine replicas (`prefixgate engine`) instead of its own."""
+        return bool(self.engine_url_list()) or self.discovery
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(

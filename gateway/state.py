@@ -4,11 +4,12 @@ service, hooks, metrics."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 from starlette.requests import Request
 
@@ -26,7 +27,8 @@ from tenants import TenantService, build_service
 
 logger = logging.getLogger("prefixgate")
 
-EngineLoader = Callable[[EngineConfig], EngineClient]
+# Blocking (run in a thread: the embedded engine) or a coroutine function (remote replicas).
+EngineLoader = Callable[[EngineConfig], EngineClient | Awaitable[EngineClient]]
 
 
 class GatewayState:
@@ -113,7 +115,11 @@ class GatewayState:
         started = time.perf_counter()
         engine: EngineClient | None = None
         try:
-            engine = await asyncio.to_thread(loader, self.settings.engine_config())
+            config = self.settings.engine_config()
+            if inspect.iscoroutinefunction(loader):
+                engine = await cast(Awaitable[EngineClient], loader(config))
+            else:
+                engine = cast(EngineClient, await asyncio.to_thread(loader, config))
             engine.start()
             if on_ready is not None:
                 on_ready()

@@ -18,6 +18,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.limits import RequestLimits
 from gateway.server import uvicorn_config
 from gateway.settings import Settings
 from gateway.state import GatewayState
@@ -91,8 +92,9 @@ def running_server(app: Starlette) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    state: GatewayState = app.state.gateway
-    config = uvicorn_config(app, state.limits, log_level="warning", access_log=False, lifespan="on")
+    state: GatewayState | None = getattr(app.state, "gateway", None)  # None: an engine replica
+    limits = state.limits if state is not None else RequestLimits()
+    config = uvicorn_config(app, limits, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -18,6 +18,7 @@ from gateway.app import create_app
 from gateway.engine_client import EngineClient
 from tests.gateway.conftest import make_settings, running_server, wait_until
 from tests.gateway.fake_engine import FakeEngine
+from tests.gateway.replicas.helpers import serve_remote
 
 SYSTEM = "You are a careful assistant for a library. Answer in one short sentence. " * 4
 
@@ -40,15 +41,20 @@ def serve_engine(engine: EngineClient) -> Iterator[Served]:
         yield Served(url, engine, engine.model_name)
 
 
-@pytest.fixture(params=["fake", "tiny"])
+@pytest.fixture(params=["fake", "tiny", "remote"])
 def served(request: pytest.FixtureRequest) -> Iterator[Served]:
-    """The same tests against the fake engine and the real engine with a tiny random model."""
+    """The same tests against the fake engine, the real engine with a tiny random model, and
+    that engine as a replica behind the remote client (`prefixgate engine`'s API, over HTTP)."""
     if request.param == "fake":
         yield from serve_engine(FakeEngine(token_delay=0.002))
-    else:
-        engine = request.getfixturevalue("tiny_engine")
-        engine.aborted.clear()
+        return
+    engine = request.getfixturevalue("tiny_engine")
+    engine.aborted.clear()
+    if request.param == "tiny":
         yield from serve_engine(engine)
+        return
+    with serve_remote(engine) as url:
+        yield Served(url, engine, engine.model_name)
 
 
 def messages(question: str, system: str = SYSTEM) -> list[Any]:

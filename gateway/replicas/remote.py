@@ -1,0 +1,354 @@
+"""`RemoteEngine`: the gateway's `EngineClient` over one engine replica (`prefixgate engine`).
+
+Requests stream back over HTTP/1.1 (`engine.service.protocol`). Every call has a deadline
+(`Timeouts`): connecting, control calls, warm-ups. A stream has no deadline between deltas (a
+long queue wait is normal); a dead replica ends it instead: its connection resets, or the
+liveness probe (or the Redis heartbeat, in a pool) stops answering for `ttl_s`, and then every
+stream still open on it ends with `ReplicaLostError`. A request is never sent twice: once its
+POST may have reached the replica, it may have produced tokens, so a failure is reported, not
+retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from engine.errors import EngineDeadError
+from engine.outputs import PrefixState, RequestDelta
+from engine.sampling_params import SamplingParams
+from engine.service import protocol
+from engine.service.protocol import ReplicaInfo, ReplicaStats
+from engine.validation import validate_request
+
+logger = logging.getLogger("prefixgate.replicas")
+
+
+class ReplicaLostError(EngineDeadError):
+    """The replica serving a request went away (connection lost, no heartbeat)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Deadlines of the calls to a replica, in seconds."""
+
+    connect_s: float = 2.0  # TCP connect (a stream's too)
+    call_s: float = 10.0  # stats, abort, info, unpin, extend
+    warm_s: float = 300.0  # a warm-up waits for a prefill behind the queue
+    ttl_s: float = 5.0  # no answer from the replica for so long: it is lost
+    probe_s: float = 1.0  # liveness and load probe period
+
+    def call(self, total: float | None = None) -> httpx.Timeout:
+        return httpx.Timeout(total or self.call_s, connect=self.connect_s)
+
+    def stream(self) -> httpx.Timeout:
+        return httpx.Timeout(None, connect=self.connect_s, write=self.call_s, pool=self.call_s)
+
+
+class RemoteStream:
+    """Async iterator over one remote request's deltas (the `RequestStream` protocol)."""
+
+    def __init__(self, engine: RemoteEngine, request_id: str, body: bytes) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._items: deque[RequestDelta | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.finished = False
+        self._task = asyncio.get_running_loop().create_task(self._receive(body))
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if self.finished:
+            raise StopAsyncIteration
+        if not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            except asyncio.CancelledError:
+                self._abort()
+                raise
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    async def aclose(self) -> None:
+        """Abort the request on the replica unless it already finished."""
+        self._abort()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with `exc` (its replica is lost)."""
+        self._task.cancel()
+        self._put(exc)
+
+    def _abort(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._task.cancel()  # closes the connection: the replica aborts at once
+
+    def _put(self, item: RequestDelta | BaseException) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _receive(self, body: bytes) -> None:
+        engine = self._engine
+        try:
+            async with engine.http.stream(
+                "POST",
+                protocol.ADD,
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=engine.timeouts.stream(),
+            ) as response:
+                if response.status_code != 200:
+                    self._put(protocol.decode_error(_loads(await response.aread())))
+                    return
+                async for line in response.aiter_lines():
+                    if self._on_line(line):
+                        return
+            self._put(ReplicaLostError(f"replica {engine.replica_id} ended a stream early"))
+        except httpx.HTTPError as exc:
+            self._put(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
+        finally:
+            engine.streams.pop(self.request_id, None)
+
+    def _on_line(self, line: str) -> bool:
+        """Handle one line; True when the stream is over."""
+        if not line:
+            return False
+        if line.startswith('{"error"'):
+            self._put(protocol.decode_error(_loads(line)))
+            return True
+        delta = protocol.DELTA.validate_json(line)
+        self._put(delta)
+        return delta.finished
+
+
+class RemoteEngine:
+    """`EngineClient` over one replica; build it with `await RemoteEngine.connect(url)`."""
+
+    def __init__(
+        self,
+        url: str,
+        info: ReplicaInfo,
+        tokenizer: Any,
+        *,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.info = info
+        self.replica_id = info.replica_id
+        self.tokenizer = tokenizer
+        self.model_name = info.model_name
+        self.max_model_len = info.max_model_len
+        self.block_size = info.block_size
+        self.timeouts = timeouts or Timeouts()
+        self.http = _client(self.url, self.timeouts)
+        self.streams: dict[str, RemoteStream] = {}
+        self.last_stats: ReplicaStats = ReplicaStats(0, 0, 0, 0, 0.0, 0, 0, 0)
+        self.last_seen = time.monotonic()
+        self.lost: BaseException | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    async def connect(
+        cls, url: str, timeouts: Timeouts | None = None, tokenizer: Any = None
+    ) -> RemoteEngine:
+        """Read the replica's info (and its tokenizer, unless given one of the same model).
+
+        Raises:
+            httpx.HTTPError: the replica did not answer in time.
+        """
+        timeouts = timeouts or Timeouts()
+        async with _client(url, timeouts) as http:
+            info = protocol.INFO_ADAPTER.validate_json((await _get(http, protocol.INFO)).content)
+            if tokenizer is None:
+                files = (await _get(http, protocol.TOKENIZER)).json()["files"]
+                tokenizer = await asyncio.to_thread(load_tokenizer, files)
+        return cls(url, info, tokenizer, timeouts=timeouts)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the liveness probe (event loop thread)."""
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    def shutdown(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        self.fail_streams(EngineDeadError("the gateway is shutting down"))
+        self._spawn(self.http.aclose())
+
+    async def aclose(self) -> None:
+        self.shutdown()
+        await self.http.aclose()
+
+    def fail_streams(self, exc: BaseException) -> None:
+        """End every stream open on this replica with `exc`."""
+        for stream in list(self.streams.values()):
+            stream.fail(exc)
+        self.streams.clear()
+
+    def mark_lost(self, reason: str) -> None:
+        """The replica is gone: its streams end with an error, new requests are refused."""
+        if self.lost is None:
+            logger.warning(json.dumps({"event": "replica_lost", "replica": self.replica_id,
+                                       "reason": reason}))  # fmt: skip
+        self.lost = ReplicaLostError(f"replica {self.replica_id} lost: {reason}")
+        self.fail_streams(self.lost)
+
+    def seen(self, stats: ReplicaStats) -> None:
+        self.last_stats = stats
+        self.last_seen = time.monotonic()
+        self.lost = None
+
+    # ---- requests -----------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> RemoteStream:
+        """Validate here (400 before any byte is sent), then stream from the replica."""
+        if self.lost is not None:
+            raise self.lost
+        validate_request(
+            prompt_token_ids,
+            params,
+            vocab_size=self.info.vocab_size,
+            max_model_len=self.max_model_len,
+        )
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        body = protocol.encode(
+            {
+                "prompt_token_ids": prompt_token_ids,
+                "params": params,
+                "request_id": request_id,
+                "kwargs": kwargs,
+            }
+        )
+        stream = RemoteStream(self, request_id, body)
+        self.streams[request_id] = stream
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        path = protocol.ABORT.format(request_id=request_id)
+        self._spawn(self._post(path, b"", self.timeouts.call_s))
+
+    async def warm_prefix(self, token_ids: list[int], **kwargs: Any) -> PrefixState:
+        body = {"token_ids": token_ids, "kwargs": kwargs}
+        raw = await self._post(protocol.WARM, protocol.encode(body), self.timeouts.warm_s)
+        return protocol.PREFIX_STATE.validate_json(raw)
+
+    async def unpin_prefix(self, key: str) -> bool:
+        raw = await self._post(protocol.UNPIN, protocol.encode({"key": key}), self.timeouts.call_s)
+        return bool(_loads(raw)["ok"])
+
+    async def extend_pin(self, key: str, expires_at: float | None) -> bool:
+        body = protocol.encode({"key": key, "expires_at": expires_at})
+        raw = await self._post(protocol.EXTEND, body, self.timeouts.call_s)
+        return bool(_loads(raw)["ok"])
+
+    def stats(self) -> ReplicaStats:
+        return self.last_stats
+
+    async def fetch_stats(self) -> ReplicaStats:
+        stats = protocol.STATS_ADAPTER.validate_json(
+            (await _get(self.http, protocol.STATS)).content
+        )
+        self.seen(stats)
+        return stats
+
+    # ---- internals ----------------------------------------------------------------------------
+    async def _post(self, path: str, body: bytes, timeout: float) -> bytes:
+        """POST and return the body; an engine error answer is raised as that error.
+
+        Raises:
+            ReplicaLostError: no answer in time.
+        """
+        try:
+            response = await self.http.post(
+                path,
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=self.timeouts.call(timeout),
+            )
+        except httpx.HTTPError as exc:
+            raise ReplicaLostError(f"replica {self.replica_id}: {exc!r}") from exc
+        if response.status_code >= 400:
+            raise protocol.decode_error(_loads(response.content))
+        return response.content
+
+    async def _probe_loop(self) -> None:
+        while True:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                await self.fetch_stats()
+            if time.monotonic() - self.last_seen > self.timeouts.ttl_s:
+                self.mark_lost(f"no answer for {self.timeouts.ttl_s:g} s")
+            await asyncio.sleep(self.timeouts.probe_s)
+
+    def _spawn(self, coro: Any) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(_quietly(coro))
+        except RuntimeError:  # no running loop (interpreter exit)
+            coro.close()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def load_tokenizer(files: dict[str, str]) -> Any:
+    """A transformers tokenizer from its saved files (what a replica's /engine/tokenizer sends)."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / Path(name).name).write_text(text)
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+def _client(url: str, timeouts: Timeouts) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    return httpx.AsyncClient(base_url=url, timeout=timeouts.call(), limits=limits)
+
+
+async def _get(http: httpx.AsyncClient, path: str) -> httpx.Response:
+    response = await http.get(path)
+    response.raise_for_status()
+    return response
+
+
+async def _quietly(coro: Any) -> None:
+    with contextlib.suppress(Exception):
+        await coro
+
+
+def _loads(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

@@ -1,0 +1,167 @@
+"""Picking an engine replica for a request: a block index fed by the replicas' KV events, and
+three policies (`POLICIES`, chosen with `PREFIXGATE_ROUTING`).
+
+The index maps a block's content hash (the engine's own `hash_block` chain over the same
+tokenizer, namespace and block size, cut to its first `HASH_BYTES` bytes) to the replicas that
+hold the block. A request's chain is walked from its first block; a replica's cached prefix is
+the run of leading blocks it holds.
+
+Prefix rule (`PrefixAware`), for each live replica r:
+
+    score(r) = cached_blocks(r) / prompt_blocks  -  weight * load(r) / (total_load + 1)
+
+where load(r) is r's running + waiting requests and `weight` is `PREFIXGATE_ROUTING_LOAD_WEIGHT`
+(default 1). The highest score wins; ties go to the lower load, then in turn. With weight 1, a
+replica holding the whole prompt wins against an idle one until it carries about as many
+requests as all the others together; weight 0 is pure cache affinity.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from engine.block_manager import hash_block
+from engine.service.discovery import HASH_BYTES
+
+
+def prompt_chain(token_ids: Sequence[int], block_size: int, namespace: str | None) -> list[bytes]:
+    """Index keys of the blocks a prompt could hit: its full blocks but the last token's (the
+    engine always computes at least one token, `BlockManager.find_cached_prefix`)."""
+    chain: list[bytes] = []
+    parent: bytes | None = None
+    usable = len(token_ids) - 1
+    for i in range(usable // block_size):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], namespace)
+        chain.append(parent[:HASH_BYTES])
+    return chain
+
+
+class BlockIndex:
+    """Block hash -> replicas holding it, maintained from KV events and snapshots."""
+
+    def __init__(self) -> None:
+        self._holders: dict[bytes, set[str]] = {}
+        self._blocks: dict[str, set[bytes]] = {}  # replica -> its hashes
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def stored(self, replica: str, hashes: Iterable[bytes]) -> None:
+        own = self._blocks.setdefault(replica, set())
+        for h in hashes:
+            own.add(h)
+            self._holders.setdefault(h, set()).add(replica)
+
+    def evicted(self, replica: str, hashes: Iterable[bytes]) -> None:
+        own = self._blocks.get(replica)
+        if own is None:
+            return
+        for h in hashes:
+            own.discard(h)
+            holders = self._holders.get(h)
+            if holders is not None:
+                holders.discard(replica)
+                if not holders:
+                    del self._holders[h]
+
+    def snapshot(self, replica: str, hashes: Iterable[bytes]) -> None:
+        """Replace what `replica` holds (a periodic full snapshot, or a new replica)."""
+        self.drop(replica)
+        self.stored(replica, hashes)
+
+    def drop(self, replica: str) -> None:
+        self.evicted(replica, list(self._blocks.get(replica, ())))
+        self._blocks.pop(replica, None)
+
+    def blocks_of(self, replica: str) -> int:
+        return len(self._blocks.get(replica, ()))
+
+    def cached_prefix(self, chain: Sequence[bytes]) -> dict[str, int]:
+        """Replica -> number of leading blocks of `chain` it holds (replicas with none omitted)."""
+        run: dict[str, int] = {}
+        for i, h in enumerate(chain):
+            holders = self._holders.get(h)
+            if not holders:
+                break
+            extended = False
+            for replica in holders:
+                if run.get(replica, 0) == i:
+                    run[replica] = i + 1
+                    extended = True
+            if not extended:
+                break
+        return run
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A live replica as a policy sees it."""
+
+    replica_id: str
+    load: int  # running + waiting requests
+    cached_blocks: int  # leading blocks of the request's chain it holds
+
+
+class Policy(Protocol):
+    needs_chain: bool
+
+    def pick(self, candidates: Sequence[Candidate], prompt_blocks: int) -> Candidate: ...
+
+
+class RoundRobin:
+    needs_chain: ClassVar[bool] = False
+
+    def __init__(self, load_weight: float = 0.0) -> None:
+        self._turn = itertools.count()
+
+    def pick(self, candidates: Sequence[Candidate], prompt_blocks: int) -> Candidate:
+        ordered = sorted(candidates, key=lambda c: c.replica_id)
+        return ordered[next(self._turn) % len(ordered)]
+
+
+class LeastLoaded:
+    needs_chain: ClassVar[bool] = False
+
+    def __init__(self, load_weight: float = 0.0) -> None:
+        self._turn = itertools.count()
+
+    def pick(self, candidates: Sequence[Candidate], prompt_blocks: int) -> Candidate:
+        turn = next(self._turn)
+        least = min(c.load for c in candidates)
+        tied = sorted((c for c in candidates if c.load == least), key=lambda c: c.replica_id)
+        return tied[turn % len(tied)]
+
+
+class PrefixAware:
+    """The module docstring's rule."""
+
+    needs_chain: ClassVar[bool] = True
+
+    def __init__(self, load_weight: float = 1.0) -> None:
+        self.load_weight = load_weight
+        self._turn = itertools.count()
+
+    def score(self, c: Candidate, prompt_blocks: int, total_load: int) -> float:
+        hit = c.cached_blocks / prompt_blocks if prompt_blocks else 0.0
+        return hit - self.load_weight * c.load / (total_load + 1)
+
+    def pick(self, candidates: Sequence[Candidate], prompt_blocks: int) -> Candidate:
+        total = sum(c.load for c in candidates)
+        turn = next(self._turn)
+        ordered = sorted(candidates, key=lambda c: c.replica_id)
+        ordered = ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]
+        return max(ordered, key=lambda c: (self.score(c, prompt_blocks, total), -c.load))
+
+
+POLICIES: dict[str, type[RoundRobin | LeastLoaded | PrefixAware]] = {
+    "prefix": PrefixAware,
+    "least-loaded": LeastLoaded,
+    "round-robin": RoundRobin,
+}
+
+
+def make_policy(name: str, load_weight: float) -> RoundRobin | LeastLoaded | PrefixAware:
+    return POLICIES[name](load_weight)

@@ -1,0 +1,87 @@
+"""`prefixgate engine`: load the engine, serve its internal API (`engine.service.app`) with
+uvicorn and, with `--discovery`, heartbeat into Redis (`engine.service.discovery`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator
+
+import uvicorn
+
+from engine.service.app import EngineService, create_engine_app
+from engine.service.discovery import Heartbeat, RegistryKeys, heartbeating
+from gateway.logs import configure_logging
+from gateway.settings import Settings
+
+logger = logging.getLogger("prefixgate.engine")
+
+
+def replica_identity(settings: Settings) -> tuple[str, str]:
+    """(replica id, advertised URL): the settings', else the host name and the port."""
+    host = socket.gethostname()
+    replica_id = settings.replica_id or f"{host}:{settings.port}"
+    bound = settings.host if settings.host not in ("0.0.0.0", "::", "") else host
+    url = settings.advertise_url or f"http://{bound}:{settings.port}"
+    return replica_id, url
+
+
+def serve_engine(settings: Settings) -> int:
+    from engine.async_engine import AsyncEngine
+    from gateway.cli import freeze_gc_heap
+
+    configure_logging(settings.log_level)
+    replica_id, url = replica_identity(settings)
+    engine = AsyncEngine.from_config(settings.engine_config())
+    engine.start()
+    freeze_gc_heap()
+
+    @contextlib.asynccontextmanager
+    async def registered(service: EngineService) -> AsyncIterator[None]:
+        import redis.asyncio as aioredis
+
+        assert settings.redis_url is not None
+        client = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=settings.redis_timeout_s * 4
+        )
+        heartbeat = Heartbeat(
+            engine,
+            client,
+            RegistryKeys(settings.redis_key_prefix),
+            replica_id=replica_id,
+            url=url,
+            ttl_s=settings.replica_ttl_s,
+        )
+        async with heartbeating(heartbeat):
+            yield
+
+    if settings.discovery and not settings.redis_url:
+        print("prefixgate engine: --discovery needs PREFIXGATE_REDIS_URL", flush=True)
+        engine.shutdown()
+        return 2
+    app = create_engine_app(
+        engine,
+        replica_id=replica_id,
+        model_name=settings.model_name(),
+        background=registered if settings.discovery else None,
+    )
+    line = {"event": "replica_ready", "replica": replica_id, "url": url,
+            "discovery": settings.discovery, "model": settings.model_name()}  # fmt: skip
+    logger.info(json.dumps(line))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run()
+    finally:
+        engine.shutdown()
+    return 0
