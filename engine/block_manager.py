@@ -124,6 +124,19 @@ def hash_block(parent: bytes | None, tokens: Sequence[int], namespace: str | Non
     return h.digest()
 
 
+def chain_hashes(
+    token_ids: Sequence[int], block_size: int, namespace: str | None, shared_blocks: int = 0
+) -> Iterator[bytes]:
+    """Hash chain of the full blocks of `token_ids`, lazily: blocks below `shared_blocks` in
+    PUBLIC_NAMESPACE, the others in `namespace` (a router computes it too)."""
+    parent: bytes | None = None
+    bs = block_size
+    for i in range(len(token_ids) // bs):
+        ns = PUBLIC_NAMESPACE if i < shared_blocks else namespace
+        parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], ns)
+        yield parent
+
+
 @dataclass(slots=True)
 class SeqBlocks:
     """The blocks one sequence holds, in order, plus its hash-chain progress."""
@@ -260,12 +273,7 @@ class BlockManager:
     ) -> Iterator[bytes]:
         """Hash chain of the full blocks of `token_ids`, lazily (callers may stop early): blocks
         below `shared_blocks` in PUBLIC_NAMESPACE, the others in `namespace`."""
-        parent: bytes | None = None
-        bs = self.block_size
-        for i in range(len(token_ids) // bs):
-            ns = PUBLIC_NAMESPACE if i < shared_blocks else namespace
-            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], ns)
-            yield parent
+        return chain_hashes(token_ids, self.block_size, namespace, shared_blocks)
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate(

@@ -157,8 +157,9 @@ class Settings(EngineEnv):
     routing_load_weight: float = Field(
         default=1.0,
         ge=0,
-        description="prefix routing: score = cached fraction of the prompt - weight x load "
-        "(load: the replica's share of running + waiting requests among all replicas)",
+        description="prefix routing: score = cached fraction of the prompt - weight x "
+        "load / (mean load + 1), load = the replica's running + waiting requests "
+        "(docs/deployment.md)",
     )
     engine_timeout_s: float = Field(
         default=10.0,

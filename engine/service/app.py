@@ -37,7 +37,7 @@ class EngineService:
             model_name=model_name or engine.model_name,
             max_model_len=engine.max_model_len,
             vocab_size=len(engine.tokenizer),
-            block_size=_block_size(engine),
+            block_size=engine.block_size,
         )
         kind = type(engine)
         self.add_kwargs = KwargsCodec(kind.add_request, skip=("request_id",))
@@ -191,13 +191,6 @@ def tokenizer_files(tokenizer: Any) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_text() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-
-
-def _block_size(engine: Any) -> int:
-    size = getattr(engine, "block_size", None)
-    if size is None:  # AsyncEngine before it exposed it
-        size = engine.engine.block_manager.block_size
-    return int(size)
 
 
 async def _json(request: Request) -> Mapping[str, Any]:

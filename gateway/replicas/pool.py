@@ -104,7 +104,7 @@ class ReplicaPool:
             EngineOverloadedError: no replica is live (HTTP 503 with retry-after).
             InvalidRequestError / ContextLengthError: as the engine would.
         """
-        chain = self._chain(prompt_token_ids, kwargs.get("namespace"))
+        chain = self._chain(prompt_token_ids, kwargs)
         for engine in self._ranked(chain):
             try:
                 stream = engine.add_request(
@@ -124,7 +124,7 @@ class ReplicaPool:
 
     async def warm_prefix(self, token_ids: list[int], **kwargs: Any) -> PrefixState:
         """Warm (and pin) on the replica the router sends this prefix's requests to."""
-        chain = self._chain([*token_ids, 0], kwargs.get("namespace"))
+        chain = self._chain([*token_ids, 0], kwargs)
         ranked = self._ranked(chain)
         if not ranked:
             raise EngineOverloadedError("no engine replica is available; retry later", 1.0)
@@ -143,10 +143,12 @@ class ReplicaPool:
         return sum_stats(e.stats() for e in self.live())
 
     # ---- routing ------------------------------------------------------------------------------
-    def _chain(self, token_ids: list[int], namespace: str | None) -> list[bytes]:
+    def _chain(self, token_ids: list[int], kwargs: dict[str, Any]) -> list[bytes]:
+        """The request's block chain as the engine will hash it (namespace, shared blocks)."""
         if not self.policy.needs_chain or not self.block_size:
             return []
-        return prompt_chain(token_ids, self.block_size, namespace)
+        namespace, shared = kwargs.get("namespace"), kwargs.get("shared_blocks", 0)
+        return prompt_chain(token_ids, self.block_size, namespace, shared)
 
     def _ranked(self, chain: list[bytes]) -> list[RemoteEngine]:
         """Live replicas, the policy's pick first."""

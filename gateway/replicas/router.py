@@ -1,19 +1,20 @@
 """Picking an engine replica for a request: a block index fed by the replicas' KV events, and
 three policies (`POLICIES`, chosen with `PREFIXGATE_ROUTING`).
 
-The index maps a block's content hash (the engine's own `hash_block` chain over the same
+The index maps a block's content hash (the engine's own `chain_hashes` over the same
 tokenizer, namespace and block size, cut to its first `HASH_BYTES` bytes) to the replicas that
 hold the block. A request's chain is walked from its first block; a replica's cached prefix is
 the run of leading blocks it holds.
 
 Prefix rule (`PrefixAware`), for each live replica r:
 
-    score(r) = cached_blocks(r) / prompt_blocks  -  weight * load(r) / (total_load + 1)
+    score(r) = cached_blocks(r) / prompt_blocks  -  weight * load(r) / (mean_load + 1)
 
-where load(r) is r's running + waiting requests and `weight` is `PREFIXGATE_ROUTING_LOAD_WEIGHT`
-(default 1). The highest score wins; ties go to the lower load, then in turn. With weight 1, a
-replica holding the whole prompt wins against an idle one until it carries about as many
-requests as all the others together; weight 0 is pure cache affinity.
+where load(r) is r's running + waiting requests, mean_load their mean over live replicas, and
+`weight` is `PREFIXGATE_ROUTING_LOAD_WEIGHT` (default 1). The highest score wins; ties go to the
+lower load, then in turn. So with weight 1 a replica holding the whole prompt keeps getting it
+while its load exceeds another's by less than mean_load + 1 (at loads 4 and 2 it still wins, at
+9 and 2 it no longer does); a larger weight balances sooner, weight 0 is pure cache affinity.
 """
 
 from __future__ import annotations
@@ -23,20 +24,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from engine.block_manager import hash_block
+from engine.block_manager import chain_hashes
 from engine.service.discovery import HASH_BYTES
 
 
-def prompt_chain(token_ids: Sequence[int], block_size: int, namespace: str | None) -> list[bytes]:
+def prompt_chain(
+    token_ids: Sequence[int], block_size: int, namespace: str | None, shared_blocks: int = 0
+) -> list[bytes]:
     """Index keys of the blocks a prompt could hit: its full blocks but the last token's (the
     engine always computes at least one token, `BlockManager.find_cached_prefix`)."""
-    chain: list[bytes] = []
-    parent: bytes | None = None
-    usable = len(token_ids) - 1
-    for i in range(usable // block_size):
-        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], namespace)
-        chain.append(parent[:HASH_BYTES])
-    return chain
+    usable = token_ids[: len(token_ids) - 1]
+    return [h[:HASH_BYTES] for h in chain_hashes(usable, block_size, namespace, shared_blocks)]
 
 
 class BlockIndex:
@@ -144,16 +142,16 @@ class PrefixAware:
         self.load_weight = load_weight
         self._turn = itertools.count()
 
-    def score(self, c: Candidate, prompt_blocks: int, total_load: int) -> float:
+    def score(self, c: Candidate, prompt_blocks: int, mean_load: float) -> float:
         hit = c.cached_blocks / prompt_blocks if prompt_blocks else 0.0
-        return hit - self.load_weight * c.load / (total_load + 1)
+        return hit - self.load_weight * c.load / (mean_load + 1)
 
     def pick(self, candidates: Sequence[Candidate], prompt_blocks: int) -> Candidate:
-        total = sum(c.load for c in candidates)
+        mean = sum(c.load for c in candidates) / len(candidates)
         turn = next(self._turn)
         ordered = sorted(candidates, key=lambda c: c.replica_id)
         ordered = ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]
-        return max(ordered, key=lambda c: (self.score(c, prompt_blocks, total), -c.load))
+        return max(ordered, key=lambda c: (self.score(c, prompt_blocks, mean), -c.load))
 
 
 POLICIES: dict[str, type[RoundRobin | LeastLoaded | PrefixAware]] = {

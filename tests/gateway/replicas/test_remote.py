@@ -1,0 +1,131 @@
+"""`RemoteEngine` against a replica served over loopback HTTP: the fake engine for the protocol
+(errors, prefixes, lost replicas), the tiny real engine for outputs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from engine.errors import (
+    ContextLengthError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    PinRefusedError,
+)
+from engine.sampling_params import SamplingParams
+from gateway.replicas.remote import RemoteEngine, ReplicaLostError
+from tests.gateway.fake_engine import FakeEngine
+from tests.gateway.replicas.helpers import serve_replica
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine(max_active=2, token_delay=0.01, num_blocks=40)  # pin cap: 20 blocks
+
+
+@pytest.fixture
+async def remote(fake: FakeEngine) -> AsyncIterator[RemoteEngine]:
+    with serve_replica(fake) as url:
+        engine = await RemoteEngine.connect(url, tokenizer=fake.tokenizer)  # it has no files
+        yield engine
+        await engine.aclose()
+
+
+async def collect(stream: Any) -> list[int]:
+    tokens: list[int] = []
+    async for out in stream:
+        for delta in out.deltas:
+            tokens.extend(delta.token_ids)
+    return tokens
+
+
+async def test_a_request_streams_back_with_its_arguments(
+    remote: RemoteEngine, fake: FakeEngine
+) -> None:
+    prompt = fake.tokenizer.encode("Hello there")
+    params = SamplingParams(max_tokens=5, temperature=0, stop=["zz"], logprobs=1)
+    stream = remote.add_request(
+        prompt, params, request_id="r1", tenant="acme", namespace="ns-acme", priority=3
+    )
+    tokens = await collect(stream)
+    assert len(tokens) == 5 and stream.finished
+    request_id, sent_prompt, sent_params, tenant, namespace = fake.requests[-1]
+    assert (request_id, sent_prompt, tenant, namespace) == ("r1", prompt, "acme", "ns-acme")
+    assert sent_params == params
+
+
+async def test_engine_errors_cross_as_the_same_classes(
+    remote: RemoteEngine, fake: FakeEngine
+) -> None:
+    with pytest.raises(ContextLengthError) as too_long:  # checked here, nothing sent
+        remote.add_request([5] * 600, SamplingParams(max_tokens=1))
+    assert too_long.value.param == "prompt" and not fake.requests
+    with pytest.raises(InvalidRequestError):
+        remote.add_request([], SamplingParams())
+    long = SamplingParams(max_tokens=100, ignore_eos=True)
+    streams = [remote.add_request([5, 6], long) for _ in range(3)]  # the fake takes 2
+    errors = []
+    for stream in streams:
+        try:
+            await collect(stream)
+        except EngineOverloadedError as exc:
+            errors.append(exc)
+    assert len(errors) == 1 and errors[0].retry_after_s == 2.0
+    with pytest.raises(PinRefusedError) as refused:
+        await remote.warm_prefix([7] * 16 * 30, key="big")
+    assert refused.value.cap == fake.num_blocks // 2
+
+
+async def test_prefixes_warm_pin_extend_unpin(remote: RemoteEngine, fake: FakeEngine) -> None:
+    state = await remote.warm_prefix([9] * 40, key="p1", tenant="acme", expires_at=2e9)
+    assert (state.num_tokens, state.num_blocks, state.pinned) == (40, 2, True)
+    assert fake.pins["p1"].tenant == "acme" and fake.pins["p1"].expires_at == 2e9
+    assert await remote.extend_pin("p1", 3e9) and fake.pins["p1"].expires_at == 3e9
+    assert await remote.unpin_prefix("p1") and not await remote.unpin_prefix("p1")
+    assert not await remote.extend_pin("p1", None)
+    stats = await remote.fetch_stats()
+    assert stats.num_blocks == fake.num_blocks and remote.stats() == stats
+
+
+async def test_closing_a_stream_aborts_it_on_the_replica(
+    remote: RemoteEngine, fake: FakeEngine
+) -> None:
+    stream = remote.add_request([5, 6], SamplingParams(max_tokens=400, ignore_eos=True))
+    await stream.__anext__()
+    await stream.aclose()
+    while fake.stats().num_running:  # the replica sees the connection close
+        await remote.fetch_stats()
+    assert fake.aborted == [stream.request_id]
+
+
+async def test_a_lost_replica_ends_its_streams_and_refuses_new_ones(
+    remote: RemoteEngine, fake: FakeEngine
+) -> None:
+    stream = remote.add_request([5, 6], SamplingParams(max_tokens=400, ignore_eos=True))
+    await stream.__anext__()
+    remote.mark_lost("no heartbeat")
+    with pytest.raises(ReplicaLostError):
+        await collect(stream)
+    with pytest.raises(ReplicaLostError):
+        remote.add_request([5, 6], SamplingParams())
+    await remote.fetch_stats()  # it answers again: back in rotation
+    assert remote.lost is None
+    assert await collect(remote.add_request([5, 6], SamplingParams(max_tokens=2))) != []
+
+
+async def test_remote_and_in_process_give_identical_greedy_outputs(tiny_engine: Any) -> None:
+    prompts = [
+        tiny_engine.tokenizer.encode(f"Question {i}: how far is the moon?") for i in range(4)
+    ]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    local = [await collect(tiny_engine.generate(p, params)) for p in prompts]
+    with serve_replica(tiny_engine) as url:
+        remote = await RemoteEngine.connect(url)  # with the replica's tokenizer files
+        assert remote.tokenizer.encode("moon") == tiny_engine.tokenizer.encode("moon")
+        try:
+            remote_out = [await collect(remote.add_request(p, params)) for p in prompts]
+        finally:
+            await remote.aclose()
+    assert remote_out == local
