@@ -190,3 +190,52 @@ def test_delta_carries_new_tokens_and_their_logprobs_once(tok: Tokenizer) -> Non
     assert [t for t, _ in got] == [[t] for t in ids]
     assert [[lp.token_id for lp in lps or []] for _, lps in got] == [[t] for t in ids]
     assert op.take_delta(seq, with_logprobs=True) is None  # nothing new, not finished
+
+
+def test_length_past_256_tokens(tok: Tokenizer) -> None:
+    """Counts compared by value (small ints are shared objects in CPython, 300 is not)."""
+    ids = tok.encode("ok " * 400).ids
+    assert len(ids) > 300
+    r = run(tok, ids, SamplingParams(max_tokens=300))
+    assert len(r.seq.output_token_ids) == 300 and r.last.finish_reason == "length"
+
+
+def test_stop_at_the_very_start_of_the_output(tok: Tokenizer) -> None:
+    r = run(tok, tok.encode("hello world").ids, SamplingParams(max_tokens=9, stop=["hel"]))
+    assert (r.last.stop_reason, r.streamed) == ("hel", "")
+
+
+@pytest.mark.parametrize(
+    ("stops", "reason", "text"),
+    [
+        (["the stop", "e s"], "the stop", "hello world, "),  # earlier start, listed first
+        (["e s", "the stop"], "the stop", "hello world, "),  # earlier start, listed last
+        (["the st", "the stop"], "the st", "hello world, "),  # same start: the first listed
+    ],
+)
+def test_stops_completed_by_the_same_token(
+    tok: Tokenizer, stops: list[str], reason: str, text: str
+) -> None:
+    ids = tok.encode("hello world, the stop is near here").ids
+    r = run(tok, ids, SamplingParams(max_tokens=40, stop=stops))
+    assert (r.last.stop_reason, r.streamed) == (reason, text)
+
+
+def test_min_tokens_one_defers_a_first_eos(tok: Tokenizer, eos: int) -> None:
+    word = tok.encode("hello").ids
+    r = run(tok, [eos, *word, eos], SamplingParams(max_tokens=9, min_tokens=1), eos=eos)
+    assert r.seq.output_token_ids == [eos, *word, eos] and r.streamed == "hello"
+
+
+def test_abort_before_the_first_token_with_logprobs(tok: Tokenizer) -> None:
+    op = OutputProcessor(Tok(tok), [])
+    seq = Request("r", [1], SamplingParams(max_tokens=9, logprobs=2), 9).seqs[0]
+    seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+    delta = op.take_delta(seq, with_logprobs=True)
+    assert delta is not None and (delta.token_ids, delta.logprobs) == ([], None)
+    assert delta.finish_reason == "abort"
+    plain = Request("p", [1], SamplingParams(max_tokens=9), 9).seqs[0]
+    plain.logprobs = [TokenLogprob(5, -1.0)]  # never handed out unless asked for
+    plain.token_ids.append(5)
+    delta = op.take_delta(plain, with_logprobs=False)
+    assert delta is not None and delta.logprobs is None
