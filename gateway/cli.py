@@ -78,6 +78,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default 1)")
     cache.add_argument("--num-blocks", type=int, help="KV cache size in blocks")
     add("--block-size", type=int, help="tokens per KV block (default 16)")
+    add("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+        help="compute every prompt in full (no shared KV blocks, no pins)")  # fmt: skip
     add("--max-num-seqs", type=int, help="running sequences at most (default 64)")
     add("--max-batched-tokens", type=int, help="tokens per engine step (default 2048)")
     add("--max-model-len", type=int, help="context length (default: the model's)")

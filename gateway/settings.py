@@ -63,6 +63,11 @@ class Settings(EngineEnv):
         default=None, ge=1, description="KV cache size in blocks; wins over kv_cache_gib"
     )
     block_size: int = Field(default=16, ge=1, description="tokens per KV block (a power of two)")
+    prefix_caching: bool = Field(
+        default=True,
+        description="share KV blocks of identical prompt prefixes (off: registered prefixes "
+        "cannot be pinned)",
+    )
     max_num_seqs: int = Field(default=64, ge=1, description="running sequences at most")
     max_batched_tokens: int = Field(
         default=2048, ge=1, description="tokens computed per engine step"
@@ -251,6 +256,7 @@ class Settings(EngineEnv):
                     block_size=self.block_size,
                     num_blocks=self.num_blocks,
                     kv_cache_gib=self.kv_cache_gib,
+                    enable_prefix_caching=self.prefix_caching,
                 ),
                 scheduler=SchedulerConfig(
                     max_num_seqs=self.max_num_seqs,

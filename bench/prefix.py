@@ -1,0 +1,340 @@
+"""Registered prefixes under a flood: pinned vs unpinned vs prefix caching off.
+
+    python bench/prefix.py                  # starts `prefixgate serve` per mode (Redis at --redis)
+    python bench/prefix.py --url http://127.0.0.1:8000 --admin-key KEY --modes pinned
+
+The workload, the same in every mode (seeded): `--tenants` tenants (default 4), each with a
+registered system prompt of about `--prefix-tokens` tokens (chat messages), asking short
+questions by reference (`"prefix": name`) with Poisson arrivals of `--rate` requests/s each,
+streamed, `--max-tokens` output tokens; beside them a flood tenant keeps `--flood-concurrency`
+unique prompts of `--flood-tokens` token ids in flight, which overflows the KV pool
+(`--num-blocks`) and evicts whatever is not pinned. Each mode runs `--duration` seconds on a
+fresh server:
+
+- pinned:   the prefixes registered with `"pin": true`
+- unpinned: the same prefixes registered without a pin (ordinary LRU-cached blocks)
+- off:      the server started with `--no-prefix-caching` (every prompt computed in full)
+
+Printed per mode: TTFT p50 / p99 of the registered tenants' requests, output tokens/s (all
+tenants, flood included), prompt tokens computed (prompt minus cached, all requests), and each
+registered tenant's block hit rate (cached tokens / the prefix's full-block tokens, mean over
+its requests). Targets on a 2-core CPU: pinned keeps a 100% hit rate under the flood, and its
+TTFT p50 is at least 5x lower than with caching off and at least 3x lower than unpinned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import _record
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = (
+    "order refund shipping warehouse invoice customer policy product return account delivery "
+    "payment address support manual warranty replacement carrier tracking discount receipt "
+    "always never politely briefly answer question explain check confirm verify escalate"
+).split()
+FLOOD_IDS = (1000, 20000)  # token ids of the flood's prompts: ordinary vocabulary
+
+
+@dataclass
+class Sample:
+    ttft: float
+    cached: int
+    completion: int
+    prompt: int
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    wall: float = 0.0
+    by_tenant: dict[str, list[Sample]] = field(default_factory=dict)
+    flood: list[Sample] = field(default_factory=list)
+    prefix_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> full-block tokens
+    errors: int = 0
+
+    def figures(self) -> dict[str, Any]:
+        samples = [s for ss in self.by_tenant.values() for s in ss]
+        ttfts = sorted(s.ttft for s in samples)
+        everything = samples + self.flood
+        hit = {
+            t: round(statistics.fmean(min(s.cached / self.prefix_tokens[t], 1.0) for s in ss), 4)
+            for t, ss in self.by_tenant.items()
+            if ss
+        }
+        return {
+            "requests": len(samples),
+            "flood_requests": len(self.flood),
+            "errors": self.errors,
+            "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1),
+            "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
+            "output_tok_s": round(sum(s.completion for s in everything) / self.wall, 1),
+            "prefill_tokens_computed": sum(s.prompt - s.cached for s in everything),
+            "hit_rate": hit,
+        }
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def system_prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
+
+
+# -- one mode ------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, url: str, admin_key: str, mode: str) -> None:
+        self.args = args
+        self.url = url
+        self.mode = mode
+        self.admin = {"authorization": f"Bearer {admin_key}"}
+        self.result = ModeResult(mode)
+        self.model = ""
+
+    async def run(self) -> ModeResult:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=self.url, timeout=600, limits=limits) as http:
+            self.http = http
+            keys = await self.setup()
+            flood_key = keys.pop("flood")
+            models = (await http.get("/v1/models", headers=bearer(flood_key))).json()
+            self.model = models["data"][0]["id"]
+            stop = time.monotonic() + self.args.duration
+            started = time.perf_counter()
+            tasks = [asyncio.create_task(self.tenant(t, k, stop)) for t, k in keys.items()]
+            tasks += [
+                asyncio.create_task(self.flood(flood_key, stop, i))
+                for i in range(self.args.flood_concurrency)
+            ]
+            await asyncio.gather(*tasks)
+            self.result.wall = time.perf_counter() - started
+        return self.result
+
+    async def setup(self) -> dict[str, str]:
+        """Tenants (and their keys) under a fresh id per run; each registers its prefix."""
+        run = f"{self.mode}-{os.getpid()}-{int(time.time())}"
+        keys = {}
+        for name in [*(f"t{i}" for i in range(self.args.tenants)), "flood"]:
+            tenant_id = f"bench-{name}-{run}"
+            r = await self.http.post("/admin/tenants", json={"id": tenant_id}, headers=self.admin)
+            r.raise_for_status()
+            r = await self.http.post(f"/admin/tenants/{tenant_id}/keys", headers=self.admin)
+            r.raise_for_status()
+            keys[name] = r.json()["key"]
+        rng = random.Random(self.args.seed)
+        pin = self.mode == "pinned"
+        for i in range(self.args.tenants):
+            text = system_prompt(rng, int(self.args.prefix_tokens * 0.9))
+            body = {"name": "system", "pin": pin,
+                    "messages": [{"role": "system", "content": text}]}  # fmt: skip
+            r = await self.http.post("/v1/prefixes", json=body, headers=bearer(keys[f"t{i}"]))
+            r.raise_for_status()
+            made = r.json()
+            self.result.prefix_tokens[f"t{i}"] = made["num_blocks"] * self.args.block_size
+            self.result.by_tenant[f"t{i}"] = []
+            line = f"{made['token_count']} tokens, {made['num_blocks']} blocks"
+            print(f"  {self.mode}: t{i} prefix {line}, pinned={made['pinned']}", file=sys.stderr)
+        return keys
+
+    async def tenant(self, name: str, key: str, stop: float) -> None:
+        rng = random.Random(f"{self.args.seed}-{name}")
+        pending: list[asyncio.Task[None]] = []
+        while True:
+            await asyncio.sleep(rng.expovariate(self.args.rate))
+            if time.monotonic() >= stop:
+                break
+            question = " ".join(rng.choice(WORDS) for _ in range(8)) + "?"
+            pending.append(asyncio.create_task(self.ask(name, key, question)))
+        await asyncio.gather(*pending)
+
+    async def ask(self, name: str, key: str, question: str) -> None:
+        body = {
+            "model": self.model, "prefix": "system", "max_tokens": self.args.max_tokens,
+            "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        sample = await self.stream("/v1/chat/completions", body, key)
+        if sample is not None:
+            self.result.by_tenant[name].append(sample)
+
+    async def flood(self, key: str, stop: float, lane: int) -> None:
+        rng = random.Random(f"{self.args.seed}-flood-{lane}")
+        while time.monotonic() < stop:
+            prompt = [rng.randrange(*FLOOD_IDS) for _ in range(self.args.flood_tokens)]
+            body = {"model": self.model, "prompt": prompt, "max_tokens": 4, "ignore_eos": True,
+                    "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+            sample = await self.stream("/v1/completions", body, key)
+            if sample is not None:
+                self.result.flood.append(sample)
+
+    async def stream(self, path: str, body: dict[str, Any], key: str) -> Sample | None:
+        t0 = time.perf_counter()
+        ttft = None
+        usage: dict[str, Any] = {}
+        async with self.http.stream("POST", path, json=body, headers=bearer(key)) as r:
+            if r.status_code != 200:
+                await r.aread()
+                self.result.errors += 1
+                print(f"  {self.mode}: {r.status_code} {r.text[:200]}", file=sys.stderr)
+                return None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and any(_text(c) for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        details = usage.get("prompt_tokens_details") or {}
+        return Sample(
+            ttft=ttft if ttft is not None else time.perf_counter() - t0,
+            cached=int(details.get("cached_tokens", 0)),
+            completion=int(usage.get("completion_tokens", 0)),
+            prompt=int(usage.get("prompt_tokens", 0)),
+        )
+
+
+def _text(choice: dict[str, Any]) -> str:
+    return str((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[bytes], str]:
+    cmd = [
+        sys.executable, "-m", "gateway.cli", "serve", "--port", str(args.port), "--no-access-log",
+        "--num-blocks", str(args.num_blocks), "--max-model-len", str(args.max_model_len),
+    ]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    if mode == "off":
+        cmd.append("--no-prefix-caching")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PREFIXGATE_REDIS_URL": args.redis,
+        "PREFIXGATE_ADMIN_KEY": args.admin_key,
+        "PREFIXGATE_REDIS_KEY_PREFIX": f"pgbench-{os.getpid()}-{mode}",
+    }
+    log = Path(tempfile.mkstemp(prefix=f"prefixgate-bench-{mode}-", suffix=".log")[1])
+    proc = subprocess.Popen(cmd, stderr=log.open("wb"), stdout=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{args.port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); log: {log}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"server not ready after 300 s; log: {log}")
+
+
+def drop_keys(redis_url: str, mode: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    names = list(client.scan_iter(match=f"pgbench-{os.getpid()}-{mode}:*", count=1000))
+    if names:
+        client.delete(*names)
+    client.close()
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> ModeResult:
+    if args.url:
+        return asyncio.run(Bench(args, args.url, args.admin_key, mode).run())
+    proc, url = start_server(args, mode)
+    try:
+        return asyncio.run(Bench(args, url, args.admin_key, mode).run())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        drop_keys(args.redis, mode)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--url", help="a running server (its admin key in --admin-key)")
+    p.add_argument("--admin-key", default=os.environ.get("PREFIXGATE_ADMIN_KEY", "bench-admin"))
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/11", help="for started servers")
+    p.add_argument("--port", type=int, default=8321)
+    p.add_argument("--model", help="default: the bundled SmolLM2-135M")
+    p.add_argument("--modes", default="pinned,unpinned,off")
+    p.add_argument("--tenants", type=int, default=4)
+    p.add_argument("--prefix-tokens", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=0.1, help="requests/s per registered tenant")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--flood-tokens", type=int, default=1000)
+    p.add_argument("--flood-concurrency", type=int, default=2)
+    p.add_argument("--duration", type=float, default=90.0, help="seconds per mode")
+    # 480 blocks: the 4 pinned prefixes (~56 blocks each) fit the pin cap (240 blocks), and the
+    # flood cycles the other ~256 blocks every few of its prompts.
+    p.add_argument("--num-blocks", type=int, default=480, help="KV pool of started servers")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    _record.add_arguments(p)
+    args = p.parse_args()
+    results = {}
+    for mode in args.modes.split(","):
+        print(f"mode {mode}: {args.duration:.0f} s", file=sys.stderr)
+        results[mode] = run_mode(args, mode).figures()
+    print_table(results)
+    ratios = {}
+    if {"pinned", "off"} <= results.keys():
+        ratios["ttft_p50_off_over_pinned"] = _ratio(results["off"], results["pinned"])
+    if {"pinned", "unpinned"} <= results.keys():
+        ratios["ttft_p50_unpinned_over_pinned"] = _ratio(results["unpinned"], results["pinned"])
+    for name, value in ratios.items():
+        print(f"{name}: {value}x")
+    _record.write(args, __file__, {"modes": results, **ratios})
+
+
+def _ratio(slow: dict[str, Any], fast: dict[str, Any]) -> float:
+    return round(slow["ttft_p50_ms"] / fast["ttft_p50_ms"], 2)
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    head = f"{'mode':<9} {'reqs':>5} {'flood':>5} {'err':>4} {'TTFT p50':>10} {'TTFT p99':>10} "
+    head += f"{'out tok/s':>9} {'prefill computed':>16}  hit rate per tenant"
+    print(head)
+    for mode, f in results.items():
+        hits = " ".join(f"{t}={100 * h:.0f}%" for t, h in f["hit_rate"].items())
+        print(f"{mode:<9} {f['requests']:>5} {f['flood_requests']:>5} {f['errors']:>4} "
+              f"{f['ttft_p50_ms']:>8.1f}ms {f['ttft_p99_ms']:>8.1f}ms {f['output_tok_s']:>9.1f} "
+              f"{f['prefill_tokens_computed']:>16}  {hits}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
