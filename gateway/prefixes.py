@@ -316,18 +316,20 @@ class PrefixRegistry:
         self.metrics.prefix_requests.labels(principal.tenant, scope).inc()
         if prefix.pinned:
             namespace = PUBLIC_NAMESPACE if prefix.owner is None else principal.namespace
-            await self._keep_pinned(engine, prefix, namespace)
+            self._keep_pinned(engine, prefix, namespace)
         return prefix
 
-    async def _keep_pinned(
-        self, engine: EngineClient, prefix: Prefix, namespace: str | None
-    ) -> None:
+    def _keep_pinned(self, engine: EngineClient, prefix: Prefix, namespace: str | None) -> None:
         """Move the engine pin's lease end; if this engine does not hold the pin (registered
-        through another gateway, or expired here first), pin it again in the background."""
+        through another gateway, or expired here first), pin it again. In the background: the
+        engine thread answers between steps, and the request must not wait for one."""
         key = pin_key(prefix.owner, prefix.name)
-        if await engine.extend_pin(key, lease_end(prefix)):
-            return
-        self._spawn(self._warm(engine, prefix, namespace))
+
+        async def extend_or_pin() -> None:
+            if not await engine.extend_pin(key, lease_end(prefix)):
+                await self._warm(engine, prefix, namespace)
+
+        self._spawn(extend_or_pin())
 
     def shared_blocks(self, engine: EngineClient, prompt: list[int], used: Prefix | None) -> int:
         """Leading blocks of `prompt` that are a public prefix's (the longest one it starts
