@@ -230,7 +230,7 @@ class AsyncEngine:
         `EngineOverloadedError` or `EngineDeadError` before anything is allocated."""
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
-        self.engine.validate(prompt_token_ids, params)
+        self.engine.validate(prompt_token_ids, params, share, shared_blocks)
         limit = self.engine.config.scheduler.max_waiting
         if self.engine.scheduler.num_waiting + self._pending >= limit:
             raise EngineOverloadedError("the engine's waiting queue is full; retry later")

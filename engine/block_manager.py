@@ -20,6 +20,11 @@ expiry, or a re-pin of the key with other content) the references are released a
 are ordinary cached blocks again, evicted LRU like any other. A block's `ref_cnt` is the number
 of sequences plus pins holding it; `pin_cnt` is the pins' part of it.
 
+Per-tenant charge (`tenant_blocks`, what the scheduler's `max_kv_blocks` caps): the distinct
+blocks a tenant's sequences hold. A block several of its sequences share counts once; the
+leading blocks of a public prefix (`shared_blocks`, hashed in PUBLIC_NAMESPACE) count for no
+tenant. Pins are counted apart (`tenant_pinned`).
+
 Pin cap: distinct pinned blocks never exceed `max_pinned_blocks`. The engine sets it to at most
 half the pool and at most the pool minus what one request of the longest admissible length needs,
 so the scheduler can always run the longest request beside every pin: pins cannot starve traffic.
@@ -173,6 +178,26 @@ class Pin:
 
 
 @dataclass(slots=True)
+class AllocationPlan:
+    """What `allocate` would do for a sequence, computed without changing anything
+    (`plan_allocation`), so the caller can check its limits before `commit_allocation`."""
+
+    token_ids: Sequence[int]
+    namespace: str | None
+    tenant: str
+    shared_blocks: int
+    hits: list[KVBlock]  # cached leading blocks to reuse
+    num_new_tokens: int  # tokens to compute this step after the hits
+    num_new_blocks: int  # blocks to take from the free queue for them
+    num_revived: int  # hits that sit in the free queue (ref_cnt 0)
+    num_charged: int  # blocks the tenant's charge (`tenant_blocks`) grows by
+
+    @property
+    def num_free_needed(self) -> int:
+        return self.num_new_blocks + self.num_revived
+
+
+@dataclass(slots=True)
 class BlockManagerStats:
     num_blocks: int
     num_free_blocks: int
@@ -182,6 +207,7 @@ class BlockManagerStats:
     num_pinned_blocks: int  # distinct blocks held by pins
     max_pinned_blocks: int  # the pin cap
     pinned_blocks_by_tenant: dict[str, int]  # blocks of each tenant's pins (summed over its pins)
+    kv_blocks_by_tenant: dict[str, int]  # distinct blocks each tenant's sequences hold (charge)
 
     @property
     def usage(self) -> float:
@@ -218,7 +244,10 @@ class BlockManager:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, KVBlock] = {}  # block hash -> block holding that content
         self.seqs: dict[int, SeqBlocks] = {}
-        self.tenant_blocks: Counter[str] = Counter()  # block references held per tenant
+        # The per-tenant charge (module docstring): distinct non-public blocks of its sequences,
+        # and the references behind it, by (tenant, block id); zero entries are deleted.
+        self.tenant_blocks: Counter[str] = Counter()
+        self._tenant_refs: Counter[tuple[str, int]] = Counter()
         self.pins: dict[str, Pin] = {}
         self.num_pinned_blocks = 0  # blocks with pin_cnt > 0
         self.tenant_pinned: Counter[str] = Counter()  # blocks of each tenant's pins
@@ -241,6 +270,7 @@ class BlockManager:
             self.num_pinned_blocks,
             self.max_pinned_blocks,
             dict(self.tenant_pinned),
+            dict(self.tenant_blocks),
         )
 
     def block_ids(self, seq_id: int) -> list[int]:
@@ -302,23 +332,68 @@ class BlockManager:
             or None when there are not enough free blocks (nothing is changed then).
         """
         assert seq_id not in self.seqs, f"sequence {seq_id} already holds blocks"
+        plan = self.plan_allocation(token_ids, num_new_tokens, namespace, tenant, shared_blocks)
+        if plan.num_free_needed > self.num_free_blocks:
+            return None
+        return self.commit_allocation(seq_id, plan)
+
+    def plan_allocation(
+        self,
+        token_ids: Sequence[int],
+        num_new_tokens: int,
+        namespace: str | None = None,
+        tenant: str = "default",
+        shared_blocks: int = 0,
+    ) -> AllocationPlan:
+        """What `allocate` with these arguments would take; changes nothing."""
         hits = self.find_cached_prefix(token_ids, namespace, shared_blocks)
         num_cached = len(hits) * self.block_size
         num_new_tokens = min(num_new_tokens, len(token_ids) - num_cached)
         needed = self.blocks_needed(num_cached + num_new_tokens) - len(hits)
         revived = sum(1 for b in hits if b.ref_cnt == 0)
-        if needed + revived > self.num_free_blocks:
-            return None
-        seq = SeqBlocks(namespace, tenant, shared_blocks)
+        refs = self._tenant_refs
+        charged = sum(
+            1 for i, b in enumerate(hits) if i >= shared_blocks and (tenant, b.block_id) not in refs
+        ) + self._charged_new(len(hits), needed, shared_blocks)
+        return AllocationPlan(
+            token_ids, namespace, tenant, shared_blocks, hits, num_new_tokens, needed, revived,
+            charged,
+        )  # fmt: skip
+
+    def commit_allocation(self, seq_id: int, plan: AllocationPlan) -> int:
+        """Carry out `plan` for `seq_id` (made just before, with enough free blocks).
+
+        Returns:
+            The number of leading tokens served from the cache.
+        """
+        assert seq_id not in self.seqs and plan.num_free_needed <= self.num_free_blocks
+        seq = SeqBlocks(plan.namespace, plan.tenant, plan.shared_blocks)
         self.seqs[seq_id] = seq
-        for block in hits:
+        for block in plan.hits:
             self._take(seq, block)
-        seq.hashes = [b.block_hash for b in hits if b.block_hash is not None]
-        self._grow(seq, needed)
-        self._cache_full_blocks(seq, token_ids, num_cached + num_new_tokens)
-        self.prefix_queries_tokens += len(token_ids)
+        seq.hashes = [b.block_hash for b in plan.hits if b.block_hash is not None]
+        self._grow(seq, plan.num_new_blocks)
+        num_cached = len(plan.hits) * self.block_size
+        self._cache_full_blocks(seq, plan.token_ids, num_cached + plan.num_new_tokens)
+        self.prefix_queries_tokens += len(plan.token_ids)
         self.prefix_hits_tokens += num_cached
         return num_cached
+
+    def append_charge(self, seq_id: int, num_computed: int, num_new_tokens: int) -> int:
+        """How much `append_slots` with these arguments would grow the tenant's charge (at most:
+        a copy-on-write counts as a new block)."""
+        seq = self.seqs[seq_id]
+        needed = max(self.blocks_needed(num_computed + num_new_tokens) - len(seq.blocks), 0)
+        first = num_computed // self.block_size
+        cow = first < len(seq.blocks) and seq.blocks[first].ref_cnt > 1
+        return self._charged_new(len(seq.blocks), needed, seq.shared_blocks) + int(
+            cow and first >= seq.shared_blocks
+        )
+
+    @staticmethod
+    def _charged_new(start: int, count: int, shared_blocks: int) -> int:
+        """Of `count` new blocks at indices from `start`, those past the public prefix."""
+        return max(0, start + count - max(shared_blocks, start))
 
     def append_slots(
         self, seq_id: int, token_ids: Sequence[int], num_computed: int, num_new_tokens: int
@@ -346,6 +421,9 @@ class BlockManager:
             new.ref_cnt = 1
             seq.blocks[first] = new
             seq.block_ids[first] = new.block_id
+            if first >= seq.shared_blocks:
+                self._uncharge(seq.tenant, old)
+                self._charge(seq.tenant, new)
             self._release(old)
             copies.append((old.block_id, new.block_id))
         self._grow(seq, needed)
@@ -372,10 +450,10 @@ class BlockManager:
         seq = self.seqs.pop(seq_id, None)
         if seq is None:
             return
-        self.tenant_blocks[seq.tenant] -= len(seq.blocks)
-        if self.tenant_blocks[seq.tenant] == 0:
-            del self.tenant_blocks[seq.tenant]
-        for block in reversed(seq.blocks):
+        for i in range(len(seq.blocks) - 1, -1, -1):
+            block = seq.blocks[i]
+            if i >= seq.shared_blocks:
+                self._uncharge(seq.tenant, block)
             self._release(block)
 
     # ---- pins ----------------------------------------------------------------------------
@@ -493,9 +571,25 @@ class BlockManager:
         if block.ref_cnt == 0:
             self.free_queue.remove(block)
         block.ref_cnt += 1
+        if len(seq.blocks) >= seq.shared_blocks:
+            self._charge(seq.tenant, block)
         seq.blocks.append(block)
         seq.block_ids.append(block.block_id)
-        self.tenant_blocks[seq.tenant] += 1
+
+    def _charge(self, tenant: str, block: KVBlock) -> None:
+        key = (tenant, block.block_id)
+        if key not in self._tenant_refs:
+            self.tenant_blocks[tenant] += 1
+        self._tenant_refs[key] += 1
+
+    def _uncharge(self, tenant: str, block: KVBlock) -> None:
+        key = (tenant, block.block_id)
+        self._tenant_refs[key] -= 1
+        if self._tenant_refs[key] == 0:
+            del self._tenant_refs[key]
+            self.tenant_blocks[tenant] -= 1
+            if self.tenant_blocks[tenant] == 0:
+                del self.tenant_blocks[tenant]
 
     def _release(self, block: KVBlock) -> None:
         if block.ref_cnt <= 0:
@@ -520,9 +614,10 @@ class BlockManager:
         for _ in range(count):
             block = self._pop_free()
             block.ref_cnt = 1
+            if len(seq.blocks) >= seq.shared_blocks:
+                self._charge(seq.tenant, block)
             seq.blocks.append(block)
             seq.block_ids.append(block.block_id)
-            self.tenant_blocks[seq.tenant] += 1
 
     def _cache_full_blocks(self, seq: SeqBlocks, token_ids: Sequence[int], num_tokens: int) -> None:
         """Hash and register every block that is full once `num_tokens` tokens are computed."""

@@ -31,8 +31,20 @@ from engine.request import Request, Sequence
 @dataclass(slots=True)
 class TenantState:
     weight: int = 1  # from the newest request's `TenantShare`
+    max_kv_blocks: int | None = None  # likewise; None: no cap
     num_requests: int = 0  # unfinished requests (waiting or running); > 0: backlogged
     counter: float = 0.0  # weighted service (charges / weight), lifted on return from idle
+
+
+@dataclass(slots=True)
+class TenantStats:
+    """One tenant's share of the engine right now (plain data for `/metrics`)."""
+
+    running: int = 0  # sequences running
+    waiting: int = 0  # sequences waiting
+    kv_blocks: int = 0  # its charge: distinct KV blocks its sequences hold, public ones out
+    max_kv_blocks: int | None = None  # its cap; None: none
+    service_lead: float = 0.0  # weighted tokens it is ahead of the least served backlogged one
 
 
 class TenantLedger:
@@ -47,7 +59,6 @@ class TenantLedger:
         self.prefill_weight = prefill_weight
         self.decode_weight = decode_weight
         self.tenants: dict[str, TenantState] = {}
-        self.version = 0  # bumped on every change, so a policy may cache a choice until then
 
     def counter(self, tenant: str) -> float:
         st = self.tenants.get(tenant)
@@ -61,16 +72,17 @@ class TenantLedger:
         return max((s.counter for s in self.tenants.values()), default=0.0)
 
     def arrive(self, request: Request) -> None:
-        """A request joins: its tenant's weight is updated, and a tenant returning from idle is
-        lifted to the floor."""
+        """A request joins: its tenant's weight and KV cap are updated, and a tenant returning
+        from idle is lifted to the floor."""
         st = self.tenants.get(request.tenant)
         if st is None:
             st = self.tenants[request.tenant] = TenantState(counter=self.floor())
         elif st.num_requests == 0:
             st.counter = max(st.counter, self.floor())
-        st.weight = request.share.weight
+        if request.share is not None:
+            st.weight = request.share.weight
+            st.max_kv_blocks = request.share.max_kv_blocks
         st.num_requests += 1
-        self.version += 1
 
     def leave(self, request: Request) -> None:
         """A request finished (or was aborted)."""
@@ -82,7 +94,6 @@ class TenantLedger:
             for tenant in [t for t, s in self.tenants.items() if not s.num_requests]:
                 if self.tenants[tenant].counter <= floor:
                     del self.tenants[tenant]
-        self.version += 1
 
     def charge(self, tenant: str, prompt_tokens: int, sampled: int) -> None:
         """Charge `prompt_tokens` computed and `sampled` tokens to the tenant's counter."""
@@ -91,7 +102,6 @@ class TenantLedger:
         st = self.tenants[tenant]
         cost = self.prefill_weight * prompt_tokens + self.decode_weight * sampled
         st.counter += cost / st.weight
-        self.version += 1
 
 
 class PrefixProbe:

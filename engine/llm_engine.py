@@ -18,6 +18,7 @@ from engine.errors import (
     EngineOverloadedError,
     InvalidRequestError,
 )
+from engine.fairness import TenantStats
 from engine.model_runner import ModelRunner, PromptLogprobs, StepTimings, num_kv_blocks
 from engine.models.loader import LoadedModel, load_model, resolve_dtype
 from engine.output_processor import OutputProcessor
@@ -25,7 +26,7 @@ from engine.outputs import CompletionOutput, Delta, PrefixState, RequestDelta, R
 from engine.request import Request, TenantShare
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.validation import validate_request
+from engine.validation import check_kv_cap, validate_request
 from kernels.options import KernelOptions, configure
 
 
@@ -49,6 +50,7 @@ class EngineStats:
     num_pinned_blocks: int = 0  # distinct blocks held by pinned prefixes
     max_pinned_blocks: int = 0  # the engine's pin cap
     pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
+    tenants: dict[str, TenantStats] = field(default_factory=dict)  # running, waiting, KV charge
 
 
 class LLMEngine:
@@ -109,19 +111,37 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # ---- requests --------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Check a request against the model and the pool; return its resolved max_tokens.
+    def validate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        share: TenantShare | None = None,
+        shared_blocks: int = 0,
+    ) -> int:
+        """Check a request against the model, the pool and its tenant's KV cap; return its
+        resolved max_tokens.
 
         Raises:
             InvalidRequestError / ContextLengthError naming the field, before anything is
             allocated.
         """
-        return validate_request(
+        max_tokens = validate_request(
             prompt_token_ids,
             params,
             vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len,
         )
+        if share is not None and share.max_kv_blocks is not None:
+            n = len(prompt_token_ids)
+            check_kv_cap(
+                n + max_tokens,
+                max_tokens,
+                params.num_seqs,
+                cap=share.max_kv_blocks,
+                shared_blocks=shared_blocks,
+                block_size=self.block_manager.block_size,
+            )
+        return max_tokens
 
     def add_request(
         self,
@@ -136,7 +156,7 @@ class LLMEngine:
     ) -> Request:
         """Queue a request (validated first: see `validate`). `namespace` salts its cache blocks;
         its first `shared_blocks` blocks are a public prefix's, shared by every namespace."""
-        max_tokens = self.validate(prompt_token_ids, params)
+        max_tokens = self.validate(prompt_token_ids, params, share, shared_blocks)
         if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
             raise EngineOverloadedError("the engine's waiting queue is full; retry later")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -155,8 +175,7 @@ class LLMEngine:
             priority,
             shared_blocks,
         )
-        if share is not None:
-            request.share = share
+        request.share = share
         self.scheduler.add_request(request)
         return request
 
@@ -250,6 +269,7 @@ class LLMEngine:
             num_pinned_blocks=bm.num_pinned_blocks,
             max_pinned_blocks=bm.max_pinned_blocks,
             pinned_blocks_by_tenant=bm.pinned_blocks_by_tenant,
+            tenants=self.scheduler.tenant_stats(),
         )
 
     # ---- one step --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Scheduling policies: small strategy classes picked from a table (`POLICIES`).
 
-Each orders the waiting sequences (`peek`/`pop`) and picks the victim when blocks run out
-(`victim`). Preempted sequences come back through `push_front`, ahead of everything of equal rank,
-so a preempted request resumes before newer ones.
+Each orders the waiting sequences (`peek`, then `pop` of what it showed) and picks the victim when
+blocks run out (`victim`). `peek` can pass over tenants the scheduler cannot admit now (at their
+`max_kv_blocks`). Preempted sequences come back through `push_front`, ahead of everything of equal
+rank, so a preempted request resumes before newer ones.
 
 - `fcfs`: arrival order; the newest running sequence is preempted.
 - `priority`: the tenant's priority (lower first), then arrival; the lowest-priority, newest
@@ -16,7 +17,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,8 +29,14 @@ from engine.request import Sequence
 class WaitingQueue(Protocol):
     def push(self, seq: Sequence) -> None: ...
     def push_front(self, seq: Sequence) -> None: ...
-    def peek(self) -> Sequence: ...
-    def pop(self) -> Sequence: ...
+    def peek(self, skip: Set[str] = frozenset()) -> Sequence | None:
+        """The next sequence to admit, passing over the tenants in `skip`; None if none."""
+        ...
+
+    def pop(self, seq: Sequence) -> None:
+        """Take out `seq`, which `peek` just returned (admitted)."""
+        ...
+
     def remove(self, seq: Sequence) -> None: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[Sequence]: ...
@@ -69,11 +76,14 @@ class FCFSQueue:
     def push_front(self, seq: Sequence) -> None:
         self._q.appendleft(seq)
 
-    def peek(self) -> Sequence:
-        return self._q[0]
+    def peek(self, skip: Set[str] = frozenset()) -> Sequence | None:
+        return next((s for s in self._q if s.request.tenant not in skip), None)
 
-    def pop(self) -> Sequence:
-        return self._q.popleft()
+    def pop(self, seq: Sequence) -> None:
+        if self._q[0] is seq:
+            self._q.popleft()
+        else:
+            self._q.remove(seq)
 
     def remove(self, seq: Sequence) -> None:
         self._q.remove(seq)
@@ -90,43 +100,55 @@ class FCFSQueue:
 
 
 class PriorityQueue:
-    """Lowest `priority` value first, then arrival time; preempted ones first within a rank."""
+    """Lowest `priority` value first, then arrival time; preempted ones first within a rank.
+
+    A heap with lazy removal: an entry taken out of the middle is marked (by its unique tie
+    number, so a sequence pushed again later is not mistaken for it) and dropped when it surfaces.
+    """
 
     def __init__(self, ctx: PolicyContext) -> None:
         self._heap: list[tuple[int, int, float, int, Sequence]] = []
         self._tie = itertools.count()
-        self._removed: set[int] = set()
+        self._live: dict[int, int] = {}  # seq_id -> tie of its entry in the heap
+        self._removed: set[int] = set()  # ties of entries taken out, still in the heap
 
-    def _key(self, seq: Sequence, front: bool) -> tuple[int, int, float, int, Sequence]:
-        r = seq.request
-        return (r.priority, 0 if front else 1, r.arrival_time, next(self._tie), seq)
+    def _push(self, seq: Sequence, front: bool) -> None:
+        r, tie = seq.request, next(self._tie)
+        self._live[seq.seq_id] = tie
+        heapq.heappush(self._heap, (r.priority, 0 if front else 1, r.arrival_time, tie, seq))
 
     def push(self, seq: Sequence) -> None:
-        heapq.heappush(self._heap, self._key(seq, False))
+        self._push(seq, False)
 
     def push_front(self, seq: Sequence) -> None:
-        heapq.heappush(self._heap, self._key(seq, True))
+        self._push(seq, True)
 
     def _drop_removed(self) -> None:
-        while self._heap and self._heap[0][-1].seq_id in self._removed:
-            self._removed.discard(heapq.heappop(self._heap)[-1].seq_id)
+        while self._heap and self._heap[0][3] in self._removed:
+            self._removed.discard(heapq.heappop(self._heap)[3])
 
-    def peek(self) -> Sequence:
+    def peek(self, skip: Set[str] = frozenset()) -> Sequence | None:
         self._drop_removed()
-        return self._heap[0][-1]
+        if not skip:
+            return self._heap[0][-1] if self._heap else None
+        return next((s for s in self if s.request.tenant not in skip), None)
 
-    def pop(self) -> Sequence:
+    def pop(self, seq: Sequence) -> None:
         self._drop_removed()
-        return heapq.heappop(self._heap)[-1]
+        if self._heap[0][-1] is seq:
+            heapq.heappop(self._heap)
+            del self._live[seq.seq_id]
+        else:
+            self.remove(seq)
 
     def remove(self, seq: Sequence) -> None:
-        self._removed.add(seq.seq_id)
+        self._removed.add(self._live.pop(seq.seq_id))
 
     def __len__(self) -> int:
-        return len(self._heap) - len(self._removed)
+        return len(self._live)
 
     def __iter__(self) -> Iterator[Sequence]:
-        return (e[-1] for e in sorted(self._heap) if e[-1].seq_id not in self._removed)
+        return (e[-1] for e in sorted(self._heap) if e[3] not in self._removed)
 
     def victim(self, seq: Sequence, others: list[Sequence]) -> Sequence:
         """The lowest priority (largest value), newest first, of `others` and `seq`."""
@@ -142,8 +164,7 @@ class FairQueue:
     among the tenants with waiting sequences, and among the first `window` sequences of each
     picks the one with the most cached leading blocks; ties go to the tenant least served, then
     to queue order. With no cache hits this is VTC (least served first); with an unbounded
-    allowance it is longest-prefix-match. The choice is kept until the ledger or the queue
-    changes, so `pop` returns what `peek` showed even after the scheduler allocated it.
+    allowance it is longest-prefix-match.
 
     Fairness (docs/fairness.md): a tenant is admitted only while within the allowance `Q` of
     every tenant with waiting sequences, and after its last admission its running requests can
@@ -159,26 +180,34 @@ class FairQueue:
         self.ctx = ctx
         self._queues: dict[str, deque[Sequence]] = {}
         self._len = 0
-        self._choice: tuple[int, Sequence] | None = None  # (ledger version, chosen sequence)
 
     def push(self, seq: Sequence) -> None:
         self._queue(seq).append(seq)
-        self._changed(1)
+        self._len += 1
 
     def push_front(self, seq: Sequence) -> None:
         self._queue(seq).appendleft(seq)
-        self._changed(1)
+        self._len += 1
 
-    def peek(self) -> Sequence:
-        version = self.ctx.ledger.version
-        if self._choice is None or self._choice[0] != version:
-            self._choice = (version, self._choose())
-        return self._choice[1]
+    def peek(self, skip: Set[str] = frozenset()) -> Sequence | None:
+        ledger = self.ctx.ledger
+        counters = {t: ledger.counter(t) for t in self._queues if t not in skip}
+        if not counters:
+            return None
+        limit = min(counters.values()) + self.ctx.config.fair_allowance
+        best: tuple[int, float, int] | None = None
+        chosen: Sequence | None = None
+        for tenant, counter in counters.items():
+            if counter > limit:
+                continue
+            for i, seq in enumerate(itertools.islice(self._queues[tenant], self.window)):
+                key = (-self.ctx.cached_blocks(seq), counter, i)
+                if best is None or key < best:
+                    best, chosen = key, seq
+        return chosen
 
-    def pop(self) -> Sequence:
-        seq = self.peek()
+    def pop(self, seq: Sequence) -> None:
         self.remove(seq)
-        return seq
 
     def remove(self, seq: Sequence) -> None:
         q = self._queues[seq.request.tenant]
@@ -186,7 +215,7 @@ class FairQueue:
         if not q:
             del self._queues[seq.request.tenant]
         self.ctx.forget(seq)
-        self._changed(-1)
+        self._len -= 1
 
     def __len__(self) -> int:
         return self._len
@@ -205,27 +234,6 @@ class FairQueue:
 
     def _queue(self, seq: Sequence) -> deque[Sequence]:
         return self._queues.setdefault(seq.request.tenant, deque())
-
-    def _changed(self, delta: int) -> None:
-        self._len += delta
-        self._choice = None
-
-    def _choose(self) -> Sequence:
-        ledger = self.ctx.ledger
-        counters = {tenant: ledger.counter(tenant) for tenant in self._queues}
-        limit = min(counters.values()) + self.ctx.config.fair_allowance
-        best: tuple[int, float, int] | None = None
-        chosen: Sequence | None = None
-        for tenant, q in self._queues.items():
-            if counters[tenant] > limit:
-                continue
-            for i, seq in enumerate(itertools.islice(q, self.window)):
-                key = (-self.ctx.cached_blocks(seq), counters[tenant], i)
-                if best is None or key < best:
-                    best, chosen = key, seq
-        if chosen is None:
-            raise IndexError("peek at an empty waiting queue")
-        return chosen
 
 
 POLICIES: dict[str, type[FCFSQueue] | type[PriorityQueue] | type[FairQueue]] = {

@@ -25,13 +25,16 @@ _seq_ids = itertools.count()
 class TenantShare:
     """What the scheduler knows of a request's tenant besides its id and priority (the gateway
     reads it from the tenant's quota; offline requests get the default). The newest request of a
-    tenant carries its current value."""
+    tenant carries its current values."""
 
     weight: int = 1  # its share of the engine under the fair policy, relative to other tenants'
+    max_kv_blocks: int | None = None  # KV blocks its running requests may hold; None: no cap
 
     def __post_init__(self) -> None:
         if self.weight < 1:
             raise ValueError(f"weight must be at least 1: {self.weight!r}")
+        if self.max_kv_blocks is not None and self.max_kv_blocks < 1:
+            raise ValueError(f"max_kv_blocks must be positive: {self.max_kv_blocks!r}")
 
 
 DEFAULT_SHARE = TenantShare()
@@ -113,7 +116,9 @@ class Request:
     # until computed); filled by the engine as the prompt's chunks run.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False  # handed out with a delta already
-    share: TenantShare = DEFAULT_SHARE  # the tenant's weight
+    # The tenant's current weight and KV cap; None (offline, prefix warm-ups): keep what the
+    # scheduler last heard for this tenant (the default for a tenant it never heard of).
+    share: TenantShare | None = None
 
     def __post_init__(self) -> None:
         if not self.seqs:

@@ -5,8 +5,12 @@ One step's plan, under a token budget and a cap on running sequences:
      when blocks run out, preempt a running sequence not yet planned this step, the one the
      policy picks (recompute: its blocks are freed but stay in the prefix cache, so the redo is
      mostly hits);
-  2. if nothing was preempted, admit waiting sequences in policy order while budget and blocks
-     last; a long prompt is cut into chunks (chunked prefill).
+  2. if nothing was preempted for want of free blocks, admit waiting sequences in policy order
+     while budget and blocks last; a long prompt is cut into chunks (chunked prefill).
+Per-tenant KV cap (`TenantShare.max_kv_blocks`): a tenant's charge (`BlockManager.tenant_blocks`:
+distinct blocks its sequences hold, public-prefix blocks excluded) never exceeds its cap. A
+running sequence that would pass it preempts its own tenant's newest unplanned sequence (or
+itself); a waiting one is passed over for the step, and the policy looks at other tenants.
 A sequence samples a token in a step that computes its last known token. Every planned piece of
 work is charged to its tenant as it is planned (`TenantLedger`), so the policy sees it at once.
 """
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.errors import PinRefusedError
-from engine.fairness import PrefixProbe, TenantLedger
+from engine.fairness import PrefixProbe, TenantLedger, TenantStats
 from engine.policy import PolicyContext, make_waiting_queue
 from engine.request import Request, SeqStatus, Sequence
 from engine.sampling_params import SamplingParams
@@ -58,6 +62,7 @@ class SchedulerOutput:
     finished_seq_ids: list[int] = field(default_factory=list)  # runner may drop their state
     num_batched_tokens: int = 0
     num_preempted: int = 0
+    num_quota_preempted: int = 0  # of which to keep a tenant within its max_kv_blocks
 
     @property
     def empty(self) -> bool:
@@ -133,19 +138,36 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def tenant_stats(self) -> dict[str, TenantStats]:
+        """Every tenant with unfinished requests or blocks: sequences, charge, cap, lead."""
+        floor = self.ledger.floor()
+        out = {
+            t: TenantStats(max_kv_blocks=st.max_kv_blocks, service_lead=st.counter - floor)
+            for t, st in self.ledger.tenants.items()
+            if st.num_requests
+        }
+        for seq in self.running:
+            out.setdefault(seq.request.tenant, TenantStats()).running += 1
+        for seq in self.waiting:
+            out.setdefault(seq.request.tenant, TenantStats()).waiting += 1
+        for tenant, blocks in self.bm.tenant_blocks.items():
+            out.setdefault(tenant, TenantStats()).kv_blocks = blocks
+        return out
+
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_seq_ids=self._finished_seq_ids)
         self._finished_seq_ids = []
         plan: list[tuple[Sequence, int]] = []
-        budget = self._schedule_running(plan, out, self.config.max_num_batched_tokens)
-        if out.num_preempted == 0:
-            self._schedule_waiting(plan, budget)
+        capped: set[str] = set()  # tenants not to admit this step: at their max_kv_blocks
+        budget = self._schedule_running(plan, out, self.config.max_num_batched_tokens, capped)
+        if out.num_preempted == out.num_quota_preempted:
+            self._schedule_waiting(plan, budget, capped)
         self._emit(plan, out)
         return out
 
     def _schedule_running(
-        self, plan: list[tuple[Sequence, int]], out: SchedulerOutput, budget: int
+        self, plan: list[tuple[Sequence, int]], out: SchedulerOutput, budget: int, capped: set[str]
     ) -> int:
         planned: set[int] = set()
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):  # decodes first
@@ -154,6 +176,8 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_uncomputed, budget)
+            if not self._fit_quota(seq, num_new, planned, out, capped):
+                continue
             copies = self._make_room(seq, num_new, planned, out)
             if copies is None:
                 continue
@@ -162,6 +186,38 @@ class Scheduler:
             self._plan(plan, seq, num_new)
             budget -= num_new
         return budget
+
+    def _fit_quota(
+        self,
+        seq: Sequence,
+        num_new: int,
+        planned: set[int],
+        out: SchedulerOutput,
+        capped: set[str],
+    ) -> bool:
+        """Keep `seq`'s tenant within its max_kv_blocks as `seq` grows by `num_new` tokens:
+        preempt the tenant's newest unplanned sequences, then `seq` itself (False)."""
+        tenant = seq.request.tenant
+        cap = self.ledger.tenants[tenant].max_kv_blocks
+        if cap is None:
+            return True
+        held = self.bm.tenant_blocks
+        while (
+            held[tenant] + self.bm.append_charge(seq.seq_id, seq.num_computed_tokens, num_new) > cap
+        ):
+            own = [
+                s
+                for s in self.running
+                if s.request.tenant == tenant and s.seq_id not in planned and s is not seq
+            ]
+            victim = own[-1] if own else seq
+            self._preempt(victim)
+            out.num_preempted += 1
+            out.num_quota_preempted += 1
+            capped.add(tenant)
+            if victim is seq:
+                return False
+        return True
 
     def _make_room(
         self, seq: Sequence, num_new: int, planned: set[int], out: SchedulerOutput
@@ -191,25 +247,26 @@ class Scheduler:
     def _running_slots(self) -> int:
         return sum(1 if s.request.forked else s.request.params.num_seqs for s in self.running)
 
-    def _schedule_waiting(self, plan: list[tuple[Sequence, int]], budget: int) -> None:
+    def _schedule_waiting(
+        self, plan: list[tuple[Sequence, int]], budget: int, capped: set[str]
+    ) -> None:
         slots = self._running_slots()
-        while len(self.waiting) > 0 and budget > 0:
-            seq = self.waiting.peek()
+        while budget > 0 and (seq := self.waiting.peek(capped)) is not None:
             request = seq.request
             need = 1 if request.forked else request.params.num_seqs
             if slots + need > self.config.max_num_seqs:
                 break
-            num_cached = self.bm.allocate(
-                seq.seq_id,
-                seq.token_ids,
-                budget,
-                request.namespace,
-                request.tenant,
-                request.shared_blocks,
+            alloc = self.bm.plan_allocation(
+                seq.token_ids, budget, request.namespace, request.tenant, request.shared_blocks
             )
-            if num_cached is None:
+            cap = self.ledger.tenants[request.tenant].max_kv_blocks
+            if cap is not None and self.bm.tenant_blocks[request.tenant] + alloc.num_charged > cap:
+                capped.add(request.tenant)
+                continue
+            if alloc.num_free_needed > self.bm.num_free_blocks:
                 break
-            self.waiting.pop()
+            num_cached = self.bm.commit_allocation(seq.seq_id, alloc)
+            self.waiting.pop(seq)
             if seq.index == 0 and seq.num_output_tokens == 0:
                 request.num_cached_tokens = num_cached
             seq.num_computed_tokens = num_cached

@@ -38,3 +38,35 @@ def validate_request(
             param="max_tokens",
         )
     return max_tokens
+
+
+def check_kv_cap(
+    total_tokens: int,
+    max_tokens: int,
+    num_seqs: int,
+    *,
+    cap: int,
+    shared_blocks: int,
+    block_size: int,
+) -> None:
+    """Refuse a request that could outgrow its tenant's `max_kv_blocks` alone (it would wait
+    forever): its first sequence's blocks at full length (`total_tokens`: prompt + max_tokens),
+    each further sequence's own output blocks plus a copied one, a public prefix's blocks not at
+    all.
+
+    Raises:
+        InvalidRequestError naming `max_tokens`, with the max_tokens that would fit.
+    """
+    bs = block_size
+    need = -(-total_tokens // bs) + (num_seqs - 1) * (-(-max_tokens // bs) + 1) - shared_blocks
+    if need <= cap:
+        return
+    n = total_tokens - max_tokens
+    fits = (cap + shared_blocks) * bs - n
+    hint = f"; max_tokens {fits} would fit" if num_seqs == 1 and fits > 0 else ""
+    raise InvalidRequestError(
+        f"This request may need {need} KV blocks of {bs} tokens ({n} prompt tokens, "
+        f"max_tokens {max_tokens}, {num_seqs} sequence(s)), over its tenant's max_kv_blocks "
+        f"of {cap}{hint}.",
+        param="max_tokens",
+    )

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from engine.config import EngineConfig
+from engine.fairness import TenantStats
 from engine.outputs import PrefixState, RequestDelta
 from engine.request import TenantShare
 from engine.sampling_params import SamplingParams
@@ -31,6 +32,7 @@ class EngineStats(Protocol):
     num_pinned_blocks: int  # distinct blocks held by pinned prefixes
     max_pinned_blocks: int  # the engine's pin cap
     pinned_blocks_by_tenant: dict[str, int]
+    tenants: dict[str, TenantStats]  # per tenant: sequences running and waiting, KV charge and cap
 
 
 class RequestStream(Protocol):

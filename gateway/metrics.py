@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine.fairness import TenantStats
 from gateway.engine_client import EngineClient
 from tenants import StoreStats
 
@@ -94,6 +95,30 @@ class EngineStatsCollector(Collector):
         for tenant, blocks in sorted(s.pinned_blocks_by_tenant.items()):
             pinned.add_metric([tenant], blocks)
         yield pinned
+        yield from _tenant_gauges(s.tenants)
+
+
+_TENANT_GAUGES = (  # (metric, help, TenantStats field): one sample per tenant in the engine
+    ("prefixgate_tenant_requests_running", "Sequences running, by tenant.", "running"),
+    ("prefixgate_tenant_requests_waiting", "Sequences waiting, by tenant.", "waiting"),
+    ("prefixgate_tenant_kv_blocks", "Distinct KV blocks held by the tenant's sequences "
+     "(a public prefix's not counted): what max_kv_blocks caps.", "kv_blocks"),
+    ("prefixgate_tenant_max_kv_blocks", "The tenant's max_kv_blocks (tenants with one).",
+     "max_kv_blocks"),
+    ("prefixgate_tenant_service_lead_tokens", "Weighted tokens of service the tenant is ahead "
+     "of the least served tenant with work (the fair policy's counters; docs/fairness.md).",
+     "service_lead"),
+)  # fmt: skip
+
+
+def _tenant_gauges(tenants: dict[str, TenantStats]) -> Iterator[Metric]:
+    for name, help_text, attr in _TENANT_GAUGES:
+        family = GaugeMetricFamily(name, help_text, labels=["tenant"])
+        for tenant, stats in sorted(tenants.items()):
+            value = getattr(stats, attr)
+            if value is not None:
+                family.add_metric([tenant], value)
+        yield family
 
 
 _STORE_HELP = {

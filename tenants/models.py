@@ -40,8 +40,9 @@ class Quota(BaseModel):
     max_tokens_per_request: PositiveCount | None = None  # bound on the request's `max_tokens`
     max_prefixes: PositiveCount | None = None  # registered prefixes (`/v1/prefixes`)
     max_pinned_blocks: PositiveCount | None = None  # KV blocks held by the tenant's pinned prefixes
-    # The tenant's share of the engine (docs/fairness.md): its order under the priority policy
-    # (lower first) and its weight under the fair policy.
+    # The tenant's share of the engine (docs/fairness.md): KV blocks its running requests may
+    # hold at once, its order under the priority policy (lower first), its weight under fair.
+    max_kv_blocks: PositiveCount | None = None
     priority: Annotated[StrictInt, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] | None = None
     weight: Annotated[StrictInt, Field(ge=1, le=MAX_WEIGHT)] | None = None
 

@@ -32,7 +32,7 @@ class Principal:
     tenant: str = "default"
     namespace: str | None = None  # KV cache namespace (salt), set by the server, never the client
     priority: int = 0  # the tenant's quota `priority`: lower is served first (priority policy)
-    share: TenantShare = DEFAULT_SHARE  # the tenant's quota `weight`
+    share: TenantShare = DEFAULT_SHARE  # the tenant's quota `weight` and `max_kv_blocks`
     # The tenant's max_tokens_per_request: caps the default max_tokens of a request that sets none.
     max_tokens_per_request: int | None = None
 
@@ -60,7 +60,7 @@ def principal_of(caller: Caller) -> Principal:
         tenant=tenant.id,
         namespace=cache_namespace(tenant),
         priority=quota.priority or 0,
-        share=TenantShare(weight=quota.weight or 1),
+        share=TenantShare(weight=quota.weight or 1, max_kv_blocks=quota.max_kv_blocks),
         max_tokens_per_request=quota.max_tokens_per_request,
     )
 

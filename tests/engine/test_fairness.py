@@ -68,12 +68,11 @@ class Sim:
             end = sched.start_pos + len(sched.token_ids)
             prompt = max(0, min(end, request.num_prompt_tokens) - sched.start_pos)
             charge = cfg.prefill_weight * prompt
-            self.service[request.tenant] = self.service.get(request.tenant, 0.0) + charge / (
-                request.share.weight
-            )
+            weight = WEIGHTS.get(request.tenant, 1)
+            self.service[request.tenant] = self.service.get(request.tenant, 0.0) + charge / weight
         for spec in out.samples:
             request = self.s.seqs[spec.seq_id].request
-            self.service[request.tenant] += cfg.decode_weight / request.share.weight
+            self.service[request.tenant] += cfg.decode_weight / WEIGHTS.get(request.tenant, 1)
 
     def waiting_tenants(self) -> set[str]:
         return {seq.request.tenant for seq in self.s.waiting}

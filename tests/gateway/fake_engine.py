@@ -28,6 +28,7 @@ from engine.errors import (
     InvalidRequestError,
     PinRefusedError,
 )
+from engine.fairness import TenantStats
 from engine.outputs import Delta, PrefixState, RequestDelta, TokenLogprob
 from engine.request import DEFAULT_SHARE, TenantShare
 from engine.sampling_params import SamplingParams
@@ -108,6 +109,7 @@ class FakeStats:
     num_pinned_blocks: int = 0
     max_pinned_blocks: int = 0
     pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
+    tenants: dict[str, TenantStats] = field(default_factory=dict)
 
 
 @dataclass
@@ -277,7 +279,19 @@ class FakeEngine:
             num_pinned_blocks=pinned,
             max_pinned_blocks=self.num_blocks // 2,
             pinned_blocks_by_tenant=dict(by_tenant),
+            tenants=self._tenant_stats(),
         )
+
+    def _tenant_stats(self) -> dict[str, TenantStats]:
+        """Running requests and the blocks they hold, by tenant (nothing waits here)."""
+        tenant_of = {rid: tenant for rid, _, _, tenant, _ in self.requests}
+        out: dict[str, TenantStats] = {}
+        for request_id in self._tasks:
+            stats = out.setdefault(tenant_of[request_id], TenantStats())
+            stats.running += 1
+            stats.kv_blocks += self.blocks_held.get(request_id, 0)
+            stats.max_kv_blocks = self.tenancy[request_id][1].max_kv_blocks
+        return out
 
     async def warm_prefix(
         self,

@@ -77,7 +77,7 @@ async def test_openapi_documents_the_admin_api(client: httpx.AsyncClient) -> Non
     assert set(quota) == {
         "requests_per_minute", "tokens_per_minute", "max_concurrent_requests",
         "tokens_per_day", "tokens_per_month", "max_tokens_per_request", "max_prefixes",
-        "max_pinned_blocks", "priority", "weight",
+        "max_pinned_blocks", "max_kv_blocks", "priority", "weight",
     }  # fmt: skip
     usage = doc["paths"]["/v1/usage"]["get"]["responses"]["200"]
     assert usage["content"]["application/json"]["schema"]["$ref"].endswith("/TenantUsage")

@@ -16,7 +16,7 @@ def test_quota_fields_are_optional_positive_ints() -> None:
         with pytest.raises(ValidationError):
             Quota(requests_per_minute=bad)
     with pytest.raises(ValidationError):
-        Quota.model_validate({"max_kv_blocks": 3})
+        Quota.model_validate({"max_kv_cache_blocks": 3})
     assert set(Quota.model_fields) == {
         "requests_per_minute",
         "tokens_per_minute",
@@ -26,6 +26,7 @@ def test_quota_fields_are_optional_positive_ints() -> None:
         "max_tokens_per_request",
         "max_prefixes",
         "max_pinned_blocks",
+        "max_kv_blocks",
         "priority",
         "weight",
     }
