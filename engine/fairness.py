@@ -46,6 +46,16 @@ class TenantStats:
     max_kv_blocks: int | None = None  # its cap; None: none
     service_lead: float = 0.0  # weighted tokens it is ahead of the least served backlogged one
 
+    def add(self, other: TenantStats) -> None:
+        """Fold in another replica's figures: counts add up; the cap and the lead are each
+        engine's own, so the largest is kept."""
+        self.running += other.running
+        self.waiting += other.waiting
+        self.kv_blocks += other.kv_blocks
+        caps = [c for c in (self.max_kv_blocks, other.max_kv_blocks) if c is not None]
+        self.max_kv_blocks = max(caps) if caps else None
+        self.service_lead = max(self.service_lead, other.service_lead)
+
 
 class TenantLedger:
     """Virtual service counters per tenant (see the module docstring).

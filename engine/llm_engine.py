@@ -26,7 +26,7 @@ from engine.outputs import CompletionOutput, Delta, PrefixState, RequestDelta, R
 from engine.request import Request, TenantShare
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.validation import check_kv_cap, validate_request
+from engine.validation import validate_request
 from kernels.options import KernelOptions, configure
 
 
@@ -125,23 +125,15 @@ class LLMEngine:
             InvalidRequestError / ContextLengthError naming the field, before anything is
             allocated.
         """
-        max_tokens = validate_request(
+        return validate_request(
             prompt_token_ids,
             params,
             vocab_size=self.model_config.vocab_size,
             max_model_len=self.max_model_len,
+            block_size=self.block_manager.block_size,
+            share=share,
+            shared_blocks=shared_blocks,
         )
-        if share is not None and share.max_kv_blocks is not None:
-            n = len(prompt_token_ids)
-            check_kv_cap(
-                n + max_tokens,
-                max_tokens,
-                params.num_seqs,
-                cap=share.max_kv_blocks,
-                shared_blocks=shared_blocks,
-                block_size=self.block_manager.block_size,
-            )
-        return max_tokens
 
     def add_request(
         self,

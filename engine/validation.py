@@ -5,13 +5,22 @@ the same errors before anything is sent or allocated."""
 from __future__ import annotations
 
 from engine.errors import ContextLengthError, InvalidRequestError
+from engine.request import TenantShare
 from engine.sampling_params import SamplingParams
 
 
 def validate_request(
-    prompt_token_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    block_size: int,
+    share: TenantShare | None = None,
+    shared_blocks: int = 0,
 ) -> int:
-    """Check a request against the model; return its resolved max_tokens.
+    """Check a request against the model and its tenant's KV cap (`share.max_kv_blocks`, see
+    `check_kv_cap`); return its resolved max_tokens.
 
     Raises:
         InvalidRequestError / ContextLengthError naming the field.
@@ -36,6 +45,15 @@ def validate_request(
             f"This model's maximum context length is {max_model_len} tokens; the prompt "
             f"has {n} tokens and max_tokens asks for {max_tokens} more.",
             param="max_tokens",
+        )
+    if share is not None and share.max_kv_blocks is not None:
+        check_kv_cap(
+            n + max_tokens,
+            max_tokens,
+            params.num_seqs,
+            cap=share.max_kv_blocks,
+            shared_blocks=shared_blocks,
+            block_size=block_size,
         )
     return max_tokens
 

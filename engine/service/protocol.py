@@ -45,6 +45,7 @@ from engine.errors import (
     InvalidRequestError,
     PinRefusedError,
 )
+from engine.fairness import TenantStats
 from engine.outputs import PrefixState, RequestDelta
 from engine.sampling_params import SamplingParams
 
@@ -88,6 +89,7 @@ class ReplicaStats:
     num_pinned_blocks: int = 0
     max_pinned_blocks: int = 0
     pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
+    tenants: dict[str, TenantStats] = field(default_factory=dict)
 
 
 INFO_ADAPTER = TypeAdapter(ReplicaInfo)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from engine.errors import EngineOverloadedError
+from engine.fairness import TenantStats
 from engine.outputs import PrefixState
 from engine.sampling_params import SamplingParams
 from engine.service.protocol import ReplicaStats
@@ -183,6 +184,8 @@ def sum_stats(all_stats: Iterable[ReplicaStats]) -> ReplicaStats:
         total.max_pinned_blocks += s.max_pinned_blocks
         for tenant, n in s.pinned_blocks_by_tenant.items():
             total.pinned_blocks_by_tenant[tenant] = total.pinned_blocks_by_tenant.get(tenant, 0) + n
+        for tenant, stats in s.tenants.items():
+            total.tenants.setdefault(tenant, TenantStats()).add(stats)
         total.kv_usage += s.kv_usage * s.num_blocks
     if total.num_blocks:
         total.kv_usage /= total.num_blocks

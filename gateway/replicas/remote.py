@@ -241,6 +241,9 @@ class RemoteEngine:
             params,
             vocab_size=self.info.vocab_size,
             max_model_len=self.max_model_len,
+            block_size=self.info.block_size,
+            share=kwargs.get("share"),
+            shared_blocks=kwargs.get("shared_blocks", 0),
         )
         request_id = request_id or f"req-{uuid.uuid4().hex}"
         body = protocol.encode(

@@ -78,3 +78,26 @@ def test_per_tenant_engine_gauges_in_metrics() -> None:
     assert value("prefixgate_tenant_max_kv_blocks", {"tenant": "acme"}) == 20
     assert value("prefixgate_tenant_max_kv_blocks", {"tenant": "beta"}) is None  # no cap
     assert value("prefixgate_tenant_service_lead_tokens", {"tenant": "beta"}) == 96.5
+
+
+def test_share_and_tenant_stats_cross_the_replica_protocol() -> None:
+    """A remote replica gets the share as the in-process engine does, and a pool of replicas
+    sums their per-tenant figures (counts add up; a cap and a lead are per engine)."""
+    from engine.fairness import TenantStats
+    from engine.service.protocol import STATS_ADAPTER, KwargsCodec, ReplicaStats, encode, jsonable
+    from gateway.engine_client import EngineClient
+    from gateway.replicas.pool import sum_stats
+
+    codec = KwargsCodec(EngineClient.add_request, skip=("request_id",))
+    sent = {"priority": -1, "share": TenantShare(weight=2, max_kv_blocks=30)}
+    assert codec.decode(jsonable(sent)) == sent
+
+    def replica(**tenants: TenantStats) -> ReplicaStats:
+        stats = ReplicaStats(0, 0, 0, 0, 0.0, 0, 0, 0, tenants=tenants)
+        return STATS_ADAPTER.validate_json(encode(stats))
+
+    one = replica(a=TenantStats(running=2, kv_blocks=10, max_kv_blocks=30, service_lead=5.0))
+    two = replica(a=TenantStats(waiting=1, kv_blocks=4, max_kv_blocks=30), b=TenantStats(running=1))
+    total = sum_stats([one, two]).tenants
+    assert total["a"] == TenantStats(2, 1, 14, 30, 5.0)
+    assert total["b"] == TenantStats(running=1)
