@@ -257,8 +257,8 @@ def test_pin_registers_a_duplicate_whose_original_was_evicted() -> None:
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate/append/fork/free/abort/pin/unpin/expire sequences against a model of the
-    KV contents.
+    """Random allocate/append/fork/free/abort/pin/unpin/expire sequences, some on a public
+    prefix (`shared_blocks`), against a model of the KV contents.
 
     The model writes each computed token into its slot, as the runner would, tagged with the
     namespace of the sequence that computed it, and copies blocks as copy-on-write asks. Every
@@ -281,27 +281,38 @@ class BlockManagerMachine(RuleBasedStateMachine):
         }
         self.seqs: dict[int, tuple[str, list[int], int]] = {}  # id -> (ns, tokens, computed)
         self.pins: dict[str, tuple[str, list[int], float | None]] = {}  # key -> (ns, tokens, end)
+        self.shared: dict[int, int] = {}  # seq id -> its leading public blocks
+        self.pin_shared: dict[str, int] = {}  # pin key -> the same, of the pinned sequence
         self.now = 0.0
         self.next_id = 0
 
+    def _tags(self, ns: str, shared: int, tokens: list[int]) -> list[tuple[str, int]]:
+        """What the slots of `tokens` must hold: a public prefix's blocks are tagged public."""
+        return [
+            (PUBLIC_NAMESPACE if pos // self.BS < shared else ns, t) for pos, t in enumerate(tokens)
+        ]
+
     def _write(self, seq_id: int, ns: str, tokens: list[int], start: int, end: int) -> None:
         table = self.bm.block_ids(seq_id)
+        tags = self._tags(ns, self.shared[seq_id], tokens)
         for pos in range(start, end):
-            self.slots[table[pos // self.BS]][pos % self.BS] = (ns, tokens[pos])
+            self.slots[table[pos // self.BS]][pos % self.BS] = tags[pos]
 
     @rule(
         tokens=st.lists(st.integers(0, 2), min_size=1, max_size=24),
         ns=st.sampled_from(["a", "b"]),
         chunk=st.integers(1, 24),
+        shared=st.integers(0, 2),  # leading blocks of a public prefix
     )
-    def allocate(self, tokens: list[int], ns: str, chunk: int) -> None:
+    def allocate(self, tokens: list[int], ns: str, chunk: int, shared: int) -> None:
         seq_id = self.next_id
         self.next_id += 1
-        cached = self.bm.allocate(seq_id, tokens, chunk, namespace=ns)
+        cached = self.bm.allocate(seq_id, tokens, chunk, namespace=ns, shared_blocks=shared)
         if cached is None:
             return
         assert cached % self.BS == 0 and cached < len(tokens)
         computed = cached + min(chunk, len(tokens) - cached)
+        self.shared[seq_id] = shared
         self._write(seq_id, ns, tokens, cached, computed)
         self.seqs[seq_id] = (ns, list(tokens), computed)
 
@@ -329,6 +340,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.fork(parent, child)
         ns, tokens, computed = self.seqs[parent]
         self.seqs[child] = (ns, list(tokens), computed)
+        self.shared[child] = self.shared[parent]
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
@@ -355,6 +367,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert [(b.ref_cnt, b.pin_cnt) for b in self.bm.blocks] == before
             return
         self.pins[key] = (ns, tokens[: num_blocks * self.BS], expires_at)
+        self.pin_shared[key] = self.shared[seq_id]
 
     @precondition(lambda self: self.pins)
     @rule(data=st.data())
@@ -399,18 +412,20 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert set(self.bm.pins) == set(self.pins)
         for key, (ns, tokens, _) in self.pins.items():
             blocks = self.bm.pins[key].blocks
-            assert [b.block_hash for b in blocks] == list(self.bm.chain_hashes(tokens, ns))
+            shared = self.pin_shared[key]
+            hashes = list(self.bm.chain_hashes(tokens, ns, shared))
+            assert [b.block_hash for b in blocks] == hashes
+            tags = self._tags(ns, shared, tokens)
             for i, block in enumerate(blocks):
                 assert self.bm.cached[block.block_hash] is block
-                want = [(ns, t) for t in tokens[i * self.BS : (i + 1) * self.BS]]
-                assert self.slots[block.block_id] == want
+                assert self.slots[block.block_id] == tags[i * self.BS : (i + 1) * self.BS]
 
     @invariant()
     def every_sequence_reads_its_own_tokens(self) -> None:
         for seq_id, (ns, tokens, computed) in self.seqs.items():
             table = self.bm.block_ids(seq_id)
             got = [self.slots[table[p // self.BS]][p % self.BS] for p in range(computed)]
-            assert got == [(ns, t) for t in tokens[:computed]]
+            assert got == self._tags(ns, self.shared[seq_id], tokens[:computed])
 
     @invariant()
     def cached_blocks_hold_their_content(self) -> None:
