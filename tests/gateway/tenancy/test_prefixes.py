@@ -144,8 +144,8 @@ async def test_limits_and_the_engine_pin_cap(make_gateway: MakeGateway) -> None:
 
 
 async def test_limits_hold_across_two_gateways(make_gateway: MakeGateway) -> None:
-    a = await make_gateway(redis_timeout_s=3.0)
-    b = await make_gateway(redis_timeout_s=3.0)
+    a = await make_gateway()
+    b = await make_gateway()
     key = await a.tenant("acme", max_prefixes=5)
     responses = await asyncio.gather(
         *[post((a, b)[i % 2], key, "/v1/prefixes", prefix_body(f"p{i}")) for i in range(20)]

@@ -155,7 +155,7 @@ async def test_exactly_the_limit_is_admitted_across_two_gateways(
     """200 concurrent requests of one tenant with rpm=50, split over two gateway apps that
     share Redis: exactly 50 admitted. (Patient Redis timeouts: the burst starves the event
     loop on a loaded machine, and this test is about exactness.)"""
-    a, b = await make_gateway(redis_timeout_s=3.0), await make_gateway(redis_timeout_s=3.0)
+    a, b = await make_gateway(), await make_gateway()
     key = await a.tenant("acme", requests_per_minute=50)
     responses = await asyncio.gather(*[(a, b)[i % 2].chat(key, max_tokens=1) for i in range(200)])
     assert Counter(r.status_code for r in responses) == {200: 50, 429: 150}
