@@ -15,6 +15,7 @@ from engine.errors import (
     EngineOverloadedError,
     InvalidRequestError,
 )
+from engine.grammar import GrammarSpec
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __all__ = [
     "EngineDeadError",
     "EngineOverloadedError",
     "EngineStats",
+    "GrammarSpec",
     "InvalidRequestError",
     "LLMEngine",
     "RequestStream",

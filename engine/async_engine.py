@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineOverloadedError
+from engine.grammar import GrammarSpec
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import PrefixState, RequestDelta
 from engine.request import Request, TenantShare
@@ -41,6 +42,7 @@ class _Add:
     priority: int
     shared_blocks: int
     share: TenantShare | None
+    grammar: object  # params.grammar compiled, or None
 
 
 @dataclass(slots=True)
@@ -214,6 +216,16 @@ class AsyncEngine:
             self._thread = None
 
     # ---- requests (event loop thread) ------------------------------------------------------
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile a structured-output grammar into the engine's cache, in a worker thread
+        (neither the event loop nor the step loop waits for it; a cached spec returns at once).
+
+        Raises:
+            InvalidRequestError: the spec does not compile (the compiler's reason).
+        """
+        if self.engine.grammars.get(spec) is None:
+            await asyncio.to_thread(self.engine.grammars.compile, spec)
+
     def add_request(
         self,
         prompt_token_ids: list[int],
@@ -231,6 +243,9 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDeadError(f"engine stopped: {self._dead!r}")
         self.engine.validate(prompt_token_ids, params, share, shared_blocks)
+        grammar = None
+        if params.grammar is not None:  # compiled by `compile_grammar` first, normally
+            grammar = self.engine.grammars.compile(params.grammar)
         limit = self.engine.config.scheduler.max_waiting
         if self.engine.scheduler.num_waiting + self._pending >= limit:
             raise EngineOverloadedError("the engine's waiting queue is full; retry later")
@@ -253,6 +268,7 @@ class AsyncEngine:
                 priority,
                 shared_blocks,
                 share,
+                grammar,
             )
         )
         self._wakeup.set()
@@ -418,6 +434,7 @@ class AsyncEngine:
                     cmd.priority,
                     cmd.shared_blocks,
                     cmd.share,
+                    cmd.grammar,
                 )
             except Exception as exc:  # validated already; report rather than crash the loop
                 stream = self._streams.pop(cmd.request_id, None)

@@ -26,6 +26,7 @@ from engine.outputs import CompletionOutput, Delta, PrefixState, RequestDelta, R
 from engine.request import Request, TenantShare
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured import Grammars
 from engine.validation import validate_request
 from kernels.options import KernelOptions, configure
 
@@ -107,6 +108,7 @@ class LLMEngine:
             self.eos_token_ids.add(tok_eos)
         self.runner.sampler.eos_token_ids = sorted(self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, mc.vocab_size, sorted(self.eos_token_ids))
         self.timings = StepTimings()
         self._ids = itertools.count()
 
@@ -145,10 +147,18 @@ class LLMEngine:
         priority: int = 0,
         shared_blocks: int = 0,
         share: TenantShare | None = None,
+        grammar: object = None,
     ) -> Request:
         """Queue a request (validated first: see `validate`). `namespace` salts its cache blocks;
-        its first `shared_blocks` blocks are a public prefix's, shared by every namespace."""
+        its first `shared_blocks` blocks are a public prefix's, shared by every namespace.
+        `grammar`: `params.grammar` compiled already (`self.grammars`); compiled here if not.
+
+        Raises:
+            InvalidRequestError: as `validate`, or `params.grammar` does not compile.
+        """
         max_tokens = self.validate(prompt_token_ids, params, share, shared_blocks)
+        if params.grammar is not None and grammar is None:
+            grammar = self.grammars.compile(params.grammar)
         if self.scheduler.num_waiting >= self.config.scheduler.max_waiting:
             raise EngineOverloadedError("the engine's waiting queue is full; retry later")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -157,6 +167,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             # Cached tokens have no logits: a namespace of its own computes the whole prompt.
             namespace = f"{namespace or ''}\x00prompt-logprobs\x00{request_id}"
+            shared_blocks = 0
         request = Request(
             request_id,
             list(prompt_token_ids),
@@ -168,6 +179,7 @@ class LLMEngine:
             shared_blocks,
         )
         request.share = share
+        request.grammar = grammar
         self.scheduler.add_request(request)
         return request
 

@@ -119,6 +119,7 @@ class Request:
     # The tenant's current weight and KV cap; None (offline, prefix warm-ups): keep what the
     # scheduler last heard for this tenant (the default for a tenant it never heard of).
     share: TenantShare | None = None
+    grammar: object = None  # params.grammar compiled (engine.structured), opaque here
 
     def __post_init__(self) -> None:
         if not self.seqs:

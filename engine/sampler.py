@@ -1,4 +1,5 @@
-"""Batched sampling: logit bias, penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
+"""Batched sampling: logit bias, penalties, grammar masks, temperature, top-k / top-p / min-p,
+seeds, logprobs.
 
 All rows are processed together; only per-row seeds and penalties touch rows one at a time.
 Sampling uses the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p, so a seeded
@@ -14,6 +15,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.scheduler import SampleSpec
+from engine.structured import GrammarMasks
 from kernels import cpu_ops
 
 
@@ -39,6 +41,7 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._seq_generators: dict[int, torch.Generator] = {}
+        self.grammar_masks = GrammarMasks(vocab_size)
         # the C++ row argmax (kernels.cpu_ops), ~15x torch's max(dim) on [16+, 49152] logits
         self._cpu_argmax = self.device.type == "cpu" and cpu_ops.fused_available(
             self.device, torch.float32
@@ -47,6 +50,7 @@ class Sampler:
     def forget(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:
             self._seq_generators.pop(seq_id, None)
+        self.grammar_masks.forget(seq_ids)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, specs: Sequence[SampleSpec]) -> list[SampledToken]:
@@ -62,9 +66,15 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_logit_bias(logits, specs)
         logits = self._apply_penalties(logits, specs)
+        constrained = [(i, s.seq_id, s.grammar) for i, s in enumerate(specs) if s.grammar]
+        if constrained:
+            logits = logits.contiguous()
+            self.grammar_masks.apply(logits, constrained)
         greedy = [s.params.greedy for s in specs]
         tokens = self._argmax(logits) if all(greedy) else self._sample(logits, specs, greedy)
         token_list = tokens.tolist()
+        for i, seq_id, _ in constrained:
+            self.grammar_masks.accept(seq_id, token_list[i])
         return [
             SampledToken(s.seq_id, t, self._logprob(raw_logprobs, i, t, s.params.sample_logprobs))
             for i, (s, t) in enumerate(zip(specs, token_list, strict=True))

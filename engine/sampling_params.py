@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
+from engine.grammar import GrammarSpec
 
 
 @dataclass(slots=True)
@@ -19,6 +20,8 @@ class SamplingParams:
     prompt's blocks and returns the n with the highest cumulative logprob, once all finished.
     `prompt_logprobs=k` also returns each prompt token's logprob (and top k) after the first;
     such a request computes its whole prompt (no prefix-cache hits: cached tokens have no logits).
+    `grammar` constrains the output to a JSON schema, any JSON object, a regex or a list of
+    choices (`engine.structured`).
     """
 
     n: int = 1
@@ -40,6 +43,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     best_of: int | None = None
     prompt_logprobs: int | None = None
+    grammar: GrammarSpec | None = None
 
     MAX_LOGPROBS = 20
     MAX_BIAS = 100.0

@@ -52,6 +52,7 @@ class SampleSpec:
     seed: int | None  # per-sequence seed (request seed + completion index), None: engine RNG
     token_ids: list[int]  # prompt + outputs so far (read only; for penalties)
     num_prompt_tokens: int
+    grammar: object = None  # the request's compiled grammar (engine.structured), or None
 
 
 @dataclass(slots=True)
@@ -331,4 +332,7 @@ class Scheduler:
     def _sample_spec(seq: Sequence, row: int) -> SampleSpec:
         params = seq.request.params
         seed = None if params.seed is None else params.seed + seq.index
-        return SampleSpec(seq.seq_id, row, params, seed, seq.token_ids, seq.num_prompt_tokens)
+        return SampleSpec(
+            seq.seq_id, row, params, seed, seq.token_ids, seq.num_prompt_tokens,
+            seq.request.grammar,
+        )  # fmt: skip

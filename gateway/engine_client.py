@@ -12,6 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from engine.config import EngineConfig
 from engine.fairness import TenantStats
+from engine.grammar import GrammarSpec
 from engine.outputs import PrefixState, RequestDelta
 from engine.request import TenantShare
 from engine.sampling_params import SamplingParams
@@ -86,6 +87,15 @@ class EngineClient(Protocol):
         ...
 
     def abort(self, request_id: str) -> None: ...
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile a structured-output grammar ahead of `add_request` (cached by spec), off
+        the engine's step loop.
+
+        Raises:
+            InvalidRequestError: the grammar does not compile (the message says why).
+        """
+        ...
 
     async def warm_prefix(
         self,

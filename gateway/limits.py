@@ -32,6 +32,8 @@ MAX_NAME_CHARS = 256  # `model`, a message's `name`
 MAX_USER_CHARS = 1024  # `user`
 MAX_CONTENT_PARTS = 256  # parts of one message's content
 MAX_TOKENS = 2**31 - 1  # max_tokens, max_completion_tokens, min_tokens
+MAX_GRAMMAR_CHARS = 65536  # a JSON schema (as JSON) or a regex, for structured outputs
+MAX_CHOICES = 256  # guided_choice entries
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from gateway.openai.schemas import (
     ModelCard,
     ModelList,
 )
+from gateway.openai.structured import compile_grammar, requested_grammar
 from gateway.routing import JSON, Endpoint, Handler, parse_body
 from gateway.state import GatewayState, get_state
 from gateway.tenancy.auth import get_principal
@@ -118,7 +119,11 @@ async def _generate(
     default_cap = None if cap is None else cap // req.num_seqs
     max_tokens = resolve_max_tokens(req, len(prompt), engine.max_model_len, default_cap)
     echo = isinstance(req, CompletionRequest) and req.echo
-    params = sampling_params(req, max_tokens, logprobs, logprobs if echo else None)
+    grammar = requested_grammar(req)
+    spec = None if grammar is None else grammar[0]
+    params = sampling_params(req, max_tokens, logprobs, logprobs if echo else None, spec)
+    if grammar is not None:
+        await compile_grammar(engine, *grammar)
     route = "chat" if isinstance(req, ChatCompletionRequest) else "completions"
     info = GenerationInfo(
         request_id=fmt.id,

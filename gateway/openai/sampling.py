@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.errors import InvalidRequestError
+from engine.grammar import GrammarSpec
 from engine.sampling_params import SamplingParams
 from gateway.errors import APIError, bad_request
 from gateway.limits import RequestLimits
@@ -156,6 +157,7 @@ def sampling_params(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     """Build validated engine params; a field the engine refuses becomes a 400 naming it."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -179,6 +181,7 @@ def sampling_params(
             logit_bias=logit_bias(req),
             best_of=req.best_of,
             prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
         )
     except InvalidRequestError as exc:
         raise bad_request(exc.message, param=exc.param) from exc

@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.limits import (
+    MAX_CHOICES,
     MAX_CONTENT_PARTS,
+    MAX_GRAMMAR_CHARS,
     MAX_LOGIT_BIAS,
     MAX_NAME_CHARS,
     MAX_STOP,
@@ -55,6 +57,22 @@ class ChatMessage(_Request):
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
 
+class JSONSchemaFormat(_Request):
+    """`response_format.json_schema`: OpenAI's structured outputs."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = Field(default=None, max_length=MAX_GRAMMAR_CHARS)
+    json_schema: dict[str, Any] | bool = Field(default=True, alias="schema")  # True: any JSON
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _SamplingRequest(_Request):
     """Fields shared by chat and text completions."""
 
@@ -83,6 +101,12 @@ class _SamplingRequest(_Request):
     # token id (a string of digits, as OpenAI's JSON keys) -> bias added to its logit
     logit_bias: dict[str, Bias] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     best_of: int | None = Field(default=None, ge=1)  # at most `RequestLimits.max_n`
+    # Structured outputs, vLLM's names (at most one of them, and not with response_format).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(default=None, max_length=MAX_GRAMMAR_CHARS)
+    guided_choice: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = (
+        Field(default=None, min_length=1, max_length=MAX_CHOICES)
+    )
 
     @property
     def num_seqs(self) -> int:
@@ -101,15 +125,13 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     def unsupported_fields(self) -> list[str]:
         found = super().unsupported_fields()
         found += [name for name in ("tools", "functions") if getattr(self, name)]
         if self.tool_choice not in (None, "none"):
             found.append("tool_choice")
-        if self.response_format and self.response_format.get("type") != "text":
-            found.append("response_format")
         return found
 
 

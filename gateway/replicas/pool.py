@@ -16,6 +16,7 @@ from typing import Any
 
 from engine.errors import EngineOverloadedError
 from engine.fairness import TenantStats
+from engine.grammar import GrammarSpec
 from engine.outputs import PrefixState
 from engine.sampling_params import SamplingParams
 from engine.service.protocol import ReplicaStats
@@ -117,6 +118,13 @@ class ReplicaPool:
             self.routed[engine.replica_id] = self.routed.get(engine.replica_id, 0) + 1
             return stream
         raise EngineOverloadedError("no engine replica is available; retry later", 1.0)
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Every replica serves the same model: any live one checks the grammar."""
+        live = self.live()
+        if not live:
+            raise EngineOverloadedError("no engine replica is available; retry later", 1.0)
+        await live[0].compile_grammar(spec)
 
     def abort(self, request_id: str) -> None:
         for engine in self.live():

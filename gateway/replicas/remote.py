@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from engine.errors import EngineDeadError
+from engine.grammar import GrammarSpec
 from engine.outputs import PrefixState, RequestDelta
 from engine.sampling_params import SamplingParams
 from engine.service import protocol
@@ -170,6 +171,7 @@ class RemoteEngine:
         self.lost: BaseException | None = None
         self._probe: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._grammars: Any = None  # engine.structured.Grammars, on the first structured request
 
     @classmethod
     async def connect(
@@ -257,6 +259,19 @@ class RemoteEngine:
         stream = RemoteStream(self, request_id, body)
         self.streams[request_id] = stream
         return stream
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Check here that the grammar compiles against the replica's tokenizer (in a worker
+        thread), so a bad one is a 400 before any stream starts; the replica compiles it again
+        for its own cache when the request arrives."""
+        if self._grammars is None:
+            from engine.structured import Grammars  # torch and xgrammar: only when used
+
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            stops = [eos] if isinstance(eos, int) else []
+            self._grammars = Grammars(self.tokenizer, self.info.vocab_size, stops)
+        if self._grammars.get(spec) is None:
+            await asyncio.to_thread(self._grammars.compile, spec)
 
     def abort(self, request_id: str) -> None:
         path = protocol.ABORT.format(request_id=request_id)

@@ -29,6 +29,7 @@ from engine.errors import (
     PinRefusedError,
 )
 from engine.fairness import TenantStats
+from engine.grammar import GrammarSpec
 from engine.outputs import Delta, PrefixState, RequestDelta, TokenLogprob
 from engine.request import DEFAULT_SHARE, TenantShare
 from engine.sampling_params import SamplingParams
@@ -196,6 +197,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.requests: list[tuple[str, list[int], SamplingParams, str, str | None]] = []
         self.tenancy: dict[str, tuple[int, TenantShare]] = {}  # request id -> (priority, share)
+        self.grammars: list[GrammarSpec] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: dict[str, FakeStream] = {}
         self._n: dict[str, int] = {}
@@ -247,6 +249,11 @@ class FakeEngine:
         coro = self._run(request_id, list(prompt_token_ids), scope, params, max_tokens, stream)
         self._tasks[request_id] = loop.create_task(coro)
         return stream
+
+    async def compile_grammar(self, spec: GrammarSpec) -> None:
+        """The fake accepts every grammar and constrains nothing (the real engine's tests
+        cover constrained output)."""
+        self.grammars.append(spec)
 
     def abort(self, request_id: str) -> None:
         task = self._tasks.pop(request_id, None)

@@ -59,5 +59,5 @@ def test_check_request() -> None:
         chat(response_format={"type": "text"}, tool_choice="none"), RequestLimits(max_n=1)
     )
     with pytest.raises(APIError) as info:
-        check_request(chat(response_format={"type": "json_object"}), RequestLimits(max_n=1))
-    assert info.value.param == "response_format"
+        check_request(chat(functions=[{"name": "f"}]), RequestLimits(max_n=1))
+    assert info.value.param == "functions"
