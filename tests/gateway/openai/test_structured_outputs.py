@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 16},
+        "name": {"type": "string", "maxLength": 12},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"type": "string", "enum": ["admin", "editor", "viewer"]},
         "tags": {
@@ -32,7 +32,7 @@ SCHEMA: dict[str, Any] = {
         "address": {
             "type": "object",
             "properties": {
-                "city": {"type": "string", "maxLength": 16},
+                "city": {"type": "string", "maxLength": 12},
                 "country": {"type": "string", "enum": ["FR", "DE", "US"]},
             },
             "required": ["city", "country"],
@@ -69,7 +69,7 @@ def _messages(i: int) -> list[Any]:
 
 async def _ask(client: openai.AsyncOpenAI, model: str, i: int, constrained: bool) -> str:
     kwargs: dict[str, Any] = dict(
-        model=model, messages=_messages(i), max_tokens=96, temperature=0.8, seed=i
+        model=model, messages=_messages(i), max_tokens=160, temperature=0.8, seed=i
     )
     if constrained:
         kwargs["response_format"] = {
