@@ -54,8 +54,8 @@ class ReplicaPool:
                     "model": engine.model_name, "expected": self.model_name}  # fmt: skip
             logger.error(json.dumps(line))
             return False
-        if self.tokenizer is None:
-            self.tokenizer = engine.tokenizer
+        if not self.block_size:  # the first replica: every other serves the same model
+            self.tokenizer = self.tokenizer or engine.tokenizer
             self.max_model_len = engine.max_model_len
             self.block_size = engine.block_size
         old = self.replicas.get(engine.replica_id)

@@ -1,0 +1,100 @@
+"""Replica discovery through real Redis: heartbeats, KV events and snapshots into a gateway's
+pool, and a replica whose heartbeat stops leaving rotation with its streams ended. Time is a
+fake clock; the replica is the fake engine served over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.sampling_params import SamplingParams
+from engine.service.discovery import Heartbeat, RegistryKeys
+from gateway.replicas.discovery import RedisReplicas
+from gateway.replicas.pool import ReplicaPool
+from gateway.replicas.remote import ReplicaLostError, Timeouts
+from gateway.replicas.router import HASH_BYTES, prompt_chain
+from tests.gateway.fake_engine import FakeEngine
+from tests.gateway.replicas.helpers import serve_replica
+from tests.tenants.conftest import unique_prefix
+
+
+class HashingFake(FakeEngine):
+    """The fake engine with a settable set of cached block hashes (its KV events)."""
+
+    def __init__(self) -> None:
+        super().__init__(token_delay=0.01)
+        self.hashes: set[bytes] = set()
+
+    async def cached_block_hashes(self) -> list[bytes]:
+        return sorted(self.hashes)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Any]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def until_live(watcher: RedisReplicas, pool: ReplicaPool) -> None:
+    while not pool.live():  # the join connects in the background
+        await watcher.sync()
+        await asyncio.sleep(0.01)
+
+
+async def test_heartbeats_kv_events_and_expiry(redis_client: Any, redis_url: str) -> None:
+    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
+    tokens = fake.tokenizer.encode("a system prompt long enough for two blocks." * 2)
+    chain = prompt_chain(tokens, fake.block_size, "ns")
+    full = [h + b"\0" * (32 - HASH_BYTES) for h in chain]  # the engine reports 32-byte hashes
+    fake.hashes = set(full[:1])
+    with serve_replica(fake, "r0") as url:
+        beat = Heartbeat(fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock)
+        await beat.beat()  # registered, with a snapshot of one block
+        pool = ReplicaPool("prefix", model_name=fake.model_name)
+        pool.tokenizer = fake.tokenizer  # the fake's has no files to send
+        watcher_redis = aioredis.Redis.from_url(redis_url)
+        watcher = RedisReplicas(pool, watcher_redis, keys, Timeouts(ttl_s=3), clock=clock)
+        watcher.stream_id = "0-0"
+        try:
+            await until_live(watcher, pool)
+            [replica] = pool.live()
+            assert (replica.block_size, pool.block_size) == (fake.block_size, fake.block_size)
+            assert pool.index.cached_prefix(chain) == {"r0": 1}  # from the snapshot
+            fake.hashes = set(full)  # a second block stored: a KV event
+            await beat.beat()
+            await watcher.sync()
+            assert pool.index.cached_prefix(chain) == {"r0": len(chain)}
+            assert replica.stats().num_blocks == fake.num_blocks  # load from the heartbeat
+            fake.hashes = set()  # all evicted
+            await beat.beat()
+            await watcher.sync()
+            assert pool.index.cached_prefix(chain) == {}
+
+            stream = pool.add_request(
+                tokens, SamplingParams(max_tokens=400, ignore_eos=True), namespace="ns"
+            )
+            await stream.__anext__()
+            clock.now += 3.5  # the replica stops beating: past its TTL
+            await watcher.sync()
+            assert not pool.replicas
+            with pytest.raises(ReplicaLostError):
+                async for _ in stream:
+                    pass
+        finally:
+            pool.shutdown()
+            await watcher_redis.aclose()
+            await beat.leave()
+            await redis_client.delete(keys.events)
