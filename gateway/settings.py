@@ -160,11 +160,11 @@ class Settings(EngineEnv):
         "request, tempered by load), least-loaded, or round-robin",
     )
     routing_load_weight: float = Field(
-        default=1.0,
+        default=2.0,
         ge=0,
         description="prefix routing: score = cached fraction of the prompt - weight x "
-        "load / (mean load + 1), load = the replica's running + waiting requests "
-        "(docs/deployment.md)",
+        "max(0, load - mean load) / (mean load + 1), load = the replica's running + waiting "
+        "requests (docs/deployment.md)",
     )
     engine_timeout_s: float = Field(
         default=10.0,

@@ -35,7 +35,7 @@ class ReplicaPool:
         model_name: the model every replica must serve (others are refused).
     """
 
-    def __init__(self, routing: str = "prefix", load_weight: float = 1.0, *, model_name: str):
+    def __init__(self, routing: str = "prefix", load_weight: float = 2.0, *, model_name: str):
         self.policy = make_policy(routing, load_weight)
         self.index = BlockIndex()
         self.replicas: dict[str, RemoteEngine] = {}

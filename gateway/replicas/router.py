@@ -8,13 +8,17 @@ the run of leading blocks it holds.
 
 Prefix rule (`PrefixAware`), for each live replica r:
 
-    score(r) = cached_blocks(r) / prompt_blocks  -  weight * load(r) / (mean_load + 1)
+    hit(r)    = cached_blocks(r) / prompt_blocks                  (0..1)
+    excess(r) = max(0, load(r) - mean_load) / (mean_load + 1)     (0 at or below the mean)
+    score(r)  = hit(r) - weight * excess(r)
 
-where load(r) is r's running + waiting requests, mean_load their mean over live replicas, and
-`weight` is `PREFIXGATE_ROUTING_LOAD_WEIGHT` (default 1). The highest score wins; ties go to the
-lower load, then in turn. So with weight 1 a replica holding the whole prompt keeps getting it
-while its load exceeds another's by less than mean_load + 1 (at loads 4 and 2 it still wins, at
-9 and 2 it no longer does); a larger weight balances sooner, weight 0 is pure cache affinity.
+where load(r) is r's running + waiting requests (its last report, or this gateway's open streams
+on it when more), mean_load their mean over live replicas, and `weight` is
+`PREFIXGATE_ROUTING_LOAD_WEIGHT` (default 2). The highest score wins; ties go to the replica with
+more cached blocks, then the lower load, then in turn. Only replicas above the mean pay, so at
+low load (and with load reports a heartbeat old) the cache decides; with weight 2 a replica
+holding the whole prompt keeps it against one with 2 requests until it carries about 8 (at 9 the
+other wins). A larger weight balances sooner; weight 0 is pure cache affinity.
 """
 
 from __future__ import annotations
@@ -138,20 +142,23 @@ class PrefixAware:
 
     needs_chain: ClassVar[bool] = True
 
-    def __init__(self, load_weight: float = 1.0) -> None:
+    def __init__(self, load_weight: float = 2.0) -> None:
         self.load_weight = load_weight
         self._turn = itertools.count()
 
     def score(self, c: Candidate, prompt_blocks: int, mean_load: float) -> float:
         hit = c.cached_blocks / prompt_blocks if prompt_blocks else 0.0
-        return hit - self.load_weight * c.load / (mean_load + 1)
+        excess = max(0.0, c.load - mean_load) / (mean_load + 1)
+        return hit - self.load_weight * excess
 
     def pick(self, candidates: Sequence[Candidate], prompt_blocks: int) -> Candidate:
         mean = sum(c.load for c in candidates) / len(candidates)
         turn = next(self._turn)
         ordered = sorted(candidates, key=lambda c: c.replica_id)
         ordered = ordered[turn % len(ordered) :] + ordered[: turn % len(ordered)]
-        return max(ordered, key=lambda c: (self.score(c, prompt_blocks, mean), -c.load))
+        return max(
+            ordered, key=lambda c: (self.score(c, prompt_blocks, mean), c.cached_blocks, -c.load)
+        )
 
 
 POLICIES: dict[str, type[RoundRobin | LeastLoaded | PrefixAware]] = {

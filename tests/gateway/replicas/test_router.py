@@ -41,13 +41,17 @@ def test_index_counts_leading_blocks_per_replica() -> None:
 
 
 def test_prefix_policy_prefers_cached_blocks_until_load_outweighs_them() -> None:
-    policy = PrefixAware(load_weight=1.0)
-    holder, other = Candidate("a", load=4, cached_blocks=10), Candidate("b", 2, 0)
-    assert policy.pick([holder, other], prompt_blocks=10).replica_id == "a"  # 0 > -0.5
-    busy = Candidate("a", load=9, cached_blocks=10)  # 1 - 9/6.5 < -2/6.5
+    policy = PrefixAware()  # weight 2
+    other = Candidate("b", load=2, cached_blocks=0)
+    for load in (0, 1, 4, 8):  # at 8: 1 - 2 * 3/6 = 0 against 0, more cached blocks win
+        holder = Candidate("a", load=load, cached_blocks=10)
+        assert policy.pick([holder, other], prompt_blocks=10).replica_id == "a", load
+    busy = Candidate("a", load=9, cached_blocks=10)  # 1 - 2 * 3.5/6.5 < 0
     assert policy.pick([busy, other], prompt_blocks=10).replica_id == "b"
     assert PrefixAware(0.0).pick([busy, other], 10).replica_id == "a"  # weight 0: affinity only
-    assert PrefixAware(3.0).pick([holder, other], 10).replica_id == "b"  # 1 - 3 < -1.5
+    # A stale report of one request does not outweigh two thirds of the prompt cached.
+    stale = [Candidate("a", load=1, cached_blocks=2), Candidate("b", 0, 0)]
+    assert policy.pick(stale, prompt_blocks=3).replica_id == "a"
 
 
 def test_prefix_policy_spreads_requests_without_cached_blocks() -> None:
