@@ -3,6 +3,8 @@
     python bench/serve.py                          # starts `prefixgate serve` (bundled SmolLM2)
     python bench/serve.py --url http://host:8000   # drives a running server instead
     python bench/serve.py --num-requests 128 --concurrency 32 --model path/to/model
+    python bench/serve.py --remote                 # the gateway drives a `prefixgate engine`
+                                                   # replica process (docs/deployment.md)
 
 The workload: `--num-requests` prompts of `--prompt-tokens` random token ids (seeded), each
 asking for a seeded number of output tokens up to `--max-tokens` (greedy, ignore_eos, so both
@@ -263,22 +265,40 @@ async def run_http(
     )  # fmt: skip
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, Path]:
+def start_server(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], str, Path]:
+    """`prefixgate serve` (embedded engine), or with `--remote` a `prefixgate engine` replica on
+    the next port and a `serve` gateway over it; returns the processes, the URL and the log."""
     port = args.port
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
-    cmd += server_flags(args)
     log = Path(tempfile.mkstemp(prefix="prefixgate-bench-", suffix=".log")[1])
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen(cmd, stderr=log.open("wb"), stdout=subprocess.DEVNULL, env=env)
+    procs = []
+    serve = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
+    if args.remote:
+        replica = [sys.executable, "-m", "gateway.cli", "engine", "--port", str(port + 1)]
+        replica += [f for f in server_flags(args) if f != "--no-access-log"]
+        procs.append(subprocess.Popen(replica, stderr=log.open("ab"), env=env))
+        wait_ready(procs[0], f"http://127.0.0.1:{port + 1}", log)
+        serve += ["--engine-urls", f"http://127.0.0.1:{port + 1}"]
+        serve += ["--no-access-log"] if not args.access_log else []
+        if args.model:
+            serve += ["--model", args.model]
+    else:
+        serve += server_flags(args)
+    procs.append(subprocess.Popen(serve, stderr=log.open("ab"), stdout=subprocess.DEVNULL, env=env))
     url = f"http://127.0.0.1:{port}"
+    wait_ready(procs[-1], url, log)
+    return procs, url, log
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited ({proc.returncode}); log: {log}")
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url, log
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.25)
@@ -439,6 +459,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "load generator) would otherwise still be spinning when a probe arrives",
     )
     p.add_argument("--port", type=int, default=8123, help="port for the server this starts")
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="the HTTP mode goes through a gateway over a `prefixgate engine` replica process",
+    )
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--model")
     p.add_argument("--dtype")
@@ -514,20 +539,29 @@ def probe_workload(args: argparse.Namespace) -> list[Request]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    proc = None
+    procs: list[subprocess.Popen[bytes]] = []
     url = None if args.skip_http else args.url
     if url is None and not args.skip_http:
-        proc, url, log = start_server(args)
+        procs, url, log = start_server(args)
         print(f"server: {url} (log {log})", file=sys.stderr)
     try:
-        runs = asyncio.run(bench(args, url, proc.pid if proc is not None else None))
+        # The gateway's process: its CPU time is the one `report` shows.
+        runs = asyncio.run(bench(args, url, procs[-1].pid if procs else None))
     finally:
-        if proc is not None:
+        for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=60)
     workload = {
         k: getattr(args, k)
-        for k in ("url", "num_requests", "concurrency", "prompt_tokens", "max_tokens", "rounds")
+        for k in (
+            "url",
+            "remote",
+            "num_requests",
+            "concurrency",
+            "prompt_tokens",
+            "max_tokens",
+            "rounds",
+        )
     }
     _record.write(args, __file__, {"workload": workload, **report(args, runs)})
 
