@@ -153,9 +153,10 @@ class RedisReplicas:
             return
         finally:
             self._joining.pop(replica_id, None)
-        if self.pool.add(engine):
-            self._snapshot_at.pop(replica_id, None)
-            await self._load_snapshot(replica_id)
+        blob = await self.redis.get(self.keys.blocks(replica_id))
+        if self.pool.add(engine):  # in rotation with what it caches known, in one go
+            if blob is not None:
+                self.pool.index.snapshot(replica_id, unpack(blob))
             self._snapshot_at[replica_id] = self.clock()
 
     async def _apply_events(self) -> None:
