@@ -3,6 +3,7 @@ tiny random model (real SmolLM2 tokenizer) behind a real uvicorn server."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import openai
@@ -83,3 +84,24 @@ def test_echo_returns_the_prompt_first_with_its_logprobs(
     assert all(lp is not None and lp <= 0 for lp in first.token_logprobs[1:n_prompt])
     assert all(len(top or {}) >= 1 for top in first.top_logprobs[1:n_prompt])
     assert first.text_offset and first.text_offset[n_prompt - 1] < len(PROMPT)
+
+
+def test_guided_choice_and_regex_on_the_tiny_engine(client: openai.OpenAI, served: Served) -> None:
+    choices = ["alpha", "beta", "gamma"]
+    for seed in range(3):
+        out = client.completions.create(
+            model=served.model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=seed,
+            extra_body={"guided_choice": choices},
+        )  # fmt: skip
+        assert out.choices[0].text in choices
+    chat = client.chat.completions.create(
+        model=served.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=12,
+        temperature=1.0, seed=3, extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}"},
+    )  # fmt: skip
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", chat.choices[0].message.content or "")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model=served.model, prompt=PROMPT, max_tokens=2, extra_body={"guided_regex": "(x"}
+        )
+    assert err.value.body["param"] == "guided_regex"  # type: ignore[index]
+    assert "could not be compiled" in err.value.body["message"]  # type: ignore[index]
