@@ -69,6 +69,9 @@ def test_preempts_newest_and_resumes_from_cache() -> None:
     assert out.seqs and out.seqs[0].seq_id == new_seq.seq_id
     # Its first block came back from the cache (old's decode evicted the second).
     assert out.seqs[0].start_pos == 4
+    assert s.num_preemptions == 1
+    # Usage reports what the cache served at first admission, not the recompute's hits.
+    assert s.requests["new"].num_cached_tokens == 0
 
 
 def test_abort_frees_everything_at_any_time() -> None:
@@ -107,3 +110,54 @@ def test_priority_policy_orders_waiting() -> None:
     s.add_request(request("high", 3, first=40, priority=0))
     out = s.schedule()
     assert out.seqs[0].seq_id == s.requests["high"].seqs[0].seq_id
+
+
+def test_has_work_with_only_waiting_or_only_running() -> None:
+    s = make()
+    assert not s.has_work
+    s.add_request(request("a", 3))
+    assert s.has_work and not s.running  # waiting only
+    s.schedule()
+    assert s.has_work and s.num_waiting == 0  # running only
+
+
+def test_n_counts_every_sequence_against_max_num_seqs() -> None:
+    s = make(max_num_seqs=3)
+    s.add_request(request("one", 3))
+    s.add_request(request("pair", 3, first=10, n=2))
+    s.add_request(request("late", 3, first=20, n=2))
+    out = s.schedule()  # 1 + 2 sequences fit; 2 more would make 5
+    assert len(out.seqs) == 2 and s.num_waiting == 1
+    run_samples(s, out)
+    assert len(s.running) == 3  # "pair" forked its second sequence
+    out = s.schedule()
+    assert len(out.seqs) == 3 and s.num_waiting == 1
+
+
+def test_each_of_n_samples_with_its_own_seed() -> None:
+    s = make()
+    params = SamplingParams(temperature=1.0, max_tokens=100, n=3, seed=5)
+    s.add_request(Request("a", [1, 2, 3], params, 100))
+    out = s.schedule()
+    assert [spec.seed for spec in out.samples] == [5, 6, 7]
+    assert [spec.num_prompt_tokens for spec in out.samples] == [3, 3, 3]
+
+
+def test_a_forked_request_counts_one_slot_per_sequence() -> None:
+    s = make(max_num_seqs=3)
+    s.add_request(request("pair", 3, n=2))
+    run_samples(s, s.schedule())
+    assert len(s.running) == 2  # forked: two sequences, two slots
+    s.add_request(request("solo", 3, first=10))
+    out = s.schedule()
+    assert s.num_waiting == 0 and len(out.seqs) == 3
+
+
+def test_a_running_decode_goes_before_a_running_chunked_prefill() -> None:
+    s = make(max_num_batched_tokens=8)
+    s.add_request(request("short", 3))
+    s.add_request(request("long", 20, first=100))
+    run_samples(s, s.schedule())  # short: whole prompt, sampled; long: its first 5 tokens
+    out = s.schedule()
+    decode = s.requests["short"].seqs[0].seq_id
+    assert [(x.seq_id == decode, len(x.token_ids)) for x in out.seqs] == [(True, 1), (False, 7)]

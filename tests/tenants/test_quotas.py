@@ -325,3 +325,31 @@ def test_decide_reports_a_limit_that_never_fits() -> None:
     )
     d = decide("acme", result)
     assert d.limit is Limit.TOKENS_PER_MINUTE and d.retry_after is None and d.headers == {}
+
+
+def test_decide_reports_the_first_of_several_limits_that_never_fit() -> None:
+    never = (refusal("max_tokens_per_request", None), refusal("tokens_per_minute", None))
+    d = decide("acme", AdmitResult(False, None, None, 0, refusals=never))
+    assert d.limit is Limit.MAX_TOKENS_PER_REQUEST and not d.degraded
+    assert d.message == (
+        "max_tokens is too large for tenant 'acme': limit on max tokens per request "
+        "(max_tokens_per_request) is 10, requested 1."
+    )
+
+
+def test_decide_with_a_limit_free_again_now() -> None:
+    """A zero wait still asks for a retry after 1 s (the header has whole seconds)."""
+    now = (refusal("max_concurrent_requests", 0),)
+    d = decide("acme", AdmitResult(False, None, None, 0, refusals=now))
+    assert d.limit is Limit.MAX_CONCURRENT_REQUESTS and d.retry_after == 0.0
+    assert d.headers == {"retry-after": "1"} and not d.degraded
+    assert d.message == (
+        "Rate limit reached for concurrent requests (max_concurrent_requests) on tenant 'acme': "
+        "Limit 10, Used 10, Requested 1. Please try again in 0s."
+    )
+
+
+def test_decide_admits_undegraded_unless_told() -> None:
+    admitted = AdmitResult(True, None, None, 1)
+    assert decide("acme", admitted) == AdmissionDecision(admitted=True, headers={})
+    assert decide("acme", admitted, degraded=True).degraded
