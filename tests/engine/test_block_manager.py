@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -116,6 +117,17 @@ def test_out_of_blocks_changes_nothing() -> None:
     assert bm.allocate(2, [7, 7, 7], 3) is None
     assert bm.append_slots(1, list(range(9)), 8, 1) is None
     assert bm.num_free_blocks == 0 and len(bm.block_ids(1)) == 2
+
+
+def test_reviving_a_hit_counts_against_the_free_blocks() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    bm.allocate(1, [0, 1, 2, 3, 4], 5)  # block 0 full and cached, block 1 partial
+    bm.free(1)
+    bm.allocate(2, [50 + i for i in range(8)], 8)  # takes the two other free blocks
+    assert [b.block_id for b in bm.free_queue] == [0]  # only the cached block is free
+    # A hit on block 0 (reviving it) plus one new block: two blocks, one free.
+    assert bm.allocate(3, [0, 1, 2, 3, 9], 5) is None
+    assert bm.num_free_blocks == 1 and 3 not in bm.seqs
 
 
 def test_double_release_is_refused() -> None:
@@ -444,7 +456,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert sum(self.bm.tenant_blocks.values()) == 0 and not self.bm.tenant_pinned
 
 
+# PREFIXGATE_MACHINE_EXAMPLES: fewer examples per run (tools/mutation.py runs this file once per
+# mutant).
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=300, stateful_step_count=40, deadline=None
+    max_examples=int(os.environ.get("PREFIXGATE_MACHINE_EXAMPLES", "300")),
+    stateful_step_count=40,
+    deadline=None,
 )
 TestBlockManagerMachine = BlockManagerMachine.TestCase

@@ -11,8 +11,9 @@ from engine import SamplingParams
 from engine.sampler import Sampler
 from engine.scheduler import SampleSpec
 
-# Six tokens: positive, negative and zero logits, so the repetition penalty's two branches show.
-LOGITS = [2.0, -1.0, 0.5, 3.0, -2.0, 0.0]
+# Six tokens: positive, negative (one in (-1, 0)) and zero logits, so the repetition penalty's
+# two branches show.
+LOGITS = [2.0, -0.5, 0.5, 3.0, -2.0, 0.0]
 PROMPT = [1, 2, 4]
 OUTPUTS = [3, 3, 1, 5]  # token 3 twice, token 1 in both prompt and outputs, 0 and 2 unseen here
 EOS = 0
@@ -78,6 +79,30 @@ def test_penalties_move_the_greedy_choice() -> None:
     specs = [spec(SamplingParams(temperature=0, **k), seq_id=i) for i, k in enumerate(knobs)]
     got = sampler(torch.tensor([LOGITS] * len(knobs)), specs)
     assert [t.token_id for t in got] == [3, 0, 0, 0]
+
+
+def test_min_tokens_beside_another_penalty_bans_nothing_once_reached() -> None:
+    params = SamplingParams(temperature=0, min_tokens=2, presence_penalty=0.5)
+    assert penalized(params) == pytest.approx(by_formula(presence=0.5), abs=1e-6)
+
+
+def test_min_tokens_after_a_one_token_prompt() -> None:
+    sampler = Sampler(vocab_size=len(LOGITS), eos_token_ids=[EOS])
+    params = SamplingParams(temperature=0, min_tokens=1)
+    one = SampleSpec(0, 0, params, None, [4], 1)  # no output yet
+    assert sampler._apply_penalties(torch.tensor([LOGITS]), [one])[0, EOS] == float("-inf")
+
+
+def test_logprobs_top_k_sizes() -> None:
+    sampler = Sampler(vocab_size=len(LOGITS), eos_token_ids=[EOS])
+    logits = torch.tensor([LOGITS] * 3)
+    specs = [
+        SampleSpec(i, i, SamplingParams(temperature=0, logprobs=k), None, [4], 1)
+        for i, k in enumerate((0, 1, 2))
+    ]
+    got = sampler(logits, specs)
+    assert [len(t.logprob.top) if t.logprob else None for t in got] == [0, 1, 2]
+    assert got[1].logprob is not None and got[1].logprob.top[0][0] == 3
 
 
 def test_no_output_tokens_means_no_frequency_or_presence_penalty() -> None:
