@@ -161,3 +161,12 @@ def test_a_running_decode_goes_before_a_running_chunked_prefill() -> None:
     out = s.schedule()
     decode = s.requests["short"].seqs[0].seq_id
     assert [(x.seq_id == decode, len(x.token_ids)) for x in out.seqs] == [(True, 1), (False, 7)]
+
+
+def test_a_waiting_request_that_does_not_fit_waits() -> None:
+    s = make(num_blocks=2, block_size=4)
+    s.add_request(request("a", 8))
+    s.add_request(request("b", 8, first=50))
+    out = s.schedule()  # a takes both blocks; b stays first in line
+    assert [x.seq_id for x in out.seqs] == [s.requests["a"].seqs[0].seq_id]
+    assert s.num_waiting == 1 and s.waiting.peek() is s.requests["b"].seqs[0]
