@@ -271,14 +271,14 @@ def test_bad_inputs_are_refused(kernel: object) -> None:
         op(out.half(), query.half(), cache.half(), *args, ids, 0.1)
 
 
-PORTABLE_CHECK = """
+ISA_CHECK = """
 import sys
 from kernels.options import KernelOptions, configure
 configure(KernelOptions(cache_dir=sys.argv[1]))  # the library is built under the test's tmp dir
 import torch
 from kernels import _build, cpu_attention, reference
 from tests.kernels.test_cpu_attention import make_step
-_build.FLAG_SETS = (["-O3", "-fopenmp"],)  # no -march: no AVX-512, plain loops
+_build.FLAG_SETS = (sys.argv[2].split(),)  # one ISA, whatever the host has beyond it
 assert cpu_attention.load_kernel() is not None
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
     for head_dim in (16, 64, 24):
@@ -289,15 +289,45 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
         want = torch.full(query.shape, float("nan"))
         reference.prefill_attention(query.float(), cache.float(), meta, 0.125, want)
         torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, equal_nan=True)
+op = cpu_attention.load_kernel()
+for head_dim in (16, 64, 24):  # decode: one query over a paged context of 6 tokens
+    q, cache = torch.randn(1, 2, head_dim), torch.randn(2, 3, 4, 1, head_dim)
+    out = cpu_attention.paged_decode(q, cache, torch.tensor([[2, 1]]), torch.tensor([6]), 0.25, op)
+    k, v = cache[:, [2, 1]].reshape(2, 8, head_dim)[:, :6]
+    want = torch.softmax(q[0] @ k.T * 0.25, -1) @ v
+    torch.testing.assert_close(out[0], want)
 """
 
 
-def test_portable_build_matches_reference(kernel: object, tmp_path: Path) -> None:
-    """The library built without -march (so without AVX-512) runs the plain loops correctly."""
+def _host_has(*flags: str) -> bool:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    words = {w for line in info.splitlines() if line.startswith("flags") for w in line.split()}
+    return all(flag in words for flag in flags)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param("-O3 -fopenmp", id="portable"),  # no -march: plain loops
+        pytest.param(
+            "-O3 -mavx2 -mfma -mf16c -mno-avx512f -fopenmp",
+            id="avx2",  # the AVX2 + FMA branches, never compiled by -march=native on AVX-512
+            marks=pytest.mark.skipif(
+                not _host_has("avx2", "fma", "f16c"), reason="the CPU has no AVX2 + FMA"
+            ),
+        ),
+    ],
+)
+def test_build_for_an_isa_matches_reference(kernel: object, tmp_path: Path, flags: str) -> None:
+    """The library built for one instruction set only, in a fresh process, against the
+    reference: prefill over every dtype and head size above."""
     root = Path(__file__).resolve().parents[2]
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-c", PORTABLE_CHECK, str(tmp_path)],
+        [sys.executable, "-c", ISA_CHECK, str(tmp_path), flags],
         cwd=root,
         env=env,
         text=True,
