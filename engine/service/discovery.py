@@ -6,15 +6,19 @@ Key layout (under the deployment's key prefix `p`, as the tenant store's):
 p:replicas                 ZSET  replica id -> expiry (epoch s); a gateway reads the live ones
 p:replica:{id}             STRING (EX ttl) JSON: id, url, model, stats, heartbeat time
 p:kv-events                STREAM  r=id, s=stored hashes, e=evicted hashes (8 bytes each,
-                                   concatenated), trimmed to about MAX_EVENTS entries
-p:replica-blocks:{id}      STRING (EX 10 ttl) every cached hash of the replica: the full
-                                   snapshot, rewritten every `snapshot_s`
+                                   concatenated); with full=1, s is every cached hash (a full
+                                   snapshot, replacing what the gateway knew); trimmed to about
+                                   MAX_EVENTS entries
+p:replica-blocks:{id}      STRING (EX 10 ttl) the latest full snapshot, for a gateway that
+                                   starts (or sees the replica join) after it went out
 ```
 
 Every `ttl_s / 3` the replica renews its key and its ZSET score, and diffs its cached block
 hashes against the previous beat: new ones go out as stored, gone ones as evicted, in one
-stream entry. A gateway that starts late or loses events converges at the next snapshot. A
-replica that stops beating leaves the ZSET's live range and its key expires within `ttl_s`.
+stream entry; every `snapshot_s` the entry is a full snapshot instead. Gateways apply entries in
+stream order, so a snapshot never erases a later event; one that starts late or missed events
+converges at the next snapshot. A replica that stops beating leaves the ZSET's live range and
+its key expires within `ttl_s`.
 """
 
 from __future__ import annotations
@@ -110,16 +114,19 @@ class Heartbeat:
             "time": now,
         }
         ttl_ms = max(1, int(self.ttl_s * 1000))
+        full = self._last_snapshot is None or now - self._last_snapshot >= self.snapshot_s
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.keys.replica(self.replica_id), json.dumps(record), px=ttl_ms)
         pipe.zadd(self.keys.replicas, {self.replica_id: now + self.ttl_s})
-        if stored or evicted:
-            fields = {"r": self.replica_id, "s": pack(stored), "e": pack(evicted)}
-            pipe.xadd(self.keys.events, fields, maxlen=MAX_EVENTS, approximate=True)  # type: ignore[arg-type]
-        if self._last_snapshot is None or now - self._last_snapshot >= self.snapshot_s:
+        fields: dict[Any, Any] = {"r": self.replica_id, "s": pack(stored), "e": pack(evicted)}
+        if full:
+            fields = {"r": self.replica_id, "s": pack(current), "e": b"", "full": b"1"}
             pipe.set(self.keys.blocks(self.replica_id), pack(current), px=10 * ttl_ms)
-            self._last_snapshot = now
+        if full or stored or evicted:
+            pipe.xadd(self.keys.events, fields, maxlen=MAX_EVENTS, approximate=True)
         await pipe.execute()
+        if full:
+            self._last_snapshot = now
         self.cached = current
 
     async def leave(self) -> None:

@@ -62,8 +62,9 @@ class StaticReplicas:
 
 class RedisReplicas:
     """Follows the replica registry in Redis: joins live replicas, drops the ones whose
-    heartbeat expired (their streams end with an error), applies KV events to the pool's
-    block index and reloads every replica's full snapshot every `snapshot_s`."""
+    heartbeat expired (their streams end with an error), and applies KV events and full
+    snapshots to the pool's block index in stream order (a joining replica starts from its
+    latest snapshot)."""
 
     def __init__(
         self,
@@ -72,17 +73,14 @@ class RedisReplicas:
         keys: RegistryKeys,
         timeouts: Timeouts,
         *,
-        snapshot_s: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = pool
         self.redis: Any = redis  # binary replies; redis-py's annotations do not say which
         self.keys = keys
         self.timeouts = timeouts
-        self.snapshot_s = snapshot_s
         self.clock = clock
         self.stream_id = "$"
-        self._snapshot_at: dict[str, float] = {}
         self._joining: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -113,20 +111,15 @@ class RedisReplicas:
             await asyncio.sleep(min(self.timeouts.probe_s, self.timeouts.ttl_s / 3))
 
     async def sync(self) -> None:
-        """One round: membership and load, then KV events, then due snapshots."""
+        """One round: membership and load, then KV events."""
         now = self.clock()
         records = await self._live_records(now)
         for replica_id in list(self.pool.replicas):
             if replica_id not in records:
-                self._snapshot_at.pop(replica_id, None)
                 self.pool.remove(replica_id, "heartbeat expired")
         for replica_id, record in records.items():
             self._update(replica_id, record)
         await self._apply_events()
-        for replica_id in list(self.pool.replicas):
-            if now - self._snapshot_at.get(replica_id, -1e18) >= self.snapshot_s:
-                await self._load_snapshot(replica_id)
-                self._snapshot_at[replica_id] = now
 
     async def _live_records(self, now: float) -> dict[str, dict[str, Any]]:
         ids = [i.decode() for i in await self.redis.zrangebyscore(self.keys.replicas, now, "+inf")]
@@ -154,10 +147,9 @@ class RedisReplicas:
         finally:
             self._joining.pop(replica_id, None)
         blob = await self.redis.get(self.keys.blocks(replica_id))
-        if self.pool.add(engine):  # in rotation with what it caches known, in one go
-            if blob is not None:
-                self.pool.index.snapshot(replica_id, unpack(blob))
-            self._snapshot_at[replica_id] = self.clock()
+        # In rotation with what it caches known, in one go.
+        if self.pool.add(engine) and blob is not None:
+            self.pool.index.snapshot(replica_id, unpack(blob))
 
     async def _apply_events(self) -> None:
         while True:
@@ -168,13 +160,12 @@ class RedisReplicas:
             for entry_id, fields in entries:
                 self.stream_id = entry_id.decode()
                 replica_id = fields[b"r"].decode()
-                if replica_id in self.pool.replicas:
+                if replica_id not in self.pool.replicas:
+                    continue
+                if fields.get(b"full"):
+                    self.pool.index.snapshot(replica_id, unpack(fields[b"s"]))
+                else:
                     self.pool.index.evicted(replica_id, unpack(fields[b"e"]))
                     self.pool.index.stored(replica_id, unpack(fields[b"s"]))
             if len(entries) < 1000:
                 return
-
-    async def _load_snapshot(self, replica_id: str) -> None:
-        blob = await self.redis.get(self.keys.blocks(replica_id))
-        if blob is not None and replica_id in self.pool.replicas:
-            self.pool.index.snapshot(replica_id, unpack(blob))

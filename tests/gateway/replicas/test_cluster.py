@@ -117,7 +117,8 @@ def test_two_replicas_two_gateways(cluster: tuple[dict[str, Any], list[Any]]) ->
         r = chat(url, key, f"Question {i}: which planet is largest?", prefix="solar")
         assert r.status_code == 200, r.text
         usage.append(r.json()["usage"])
-        assert usage[-1]["prompt_tokens_details"]["cached_tokens"] > 0
+        routed = [pool_of(a).routed for a in (app_a, app_b)]
+        assert usage[-1]["prompt_tokens_details"]["cached_tokens"] > 0, (i, holder, routed)
     for url, app in ((url_a, app_a), (url_b, app_b)):
         routed = pool_of(app).routed
         assert routed.get(holder, 0) - before[url].get(holder, 0) == 2
