@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -339,11 +340,16 @@ class RemoteEngine:
         task.add_done_callback(self._background.discard)
 
 
-def load_tokenizer(files: dict[str, str]) -> Any:
-    """A transformers tokenizer from its saved files (what a replica's /engine/tokenizer sends)."""
-    from transformers import AutoTokenizer
+_TOKENIZER_LOCK = threading.Lock()
 
-    with tempfile.TemporaryDirectory() as tmp:
+
+def load_tokenizer(files: dict[str, str]) -> Any:
+    """A transformers tokenizer from its saved files (what a replica's /engine/tokenizer sends).
+    One at a time: transformers' lazy first import is not thread-safe (two replicas connecting
+    at once got `cannot import name 'AutoTokenizer'`)."""
+    with _TOKENIZER_LOCK, tempfile.TemporaryDirectory() as tmp:
+        from transformers import AutoTokenizer
+
         for name, text in files.items():
             (Path(tmp) / Path(name).name).write_text(text)
         return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
