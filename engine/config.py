@@ -114,7 +114,7 @@ class SchedulerConfig:
     # tenants within `fair_allowance` of the least served may run their longest cached prefix.
     prefill_weight: float = 1.0
     decode_weight: float = 2.0
-    fair_allowance: float = 2048.0
+    fair_allowance: float = 256.0
 
     def __post_init__(self) -> None:
         _check_positive(
