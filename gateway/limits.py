@@ -34,6 +34,7 @@ MAX_CONTENT_PARTS = 256  # parts of one message's content
 MAX_TOKENS = 2**31 - 1  # max_tokens, max_completion_tokens, min_tokens
 MAX_GRAMMAR_CHARS = 65536  # a JSON schema (as JSON) or a regex, for structured outputs
 MAX_CHOICES = 256  # guided_choice entries
+MAX_TOOLS = 128  # tools of a request, tool calls of a message
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,35 +19,86 @@ from gateway.openai.schemas import (
     ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
+    ChunkToolCall,
+    FunctionCall,
+    ResponseToolCall,
     TopLogprob,
     Usage,
 )
 from gateway.openai.template import render_chat
 from gateway.openai.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
+from gateway.openai.tools import (
+    ToolPlan,
+    call_text,
+    fallback_system,
+    native_tools,
+    parse_calls,
+    template_tools,
+)
 
 ROLE_ALIASES = {"developer": "system"}
-ROLES = ("system", "user", "assistant")
-TOOL_ROLES = ("tool", "function")
+ROLES = ("system", "user", "assistant", "tool")
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template wants them: known roles, text content only."""
+def template_messages(
+    messages: list[ChatMessage], native_tools: bool = False
+) -> list[dict[str, Any]]:
+    """Messages as the chat template wants them: known roles, text content; tool calls and
+    results as transformers' convention has them (`native_tools`), else as text (`tools.py`)."""
     out = []
     for i, message in enumerate(messages):
         role = ROLE_ALIASES.get(message.role, message.role)
-        if role in TOOL_ROLES:
-            raise bad_request(
-                f"Messages with role '{role}' are not supported: this server has no tool calling.",
-                param=f"messages[{i}].role",
-            )
         if role not in ROLES:
             raise bad_request(
                 f"Invalid role '{message.role}': expected one of system, developer, user, "
-                "assistant.",
+                "assistant, tool.",
                 param=f"messages[{i}].role",
             )
-        out.append({"role": role, "content": _text_content(message, i)})
+        if role == "assistant" and message.tool_calls:
+            out.append(_assistant_calls(message, i, native_tools))
+        elif role == "tool":
+            out.append(_tool_result(message, i, native_tools))
+        else:
+            out.append({"role": role, "content": _text_content(message, i)})
     return out
+
+
+def _assistant_calls(message: ChatMessage, i: int, native: bool) -> dict[str, Any]:
+    content = "" if message.content is None else _text_content(message, i)
+    calls = message.tool_calls or []
+    if not native:
+        texts = [call_text(c.function.name, c.function.arguments) for c in calls]
+        return {"role": "assistant", "content": "\n".join([content, *texts]).strip()}
+    return {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": _arguments(c.function)},
+            }
+            for c in calls
+        ],
+    }
+
+
+def _arguments(call: FunctionCall) -> Any:
+    """Templates read the arguments as an object; kept as text if it is not JSON."""
+    try:
+        return json.loads(call.arguments)
+    except ValueError:
+        return call.arguments
+
+
+def _tool_result(message: ChatMessage, i: int, native: bool) -> dict[str, Any]:
+    if message.tool_call_id is None:
+        raise bad_request("A 'tool' message needs its 'tool_call_id'.",
+                          param=f"messages[{i}].tool_call_id")  # fmt: skip
+    content = _text_content(message, i)
+    if not native:
+        return {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
+    return {"role": "tool", "tool_call_id": message.tool_call_id, "content": content}
 
 
 def _text_content(message: ChatMessage, i: int) -> str:
@@ -70,25 +122,44 @@ def render_chat_prompt(
     tokenizer: Any,
     messages: list[ChatMessage],
     prefix: Sequence[dict[str, str]] = (),
+    tools: ToolPlan | None = None,
 ) -> list[int]:
     """Apply the model's chat template (with the assistant generation prompt) and tokenize;
     special tokens written in a message are text, never control tokens (`template.py`).
-    `prefix`: a registered prefix's messages (already checked), put first."""
-    return render_conversation(tokenizer, [*prefix, *template_messages(messages)])
+    `prefix`: a registered prefix's messages (already checked), put first. `tools`: offered
+    through the template, or as a system message when the template cannot render them."""
+    conversation = [*prefix, *template_messages(messages, native_tools(tokenizer))]
+    offer = fallback_system(tools)
+    if offer is not None:
+        if conversation and conversation[0]["role"] == "system":
+            first = conversation[0]
+            conversation[0] = {**first, "content": f"{first['content']}\n\n{offer}"}
+        else:
+            conversation.insert(0, {"role": "system", "content": offer})
+    return render_conversation(tokenizer, conversation, tools=template_tools(tools))
 
 
 def render_conversation(
-    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    *,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """`template.render_chat`, a template's own refusal as a 400 on `messages`."""
     try:
-        return render_chat(tokenizer, conversation, add_generation_prompt)
+        return render_chat(tokenizer, conversation, add_generation_prompt, tools=tools)
     except Exception as exc:  # jinja2 errors raised by the template itself (raise_exception)
         raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from exc
 
 
 class ChatFormat:
-    """Chat completion JSON: chunks while streaming, one `ChatCompletion` otherwise."""
+    """Chat completion JSON: chunks while streaming, one `ChatCompletion` otherwise.
+
+    With tools, a choice's text is held until it finishes, then parsed (`tools.parse_calls`):
+    its calls go out as `tool_calls` deltas with `finish_reason: "tool_calls"`, or its text as
+    content when it made no call.
+    """
 
     def __init__(
         self,
@@ -99,6 +170,7 @@ class ChatFormat:
         n: int,
         top_logprobs: int | None,  # None: no logprobs
         token_texts: TokenTexts,
+        tools: ToolPlan | None = None,
     ) -> None:
         self.id = completion_id
         self.created = created
@@ -106,6 +178,8 @@ class ChatFormat:
         self.n = n
         self.top_logprobs = top_logprobs
         self.texts = token_texts
+        self.tools = tools
+        self._held: dict[int, ChoiceState] = {}  # with tools: each choice's output so far
         # Fast path for the common chunk (text, no logprobs): the fixed JSON around it, once.
         self._head, self._tail = chunk_frame(
             ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[])
@@ -125,6 +199,8 @@ class ChatFormat:
         return [self._chunk([ChatChunkChoice(index=i, delta=role)]) for i in range(self.n)]
 
     def delta_chunks(self, delta: Delta) -> list[bytes]:
+        if self.tools is not None:
+            return self._held_chunks(delta, self.tools)
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
             return []
         if self.top_logprobs is None:  # same bytes as the pydantic path below, 10x cheaper
@@ -143,6 +219,25 @@ class ChatFormat:
         )
         return [self._chunk([choice])]
 
+    def _held_chunks(self, delta: Delta, tools: ToolPlan) -> list[bytes]:
+        held = self._held.setdefault(delta.index, ChoiceState(delta.index))
+        held.add(delta)
+        if delta.finish_reason is None:
+            return []
+        content, calls, finish = _read_calls(held, tools)
+        fragment = ChatDelta(
+            content=content,
+            tool_calls=[ChunkToolCall(index=k, **c.model_dump()) for k, c in enumerate(calls)]
+            or None,
+        )
+        choice = ChatChunkChoice(
+            index=delta.index,
+            delta=fragment,
+            logprobs=self._logprobs(held.logprobs),
+            finish_reason=finish,
+        )
+        return [self._chunk([choice])]
+
     def usage_chunk(self, usage: Usage) -> bytes:
         return self._chunk([], usage)
 
@@ -151,18 +246,23 @@ class ChatFormat:
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[
-                ChatChoice(
-                    index=c.index,
-                    message=ChatResponseMessage(content=c.text),
-                    logprobs=self._logprobs(c.logprobs),
-                    finish_reason=c.finish_reason,
-                )
-                for c in choices
-            ],
+            choices=[self._final_choice(c) for c in choices],
             usage=usage,
         )
         return body.model_dump_json().encode()
+
+    def _final_choice(self, c: ChoiceState) -> ChatChoice:
+        content: str | None = c.text
+        calls: list[ResponseToolCall] = []
+        finish = c.finish_reason
+        if self.tools is not None:
+            content, calls, finish = _read_calls(c, self.tools)
+        return ChatChoice(
+            index=c.index,
+            message=ChatResponseMessage(content=content, tool_calls=calls or None),
+            logprobs=self._logprobs(c.logprobs),
+            finish_reason=finish,
+        )
 
     def _logprobs(self, logprobs: list[TokenLogprob] | None) -> ChatChoiceLogprobs | None:
         if self.top_logprobs is None or logprobs is None:
@@ -182,3 +282,14 @@ class ChatFormat:
                 for lp in logprobs
             ]
         )
+
+
+def _read_calls(
+    choice: ChoiceState, tools: ToolPlan
+) -> tuple[str | None, list[ResponseToolCall], str | None]:
+    """A finished choice's content, tool calls and finish reason ("tool_calls" if it called)."""
+    content, calls = parse_calls(choice.text, tools)
+    finish = choice.finish_reason
+    if calls and finish == "stop":
+        finish = "tool_calls"
+    return content, calls, finish

@@ -29,6 +29,7 @@ from gateway.openai.schemas import (
     ModelList,
 )
 from gateway.openai.structured import compile_grammar, requested_grammar
+from gateway.openai.tools import plan_tools, tool_grammar
 from gateway.routing import JSON, Endpoint, Handler, parse_body
 from gateway.state import GatewayState, get_state
 from gateway.tenancy.auth import get_principal
@@ -41,7 +42,8 @@ async def chat_completions(request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest)
     engine = _prepare(state, req)
     prefix = await _resolve_prefix(request, state, engine, req)
-    prompt = render_chat_prompt(engine.tokenizer, req.messages, _prefix_messages(prefix))
+    tools = plan_tools(req, engine.tokenizer)
+    prompt = render_chat_prompt(engine.tokenizer, req.messages, _prefix_messages(prefix), tools)
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     fmt = ChatFormat(
@@ -51,6 +53,7 @@ async def chat_completions(request: Request) -> Response:
         n=req.n,
         top_logprobs=top_logprobs,
         token_texts=state.token_texts(),
+        tools=tools,
     )
     return await _generate(request, state, engine, req, prompt, top_logprobs, fmt, started, prefix)
 
@@ -120,6 +123,9 @@ async def _generate(
     max_tokens = resolve_max_tokens(req, len(prompt), engine.max_model_len, default_cap)
     echo = isinstance(req, CompletionRequest) and req.echo
     grammar = requested_grammar(req)
+    if isinstance(fmt, ChatFormat) and fmt.tools is not None:
+        forced = tool_grammar(fmt.tools)
+        grammar = grammar if forced is None else (forced, "tools")
     spec = None if grammar is None else grammar[0]
     params = sampling_params(req, max_tokens, logprobs, logprobs if echo else None, spec)
     if grammar is not None:

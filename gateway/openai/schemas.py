@@ -2,7 +2,7 @@
 
 Requests are validated strictly from JSON (`"0.5"` is not a number; `1` is a valid float), and
 unknown fields are ignored like OpenAI does. Fields that OpenAI defines but we cannot honour
-(`functions`, `suffix`, ...) are declared so `unsupported_fields` can refuse them clearly
+(`functions`, `suffix`) are declared so `unsupported_fields` can refuse them clearly
 instead of silently ignoring them.
 """
 
@@ -22,6 +22,7 @@ from gateway.limits import (
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
     MAX_TOKENS,
+    MAX_TOOLS,
     MAX_TOP_LOGPROBS,
     MAX_USER_CHARS,
 )
@@ -51,10 +52,49 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+
+
+class FunctionCall(_Request):
+    """A call in an assistant message sent back: `arguments` is a JSON text."""
+
+    name: str = Field(max_length=MAX_NAME_CHARS)
+    arguments: str = Field(max_length=MAX_GRAMMAR_CHARS)
+
+
+class ToolCall(_Request):
+    id: str = Field(max_length=MAX_NAME_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: str
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)  # assistant
+    tool_call_id: str | None = Field(default=None, max_length=MAX_NAME_CHARS)  # role "tool"
+
+
+class FunctionDefinition(_Request):
+    name: ToolName
+    description: str | None = Field(default=None, max_length=MAX_GRAMMAR_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str = Field(max_length=MAX_NAME_CHARS)
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JSONSchemaFormat(_Request):
@@ -122,16 +162,16 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # one call per reply is always valid
     functions: list[Any] | None = None
-    tool_choice: Any = None
     response_format: ResponseFormat | None = None
 
     def unsupported_fields(self) -> list[str]:
         found = super().unsupported_fields()
-        found += [name for name in ("tools", "functions") if getattr(self, name)]
-        if self.tool_choice not in (None, "none"):
-            found.append("tool_choice")
+        if self.functions:
+            found.append("functions")
         return found
 
 
@@ -187,9 +227,25 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+class ChunkToolCall(ResponseToolCall):
+    index: int
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = Field(default=None, exclude_if=is_none)
 
 
 class ChatChoice(BaseModel):
@@ -214,6 +270,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = Field(default=None, exclude_if=is_none)
     content: str | None = Field(default=None, exclude_if=is_none)
+    tool_calls: list[ChunkToolCall] | None = Field(default=None, exclude_if=is_none)
 
 
 class ChatChunkChoice(BaseModel):

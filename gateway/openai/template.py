@@ -16,6 +16,9 @@ assistant turn. Here only the template's own special tokens are control tokens:
   special tokens before pre-tokenizing, so for benign contents this gives the same ids as the
   whole-string path (tested on SmolLM2's and a Llama-3 template).
 
+Tool definitions, tool calls and tool results are content too: every string in the messages
+and the tools (dictionary keys included: a JSON schema's property names) is masked the same way.
+
 `/v1/completions` does not come here: a raw prompt parses special tokens (its contract).
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import functools
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,23 +65,55 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
 
 
 def render_chat(
-    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    *,
+    tools: list[Any] | None = None,
 ) -> list[int]:
     """Token ids of the conversation with the assistant generation prompt (module docstring);
-    without it for a registered prefix, which a request's messages then continue.
+    without it for a registered prefix, which a request's messages then continue. `tools` go to
+    the template as transformers passes them (`tools=`).
 
     Raises whatever the template raises (jinja2 errors from `raise_exception`).
     """
     specials = special_tokens(tokenizer)
-    if not any(specials.find.search(m["content"]) for m in conversation):
-        text = _apply(tokenizer, conversation, add_generation_prompt)
+    if not any(specials.find.search(s) for s in _strings([conversation, tools])):
+        text = _apply(tokenizer, conversation, add_generation_prompt, tools)
         ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
         return ids
-    return render_keeping_text(tokenizer, conversation, add_generation_prompt)
+    return render_keeping_text(tokenizer, conversation, add_generation_prompt, tools=tools)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in nested lists and dicts (keys included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(item, fn) for item in value]
+    return value
 
 
 def render_keeping_text(
-    tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    *,
+    tools: list[Any] | None = None,
 ) -> list[int]:
     """The masked path of `render_chat` (public so tests can run it on benign contents)."""
     specials = special_tokens(tokenizer)
@@ -90,8 +125,10 @@ def render_keeping_text(
     def mask(match: re.Match[str]) -> str:
         return f"{_MARK_OPEN}{nonce}{index[match.group(0)]}{_MARK_CLOSE}"
 
-    masked = [{**m, "content": specials.find.sub(mask, m["content"])} for m in conversation]
-    rendered = _apply(tokenizer, masked, add_generation_prompt)
+    def mask_all(value: Any) -> Any:
+        return _map_strings(value, lambda text: specials.find.sub(mask, text))
+
+    rendered = _apply(tokenizer, mask_all(conversation), add_generation_prompt, mask_all(tools))
     ids: list[int] = []
     start = 0
     for match in specials.split.finditer(rendered):
@@ -103,9 +140,15 @@ def render_keeping_text(
     return ids
 
 
-def _apply(tokenizer: Any, conversation: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _apply(
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[Any] | None,
+) -> str:
+    kwargs = {} if tools is None else {"tools": tools}
     text: str = tokenizer.apply_chat_template(
-        conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
     return text
 

@@ -53,7 +53,7 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     usage = schemas["Usage"]
     assert "prompt_tokens_details" in usage["required"]
     delta = schemas["ChatDelta"]["properties"]
-    assert set(delta) == {"role", "content"}
+    assert set(delta) == {"role", "content", "tool_calls"}
 
 
 async def test_openapi_documents_the_admin_api(client: httpx.AsyncClient) -> None:
