@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 12},
+        "name": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"type": "string", "enum": ["admin", "editor", "viewer"]},
         "tags": {
@@ -32,7 +32,7 @@ SCHEMA: dict[str, Any] = {
         "address": {
             "type": "object",
             "properties": {
-                "city": {"type": "string", "maxLength": 12},
+                "city": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
                 "country": {"type": "string", "enum": ["FR", "DE", "US"]},
             },
             "required": ["city", "country"],
