@@ -6,13 +6,13 @@ to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed 
 - bfloat16 on CPUs with AVX512-BF16: into panels for our own kernel (`kernels.cpu_ops`), which on
   an AMD EPYC (Zen 4) runs all of SmolLM2's matmuls at 1 row in 7.2 ms (37 GB/s of weights, vs
   11.9 ms through oneDNN), at 16 rows in 12.3 vs 17.6 ms, 64 rows 41.9 vs 51.3 ms, and equal at
-  1024. On CPUs with AMX the same kernel runs batches of 4+ rows on AMX tiles loaded straight
-  from the panels, every batch size, ahead of oneDNN's packed AMX GEMM (an Intel Xeon, all of
-  SmolLM2's matmuls with 30 layers of weights streamed from memory, medians of interleaved runs:
-  64 rows 22 vs 26-32 ms, 512 rows 106 vs 118, 1,024 rows 220 vs 350, 2,048 rows 432 vs 477), so
-  no oneDNN copy of the weight is kept. Where the tiles cannot serve a weight (its in-features not
-  a multiple of 32, or Linux refusing tile data), oneDNN packs it too and takes batches of more
-  than `PANEL_MAX_ROWS_WITH_ONEDNN` rows.
+  1024. On CPUs with AMX the same kernel runs every batch on AMX tiles loaded straight from the
+  panels, ahead of oneDNN's packed AMX GEMM (an Intel Xeon, all of SmolLM2's matmuls with 30
+  layers of weights streamed from memory, medians of interleaved runs: 64 rows 22 vs 26-32 ms,
+  512 rows 106 vs 118, 1,024 rows 220 vs 350, 2,048 rows 432 vs 477), so no oneDNN copy of the
+  weight is kept. Where the tiles cannot serve a weight (its in-features not a multiple of 32, or
+  Linux refusing tile data) the AVX-512 kernel runs every batch of it. One kernel per weight
+  whatever the batch: a row's result never depends on the rows beside it (docs/determinism.md).
 - otherwise for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): bf16 20-35% faster than
   `F.linear` (Intel with AMX, batch 1-64), float32 1.3-2.8x at batch 1-64 on an AVX2-only AMD
   EPYC; float32 batches of up to `SMALL_LINEAR_MAX_ROWS` rows go to the C++ weight-streaming
@@ -23,7 +23,6 @@ Results differ from `F.linear` by float32 summation order only.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +33,14 @@ from kernels import cpu_attention, cpu_ops
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
 # float32 batches of up to this many rows go through the C++ weight-streaming kernel
 SMALL_LINEAR_MAX_ROWS = 16
-# where oneDNN holds a bf16 weight beside its panels, batches of up to this many rows (memory-bound
-# decodes) still take our AVX-512 kernel, larger ones oneDNN's AMX GEMM
-PANEL_MAX_ROWS_WITH_ONEDNN = 4
 
 
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
-    """A weight's packed forms (at least one is set)."""
+    """A weight's packed form (exactly one is set)."""
 
     panels: torch.Tensor | None = None  # `cpu_ops.pack_panels` layout (bf16, AVX512-BF16)
-    onednn: torch.Tensor | None = None  # oneDNN's layout
+    onednn: torch.Tensor | None = None  # oneDNN's layout, where there are no panels
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -68,30 +64,14 @@ def _pack_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
     """The weight [out, in] packed for `linear`, or None where packing does not apply."""
-    panels = None
     if (
         weight.device.type == "cpu"
         and weight.dtype == torch.bfloat16
         and cpu_ops.linear_bf16_available()
     ):
-        panels = cpu_ops.pack_panels(weight)
-    onednn = None
-    if panels is None or ("amx_bf16" in cpu_ops.cpu_flags() and not tiles_serve(weight)):
-        onednn = _pack_onednn(weight)
-    if panels is None and onednn is None:
-        return None
-    return PackedWeight(panels, onednn)
-
-
-def tiles_serve(weight: torch.Tensor) -> bool:
-    """True when `cpu_ops.linear_bf16` runs this weight's batches of 4+ rows on AMX tiles."""
-    return cpu_ops.linear_amx_available() and weight.shape[1] % 32 == 0
-
-
-def panel_max_rows(packed: PackedWeight) -> int:
-    """The largest batch `linear` sends to the panel kernel when the weight has panels: every
-    batch, unless oneDNN holds the weight too (AMX without tiles for it)."""
-    return sys.maxsize if packed.onednn is None else PANEL_MAX_ROWS_WITH_ONEDNN
+        return PackedWeight(panels=cpu_ops.pack_panels(weight))
+    onednn = _pack_onednn(weight)
+    return None if onednn is None else PackedWeight(onednn=onednn)
 
 
 def linear(
@@ -104,7 +84,7 @@ def linear(
     if packed is None or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     rows = x.shape[0]
-    if packed.panels is not None and rows <= panel_max_rows(packed):
+    if packed.panels is not None:
         return cpu_ops.linear_bf16(x.contiguous(), packed.panels, weight.shape[0], bias)
     small = x.dtype == torch.float32 and rows <= SMALL_LINEAR_MAX_ROWS
     if small and cpu_attention.small_linear_available():  # built once, then cached

@@ -12,7 +12,6 @@ rest in the weight dtype. Mistral's sliding window is not applied (full causal a
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.models.linear import PackedWeight, linear, pack_weight, panel_max_rows
+from engine.models.linear import PackedWeight, linear, pack_weight
 from kernels import AttentionBackend, cpu_attention, cpu_ops, get_attention_backend
 from kernels.layer_ops import LayerOps, get_layer_ops
 from kernels.metadata import AttentionMetadata
@@ -37,7 +36,6 @@ class _LayerStack:
 
     weights: list[torch.Tensor]
     qkv_biases: list[torch.Tensor]
-    max_rows: int  # larger batches take the Python layers (their matmuls go to oneDNN)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -223,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         cos, sin = self._rope(positions, x.dtype)
         stack = self._stack
-        if stack is not None and x.shape[0] <= stack.max_rows:
+        if stack is not None:
             attention = cpu_attention.stack_attention(meta, kv_caches[0])
             if attention is not None:  # all layers in one C++ call, the same ops as below
                 c = self.config
@@ -268,7 +266,6 @@ class LlamaForCausalLM(nn.Module):
         if self.ops is not cpu_ops or any(layer.backend is not cpu_attention for layer in layers):
             return None
         weights: list[torch.Tensor] = []
-        max_rows = sys.maxsize  # the smallest batch limit of `linear` over the weights
         for layer in layers:
             panels = []
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
@@ -276,14 +273,13 @@ class LlamaForCausalLM(nn.Module):
                 if packed is None or packed.panels is None:
                     return None
                 panels.append(packed.panels)
-                max_rows = min(max_rows, panel_max_rows(packed))
             qkv, o, gate_up, down = panels
             ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
             weights += [ln1, qkv, o, ln2, gate_up, down]
         biases: list[torch.Tensor] = [ly.qkv_bias for ly in layers if ly.qkv_bias is not None]
         if biases and len(biases) != len(layers):
             return None
-        return _LayerStack(weights, biases, max_rows)
+        return _LayerStack(weights, biases)
 
     @torch.no_grad()
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -4,7 +4,7 @@
 //                                        over the weights (AVX2 + FMA, else plain loops)
 //   linear_bf16(out, x, packed, bias?)   bfloat16, weights packed in panels at load
 //                                        (`kernels.cpu_ops.pack_panels`): AVX512-BF16 dot products,
-//                                        AMX tiles from 4 rows where the CPU has them
+//                                        AMX tiles for every batch where the CPU has them
 //   has_linear_bf16(), has_linear_amx()  whether this build / process runs those paths
 
 #include <ATen/Parallel.h>
@@ -180,16 +180,21 @@ void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64
 // ---- the same linear on AMX tiles (CPUs with AMX-BF16) -----------------------------------------
 //
 // The panel layout is already what an AMX B tile wants: 16 k-pairs of a panel's first (or last)
-// 16 columns are 16 rows of 64 bytes at a 128-byte stride. So batches of `kAmxMinRows` rows or
-// more run on tiles with no other packing: for each panel and each 16 input rows, per 32 k, one
+// 16 columns are 16 rows of 64 bytes at a 128-byte stride. So batches of every size run on tiles
+// with no other packing: for each panel and each 16 input rows, per 32 k, one
 // A tile (16 rows x 32 k) is multiplied into two B tiles (the panel's halves) and summed in two C
 // tiles of 16 x 16 float32 (bf16 products, float32 sums, as above). In each pass of rows (below)
 // the panel is read from memory for the first 16 rows, while the next one is prefetched into L2;
 // later rows read it from the cache. (Two A tiles against four C tiles, 32 rows at a time, measured
-// slower, and so did K-blocking with C spilled to memory between blocks.) x is copied into a zero-padded buffer
-// when M is not a multiple of 16, so a tile never reads past it. Needs K % 32 == 0 and the
+// slower, and so did K-blocking with C spilled to memory between blocks.) x is copied into a
+// zero-padded buffer when M is not a multiple of 16, so a tile never reads past it. Needs K % 32 == 0 and the
 // process's permission for tile data (asked once; where Linux refuses, the AVX-512 kernel runs).
 // As in oneDNN's AMX kernels, float32 denormals flush to zero.
+//
+// One row's result never depends on the batch: each output is its row's sum over K in the same
+// 32-k steps whatever M is. So a CPU with tiles runs every batch on them, one row included (1-3
+// rows were on the AVX-512 kernel, which is as fast there but sums in another order: a token's
+// logits then changed with the number of rows in its step).
 //
 // Batches of more than 256 rows go in passes of 256 (`kAmxRowRange`), each over all the weights:
 // the pass's rows stay in L2 while the panels stream by. All of SmolLM2's matmuls on an Intel Xeon
@@ -200,7 +205,6 @@ void linear_panels_rows(int64_t rows, const c10::BFloat16* x, int64_t ldx, int64
 // pass over all rows).
 
 #if PREFIXGATE_AMX_BF16
-constexpr int64_t kAmxMinRows = 4;  // below, the AVX-512 kernel is as fast
 // rows per pass over the weights: their x (256 x K bf16, 0.3-0.8 MB for SmolLM2) stays in L2
 constexpr int64_t kAmxRowRange = 256;
 
@@ -354,7 +358,7 @@ void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& p
   const int64_t ldx = x.stride(0), ldo = out.stride(0), panel_elems = packed.size(1) * 64;
   const int64_t panels = packed.size(0);
 #if PREFIXGATE_AMX_BF16
-  if (M >= kAmxMinRows && K % 32 == 0 && amx_permitted())
+  if (K % 32 == 0 && amx_permitted())
     return linear_amx(xp, ldx, M, K, pp, panels, N, b, op, ldo);
 #endif
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import pytest
@@ -135,10 +134,26 @@ def test_linear_bf16_matches_float32_matmul(
         torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-4 * in_features)
 
 
+def test_linear_bf16_row_does_not_depend_on_the_batch(linear_bf16, cpu_ops) -> None:  # type: ignore[no-untyped-def]
+    """A row's output is bit-identical whether it is computed alone or among 2 to 300 others
+    (the panel kernel, and AMX tiles for every batch where the CPU has them)."""
+    gen = torch.Generator().manual_seed(5)
+    for in_features, out_features in ((64, 40), (576, 200), (72, 33)):
+        w = torch.randn(out_features, in_features, generator=gen).bfloat16()
+        bias = torch.randn(out_features, generator=gen).bfloat16()
+        panels = cpu_ops.pack_panels(w)
+        x = torch.randn(300, in_features, generator=gen).bfloat16()
+        whole = linear_bf16(x, panels, out_features, bias)
+        for start, rows in ((0, 1), (7, 1), (3, 2), (10, 3), (20, 4), (40, 17), (100, 64)):
+            part = linear_bf16(x[start : start + rows], panels, out_features, bias)
+            want = whole[start : start + rows]
+            assert torch.equal(part.view(torch.int16), want.view(torch.int16))
+
+
 def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Every batch goes to the panel kernel (on AMX tiles from 4 rows where the CPU has them);
-    only a weight the tiles cannot serve (in-features not a multiple of 32) on an AMX CPU is also
-    packed for oneDNN, which then takes its batches of more than 4 rows."""
+    """Every batch of every weight goes to the panel kernel (on AMX tiles where the CPU has them
+    and the in-features are a multiple of 32): one kernel whatever the batch, so that a row's
+    result does not depend on the rows beside it."""
     from engine.models import linear as module
     from kernels import cpu_ops
 
@@ -152,13 +167,10 @@ def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type
     amx = "amx_bf16" in cpu_ops.cpu_flags()
     # built for this CPU (-march=native) with AMX, the library runs batches on tiles
     assert cpu_ops.linear_amx_available() == amx
-    for in_features, split in ((64, False), (72, amx)):
+    for in_features in (64, 72):
         w = torch.randn(40, in_features).bfloat16()
         packed = module.pack_weight(w)
-        assert packed is not None and packed.panels is not None
-        assert (packed.onednn is not None) == split
-        limit = module.panel_max_rows(packed)
-        assert limit == (module.PANEL_MAX_ROWS_WITH_ONEDNN if split else sys.maxsize)
+        assert packed is not None and packed.panels is not None and packed.onednn is None
         calls.clear()
         for rows in (1, 4, 5, 300):
             x = torch.randn(rows, in_features).bfloat16()
@@ -168,7 +180,7 @@ def test_bf16_linears_take_the_panels(linear_bf16, monkeypatch) -> None:  # type
                 rtol=2**-7,
                 atol=0.05,
             )
-        assert calls == ([1, 4] if split else [1, 4, 5, 300])
+        assert calls == [1, 4, 5, 300]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
