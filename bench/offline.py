@@ -12,6 +12,7 @@ go to a JSON record under bench/results/ (see bench/_record.py). Peers are measu
 with bench/serve.py --url (docs/performance.md), never against figures from another machine.
 
 Usage: python bench/offline.py [--model DIR] [--dtype auto] [--requests 64] [--hf-batch 16]
+       python bench/offline.py --invariance-ab 6    (the cost of batch invariance, interleaved A/B)
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ def workload(tok: Any, n: int, seed: int) -> list[tuple[list[int], int]]:
     return out
 
 
-def run_engine(llm: LLM, work: list[tuple[list[int], int]]) -> dict[str, float]:
+def run_engine(
+    llm: LLM, work: list[tuple[list[int], int]], namespace: str | None = None
+) -> dict[str, float]:
     engine: LLMEngine = llm.engine
     for ids, max_tokens in work:
         engine.add_request(
-            ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            ids,
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+            namespace=namespace,
         )
     stored = allocated = steps = 0
     bs = engine.block_manager.block_size
@@ -268,9 +273,16 @@ def roofline(llm: LLM) -> dict[str, Any]:
     return figures
 
 
-def peer_workload(llm: LLM, concurrency: int, requests: int = 64) -> dict[str, float]:
+def peer_workload(
+    llm: LLM,
+    concurrency: int,
+    requests: int = 64,
+    namespace: str | None = None,
+    quiet: bool = False,
+) -> dict[str, float]:
     """The peers' workload: ~160-token prompts, up to 128 output tokens, `concurrency` at a time.
-    Each concurrency gets its own prompts: a rerun of the same ones would hit the prefix cache."""
+    Each concurrency gets its own prompts: a rerun of the same ones would hit the prefix cache
+    (unless it runs in a `namespace` of its own)."""
     engine = llm.engine
     rng = random.Random(concurrency)
     tok = llm.tokenizer
@@ -281,14 +293,44 @@ def peer_workload(llm: LLM, concurrency: int, requests: int = 64) -> dict[str, f
     saved = engine.scheduler.config.max_num_seqs
     engine.scheduler.config.max_num_seqs = concurrency
     try:
-        result = run_engine(llm, work)
+        result = run_engine(llm, work, namespace)
     finally:
         engine.scheduler.config.max_num_seqs = saved
+    if quiet:
+        return result
     print(
         f"peer workload ({requests} requests, {concurrency} at a time): "
         f"output {result['output_tps']:.0f} tok/s, total {result['total_tps']:.0f} tok/s"
     )
     return result
+
+
+def invariance_ab(llm: LLM, rounds: int) -> dict[str, Any]:
+    """What batch invariance costs (docs/determinism.md): output tok/s of the peer workload, 16
+    and 64 at a time, with the batch-invariant kernels (the default) and with the fastest
+    non-invariant configuration (bfloat16 decodes on the decode kernel), interleaved in this
+    process (ABBA...), each run in a prefix-cache namespace of its own; medians."""
+    from kernels import cpu_attention
+
+    runs: dict[str, dict[int, list[float]]] = {"invariant": {}, "fastest": {}}
+    for r in range(rounds):
+        for mode in ("invariant", "fastest") if r % 2 == 0 else ("fastest", "invariant"):
+            cpu_attention.BATCH_INVARIANT = mode == "invariant"
+            try:
+                for c in (16, 64):
+                    tps = peer_workload(llm, c, namespace=f"ab-{r}-{mode}", quiet=True)
+                    runs[mode].setdefault(c, []).append(tps["output_tps"])
+            finally:
+                cpu_attention.BATCH_INVARIANT = True
+    figures: dict[str, Any] = {"rounds": rounds}
+    for c in (16, 64):
+        inv, fast = (statistics.median(runs[m][c]) for m in ("invariant", "fastest"))
+        figures[c] = {"invariant_tps": inv, "fastest_tps": fast, "cost": 1 - inv / fast}
+        print(
+            f"batch invariance, peers {c} at a time: invariant {inv:.0f} vs fastest {fast:.0f} "
+            f"output tok/s (medians of {rounds}, interleaved): cost {1 - inv / fast:+.1%}"
+        )
+    return figures
 
 
 def single_stream_itl(llm: LLM, tokens: int = 64) -> float:
@@ -320,6 +362,13 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--only-roofline", action="store_true")
     ap.add_argument("--only-peers", action="store_true")
+    ap.add_argument(
+        "--invariance-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only the cost of batch invariance: ROUNDS interleaved A/B runs of the peer workload",
+    )
     _record.add_arguments(ap)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -352,6 +401,9 @@ def measure(
 ) -> None:
     """Run the parts `args` asks for, adding each one's figures to `figures`."""
     engine = llm.engine
+    if args.invariance_ab:
+        figures["invariance_ab"] = invariance_ab(llm, args.invariance_ab)
+        return
     figures["single_request_itl_ms"] = single_stream_itl(llm)
     figures["peer_workload"] = {c: peer_workload(llm, c) for c in (16, 64)}
     if args.only_peers:
@@ -410,7 +462,7 @@ def measure(
         f"shared prefix (1000-token system prompt, 32 questions): caching off {off[0]:.1f}s "
         f"({off[1]:.0f} tok/s), on {on[0]:.1f}s ({on[1]:.0f} tok/s), "
         f"speedup {off[0] / on[0]:.2f}x, cached prompt tokens {on[2]}, "
-        f"identical outputs {same}/{len(on[3])} (bf16 is not bit-exact across batch shapes)"
+        f"identical outputs {same}/{len(on[3])}"
     )
 
 

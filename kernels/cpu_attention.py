@@ -10,6 +10,8 @@ softmax and accumulation.
     prefill rows (q_len > 1)    -> C++ prefill kernel, all prefills in one call (`paged_prefill`);
                                    `scaled_dot_product_attention` per sequence where that kernel
                                    has no vector code (`prefill_sdpa`, `prefill_kernel_serves`)
+    bfloat16 where the prefill  -> the prefill kernel for every row, decodes included
+    kernel serves                  (`one_kernel_for_all_rows`: batch-invariant output)
     write_kv                    -> reference
 
 The library is compiled on first use (`kernels._build`). When it cannot be built (no compiler, no
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
+# False: bfloat16 decodes take the decode kernel again (not batch-invariant; for A/B benchmarks,
+# see bench/offline.py --invariance-ab)
+BATCH_INVARIANT = True
 
 Kernel = Callable[..., None]  # (out, query, kv_cache, block_tables, seq_lens, scale) -> None
 
@@ -128,6 +133,19 @@ def prefill_kernel_serves(kv_cache: torch.Tensor) -> bool:
         and load_kernel() is not None
         and bool(torch.ops.prefixgate_cpu.prefill_vectorized(kv_cache.shape[-1]))
     )
+
+
+def one_kernel_for_all_rows(kv_cache: torch.Tensor) -> bool:
+    """True when the prefill kernel attends every row of a step, decodes included: bfloat16
+    caches where it serves (`prefill_kernel_serves`), unless `BATCH_INVARIANT` is off.
+
+    Its rows come out bit-identical however the step is made up (a decode, a prompt's last
+    token in a prefill, in a chunk over cached context, beside other sequences): fixed key
+    blocks aligned to position 0, and one arithmetic whether a token's heads fill the lanes or
+    its keys do (`csrc/prefill_attention.cpp`). The decode kernel sums in another order, so a
+    token's output would change with the way its step was made up (docs/determinism.md).
+    """
+    return BATCH_INVARIANT and kv_cache.dtype == torch.bfloat16 and prefill_kernel_serves(kv_cache)
 
 
 def paged_prefill(
@@ -278,6 +296,8 @@ def _plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
 
 def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
     kernel = load_kernel() if kv_cache.device.type == "cpu" and kernel_available() else None
+    if kernel is not None and one_kernel_for_all_rows(kv_cache):
+        return _Plan(kernel, None, meta.block_tables, None, torch.arange(meta.num_seqs))
     starts = meta.query_start_loc_list
     decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
     prefill_ids = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] > 1]

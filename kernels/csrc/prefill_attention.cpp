@@ -45,6 +45,12 @@
 // without AVX-512 run the same steps as plain loops (correct, but slower than SDPA: the backend
 // asks `prefill_vectorized` first).
 //
+// A sequence with one new token (a decode) is an item of its G heads alone, too few rows for 16
+// lanes: with AVX512-BF16 its keys fill the lanes instead (`attend_token`), in the same arithmetic
+// as the rows of a prefill, so that a token's output does not depend on how its step was made up
+// (one new token, a whole prompt, a chunk over cached context, other sequences beside it). The
+// engine sends every bfloat16 row here for that reason (`kernels.cpu_attention`).
+//
 // Where the build targets AMX, bfloat16 caches with head_dim 32, 64 or 128 run both products on
 // tiles instead (see "AMX steps"; the queries and V pairs packed as above): on an Intel Xeon,
 // 2.6-3.3x the dot-product path (SmolLM2's 9 query / 3 KV heads of 64: 8 prompts of 256 tokens
@@ -124,6 +130,7 @@ struct Item {
   int64_t first;    // position of its first new token (seq_len - q_len)
   int64_t row0, rows;
   int64_t keys;  // keys 0 .. keys - 1 are seen by some row: position of the last row's token + 1
+  bool token;    // the sequence has one new token (a decode): all rows are its heads
 };
 
 // Per-thread scratch, sized once per thread for the longest context.
@@ -341,10 +348,11 @@ inline void pack_values(const c10::BFloat16* head, const int64_t* offs, int64_t 
   }
 }
 
-// values_tile on bfloat16 pairs: o[r] = o[r] * alpha[r] + sum_i pp[i, r] . vp[i]
+// values_tile on bfloat16 pairs: o[r] = o[r] * alpha[r] + sum_i pp[i, r] . vp[i], the pairs of P
+// at pp[i * pair_stride + r * row_stride]
 template <int RT, int DV>
-inline void values_tile_dpbf16(const uint32_t* pp, int64_t pairs, const uint32_t* vp,
-                               const float* alpha, float* o) {
+inline void values_tile_dpbf16(const uint32_t* pp, int64_t pair_stride, int64_t row_stride,
+                               int64_t pairs, const uint32_t* vp, const float* alpha, float* o) {
   constexpr int D = 16 * DV;
   __m512 acc[RT][DV];
   for (int r = 0; r < RT; ++r) {
@@ -356,7 +364,8 @@ inline void values_tile_dpbf16(const uint32_t* pp, int64_t pairs, const uint32_t
     __m512bh x[DV];
     for (int c = 0; c < DV; ++c) x[c] = (__m512bh)_mm512_loadu_si512(vp + i * D + 16 * c);
     for (int r = 0; r < RT; ++r) {
-      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[i * kRows + r]));
+      const __m512bh w =
+          (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pp[i * pair_stride + r * row_stride]));
       for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x[c], w);
     }
   } while (++i < pairs);
@@ -364,6 +373,33 @@ inline void values_tile_dpbf16(const uint32_t* pp, int64_t pairs, const uint32_t
     for (int c = 0; c < DV; ++c) _mm512_storeu_ps(o + r * D + 16 * c, acc[r][c]);
 }
 #endif
+
+// The sum of a block's probabilities in the one order that both layouts can follow (rows in the
+// lanes here, keys in the lanes in token_block): 16 partial sums part[k] = P[k] + P[16 + k] +
+// P[32 + k] + P[48 + k], left to right (keys past n left out: they are 0 in the other layout,
+// and adding +0 to a sum of non-negative numbers changes nothing), then the halves added:
+// part[k] + part[k + 8], then k + 4, k + 2, k + 1. For 16 rows: p[j * kRows] holds key j's.
+inline __m512 block_sum_rows(const float* p, int64_t n) {
+  __m512 part[16];
+  for (int64_t k = 0; k < 16; ++k) {
+    part[k] = k < n ? _mm512_loadu_ps(p + k * kRows) : _mm512_setzero_ps();
+    for (int64_t j = k + 16; j < n; j += 16)
+      part[k] = _mm512_add_ps(part[k], _mm512_loadu_ps(p + j * kRows));
+  }
+  for (int half = 8; half >= 1; half /= 2)
+    for (int k = 0; k < half; ++k) part[k] = _mm512_add_ps(part[k], part[k + half]);
+  return part[0];
+}
+
+// The same sum for one row whose 64 keys are in the lanes of p[0..3] (keys past n zero).
+inline float block_sum_lanes(const __m512 p[4]) {
+  __m512 part = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(p[0], p[1]), p[2]), p[3]);
+  part = _mm512_add_ps(part, _mm512_shuffle_f32x4(part, part, 0xEE));  // lane k += lane k + 8
+  part = _mm512_add_ps(part, _mm512_shuffle_f32x4(part, part, 0x01));  // k += k + 4
+  part = _mm512_add_ps(part, _mm512_permute_ps(part, 0x0E));            // k += k + 2
+  part = _mm512_add_ps(part, _mm512_permute_ps(part, 0x01));            // k += k + 1
+  return _mm512_cvtss_f32(part);
+}
 
 // softmax_portable on 16 rows per vector; masked: some key of the block is after some row's token
 template <int MV>
@@ -379,14 +415,13 @@ void softmax_avx512(float* s, int64_t n, int64_t k0, bool masked, const int32_t*
     __m512 mx = old;
     for (int64_t j = 0; j < n; ++j)
       mx = _mm512_mask_max_ps(mx, visible(j), mx, _mm512_loadu_ps(s + j * kRows + 16 * v));
-    __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       float* sj = s + j * kRows + 16 * v;
       __m512 p = exp2_16(_mm512_sub_ps(_mm512_loadu_ps(sj), mx));
       p = _mm512_maskz_mov_ps(visible(j), p);
       _mm512_storeu_ps(sj, p);
-      sum = _mm512_add_ps(sum, p);
     }
+    const __m512 sum = block_sum_rows(s + 16 * v, n);
     const __m512 a = exp2_16(_mm512_sub_ps(old, mx));
     _mm512_storeu_ps(alpha + 16 * v, a);
     _mm512_storeu_ps(l + 16 * v, _mm512_fmadd_ps(_mm512_loadu_ps(l + 16 * v), a, sum));
@@ -454,6 +489,84 @@ constexpr int kValueRows = DV == 1 ? 16 : DV == 2 ? 8 : DV == 4 ? 4 : 2;
 // MV * KT = 16 or 24 accumulators, KT dividing kKeys
 template <int MV>
 constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
+
+#if defined(__AVX512BF16__)
+// ---- one token's rows with the keys in the lanes (decodes; bfloat16 dot products) ---------------
+//
+// A token's rows are its G query heads: a decode has too few to fill the 16 lanes of the steps
+// above (3 of 16 for SmolLM2). Here the lanes hold 16 keys instead: each 16 keys' rows are
+// transposed into vectors of one dim pair, and each head's pair is broadcast. Every score,
+// probability and sum is still the same operation in the same order as in the steps above (the
+// chain over dim pairs from zero, exp2_16, the block's sum as block_sum_rows adds it, P rounded to
+// bfloat16, the chain over key pairs from o * alpha), so a token's output is bit-identical whether
+// it is computed here or among the rows of a prefill.
+
+// s[g * kKeys + j] = scale * q_g . k_j for the block's n keys (j < n rounded up to 16; the keys
+// past n score 0), q_g = q[g * D / 2 ..] as bfloat16 pairs
+template <int DV>
+void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head, const int64_t* offs,
+                  int64_t n, float scale, float* s) {
+  alignas(64) static constexpr c10::BFloat16 kZeroKey[128] = {};
+  constexpr int64_t kPairs = 8 * DV;  // dim pairs
+  constexpr int64_t kChunk = kPairs < 16 ? kPairs : 16;
+  const __mmask16 mask = static_cast<__mmask16>((1u << kChunk) - 1);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const c10::BFloat16* keys[16];
+    for (int64_t k = 0; k < 16; ++k) keys[k] = j0 + k < n ? head + offs[j0 + k] : kZeroKey;
+    for (int64_t c0 = 0; c0 < kPairs; c0 += 16) {
+      __m512 x[16];  // x[i] = dim pair c0 + i of the 16 keys
+      for (int k = 0; k < 16; ++k)
+        x[k] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, keys[k] + 2 * c0));
+      transpose16(x);
+      for (int64_t g = 0; g < rows; ++g) {
+        float* sg = s + g * kKeys + j0;
+        __m512 acc = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sg);
+        const uint32_t* qg = q + g * kPairs + c0;
+        for (int64_t i = 0; i < kChunk; ++i)
+          acc = _mm512_dpbf16_ps(acc, (__m512bh)x[i],
+                                 (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(qg[i])));
+        _mm512_storeu_ps(sg, c0 + 16 >= kPairs ? _mm512_mul_ps(acc, vscale) : acc);
+      }
+    }
+  }
+}
+
+// A key block of one token: the online softmax of key_block per head, then P @ V as the
+// dot-product path does it (pack_values, values_tile_dpbf16 on pairs of P laid out per row).
+template <int DV>
+void token_block(const c10::BFloat16* k_head, const c10::BFloat16* v_head, const int64_t* offs,
+                 int64_t n, int64_t rows, float scale, Scratch& w) {
+  constexpr int64_t D = 16 * DV, kPairsPerRow = kKeys / 2;
+  float* s = w.s.data();
+  token_scores<DV>(reinterpret_cast<const uint32_t*>(w.q.data()), rows, k_head, offs, n, scale, s);
+  for (int64_t g = 0; g < rows; ++g) {
+    __m512 p[4];
+    __mmask16 vis[4];
+    __m512 mx = _mm512_set1_ps(w.m[g]);
+    for (int q = 0; q < 4; ++q) {
+      const int64_t left = n - 16 * q;
+      vis[q] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+      p[q] = _mm512_maskz_loadu_ps(vis[q], s + g * kKeys + 16 * q);
+      mx = _mm512_mask_max_ps(mx, vis[q], mx, p[q]);
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    for (int q = 0; q < 4; ++q) p[q] = _mm512_maskz_mov_ps(vis[q], exp2_16(_mm512_sub_ps(p[q], m)));
+    const float a = _mm512_cvtss_f32(exp2_16(_mm512_sub_ps(_mm512_set1_ps(w.m[g]), m)));
+    w.alpha[g] = a;
+    w.l[g] = std::fma(w.l[g], a, block_sum_lanes(p));
+    w.m[g] = _mm512_cvtss_f32(m);
+    uint32_t* pg = w.pt.data() + g * kPairsPerRow;  // (P[2i], P[2i + 1]) as bfloat16
+    for (int q = 0; q < 4; ++q)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pg + 8 * q), (__m256i)_mm512_cvtneps_pbh(p[q]));
+  }
+  pack_values<DV>(v_head, offs, n, w.vp.data());
+  constexpr int RT = kValueRows<DV>;
+  for (int64_t r = 0; r < rows; r += RT)
+    values_tile_dpbf16<RT, DV>(w.pt.data() + r * kPairsPerRow, 1, kPairsPerRow, (n + 1) / 2,
+                               w.vp.data(), w.alpha.data() + r, w.o.data() + r * D);
+}
+#endif
 #endif
 
 // ---- AMX steps (bfloat16, head_dim = 32, 64 or 128) ---------------------------------------------
@@ -730,7 +843,7 @@ void key_block(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch&
       pack_probs<MV>(s, n, w.pp.data());
       pack_values<DV>(v_head, offs, n, w.vp.data());
       for (int64_t r = 0; r < R; r += RT)
-        values_tile_dpbf16<RT, DV>(w.pp.data() + r, (n + 1) / 2, w.vp.data(),
+        values_tile_dpbf16<RT, DV>(w.pp.data() + r, kRows, 1, (n + 1) / 2, w.vp.data(),
                                    w.alpha.data() + r, w.o.data() + r * D);
       return;
     }
@@ -777,9 +890,61 @@ void attend_item(const Layout& lay, const Item& it, const Tensors<T>& in, Scratc
   store_rows<T, P>(lay, it, in, w);
 }
 
+// True when this call's items run on AMX tiles: bfloat16, head_dim 32, 64 or 128, a build for a
+// CPU with AMX, and Linux's permission.
+template <typename T>
+bool uses_amx(int64_t head_dim) {
+  return std::is_same_v<T, c10::BFloat16> && head_dim % 32 == 0 && head_dim <= 128 &&
+         amx_permitted();
+}
+
 // The item's function for this build, head dim and row count.
 template <typename T>
 using ItemFn = void (*)(const Layout&, const Item&, const Tensors<T>&, Scratch&);
+
+#if defined(__AVX512BF16__)
+// attend_item for a token item (bfloat16, the dot-product path): keys in the lanes (token_block)
+template <int DV>
+void attend_token(const Layout& lay, const Item& it, const Tensors<c10::BFloat16>& in,
+                  Scratch& w) {
+  constexpr int64_t D = 16 * DV, RT = kValueRows<DV>;
+  uint32_t* q = reinterpret_cast<uint32_t*>(w.q.data());  // [rows][D / 2] pairs as they are
+  for (int64_t r = 0; r < it.rows; ++r)
+    std::memcpy(q + r * D / 2, query_row(lay, it, in.query, r), D * sizeof(c10::BFloat16));
+  row_offsets(lay, in.table, it.seq, it.keys, w.offs.data());
+  const int64_t R = (it.rows + RT - 1) / RT * RT;
+  std::fill(w.m.begin(), w.m.begin() + R, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + R, 0.f);
+  std::fill(w.o.begin(), w.o.begin() + R * D, 0.f);
+  const c10::BFloat16* k_head = in.cache + it.kvh * lay.c_head;
+  const c10::BFloat16* v_head = k_head + lay.c_kv;
+  for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
+    token_block<DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0), it.rows,
+                    in.scale, w);
+  store_rows<c10::BFloat16, Path::kDpbf16>(lay, it, in, w);
+}
+#endif
+
+// attend_token's instance for this head dim where the build runs the dot-product path (not the
+// AMX one, whose sums a token's rows would not match); else nullptr
+template <typename T>
+ItemFn<T> token_fn(int64_t head_dim) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (!uses_amx<T>(head_dim)) {
+      switch (head_dim) {
+        case 16: return &attend_token<1>;
+        case 32: return &attend_token<2>;
+        case 64: return &attend_token<4>;
+        case 128: return &attend_token<8>;
+        default: break;
+      }
+    }
+  }
+#endif
+  (void)head_dim;
+  return nullptr;
+}
 
 template <typename T, Path P, int DV>
 ItemFn<T> by_rows(int64_t rows) {
@@ -789,14 +954,6 @@ ItemFn<T> by_rows(int64_t rows) {
     case 3: return &attend_item<T, P, 3, DV>;
     default: return &attend_item<T, P, 4, DV>;
   }
-}
-
-// True when this call's items run on AMX tiles: bfloat16, head_dim 32, 64 or 128, a build for a
-// CPU with AMX, and Linux's permission.
-template <typename T>
-bool uses_amx(int64_t head_dim) {
-  return std::is_same_v<T, c10::BFloat16> && head_dim % 32 == 0 && head_dim <= 128 &&
-         amx_permitted();
 }
 
 template <typename T>
@@ -912,7 +1069,7 @@ std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* t
       for (int64_t r0 = 0; r0 < rows; r0 += per_item) {
         const int64_t n = std::min(per_item, rows - r0);
         const int64_t keys = first + (r0 + n - 1) / lay.group + 1;
-        items.push_back({s, kvh, start, first, r0, n, keys});
+        items.push_back({s, kvh, start, first, r0, n, keys, q_lens[p] == 1});
       }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
@@ -929,11 +1086,14 @@ void attend_all(const Layout& lay, const Tensors<T>& in, const std::vector<Item>
   // one task per thread, each taking the next item from the shared counter until none is left
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
   const bool amx = uses_amx<T>(lay.head_dim);
+  const ItemFn<T> token = token_fn<T>(lay.head_dim);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch w(lay, max_keys);
     if (amx) amx_configure();
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
-      item_fn<T>(lay.head_dim, items[i].rows)(lay, items[i], in, w);
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+      const ItemFn<T> fn = items[i].token ? token : nullptr;
+      (fn ? fn : item_fn<T>(lay.head_dim, items[i].rows))(lay, items[i], in, w);
+    }
     if (amx) amx_release();
   });
 }

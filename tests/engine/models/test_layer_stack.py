@@ -1,5 +1,10 @@
 """The one-call C++ decoder stack (`cpu_ops.layer_stack`) equals the Python layers bit for bit,
-in decode, prefill, chunked-prefill and mixed steps."""
+in decode, prefill, chunked-prefill and mixed steps.
+
+The two runs of a batch are not made up alike (the second finds the first's prompts in the prefix
+cache), so this also needs each token's output to be independent of its step's make-up: it failed
+on AMX CPUs while `linear_bf16` ran batches of 1-3 rows on AVX-512 and larger ones on tiles.
+Now one kernel family serves every batch (see docs/determinism.md)."""
 
 from __future__ import annotations
 
@@ -33,9 +38,12 @@ def generate(llm: LLM, prompts: list[list[int]], stack: Any) -> list[Any]:
 
 
 def step_kind(attention: cpu_attention.StackAttention) -> str:
-    if attention.prefill_ids is None:
+    """decode (every sequence one new token), prefill (none) or mixed, whichever kernel attends
+    them (bfloat16 decodes go to the prefill kernel too: `one_kernel_for_all_rows`)."""
+    q_lens = attention.query_start_loc.diff().tolist()
+    if all(n == 1 for n in q_lens):
         return "decode"
-    return "prefill" if attention.decode_lens is None else "mixed"
+    return "prefill" if all(n > 1 for n in q_lens) else "mixed"
 
 
 def test_stack_equals_python_layers(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
