@@ -68,23 +68,20 @@ def _resolve_soon(future: asyncio.Future[Any], result: Any, exc: BaseException |
         loop.call_soon_threadsafe(_resolve, future, result, exc)
 
 
-class RequestStream:
+class DeltaStream:
     """Async iterator over one request's `RequestDelta`s; the last one has `finished=True`.
 
     A deque and one waiter future rather than an `asyncio.Queue`: every streamed token passes
-    through here on the event loop, which shares the CPU with the model.
+    through here on the event loop, which shares the CPU with the model. Subclasses say how a
+    request is aborted (`_abort`) and feed items with `_put_now` on the event loop thread.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+    def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._items: deque[RequestDelta | BaseException] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.finished = False
-
-    def _put(self, item: RequestDelta | BaseException) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._put_now, item)
 
     def _put_now(self, item: RequestDelta | BaseException) -> None:  # event loop thread
         self._items.append(item)
@@ -92,7 +89,10 @@ class RequestStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def __aiter__(self) -> RequestStream:
+    def _abort(self) -> None:
+        raise NotImplementedError
+
+    def __aiter__(self) -> DeltaStream:
         return self
 
     async def __anext__(self) -> RequestDelta:
@@ -116,8 +116,19 @@ class RequestStream:
         return item
 
     async def aclose(self) -> None:
-        """Abort the request in the engine unless it already finished."""
+        """Abort the request unless it already finished."""
         self._abort()
+
+
+class RequestStream(DeltaStream):
+    """A request's deltas from the in-process engine, whose thread feeds them with `_put`."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        super().__init__(request_id)
+        self._engine = engine
+
+    def _put(self, item: RequestDelta | BaseException) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._put_now, item)
 
     def _abort(self) -> None:
         if not self.finished:

@@ -19,16 +19,16 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from engine.async_engine import DeltaStream
 from engine.errors import EngineDeadError
 from engine.grammar import GrammarSpec
-from engine.outputs import PrefixState, RequestDelta
+from engine.outputs import PrefixState
 from engine.sampling_params import SamplingParams
 from engine.service import protocol
 from engine.service.protocol import ReplicaInfo, ReplicaStats
@@ -58,59 +58,24 @@ class Timeouts:
         return httpx.Timeout(None, connect=self.connect_s, write=self.call_s, pool=self.call_s)
 
 
-class RemoteStream:
+class RemoteStream(DeltaStream):
     """Async iterator over one remote request's deltas (the `RequestStream` protocol)."""
 
     def __init__(self, engine: RemoteEngine, request_id: str, body: bytes) -> None:
-        self.request_id = request_id
+        super().__init__(request_id)
         self._engine = engine
-        self._items: deque[RequestDelta | BaseException] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self.finished = False
-        self._task = asyncio.get_running_loop().create_task(self._receive(body))
-
-    def __aiter__(self) -> RemoteStream:
-        return self
-
-    async def __anext__(self) -> RequestDelta:
-        if self.finished:
-            raise StopAsyncIteration
-        if not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            except asyncio.CancelledError:
-                self._abort()
-                raise
-            finally:
-                self._waiter = None
-        item = self._items.popleft()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
-
-    async def aclose(self) -> None:
-        """Abort the request on the replica unless it already finished."""
-        self._abort()
+        self._task = self._loop.create_task(self._receive(body))
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with `exc` (its replica is lost)."""
         self._task.cancel()
-        self._put(exc)
+        self._put_now(exc)
 
     def _abort(self) -> None:
         if self.finished:
             return
         self.finished = True
         self._task.cancel()  # closes the connection: the replica aborts at once
-
-    def _put(self, item: RequestDelta | BaseException) -> None:
-        self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     async def _receive(self, body: bytes) -> None:
         engine = self._engine
@@ -123,14 +88,14 @@ class RemoteStream:
                 timeout=engine.timeouts.stream(),
             ) as response:
                 if response.status_code != 200:
-                    self._put(protocol.decode_error(_loads(await response.aread())))
+                    self._put_now(protocol.decode_error(_loads(await response.aread())))
                     return
                 async for line in response.aiter_lines():
                     if self._on_line(line):
                         return
-            self._put(ReplicaLostError(f"replica {engine.replica_id} ended a stream early"))
+            self._put_now(ReplicaLostError(f"replica {engine.replica_id} ended a stream early"))
         except httpx.HTTPError as exc:
-            self._put(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
+            self._put_now(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
         finally:
             engine.streams.pop(self.request_id, None)
 
@@ -139,10 +104,10 @@ class RemoteStream:
         if not line:
             return False
         if line.startswith('{"error"'):
-            self._put(protocol.decode_error(_loads(line)))
+            self._put_now(protocol.decode_error(_loads(line)))
             return True
         delta = protocol.DELTA.validate_json(line)
-        self._put(delta)
+        self._put_now(delta)
         return delta.finished
 
 
