@@ -80,7 +80,8 @@ async def _ask(client: openai.AsyncOpenAI, model: str, i: int, constrained: bool
         stream = await client.chat.completions.create(stream=True, **kwargs)
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     reply = await client.chat.completions.create(**kwargs)
-    assert reply.choices[0].finish_reason == "stop"
+    if constrained:  # a complete object ends the reply; free text may run to max_tokens
+        assert reply.choices[0].finish_reason == "stop"
     return reply.choices[0].message.content or ""
 
 

@@ -103,7 +103,7 @@ async def test_bad_bodies_and_uses(make_gateway: MakeGateway) -> None:
         ({"name": "a b", "text": "x"}, "name"),
         ({"name": "a", "text": "x", "messages": [{"role": "user", "content": "y"}]}, "body"),
         ({"name": "a"}, "body"),
-        ({"name": "a", "messages": [{"role": "tool", "content": "y"}]}, "messages[0].role"),
+        ({"name": "a", "messages": [{"role": "robot", "content": "y"}]}, "messages[0].role"),
         ({"name": "a", "text": "x" * 600}, "text"),  # longer than the context
         ({"name": "a", "text": "x", "ttl_seconds": 0}, "ttl_seconds"),
     ):
