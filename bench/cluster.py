@@ -30,6 +30,7 @@ from typing import Any
 
 import _record
 import httpx
+from _server import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("prefix", "round-robin", "least-loaded")
@@ -37,18 +38,6 @@ POLICIES = ("prefix", "round-robin", "least-loaded")
 
 def start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stderr=log.open("ab"), stdout=subprocess.DEVNULL, env=env)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited ({proc.returncode}); log: {log}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
 
 
 def percentile(values: list[float], q: float) -> float:

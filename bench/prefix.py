@@ -40,6 +40,7 @@ from typing import Any
 
 import _record
 import httpx
+from _server import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -244,18 +245,8 @@ def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[
     log = Path(tempfile.mkstemp(prefix=f"prefixgate-bench-{mode}-", suffix=".log")[1])
     proc = subprocess.Popen(cmd, stderr=log.open("wb"), stdout=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{args.port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); log: {log}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"server not ready after 300 s; log: {log}")
+    wait_ready(proc, url, log)
+    return proc, url
 
 
 def drop_keys(redis_url: str, mode: str) -> None:

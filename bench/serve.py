@@ -48,6 +48,7 @@ from typing import Any
 
 import _record
 import httpx
+from _server import wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -289,21 +290,6 @@ def start_server(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]
     url = f"http://127.0.0.1:{port}"
     wait_ready(procs[-1], url, log)
     return procs, url, log
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); log: {log}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"server not ready after 300 s; log: {log}")
 
 
 ENGINE_FLAGS = ("model", "dtype", "device", "num_blocks", "max_num_seqs", "max_batched_tokens")

@@ -17,7 +17,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 from engine.block_manager import PUBLIC_NAMESPACE
@@ -33,6 +33,7 @@ from engine.grammar import GrammarSpec
 from engine.outputs import Delta, PrefixState, RequestDelta, TokenLogprob
 from engine.request import DEFAULT_SHARE, TenantShare
 from engine.sampling_params import SamplingParams
+from engine.service.protocol import ReplicaStats
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS_ID = 0
@@ -95,22 +96,6 @@ class FakeTokenizer:
         if add_generation_prompt:
             text += "<|im_start|>assistant\n"
         return self.encode(text) if tokenize else text
-
-
-@dataclass
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    num_blocks: int
-    num_free_blocks: int
-    kv_usage: float
-    prefix_queries_tokens: int
-    prefix_hits_tokens: int
-    num_preemptions: int
-    num_pinned_blocks: int = 0
-    max_pinned_blocks: int = 0
-    pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
-    tenants: dict[str, TenantStats] = field(default_factory=dict)
 
 
 @dataclass
@@ -267,14 +252,14 @@ class FakeEngine:
         deltas = [Delta(i, "", [], None, "abort") for i in range(n)]
         stream.queue.put_nowait(RequestDelta(request_id, deltas, True, 0, 0, 0))
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> ReplicaStats:
         self._expire_pins()
         pinned = sum(p.num_blocks for p in self.pins.values())
         used = sum(self.blocks_held.values()) + pinned
         by_tenant: Counter[str] = Counter()
         for pin in self.pins.values():
             by_tenant[pin.tenant] += pin.num_blocks
-        return FakeStats(
+        return ReplicaStats(
             num_running=len(self._tasks),
             num_waiting=0,
             num_blocks=self.num_blocks,
