@@ -27,8 +27,9 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool) -> GrammarSpec:
-        """A schema, written canonically (sorted keys) so equal schemas share one entry."""
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        """A schema as compact JSON, its keys in the order given: the output's properties come
+        in the schema's order (as OpenAI writes them), so a reordered schema is another one."""
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def choice(cls, choices: Sequence[str]) -> GrammarSpec:
