@@ -19,6 +19,7 @@ from gateway.openai.schemas import (
     ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
+    ChunkFunctionCall,
     ChunkToolCall,
     FunctionCall,
     ResponseToolCall,
@@ -27,8 +28,10 @@ from gateway.openai.schemas import (
 )
 from gateway.openai.template import render_chat
 from gateway.openai.tokens import TokenTexts, chunk_frame, json_opt_str, json_str
+from gateway.openai.tool_parser import CallPiece, Piece, ToolCallParser
 from gateway.openai.tools import (
     ToolPlan,
+    call_parser,
     call_text,
     fallback_system,
     native_tools,
@@ -156,9 +159,10 @@ def render_conversation(
 class ChatFormat:
     """Chat completion JSON: chunks while streaming, one `ChatCompletion` otherwise.
 
-    With tools, a choice's text is held until it finishes, then parsed (`tools.parse_calls`):
-    its calls go out as `tool_calls` deltas with `finish_reason: "tool_calls"`, or its text as
-    content when it made no call.
+    With tools, each choice's text goes through its `ToolCallParser` as it comes: content goes
+    out as content, a call as a first `tool_calls` delta (index, id, name, arguments "") and
+    then fragments of its arguments; a choice that called ends with `finish_reason:
+    "tool_calls"`. Not streamed, the same parsing of the whole text gives the message.
     """
 
     def __init__(
@@ -179,7 +183,7 @@ class ChatFormat:
         self.top_logprobs = top_logprobs
         self.texts = token_texts
         self.tools = tools
-        self._held: dict[int, ChoiceState] = {}  # with tools: each choice's output so far
+        self._parsers: dict[int, ToolCallParser] = {}  # with tools: each choice's parser
         # Fast path for the common chunk (text, no logprobs): the fixed JSON around it, once.
         self._head, self._tail = chunk_frame(
             ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[])
@@ -195,12 +199,13 @@ class ChatFormat:
         """Chat never asks for prompt logprobs."""
 
     def opening_chunks(self) -> list[bytes]:
-        role = ChatDelta(role="assistant", content="")
+        # With tools the reply may have no content at all: none yet (null, as OpenAI sends).
+        role = ChatDelta(role="assistant", content=None if self.tools else "")
         return [self._chunk([ChatChunkChoice(index=i, delta=role)]) for i in range(self.n)]
 
     def delta_chunks(self, delta: Delta) -> list[bytes]:
         if self.tools is not None:
-            return self._held_chunks(delta, self.tools)
+            return self._tool_chunks(delta, self.tools)
         if not delta.text and delta.finish_reason is None and not delta.logprobs:
             return []
         if self.top_logprobs is None:  # same bytes as the pydantic path below, 10x cheaper
@@ -219,24 +224,25 @@ class ChatFormat:
         )
         return [self._chunk([choice])]
 
-    def _held_chunks(self, delta: Delta, tools: ToolPlan) -> list[bytes]:
-        held = self._held.setdefault(delta.index, ChoiceState(delta.index))
-        held.add(delta)
-        if delta.finish_reason is None:
-            return []
-        content, calls, finish = _read_calls(held, tools)
-        fragment = ChatDelta(
-            content=content,
-            tool_calls=[ChunkToolCall(index=k, **c.model_dump()) for k, c in enumerate(calls)]
-            or None,
-        )
-        choice = ChatChunkChoice(
-            index=delta.index,
-            delta=fragment,
-            logprobs=self._logprobs(held.logprobs),
-            finish_reason=finish,
-        )
-        return [self._chunk([choice])]
+    def _tool_chunks(self, delta: Delta, tools: ToolPlan) -> list[bytes]:
+        parser = self._parsers.get(delta.index)
+        if parser is None:
+            parser = self._parsers[delta.index] = call_parser(tools)
+        pieces = parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            pieces += parser.finish()
+        choices = [ChatChunkChoice(index=delta.index, delta=_piece_delta(p)) for p in pieces]
+        logprobs = self._logprobs(delta.logprobs or None)
+        if logprobs is not None:
+            if not choices:
+                choices.append(ChatChunkChoice(index=delta.index, delta=ChatDelta()))
+            choices[0].logprobs = logprobs
+        if delta.finish_reason is not None:
+            finish = _finish_reason(delta.finish_reason, parser.calls > 0)
+            choices.append(
+                ChatChunkChoice(index=delta.index, delta=ChatDelta(), finish_reason=finish)
+            )
+        return [self._chunk([choice]) for choice in choices]
 
     def usage_chunk(self, usage: Usage) -> bytes:
         return self._chunk([], usage)
@@ -289,7 +295,20 @@ def _read_calls(
 ) -> tuple[str | None, list[ResponseToolCall], str | None]:
     """A finished choice's content, tool calls and finish reason ("tool_calls" if it called)."""
     content, calls = parse_calls(choice.text, tools)
-    finish = choice.finish_reason
-    if calls and finish == "stop":
-        finish = "tool_calls"
-    return content, calls, finish
+    return content, calls, _finish_reason(choice.finish_reason, bool(calls))
+
+
+def _finish_reason(finish: str | None, called: bool) -> str | None:
+    return "tool_calls" if called and finish == "stop" else finish
+
+
+def _piece_delta(piece: Piece) -> ChatDelta:
+    if not isinstance(piece, CallPiece):
+        return ChatDelta(content=piece)
+    call = ChunkToolCall(
+        index=piece.index,
+        id=piece.id,
+        type=None if piece.id is None else "function",
+        function=ChunkFunctionCall(name=piece.name, arguments=piece.arguments),
+    )
+    return ChatDelta(tool_calls=[call])

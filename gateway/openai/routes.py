@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from engine.grammar import GrammarSpec
 from gateway.engine_client import EngineClient
 from gateway.errors import bad_request, model_not_found
 from gateway.hooks import GenerationInfo
@@ -29,7 +30,7 @@ from gateway.openai.schemas import (
     ModelList,
 )
 from gateway.openai.structured import compile_grammar, requested_grammar
-from gateway.openai.tools import plan_tools, tool_grammar
+from gateway.openai.tools import ToolPlan, plan_tools, tool_grammar
 from gateway.routing import JSON, Endpoint, Handler, parse_body
 from gateway.state import GatewayState, get_state
 from gateway.tenancy.auth import get_principal
@@ -124,8 +125,7 @@ async def _generate(
     echo = isinstance(req, CompletionRequest) and req.echo
     grammar = requested_grammar(req)
     if isinstance(fmt, ChatFormat) and fmt.tools is not None:
-        forced = tool_grammar(fmt.tools)
-        grammar = grammar if forced is None else (forced, "tools")
+        grammar = _forced_call(fmt.tools, grammar)
     spec = None if grammar is None else grammar[0]
     params = sampling_params(req, max_tokens, logprobs, logprobs if echo else None, spec)
     if grammar is not None:
@@ -158,6 +158,19 @@ async def _generate(
             gen, output, include_usage=include_usage, headers=headers
         )
     return GenerationResponse(gen, output, n=req.n, headers=headers)
+
+
+def _forced_call(
+    tools: ToolPlan, grammar: tuple[GrammarSpec, str] | None
+) -> tuple[GrammarSpec, str] | None:
+    """A forced tool call's grammar ("required", a named function) in place of the request's
+    own, which it cannot have too (a 400 naming that field)."""
+    forced = tool_grammar(tools)
+    if forced is None:
+        return grammar
+    if grammar is not None:
+        raise bad_request(f"A forced tool call cannot also have a {grammar[1]}.", param=grammar[1])
+    return forced, "tools"
 
 
 def _model_card(state: GatewayState) -> ModelCard:

@@ -164,7 +164,7 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # one call per reply is always valid
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI
     functions: list[Any] | None = None
     response_format: ResponseFormat | None = None
 
@@ -238,8 +238,18 @@ class ResponseToolCall(BaseModel):
     function: ResponseFunctionCall
 
 
-class ChunkToolCall(ResponseToolCall):
+class ChunkFunctionCall(BaseModel):
+    name: str | None = Field(default=None, exclude_if=is_none)  # the call's first delta
+    arguments: str  # a fragment of the JSON text ("" in the first delta)
+
+
+class ChunkToolCall(BaseModel):
+    """A streamed tool call's part: its first has `id`, `type` and the function's name."""
+
     index: int
+    id: str | None = Field(default=None, exclude_if=is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=is_none)
+    function: ChunkFunctionCall
 
 
 class ChatResponseMessage(BaseModel):

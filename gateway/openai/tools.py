@@ -4,12 +4,15 @@
   (`apply_chat_template(..., tools=...)`). A template that never reads `tools` (SmolLM2's) gets
   them as text in a system message instead, with the Hermes convention that Qwen's and Hermes'
   templates use: calls written as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
-- `"required"` and a named function are enforced by the grammar: the reply is one JSON object
+- `"required"` and a named function are enforced by the grammar: the reply is a JSON object
   `{"name": ..., "arguments": {...}}` naming a listed function (the named one) with arguments
-  valid against its schema.
+  valid against its schema; with `"required"` and `parallel_tool_calls` (OpenAI's default) a
+  JSON list of one or more of them.
 - `"auto"`: the reply is parsed for the model's own call syntax (`<tool_call>` blocks; a template
-  with tools but another syntax: a reply that is one JSON object with `name` and `arguments` or
-  `parameters`). No call found: the reply is plain content.
+  with tools but another syntax: JSON objects with `name` and `arguments` or `parameters`). No
+  call found: the reply is plain content.
+- Replies are read by `tool_parser.ToolCallParser` as they are generated, streamed or not, so a
+  streamed reply's calls (sent as deltas) add up to the same calls.
 - Sent back, assistant `tool_calls` and `role: "tool"` results go to the template as
   transformers' convention has them (or as `<tool_call>` / `<tool_response>` text in the
   fallback). All of it is content for the template: special tokens in it stay text
@@ -19,17 +22,15 @@
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from engine.grammar import GrammarSpec
 from gateway.errors import bad_request
 from gateway.openai.schemas import ChatCompletionRequest, ResponseFunctionCall, ResponseToolCall
+from gateway.openai.tool_parser import CallPiece, Piece, Syntax, ToolCallParser
 
 Mode = Literal["auto", "required", "named"]
-HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 FALLBACK_PROMPT = (
     "You can call functions. To call one, reply with only:\n<tool_call>\n"
     '{"name": <function name>, "arguments": <arguments object>}\n</tool_call>\n'
@@ -47,6 +48,7 @@ class ToolPlan:
     named: str | None  # mode "named": the function
     native: bool  # the chat template renders `tools` itself
     hermes: bool  # calls look like `<tool_call>...</tool_call>` (fallback or Hermes template)
+    parallel: bool  # several calls in one reply (`parallel_tool_calls`, default true)
 
 
 def plan_tools(req: ChatCompletionRequest, tokenizer: Any) -> ToolPlan | None:
@@ -54,7 +56,7 @@ def plan_tools(req: ChatCompletionRequest, tokenizer: Any) -> ToolPlan | None:
 
     Raises:
         APIError: 400 naming `tool_choice` (a function that is not in `tools`, a choice without
-            tools), `tools` (two functions of one name) or `response_format` (with a forced call).
+            tools) or `tools` (two functions of one name).
     """
     choice = req.tool_choice
     if not req.tools:
@@ -75,13 +77,11 @@ def plan_tools(req: ChatCompletionRequest, tokenizer: Any) -> ToolPlan | None:
         if named not in names:
             raise bad_request(f"tool_choice names '{named[:64]}', which is not in tools.",
                               param="tool_choice")  # fmt: skip
-    if mode != "auto" and req.response_format is not None and req.response_format.type != "text":
-        raise bad_request("A forced tool call cannot also have a response_format.",
-                          param="response_format")  # fmt: skip
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
     native = native_tools(tokenizer)
     hermes = not native or "<tool_call>" in _template(tokenizer)
-    return ToolPlan(mode, tools, names, named, native, hermes)
+    parallel = req.parallel_tool_calls is not False
+    return ToolPlan(mode, tools, names, named, native, hermes, parallel)
 
 
 def _template(tokenizer: Any) -> str:
@@ -95,7 +95,8 @@ def native_tools(tokenizer: Any) -> bool:
 
 
 def tool_grammar(plan: ToolPlan) -> GrammarSpec | None:
-    """For "required" / a named function: one call object, arguments valid for that function."""
+    """For "required" / a named function: one call object, arguments valid for that function;
+    "required" with parallel calls: a list of one or more of them."""
     if plan.mode == "auto":
         return None
     calls = [
@@ -111,7 +112,10 @@ def tool_grammar(plan: ToolPlan) -> GrammarSpec | None:
         for t in plan.tools
         if plan.named is None or t["function"]["name"] == plan.named
     ]
-    return GrammarSpec.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls})
+    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if plan.mode == "required" and plan.parallel:
+        return GrammarSpec.json_schema({"type": "array", "items": call, "minItems": 1})
+    return GrammarSpec.json_schema(call)
 
 
 def template_tools(plan: ToolPlan | None) -> list[dict[str, Any]] | None:
@@ -132,39 +136,28 @@ def call_text(name: str, arguments: str) -> str:
     return f"<tool_call>\n{call}\n</tool_call>"
 
 
+def call_parser(plan: ToolPlan) -> ToolCallParser:
+    """A parser for one choice's text: `<tool_call>` blocks (auto, Hermes) or JSON calls."""
+    syntax: Syntax = "tags" if plan.mode == "auto" and plan.hermes else "json"
+    return ToolCallParser(plan.names, syntax, parallel=plan.parallel)
+
+
 def parse_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[ResponseToolCall]]:
-    """The reply's content (None if it is only calls) and its tool calls (possibly none)."""
-    if plan.mode != "auto":
-        call = _call(_json(text), plan)
-        return (None, [call]) if call is not None else (text, [])
-    if plan.hermes:
-        calls = [c for m in HERMES_CALL.finditer(text) if (c := _call(_json(m.group(1)), plan))]
-        if not calls:
-            return text, []
-        content = text[: text.index("<tool_call>")].strip()
-        return content or None, calls
-    call = _call(_json(text.strip()), plan)
-    return (None, [call]) if call is not None else (text, [])
+    """A finished reply's content (None if it has none) and its tool calls (possibly none)."""
+    parser = call_parser(plan)
+    return add_up([*parser.feed(text), *parser.finish()])
 
 
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def _call(value: Any, plan: ToolPlan) -> ResponseToolCall | None:
-    if not isinstance(value, dict) or value.get("name") not in plan.names:
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    if isinstance(arguments, str):  # some models write the arguments as a JSON text
-        arguments = _json(arguments)
-    if not isinstance(arguments, dict):
-        return None
-    return ResponseToolCall(
-        id=f"call_{uuid.uuid4().hex[:24]}",
-        function=ResponseFunctionCall(
-            name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)
-        ),
-    )
+def add_up(pieces: list[Piece]) -> tuple[str | None, list[ResponseToolCall]]:
+    """Content and tool calls as a client that accumulates the streamed pieces has them."""
+    content: list[str] = []
+    calls: list[ResponseToolCall] = []
+    for piece in pieces:
+        if not isinstance(piece, CallPiece):
+            content.append(piece)
+        elif piece.id is not None:
+            function = ResponseFunctionCall(name=piece.name or "", arguments=piece.arguments)
+            calls.append(ResponseToolCall(id=piece.id, function=function))
+        else:
+            calls[piece.index].function.arguments += piece.arguments
+    return "".join(content) or None, calls
