@@ -5,7 +5,8 @@ A request's `SamplingParams.grammar` is a `GrammarSpec` (`engine.grammar`: plain
 grammars sit in a bounded LRU keyed by the spec's SHA-256 (shared by every tenant: a schema is
 not secret content, and the cache holds only what the compiler made of it). The gateway compiles
 in a worker thread before it adds the request, so a new schema never runs on the engine's step
-loop.
+loop; a gateway in front of remote replicas only checks the spec (`check`: the grammar without
+the tokenizer, under a millisecond) and the replica compiles it, once, where it runs.
 
 Each step the sampler asks every constrained sequence's `GrammarMatcher` for its next-token
 bitmask (one `[rows, ceil(vocab / 32)]` int32 mask for the batch), applies it to those rows'
@@ -92,15 +93,9 @@ class Grammars:
 
     def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         compiler = self._get_compiler()
+        grammar = check(spec)
         try:
-            if spec.kind == "json_schema":
-                return compiler.compile_json_schema(spec.text, any_whitespace=False)
-            if spec.kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-            if spec.kind == "regex":
-                return compiler.compile_regex(spec.text)
-            choices = json.loads(spec.text)
-            return compiler.compile_grammar(_choice_ebnf(choices))
+            return compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise InvalidRequestError(_reason(exc), param=spec.kind) from exc
 
@@ -115,6 +110,26 @@ class Grammars:
                 # Our LRU is the cache; xgrammar's own would keep every schema ever seen.
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
             return self._compiler
+
+
+def check(spec: GrammarSpec) -> xgr.Grammar:
+    """The spec as a grammar, before any tokenizer: what compiling would refuse, it refuses
+    (an unknown type, a dangling `$ref`, a bad regex), in well under a millisecond for a
+    typical schema (compiling against a 49k vocabulary takes tens).
+
+    Raises:
+        InvalidRequestError: the spec is no grammar (the converter's reason).
+    """
+    try:
+        if spec.kind == "json_schema":
+            return xgr.Grammar.from_json_schema(spec.text, any_whitespace=False)
+        if spec.kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+        if spec.kind == "regex":
+            return xgr.Grammar.from_regex(spec.text)
+        return xgr.Grammar.from_ebnf(_choice_ebnf(json.loads(spec.text)))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise InvalidRequestError(_reason(exc), param=spec.kind) from exc
 
 
 def _choice_ebnf(choices: list[str]) -> str:

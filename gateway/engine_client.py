@@ -89,8 +89,9 @@ class EngineClient(Protocol):
     def abort(self, request_id: str) -> None: ...
 
     async def compile_grammar(self, spec: GrammarSpec) -> None:
-        """Compile a structured-output grammar ahead of `add_request` (cached by spec), off
-        the engine's step loop.
+        """Make sure a structured-output grammar compiles, ahead of `add_request` and off the
+        engine's step loop: the in-process engine compiles it into its cache (by spec); the
+        remote client only checks it, and the replica compiles it when the request arrives.
 
         Raises:
             InvalidRequestError: the grammar does not compile (the message says why).

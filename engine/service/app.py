@@ -64,6 +64,8 @@ class EngineService:
             params = protocol.PARAMS.validate_python(body["params"])
             prompt = [int(t) for t in body["prompt_token_ids"]]
             kwargs = self.add_kwargs.decode(body.get("kwargs") or {})
+            if params.grammar is not None:  # in a worker thread, not on this event loop
+                await self.engine.compile_grammar(params.grammar)
             stream = self.engine.add_request(
                 prompt, params, request_id=body.get("request_id"), **kwargs
             )

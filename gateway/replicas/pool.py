@@ -20,7 +20,7 @@ from engine.grammar import GrammarSpec
 from engine.outputs import PrefixState
 from engine.sampling_params import SamplingParams
 from engine.service.protocol import ReplicaStats
-from gateway.replicas.remote import RemoteEngine, RemoteStream, ReplicaLostError
+from gateway.replicas.remote import RemoteEngine, RemoteStream, ReplicaLostError, check_grammar
 from gateway.replicas.router import BlockIndex, Candidate, make_policy, prompt_chain
 
 logger = logging.getLogger("prefixgate.replicas")
@@ -120,11 +120,8 @@ class ReplicaPool:
         raise EngineOverloadedError("no engine replica is available; retry later", 1.0)
 
     async def compile_grammar(self, spec: GrammarSpec) -> None:
-        """Every replica serves the same model: any live one checks the grammar."""
-        live = self.live()
-        if not live:
-            raise EngineOverloadedError("no engine replica is available; retry later", 1.0)
-        await live[0].compile_grammar(spec)
+        """Checked here; the replica the request goes to compiles it (`check_grammar`)."""
+        await check_grammar(spec)
 
     def abort(self, request_id: str) -> None:
         for engine in self.live():

@@ -137,7 +137,6 @@ class RemoteEngine:
         self.lost: BaseException | None = None
         self._probe: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._grammars: Any = None  # engine.structured.Grammars, on the first structured request
 
     @classmethod
     async def connect(
@@ -227,17 +226,8 @@ class RemoteEngine:
         return stream
 
     async def compile_grammar(self, spec: GrammarSpec) -> None:
-        """Check here that the grammar compiles against the replica's tokenizer (in a worker
-        thread), so a bad one is a 400 before any stream starts; the replica compiles it again
-        for its own cache when the request arrives."""
-        if self._grammars is None:
-            from engine.structured import Grammars  # torch and xgrammar: only when used
-
-            eos = getattr(self.tokenizer, "eos_token_id", None)
-            stops = [eos] if isinstance(eos, int) else []
-            self._grammars = Grammars(self.tokenizer, self.info.vocab_size, stops)
-        if self._grammars.get(spec) is None:
-            await asyncio.to_thread(self._grammars.compile, spec)
+        """Check the grammar here (`check_grammar`); the replica compiles it, once."""
+        await check_grammar(spec)
 
     def abort(self, request_id: str) -> None:
         path = protocol.ABORT.format(request_id=request_id)
@@ -306,6 +296,20 @@ class RemoteEngine:
 
 
 _TOKENIZER_LOCK = threading.Lock()
+
+
+async def check_grammar(spec: GrammarSpec) -> None:
+    """A gateway in front of replicas checks a grammar without compiling it (no tokenizer:
+    `engine.structured.check`, in a worker thread), so a bad one is a 400 before any stream
+    starts; the replica that runs the request compiles it into its own cache, once
+    (`engine.service.app`), instead of the gateway compiling it a second time.
+
+    Raises:
+        InvalidRequestError: the spec is no grammar (the reason).
+    """
+    from engine.structured import check  # xgrammar and torch: only when used
+
+    await asyncio.to_thread(check, spec)
 
 
 def load_tokenizer(files: dict[str, str]) -> Any:

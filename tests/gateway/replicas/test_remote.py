@@ -1,11 +1,13 @@
 """`RemoteEngine` against a replica served over loopback HTTP: the fake engine for the protocol
-(errors, prefixes, lost replicas), the tiny real engine for outputs."""
+(errors, prefixes, lost replicas), the tiny real engine for outputs and grammars."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import openai
 import pytest
 
 from engine.errors import (
@@ -14,10 +16,12 @@ from engine.errors import (
     InvalidRequestError,
     PinRefusedError,
 )
+from engine.grammar import GrammarSpec
 from engine.sampling_params import SamplingParams
+from engine.structured import Grammars
 from gateway.replicas.remote import RemoteEngine, ReplicaLostError
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.replicas.helpers import serve_replica
+from tests.gateway.replicas.helpers import serve_remote, serve_replica
 
 
 @pytest.fixture
@@ -129,3 +133,37 @@ async def test_remote_and_in_process_give_identical_greedy_outputs(tiny_engine: 
         finally:
             await remote.aclose()
     assert remote_out == local
+
+
+def test_a_grammar_compiles_once_on_the_replica(
+    tiny_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a gateway, a new schema is compiled once, by the replica that runs the request
+    (the gateway only checks it); a schema that is no grammar is a 400 before any stream."""
+    compiled: list[GrammarSpec] = []
+    compile_spec = Grammars._compile
+
+    def counting(self: Grammars, spec: GrammarSpec) -> Any:
+        compiled.append(spec)
+        return compile_spec(self, spec)
+
+    monkeypatch.setattr(Grammars, "_compile", counting)
+    schema = {"type": "object", "properties": {"once": {"type": "string", "enum": ["a", "b"]}},
+              "required": ["once"], "additionalProperties": False}  # fmt: skip
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "once", "schema": schema}}
+    with serve_remote(tiny_engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ask: dict[str, Any] = dict(model=tiny_engine.model_name, max_tokens=16, temperature=0,
+                                   messages=[{"role": "user", "content": "Once?"}])  # fmt: skip
+        reply = client.chat.completions.create(response_format=fmt, **ask)
+        assert json.loads(reply.choices[0].message.content or "")["once"] in ("a", "b")
+        assert compiled == [GrammarSpec.json_schema(schema)]
+        bad: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "y"}}}
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(response_format=bad, stream=stream, **ask)
+            assert isinstance(err.value.body, dict)
+            assert (
+                err.value.body["param"] == "response_format" and '"y"' in err.value.body["message"]
+            )
+    assert len(compiled) == 1
