@@ -138,7 +138,8 @@ def create_app(
     return app
 
 
-def _error_response(error: APIError) -> Response:
+def error_response(error: APIError) -> Response:
+    """`error` as a response (also what a draining server answers: `gateway.drain`)."""
     return Response(
         error.body_bytes(),
         status_code=error.status,
@@ -149,12 +150,12 @@ def _error_response(error: APIError) -> Response:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return _error_response(exc)
+    return error_response(exc)
 
 
 async def _tenants_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TenantsError)
-    return _error_response(from_tenants_error(exc))
+    return error_response(from_tenants_error(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -168,4 +169,4 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         error = APIError(exc.status_code, str(exc.detail))
     error.headers.update(exc.headers or {})
-    return _error_response(error)
+    return error_response(error)

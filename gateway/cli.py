@@ -13,12 +13,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, get_args
 
-import uvicorn
 from pydantic import ValidationError
 
 from engine.config import SchedulingPolicy
 from gateway.admin.cli import add_admin_parser, run_admin
-from gateway.app import create_app
+from gateway.app import create_app, error_response
+from gateway.drain import GATEWAY_ANSWERED, draining_server
+from gateway.errors import shutting_down
 from gateway.logs import configure_logging
 from gateway.server import uvicorn_config
 from gateway.settings import Settings
@@ -91,6 +92,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-n", type=int, help="largest `n` accepted (default 16)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
+    add("--drain-timeout-s", type=float,
+        help="on SIGTERM, seconds in-flight requests get to finish (default 30)")  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -139,10 +142,12 @@ def serve(settings: Settings) -> int:
         log_config=None,
         access_log=False,  # ours is structured: gateway.middleware.AccessLogMiddleware
         log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after shutdown
+    refuse = error_response(shutting_down())
+    server = draining_server(
+        config, settings.drain_timeout_s, refuse, GATEWAY_ANSWERED.__contains__
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C cuts the drain short
         server.run()
     return 1 if failed else 0
 

@@ -95,6 +95,17 @@ def engine_not_ready() -> APIError:
     )
 
 
+def shutting_down() -> APIError:
+    """What a draining gateway answers to a new request (`gateway.drain`)."""
+    return APIError(
+        503,
+        "The server is shutting down; retry shortly.",
+        type=SERVER_ERROR,
+        code="server_shutting_down",
+        headers={"retry-after": "1", "connection": "close"},
+    )
+
+
 def body_too_large(limit: int) -> APIError:
     return APIError(
         413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large"

@@ -36,6 +36,12 @@ class Settings(EngineEnv):
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
     log_level: str = Field(default="info", description="debug, info, warning or error")
     access_log: bool = Field(default=True, description="one structured log line per request")
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM or Ctrl-C, requests in flight get this long to finish while "
+        "new ones get 503; then the process exits (code 0)",
+    )
 
     # Model and engine
     model: str | None = Field(

@@ -70,7 +70,7 @@ class EngineService:
                 prompt, params, request_id=body.get("request_id"), **kwargs
             )
         except Exception as exc:
-            return _error(exc)
+            return error_response(exc)
         return DeltaStreamResponse(stream)
 
     async def abort(self, request: Request) -> Response:
@@ -84,7 +84,7 @@ class EngineService:
             kwargs = self.warm_kwargs.decode(body.get("kwargs") or {})
             state = await self.engine.warm_prefix(tokens, **kwargs)
         except Exception as exc:
-            return _error(exc)
+            return error_response(exc)
         return _ok(state)
 
     async def unpin(self, request: Request) -> Response:
@@ -92,7 +92,7 @@ class EngineService:
             body = await _json(request)
             done = await self.engine.unpin_prefix(str(body["key"]))
         except Exception as exc:
-            return _error(exc)
+            return error_response(exc)
         return _ok({"ok": done})
 
     async def extend(self, request: Request) -> Response:
@@ -103,7 +103,7 @@ class EngineService:
                 str(body["key"]), None if expires_at is None else float(expires_at)
             )
         except Exception as exc:
-            return _error(exc)
+            return error_response(exc)
         return _ok({"ok": done})
 
     async def stats(self, request: Request) -> Response:
@@ -209,7 +209,9 @@ def _ok(value: Any) -> Response:
     return Response(protocol.encode(value), media_type="application/json")
 
 
-def _error(exc: Exception) -> Response:
+def error_response(exc: Exception) -> Response:
+    """`exc` in the protocol's error shape, with its status (also what a draining replica
+    answers: `gateway.drain`)."""
     if isinstance(exc, KeyError | TypeError | ValueError) and not protocol.is_engine_error(exc):
         exc = InvalidRequestError(f"malformed engine request: {exc!r}")
     body = protocol.error_body(exc)

@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator
 
 import uvicorn
 
-from engine.service.app import EngineService, create_engine_app
+from engine.errors import EngineOverloadedError
+from engine.service import protocol
+from engine.service.app import EngineService, create_engine_app, error_response
 from engine.service.discovery import Heartbeat, RegistryKeys, heartbeating
+from gateway.drain import draining_server
 from gateway.logs import configure_logging
 from gateway.settings import Settings
 
@@ -26,6 +29,11 @@ def replica_identity(settings: Settings) -> tuple[str, str]:
     bound = settings.host if settings.host not in ("0.0.0.0", "::", "") else host
     url = settings.advertise_url or f"http://{bound}:{settings.port}"
     return replica_id, url
+
+
+def _answered_draining(path: str) -> bool:
+    """A draining replica refuses new work only."""
+    return path not in (protocol.ADD, protocol.WARM)
 
 
 def serve_engine(settings: Settings) -> int:
@@ -77,11 +85,11 @@ def serve_engine(settings: Settings) -> int:
         log_config=None,
         access_log=False,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
     )
+    refuse = error_response(EngineOverloadedError(f"replica {replica_id} is shutting down"))
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            uvicorn.Server(config).run()
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C cuts the drain short
+            draining_server(config, settings.drain_timeout_s, refuse, _answered_draining).run()
     finally:
         engine.shutdown()
     return 0

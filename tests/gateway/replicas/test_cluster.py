@@ -5,11 +5,7 @@ mid-stream, and exact quotas across both gateways."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -21,7 +17,7 @@ from gateway.app import create_app
 from gateway.replicas import replicas_loader
 from gateway.replicas.pool import ReplicaPool
 from tests.gateway.conftest import make_settings, running_server, wait_until
-from tests.gateway.replicas.helpers import is_ready
+from tests.gateway.replicas.helpers import cli_process, is_ready
 from tests.gateway.tenancy.helpers import ADMIN_KEY, bearer, tenant_key_sync
 
 MODEL = "tiny"
@@ -29,30 +25,13 @@ TTL_S = 5.0
 SYSTEM = "You answer questions about the solar system in one careful sentence. " * 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def engine_process(model_dir: str, replica_id: str, env: dict[str, str]) -> Iterator[Any]:
     """`prefixgate engine` in its own process, registered in Redis; yields the process once
     it answers on its port."""
-    port = free_port()
-    args = ["--model", model_dir, "--port", str(port), "--dtype", "float32", "--num-blocks", "256"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "engine", *args],
-        env=os.environ | env | {"PREFIXGATE_REPLICA_ID": replica_id, "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        assert wait_until(lambda: proc.poll() is not None or is_ready(f"http://127.0.0.1:{port}"))
-        assert proc.poll() is None, "the engine process exited"
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=60)
+    args = ["--model", model_dir, "--dtype", "float32", "--num-blocks", "256"]
+    with cli_process("engine", args, env | {"PREFIXGATE_REPLICA_ID": replica_id}) as engine:
+        yield engine.proc
 
 
 def pool_of(app: Any) -> ReplicaPool:

@@ -1,0 +1,190 @@
+"""Graceful drain (`gateway.drain`): the middleware and server in process, then SIGTERM to a
+`prefixgate serve` process and to a `prefixgate engine` replica behind a gateway: streams in
+flight (queued ones too) finish, new requests get a 503 in OpenAI's shape, exit code 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.service import protocol
+from gateway.app import error_response
+from gateway.drain import GATEWAY_ANSWERED, Drain, DrainingServer, DrainMiddleware
+from gateway.errors import shutting_down
+from tests.gateway.conftest import wait_until
+from tests.gateway.replicas.helpers import CliProcess, cli_process, serve_gateway
+from tests.gateway.replicas.test_cluster import sse_events
+
+OPENAI_ERROR = {"message", "type", "param", "code"}
+MODEL = "tiny"
+STREAMS = 3  # with --max-num-seqs 1: one runs, two wait in the engine's queue
+MAX_TOKENS = 300
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def slow_app(release: asyncio.Event) -> Starlette:
+    async def slow(request: Request) -> Response:
+        await release.wait()
+        return JSONResponse({"done": True})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[Route("/slow", slow), Route("/health", health)])
+
+
+async def test_in_flight_requests_finish_new_ones_get_503() -> None:
+    release = asyncio.Event()
+    drain = Drain(timeout_s=30)
+    refuse = error_response(shutting_down())
+    app = DrainMiddleware(slow_app(release), drain, refuse, GATEWAY_ANSWERED.__contains__)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        slow = asyncio.create_task(client.get("/slow"))
+        while drain.in_flight == 0:
+            await asyncio.sleep(0.001)
+        drain.start()
+        assert not drain.done()
+        refused = await client.get("/slow")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "server_shutting_down"
+        assert set(refused.json()["error"]) == OPENAI_ERROR
+        assert (await client.get("/health")).status_code == 200  # liveness still answers
+        release.set()
+        assert (await slow).json() == {"done": True}
+    assert drain.in_flight == 0 and drain.done()
+
+
+def test_the_first_signal_drains_until_idle_or_the_deadline() -> None:
+    clock = FakeClock()
+    drain = Drain(timeout_s=10, clock=clock)
+    server = DrainingServer(uvicorn.Config(slow_app(asyncio.Event())), drain)
+    drain.in_flight = 1
+    server.handle_exit(signal.SIGTERM, None)
+    assert drain.draining and not server.should_exit
+    asyncio.run(server.on_tick(1))
+    assert not server.should_exit  # one request still in flight
+    clock.now = 10.0
+    asyncio.run(server.on_tick(2))
+    assert server.should_exit  # the deadline passed
+    drain = Drain(timeout_s=10, clock=clock)
+    server = DrainingServer(uvicorn.Config(slow_app(asyncio.Event())), drain)
+    drain.in_flight = 1
+    server.handle_exit(signal.SIGINT, None)
+    server.handle_exit(signal.SIGTERM, None)  # a second signal: stop now
+    assert server.should_exit
+
+
+# ---- real processes -------------------------------------------------------------------------
+
+
+def stream_chat(url: str, results: list[Any], started: threading.Event) -> None:
+    """One streamed chat completion; appends its SSE events (or the exception) to results."""
+    question = [{"role": "user", "content": "Tell me everything."}]
+    body = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True, "messages": question}  # fmt: skip
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            started.set()
+            results.append(sse_events("\n\n".join(line for line in r.iter_lines() if line)))
+    except Exception as exc:
+        started.set()
+        results.append(exc)
+
+
+def start_streams(url: str) -> tuple[list[Any], list[threading.Thread]]:
+    results: list[Any] = []
+    threads = []
+    for _ in range(STREAMS):
+        started = threading.Event()
+        thread = threading.Thread(target=stream_chat, args=(url, results, started), daemon=True)
+        thread.start()
+        threads.append(thread)
+        assert started.wait(timeout=120)
+    return results, threads
+
+
+def assert_streams_finished(results: list[Any], threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == STREAMS
+    for events in results:
+        assert isinstance(events, list), events
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events[-2]
+        chunks = [e for e in events[:-1] if e["choices"]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def terminate(process: CliProcess) -> None:
+    """SIGTERM, then wait until the process logs that it drains."""
+    process.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: process.logged("draining:") or process.proc.poll() is not None)
+    assert process.proc.poll() is None, "exited before the streams finished"
+
+
+@pytest.fixture
+def engine_args(tiny_model_dir: str) -> list[str]:
+    return ["--model", tiny_model_dir, "--served-model-name", MODEL, "--dtype", "float32",
+            "--num-blocks", "128", "--max-num-seqs", "1"]  # fmt: skip
+
+
+ENV = {"PREFIXGATE_DRAIN_TIMEOUT_S": "120", "PREFIXGATE_LOG_LEVEL": "warning"}
+
+
+def test_sigterm_drains_the_gateway(engine_args: list[str]) -> None:
+    env = ENV | {"PREFIXGATE_REDIS_URL": "", "PREFIXGATE_ADMIN_KEY": ""}
+    with cli_process("serve", engine_args, env) as gateway:
+        results, threads = start_streams(gateway.url)
+        terminate(gateway)
+        refused = httpx.get(f"{gateway.url}/v1/models", timeout=30)
+        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        assert refused.json()["error"]["code"] == "server_shutting_down"
+        assert set(refused.json()["error"]) == OPENAI_ERROR
+        assert_streams_finished(results, threads)
+        assert gateway.proc.wait(timeout=60) == 0
+
+
+@pytest.fixture
+def replica(engine_args: list[str]) -> Iterator[CliProcess]:
+    with cli_process("engine", engine_args, ENV | {"PREFIXGATE_REDIS_URL": ""}) as process:
+        yield process
+
+
+def in_engine(replica_url: str) -> int:
+    """Requests running or waiting in the replica's engine."""
+    stats = httpx.get(f"{replica_url}{protocol.STATS}", timeout=30).json()
+    return int(stats["num_running"]) + int(stats["num_waiting"])
+
+
+def test_sigterm_drains_an_engine_replica(replica: CliProcess) -> None:
+    with serve_gateway([replica.url], MODEL) as url:
+        results, threads = start_streams(url)
+        # The gateway answers 200 before its call to the replica lands: wait for all three.
+        assert wait_until(lambda: in_engine(replica.url) == STREAMS)
+        terminate(replica)
+        body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+        refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "engine_overloaded"
+        assert set(refused.json()["error"]) == OPENAI_ERROR
+        assert_streams_finished(results, threads)
+        assert replica.proc.wait(timeout=60) == 0
