@@ -810,6 +810,14 @@ void key_block(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch&
   } else {
 #if PREFIXGATE_AMX_BF16
     if constexpr (P == Path::kAmx) {
+      // the next block's K and V rows, requested now so that they arrive while this one runs
+      const int64_t ahead = std::min(kKeys, it.keys - k0 - n);
+      const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+      for (int64_t j = 0; j < ahead; ++j)
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(k_head + offs[n + j]) + b, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(v_head + offs[n + j]) + b, _MM_HINT_T0);
+        }
       const bool masked = k0 + n - 1 > w.pos[0];
       // key blocks start at multiples of 64: with blocks of 16k keys, 16 keys are one block's rows
       scores_amx<MV>(reinterpret_cast<const uint32_t*>(w.q.data()), D, k_head, offs, n,
