@@ -4,6 +4,7 @@
     python tools/mutation.py engine/scheduler.py   # one module
     python tools/mutation.py --report-only         # print the survivors of the last run
     python tools/mutation.py --jobs 1 --nice 15    # one module at a time, at low priority
+    python tools/mutation.py --retest-survivors    # the survivors again, after adding tests
 
 For each module: copy the tracked files into a scratch folder (so no mutant ever touches the
 checkout), `cosmic-ray init`, skip the mutants inside type annotations (inert: every module
@@ -23,11 +24,13 @@ import ast
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,17 +45,22 @@ TEST_ENV = {"PREFIXGATE_MACHINE_EXAMPLES": "60"}
 # module -> the tests that guard it, fastest first: a killed mutant stops at its first failing
 # test, so the fast unit tests go before a model or a state machine. Pure-Python suites need no
 # conftest (the engine's imports torch for its model fixtures).
+BOOKKEEPING = (
+    "--noconftest tests/engine/test_scheduler.py tests/engine/test_block_manager.py"
+    " tests/engine/test_kv_quota.py"
+    " --deselect tests/engine/test_block_manager.py::test_imports_without_torch"
+    # it loads a model (and test_pins.py, all model tests, is not run per mutant)
+    " --deselect tests/engine/test_kv_quota.py::"
+    "test_a_request_that_could_never_fit_its_tenants_cap_is_refused"
+)
 TARGETS: dict[str, str] = {
     "tenants/quotas.py": "tests/tenants/test_quotas.py",
     "engine/output_processor.py": "--noconftest tests/engine/test_output_processor.py",
     "engine/scheduler.py": (
-        "--noconftest tests/engine/test_scheduler.py tests/engine/test_block_manager.py"
-        " --deselect tests/engine/test_block_manager.py::test_imports_without_torch"
+        f"{BOOKKEEPING} tests/engine/test_fairness.py --deselect"
+        " tests/engine/test_fairness.py::test_greedy_outputs_do_not_depend_on_the_policy"
     ),
-    "engine/block_manager.py": (
-        "--noconftest tests/engine/test_scheduler.py tests/engine/test_block_manager.py"
-        " --deselect tests/engine/test_block_manager.py::test_imports_without_torch"
-    ),
+    "engine/block_manager.py": BOOKKEEPING,
     "engine/sampler.py": "tests/engine/test_sampler.py tests/engine/test_sampling.py",
 }
 # module -> third-party modules the fork server (tools/pytest_forkserver.py) imports once
@@ -131,7 +139,7 @@ def write_config(path: Path, module: str, test_command: str, timeout: float) -> 
     )
 
 
-def run_module(module: str, workdir: Path, timeout: float) -> Path:
+def run_module(module: str, workdir: Path, timeout: float, retest: bool) -> Path:
     """Init (once) and execute the session of `module`; return the session file."""
     name = module.replace("/", "_").removesuffix(".py")
     tree = workdir / name
@@ -148,19 +156,23 @@ def run_module(module: str, workdir: Path, timeout: float) -> Path:
     write_config(config, module, test_command, timeout)
     if not session.exists():
         cosmic_ray("init", config, session, cwd=tree)
+    if retest:
+        with sqlite3.connect(session) as db:
+            count = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+        print(f"{module}: {count} survivors to test again", flush=True)
     skipped = skip_mutants(session, (tree / module).read_text())
     print(f"{module}: {skipped} more mutants skipped (annotations, excluded operators)", flush=True)
-    with fork_server(sock, PREIMPORTS[module], cwd=tree):
+    with fork_server(sock, module, PREIMPORTS[module], cwd=tree):
         cosmic_ray("exec", config, session, cwd=tree)
     return session
 
 
 @contextmanager
-def fork_server(sock: Path, modules: list[str], cwd: Path) -> Iterator[None]:
+def fork_server(sock: Path, module: str, imports: list[str], cwd: Path) -> Iterator[None]:
     """tools/pytest_forkserver.py serving in `cwd` (the scratch copy) while the block runs."""
     sock.unlink(missing_ok=True)
     server = subprocess.Popen(
-        [sys.executable, str(FORKSERVER), "serve", str(sock), *modules],
+        [sys.executable, str(FORKSERVER), "serve", str(sock), module, *imports],
         cwd=cwd,
         env={**os.environ, **TEST_ENV},
         stdout=subprocess.PIPE,
@@ -215,6 +227,9 @@ def main() -> int:
         "--nice", type=int, default=0, help="raise the niceness of the run (and its tests) by N"
     )
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--retest-survivors", action="store_true", help="run the survivors again (new tests)"
+    )
     args = parser.parse_args()
     args.modules = args.modules or list(TARGETS)
     unknown = set(args.modules) - set(TARGETS)
@@ -224,7 +239,10 @@ def main() -> int:
     if not args.report_only:
         os.nice(args.nice)  # inherited by cosmic-ray and every test it starts
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda m: run_module(m, args.workdir, args.timeout), args.modules))
+            run = partial(
+                run_module, workdir=args.workdir, timeout=args.timeout, retest=args.retest_survivors
+            )
+            list(pool.map(run, args.modules))
     survived = 0
     for module in args.modules:
         name = module.replace("/", "_").removesuffix(".py")

@@ -1,14 +1,15 @@
 """A fork server for pytest: the imports paid once, each test run a fork (for tools/mutation.py).
 
-    python tools/pytest_forkserver.py serve SOCKET [MODULE ...]   # in the folder the tests run in
+    python tools/pytest_forkserver.py serve SOCKET MUTATED [MODULE ...]  # where the tests run
     python tools/pytest_forkserver.py run SOCKET [PYTEST ARGS ...]
 
-`serve` imports pytest, its plugins and the given third-party modules (torch, hypothesis: never
-the project's own modules, which a mutation run changes between runs), then answers each `run`
-with a forked child that runs `pytest.main(ARGS)` with the client's stdout and stderr, and hands
-back its exit status: `run` behaves as `python -m pytest ARGS` would, less the one to three
-seconds of imports. A client that goes away (a timeout kills it) takes its child with it. One run
-at a time; no bytecode is written, so a changed module is always compiled afresh.
+`serve` compiles the folder's Python files to bytecode, all but MUTATED (the file a mutation run
+changes between runs), and imports pytest, its plugins and the given third-party modules (torch,
+hypothesis: never the project's own), then answers each `run` with a forked child that runs
+`pytest.main(ARGS)` with the client's stdout and stderr, and hands back its exit status: `run`
+behaves as `python -m pytest ARGS` would, less the one to three seconds of imports and
+compilation. A client that goes away (a timeout kills it) takes its child with it. One run at a
+time; no bytecode is written after the start, so MUTATED is always compiled afresh.
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ import signal
 import socket
 import sys
 import traceback
+from pathlib import Path
 
 
-def serve(path: str, modules: list[str]) -> None:
+def serve(path: str, mutated: str, modules: list[str]) -> None:
+    import compileall
+    import importlib
+    import re
+
+    skip = re.compile(rf"(^|/){re.escape(os.path.normpath(mutated))}$")
+    compileall.compile_dir(".", quiet=1, rx=skip)
+    for pyc in Path(mutated).parent.glob(f"__pycache__/{Path(mutated).stem}.*.pyc"):
+        pyc.unlink()  # a stale one would hide the mutants (pyc freshness is by second)
     sys.dont_write_bytecode = True
     sys.path.insert(0, os.getcwd())  # as `python -m pytest` does
-    import importlib
     from importlib.metadata import entry_points
 
     import pytest  # noqa: F401
@@ -89,6 +98,6 @@ def run(path: str, args: list[str]) -> int:
 if __name__ == "__main__":
     command, path, *rest = sys.argv[1:]
     if command == "serve":
-        serve(path, rest)
+        serve(path, rest[0], rest[1:])
     else:
         sys.exit(run(path, rest))
