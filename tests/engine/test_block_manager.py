@@ -77,10 +77,12 @@ def test_freed_blocks_stay_revivable_until_reused() -> None:
     assert bm.num_free_blocks == 4
     assert bm.allocate(2, list(range(9)), 9) == 8  # revived from the free queue
     bm.free(2)
+    assert bm.stats().evictions == 0  # the revived blocks kept their content
     bm.allocate(3, [50 + i for i in range(16)], 16)  # takes all 4 blocks: evicts the cached ones
+    assert bm.stats().evictions == 2
     bm.free(3)
     assert bm.allocate(4, list(range(9)), 9) == 0
-    assert bm.stats().evictions >= 2
+    assert bm.stats().evictions == 5  # and 3 of seq 3's 4 cached blocks
 
 
 def test_lru_evicts_tail_blocks_first() -> None:
@@ -128,6 +130,35 @@ def test_reviving_a_hit_counts_against_the_free_blocks() -> None:
     # A hit on block 0 (reviving it) plus one new block: two blocks, one free.
     assert bm.allocate(3, [0, 1, 2, 3, 9], 5) is None
     assert bm.num_free_blocks == 1 and 3 not in bm.seqs
+
+
+def test_usage_is_the_share_of_the_pool_held() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.stats().usage == 0.0
+    bm.allocate(1, list(range(6)), 6)
+    assert bm.stats().usage == 0.25
+
+
+def test_a_chunk_inside_the_public_prefix_charges_nothing() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = [*range(12), 50, 51]  # three public blocks (not cached yet), then the tenant's own
+    plan = bm.plan_allocation(tokens, 4, "a", "t", shared_blocks=3)  # a first chunk of 4 tokens
+    assert (plan.num_new_blocks, plan.num_charged) == (1, 0)
+    bm.commit_allocation(1, plan)
+    assert bm.tenant_blocks == {}
+    assert bm.append_charge(1, 4, 4) == 0  # the next chunk: still public
+
+
+def test_a_copy_on_write_counts_toward_the_tenants_charge() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = list(range(10))  # blocks 0 and 1 full, block 2 partial
+    bm.allocate(1, tokens, 10, tenant="t")
+    bm.fork(1, 2)
+    assert bm.tenant_blocks["t"] == 3  # shared by the tenant's two sequences: counted once
+    # The child's next token lands in the shared partial block: a private copy, one more block.
+    assert bm.append_charge(2, 10, 1) == 1
+    assert bm.append_slots(2, [*tokens, 5], 10, 1) == [(bm.block_ids(1)[2], bm.block_ids(2)[2])]
+    assert bm.tenant_blocks["t"] == 4
 
 
 def test_double_release_is_refused() -> None:
@@ -195,6 +226,9 @@ def test_pin_cap_refuses_and_changes_nothing() -> None:
         bm.check_pin("b", list(range(100, 109)), None)
     assert (refused.value.cap, refused.value.requested) == (3, 4)
     assert "by 1" in refused.value.message
+    with pytest.raises(PinRefusedError) as refused:
+        bm.check_pin("b", list(range(100, 113)), None)  # 3 more blocks: 5 pinned
+    assert refused.value.requested == 5 and "by 2" in refused.value.message
     bm.allocate(2, list(range(100, 109)), 9)
     before = [(b.ref_cnt, b.pin_cnt) for b in bm.blocks]
     with pytest.raises(PinRefusedError):
