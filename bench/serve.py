@@ -73,6 +73,7 @@ class Timing:
     itls: list[float]
     latency: float
     tokens: int
+    prompt_tokens: int
 
 
 @dataclass
@@ -86,9 +87,11 @@ class Run:
         ttfts = [t.ttft for t in self.timings]
         itls = [x for t in self.timings for x in t.itls]
         tokens = sum(t.tokens for t in self.timings)
+        prompt_tokens = sum(t.prompt_tokens for t in self.timings)
         return {
             "requests_per_s": len(self.timings) / self.wall,
             "output_tokens_per_s": tokens / self.wall,
+            "total_tokens_per_s": (tokens + prompt_tokens) / self.wall,
             "ttft_p50_ms": 1000 * percentile(ttfts, 50),
             "ttft_p99_ms": 1000 * percentile(ttfts, 99),
             "itl_p50_ms": 1000 * percentile(itls, 50),
@@ -110,15 +113,25 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def make_workload(args: argparse.Namespace, round_index: int = 0) -> list[Request]:
-    """The round's requests: fresh prompts each round (a rerun would hit the prefix cache)."""
+    """The round's requests: fresh prompts each round (a rerun would hit the prefix cache).
+
+    With `--shared-prefixes K`, request i's prompt starts with shared prefix i % K of
+    `--shared-prefix-tokens` tokens (fresh each round too), then its own `--prompt-tokens`:
+    tenants' system prompts, as a prefix-caching server meets them.
+    """
     rng = random.Random(args.seed + 1000 * round_index)
     lo, hi = TOKEN_ID_RANGE
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(lo, hi) for _ in range(n)]
+
+    prefixes = [tokens(args.shared_prefix_tokens) for _ in range(args.shared_prefixes)] or [[]]
     return [
         Request(
-            prompt=[rng.randrange(lo, hi) for _ in range(args.prompt_tokens)],
+            prompt=prefixes[i % len(prefixes)] + tokens(args.prompt_tokens),
             max_tokens=rng.randint(max(1, args.max_tokens // 4), args.max_tokens),
         )
-        for _ in range(args.num_requests)
+        for i in range(args.num_requests)
     ]
 
 
@@ -247,7 +260,7 @@ async def http_request(client: StreamClient, model: str, req: Request) -> Timing
                     itls.append(now - last)  # type: ignore[operator]
                 last = now
     end = time.perf_counter()
-    return Timing((first or end) - start, itls, end - start, tokens)
+    return Timing((first or end) - start, itls, end - start, tokens, len(req.prompt))
 
 
 async def run_http(
@@ -326,7 +339,7 @@ async def engine_request(engine: Any, req: Request) -> Timing:
             last = now
         tokens = out.completion_tokens
     end = time.perf_counter()
-    return Timing((first or end) - start, itls, end - start, tokens)
+    return Timing((first or end) - start, itls, end - start, tokens, len(req.prompt))
 
 
 async def build_engine(args: argparse.Namespace) -> Any:
@@ -352,13 +365,18 @@ async def run_engine(engine: Any, workload: list[Request], concurrency: int) -> 
 
 
 def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
+    shared = ""
+    if args.shared_prefixes:
+        k, n = args.shared_prefixes, args.shared_prefix_tokens
+        shared = f" after one of {k} shared {n}-token prefixes"
     print(
         f"workload: {args.rounds} x {args.num_requests} streaming requests, "
         f"concurrency {args.concurrency}, "
-        f"prompt {args.prompt_tokens} tokens, output {max(1, args.max_tokens // 4)}-"
+        f"prompt {args.prompt_tokens} tokens{shared}, output {max(1, args.max_tokens // 4)}-"
         f"{args.max_tokens} tokens (seed {args.seed}), model {args.model or 'bundled SmolLM2'}"
     )
-    header = f"{'':18} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9}"
+    header = f"{'':18} {'req/s':>7} {'out tok/s':>10} {'tot tok/s':>10} {'TTFT p50':>9}"
+    header += f" {'TTFT p99':>9}"
     print(header + f" {'ITL p50':>8} {'ITL p99':>8}   (latencies in ms)")
     out: dict[str, Any] = {}
     load = [r for r in runs if not r.name.endswith("probe")]
@@ -379,8 +397,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
         s = out[run.name] = run.summary()
         print(
             f"{run.name:18} {s['requests_per_s']:7.2f} {s['output_tokens_per_s']:10.1f} "
-            f"{s['ttft_p50_ms']:9.1f} {s['ttft_p99_ms']:9.1f} {s['itl_p50_ms']:8.1f} "
-            f"{s['itl_p99_ms']:8.1f}"
+            f"{s['total_tokens_per_s']:10.1f} {s['ttft_p50_ms']:9.1f} {s['ttft_p99_ms']:9.1f} "
+            f"{s['itl_p50_ms']:8.1f} {s['itl_p99_ms']:8.1f}"
         )
     if len(probes) == 2:
         # the i-th HTTP and engine probes ran the same prompt back to back: their difference is
@@ -421,6 +439,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=160)
+    p.add_argument(
+        "--shared-prefixes",
+        type=int,
+        default=0,
+        metavar="K",
+        help="request i's prompt starts with shared prefix i %% K (0: no shared prefixes)",
+    )
+    p.add_argument("--shared-prefix-tokens", type=int, default=640, metavar="P")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=2, help="alternating HTTP / engine rounds")
