@@ -16,7 +16,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.outputs import TokenLogprob
 from engine.sampler import SampledToken, Sampler
 from engine.scheduler import ScheduledSeq, SchedulerOutput
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, prefix_groups
 
 GIB = 1 << 30
 PROMPT_LOGITS_ROWS = 256  # prompt logprobs: rows of [rows, vocab] logits computed at a time
@@ -204,6 +204,9 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_start_loc_list=starts,
             seq_lens_list=seq_lens,
+            prefix_groups=prefix_groups(
+                [s.block_ids for s in out.seqs], [len(s.token_ids) for s in out.seqs], seq_lens, bs
+            ),
         )
         logits_rows = torch.tensor([starts[spec.row + 1] - 1 for spec in out.samples])
         return StepInputs(

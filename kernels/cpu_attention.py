@@ -11,7 +11,9 @@ softmax and accumulation.
                                    `scaled_dot_product_attention` per sequence where that kernel
                                    has no vector code (`prefill_sdpa`, `prefill_kernel_serves`)
     bfloat16 where the prefill  -> the prefill kernel for every row, decodes included
-    kernel serves                  (`one_kernel_for_all_rows`: batch-invariant output)
+    kernel serves                  (`one_kernel_for_all_rows`: batch-invariant output); decodes
+                                   that share leading blocks (`AttentionMetadata.prefix_groups`)
+                                   attend those keys once per group (`SHARED_PREFIX`)
     write_kv                    -> reference
 
 The library is compiled on first use (`kernels._build`). When it cannot be built (no compiler, no
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _build, reference
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import AttentionMetadata, PrefixGroups
 from kernels.options import options
 from kernels.reference import write_kv
 
@@ -53,6 +55,9 @@ PREFILL_DTYPES = (torch.float32, torch.bfloat16)
 # False: bfloat16 decodes take the decode kernel again (not batch-invariant; for A/B benchmarks,
 # see bench/offline.py --invariance-ab)
 BATCH_INVARIANT = True
+# False: decodes sharing leading blocks are attended one by one, as if no block were shared (the
+# output is the same bits either way; for A/B benchmarks and tests, see bench/offline.py --shared)
+SHARED_PREFIX = True
 
 Kernel = Callable[..., None]  # (out, query, kv_cache, block_tables, seq_lens, scale) -> None
 
@@ -155,6 +160,7 @@ def paged_prefill(
     scale: float,
     out: torch.Tensor,
     seq_ids: torch.Tensor,
+    groups: PrefixGroups | None = None,
 ) -> None:
     """Causal attention of the new tokens of sequences `seq_ids` over their paged contexts, with
     the C++ prefill kernel, written into their rows of `out` (the other rows are left untouched).
@@ -168,6 +174,8 @@ def paged_prefill(
         scale: softmax scale.
         out: [T, H, D] in the cache dtype (the last dim contiguous).
         seq_ids: [P] int32 or int64, the sequences to attend (usually those with q_len > 1).
+        groups: decodes among them whose shared leading keys are attended once for the group
+            (the same output as without).
     """
     torch.ops.prefixgate_cpu.paged_prefill_attention(
         out,
@@ -178,6 +186,8 @@ def paged_prefill(
         meta.seq_lens,
         seq_ids,
         scale,
+        None if groups is None else groups.group_of,
+        None if groups is None else groups.shared_keys,
     )
 
 
@@ -202,7 +212,7 @@ def paged_attention(
             query[plan.rows], kv_cache, plan.block_tables, plan.seq_lens, scale, plan.kernel
         )
     if plan.prefills is not None:
-        paged_prefill(query, kv_cache, meta, scale, out, plan.prefills)
+        paged_prefill(query, kv_cache, meta, scale, out, plan.prefills, plan.groups)
     else:
         prefill_sdpa(query, kv_cache, meta, scale, out)
     return out
@@ -220,6 +230,7 @@ class StackAttention:
     block_tables: torch.Tensor  # the step's: [S, max_blocks], [S + 1], [S]
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
+    groups: PrefixGroups | None = None  # prefill-kernel decodes sharing leading blocks
 
 
 def stack_attention(meta: AttentionMetadata, kv_cache: torch.Tensor) -> StackAttention | None:
@@ -238,6 +249,7 @@ def stack_attention(meta: AttentionMetadata, kv_cache: torch.Tensor) -> StackAtt
         meta.block_tables,
         meta.query_start_loc,
         meta.seq_lens,
+        plan.groups,
     )
 
 
@@ -284,6 +296,7 @@ class _Plan:
     seq_lens: torch.Tensor | None  # [S_d] their context lengths; None when there are no decodes
     # [S_p] ids of the q_len > 1 sequences for the prefill kernel; None: none, or they run SDPA
     prefills: torch.Tensor | None = None
+    groups: PrefixGroups | None = None  # decodes among `prefills` that share leading blocks
 
 
 def _plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
@@ -297,7 +310,8 @@ def _plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
 def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
     kernel = load_kernel() if kv_cache.device.type == "cpu" and kernel_available() else None
     if kernel is not None and one_kernel_for_all_rows(kv_cache):
-        return _Plan(kernel, None, meta.block_tables, None, torch.arange(meta.num_seqs))
+        groups = meta.prefix_groups if SHARED_PREFIX else None
+        return _Plan(kernel, None, meta.block_tables, None, torch.arange(meta.num_seqs), groups)
     starts = meta.query_start_loc_list
     decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]
     prefill_ids = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] > 1]

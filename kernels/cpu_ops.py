@@ -152,10 +152,11 @@ def layer_stack(
     """
     heads, kv_heads, head_dim, inter = shape
     a = attention
+    groups = (None, None) if a.groups is None else (a.groups.group_of, a.groups.shared_keys)
     out: torch.Tensor = torch.ops.prefixgate_cpu.layer_stack(
         x, None, weights, qkv_biases, kv_caches, cos, sin, slot_mapping,
         a.decode_rows, a.decode_tables, a.decode_lens, a.prefill_ids,
         a.block_tables, a.query_start_loc, a.seq_lens,
-        heads, kv_heads, head_dim, inter, eps, scale,
+        heads, kv_heads, head_dim, inter, eps, scale, *groups,
     )  # fmt: skip
     return out

@@ -20,6 +20,8 @@
 //     prefill_ids   [S_p] or None   sequences with more new tokens (the prefill kernel), over the
 //                                   step's block_tables [S, max_blocks], query_start_loc [S + 1]
 //                                   and seq_lens [S]
+//     groups        [S] or None     the prefill kernel's decodes that share leading key blocks:
+//     group_keys    [num_groups]    each sequence's group (-1: none) and the keys each shares
 //
 // Returns the last layer's MLP output (the `delta` of the final norm).
 
@@ -68,7 +70,7 @@ void write_kv(const at::Tensor& cache, const at::Tensor& k, const at::Tensor& v,
 // attn [T, H, D] = attention of q over the caches, as `kernels.cpu_attention.paged_attention`
 struct AttentionPlan {
   std::optional<at::Tensor> decode_rows, decode_tables, decode_lens, prefill_ids;
-  std::optional<at::Tensor> block_tables, query_start_loc, seq_lens;
+  std::optional<at::Tensor> block_tables, query_start_loc, seq_lens, groups, group_keys;
 };
 
 void attention(const at::Tensor& attn, const at::Tensor& q, const at::Tensor& cache,
@@ -86,7 +88,8 @@ void attention(const at::Tensor& attn, const at::Tensor& q, const at::Tensor& ca
   }
   if (p.prefill_ids)
     prefixgate::paged_prefill_attention(attn, q, cache, *p.block_tables, *p.query_start_loc,
-                                        *p.seq_lens, *p.prefill_ids, scale);
+                                        *p.seq_lens, *p.prefill_ids, scale, p.groups,
+                                        p.group_keys);
 }
 
 }  // namespace
@@ -104,7 +107,8 @@ at::Tensor layer_stack(const at::Tensor& x, const std::optional<at::Tensor>& del
                        const std::optional<at::Tensor>& query_start_loc,
                        const std::optional<at::Tensor>& seq_lens, int64_t num_heads,
                        int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
-                       double scale) {
+                       double scale, const std::optional<at::Tensor>& groups,
+                       const std::optional<at::Tensor>& group_keys) {
   const int64_t L = static_cast<int64_t>(kv_caches.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L, "layer_stack: 6 weights per layer");
   TORCH_CHECK(qkv_biases.empty() || static_cast<int64_t>(qkv_biases.size()) == L,
@@ -117,8 +121,10 @@ at::Tensor layer_stack(const at::Tensor& x, const std::optional<at::Tensor>& del
   TORCH_CHECK(!prefill_ids || (block_tables && query_start_loc && seq_lens),
               "layer_stack: prefill_ids need block_tables, query_start_loc and seq_lens");
   TORCH_CHECK(decode_lens || prefill_ids, "layer_stack: no sequence to attend");
-  const AttentionPlan plan{decode_rows, decode_tables, decode_lens, prefill_ids,
-                           block_tables, query_start_loc, seq_lens};
+  TORCH_CHECK(!groups || prefill_ids, "layer_stack: groups without prefill_ids");
+  const AttentionPlan plan{decode_rows,  decode_tables,   decode_lens, prefill_ids,
+                           block_tables, query_start_loc, seq_lens,    groups,
+                           group_keys};
   const int64_t T = x.size(0), hidden = x.size(1);
   const int64_t H = num_heads, KVH = kv_heads, D = head_dim;
   const int64_t q_size = H * D, qk_size = (H + KVH) * D, qkv_out = qk_size + KVH * D;

@@ -19,7 +19,9 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
 void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
                              const at::Tensor& kv_cache, const at::Tensor& block_tables,
                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                             const at::Tensor& seq_ids, double scale);
+                             const at::Tensor& seq_ids, double scale,
+                             const std::optional<at::Tensor>& groups = std::nullopt,
+                             const std::optional<at::Tensor>& group_keys = std::nullopt);
 bool prefill_vectorized(int64_t head_dim);
 
 // row_ops.cpp
@@ -49,6 +51,7 @@ at::Tensor layer_stack(const at::Tensor& x, const std::optional<at::Tensor>& del
                        const std::optional<at::Tensor>& query_start_loc,
                        const std::optional<at::Tensor>& seq_lens, int64_t num_heads,
                        int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
-                       double scale);
+                       double scale, const std::optional<at::Tensor>& groups,
+                       const std::optional<at::Tensor>& group_keys);
 
 }  // namespace prefixgate

@@ -70,6 +70,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -123,7 +124,15 @@ struct Tensors {
   float scale;  // the softmax scale times log2(e): scores in base-2 units
 };
 
+// A decode (one new token, at position len - 1) of a grouped item.
+struct Member {
+  int64_t seq, q_start, len;
+};
+
 // Rows row0 .. row0 + rows of one (sequence, KV head): row r is new token r / G, head r % G.
+// A grouped item (members set, see "Grouped items") holds instead the G heads of `count` decodes
+// whose first `shared` keys are the same cache rows: row r is member r / G, head r % G (row0 0;
+// seq, q_start, first unused; keys the longest member's).
 struct Item {
   int64_t seq, kvh;
   int64_t q_start;  // the sequence's first query row in the step
@@ -131,7 +140,23 @@ struct Item {
   int64_t row0, rows;
   int64_t keys;  // keys 0 .. keys - 1 are seen by some row: position of the last row's token + 1
   bool token;    // the sequence has one new token (a decode): all rows are its heads
+  const Member* members = nullptr;  // a grouped item's decodes, else nullptr
+  int64_t count = 0, shared = 0;    // how many, and their shared keys (a multiple of kKeys)
+  int64_t cost = 0;                 // for the schedule: item_cost, group_cost
 };
+
+// Item row r's token: its row in the step's query and output, and its position.
+struct RowToken {
+  int64_t row, pos;
+};
+inline RowToken row_token(const Layout& lay, const Item& it, int64_t r) {
+  const int64_t row = it.row0 + r;
+  if (it.members != nullptr) {
+    const Member& m = it.members[row / lay.group];
+    return {m.q_start, m.len - 1};
+  }
+  return {it.q_start + row / lay.group, it.first + row / lay.group};
+}
 
 // Per-thread scratch, sized once per thread for the longest context.
 struct Scratch {
@@ -168,9 +193,8 @@ struct Scratch {
 // The query row of item row r (r < it.rows).
 template <typename T>
 const T* query_row(const Layout& lay, const Item& it, const T* query, int64_t r) {
-  const int64_t row = it.row0 + r;
-  const int64_t token = it.q_start + row / lay.group;
-  return query + token * lay.q_row + (it.kvh * lay.group + row % lay.group) * lay.q_head;
+  const int64_t head = (it.row0 + r) % lay.group;
+  return query + row_token(lay, it, r).row * lay.q_row + (it.kvh * lay.group + head) * lay.q_head;
 }
 
 inline float to_float(float v) { return v; }
@@ -760,10 +784,8 @@ void pack_queries_avx512(const Layout& lay, const Item& it, const Tensors<T>& in
 template <typename T, Path P>
 void pack_queries(const Layout& lay, const Item& it, const Tensors<T>& in, int64_t R,
                   Scratch& w) {
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t row = it.row0 + std::min(r, it.rows - 1);
-    w.pos[r] = static_cast<int32_t>(it.first + row / lay.group);
-  }
+  for (int64_t r = 0; r < R; ++r)
+    w.pos[r] = static_cast<int32_t>(row_token(lay, it, std::min(r, it.rows - 1)).pos);
 #if defined(__AVX512F__)
   if constexpr (P != Path::kPortable) return pack_queries_avx512<T, P>(lay, it, in, R, w);
 #endif
@@ -868,9 +890,8 @@ template <typename T, Path P>
 void store_rows(const Layout& lay, const Item& it, const Tensors<T>& in, const Scratch& w) {
   const int64_t D = lay.head_dim;
   for (int64_t r = 0; r < it.rows; ++r) {
-    const int64_t row = it.row0 + r;
-    T* dst = in.out + (it.q_start + row / lay.group) * lay.o_row +
-             (it.kvh * lay.group + row % lay.group) * lay.o_head;
+    const int64_t head = (it.row0 + r) % lay.group;
+    T* dst = in.out + row_token(lay, it, r).row * lay.o_row + (it.kvh * lay.group + head) * lay.o_head;
     const float inv = 1.f / w.l[r];
     const float* src = w.o.data() + r * D;
 #if defined(__AVX512F__)
@@ -884,18 +905,81 @@ void store_rows(const Layout& lay, const Item& it, const Tensors<T>& in, const S
   }
 }
 
+// The item's packed queries and positions (R rows), and its state before the first key block
+template <typename T, Path P>
+void begin_item(const Layout& lay, const Item& it, const Tensors<T>& in, int64_t R, Scratch& w) {
+  pack_queries<T, P>(lay, it, in, R, w);
+  std::fill(w.m.begin(), w.m.begin() + R, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + R, 0.f);
+  std::fill(w.o.begin(), w.o.begin() + R * lay.head_dim, 0.f);
+}
+
+// The key blocks from .. to - 1 (from a multiple of kKeys; w.offs holds their rows)
+template <typename T, Path P, int MV, int DV>
+void key_blocks(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w, int64_t from,
+                int64_t to, int64_t R) {
+  for (int64_t k0 = from; k0 < to; k0 += kKeys)
+    key_block<T, P, MV, DV>(lay, it, in, w, k0, std::min(kKeys, to - k0), R);
+}
+
 // R = the rows computed: it.rows rounded up to whole vectors (16 * MV) on the AVX-512 paths
 template <typename T, Path P, int MV, int DV>
 void attend_item(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w) {
   const int64_t R = P == Path::kPortable ? it.rows : 16 * MV;
-  pack_queries<T, P>(lay, it, in, R, w);
+  begin_item<T, P>(lay, it, in, R, w);
   row_offsets(lay, in.table, it.seq, it.keys, w.offs.data());
-  std::fill(w.m.begin(), w.m.begin() + R, kNegInf);
-  std::fill(w.l.begin(), w.l.begin() + R, 0.f);
-  std::fill(w.o.begin(), w.o.begin() + R * lay.head_dim, 0.f);
-  for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
-    key_block<T, P, MV, DV>(lay, it, in, w, k0, std::min(kKeys, it.keys - k0), R);
+  key_blocks<T, P, MV, DV>(lay, it, in, w, 0, it.keys, R);
   store_rows<T, P>(lay, it, in, w);
+}
+
+// ---- grouped items ------------------------------------------------------------------------------
+//
+// Decodes whose block tables start with the same block ids (a shared system prompt, the forks of
+// n > 1) read the same K and V rows for those keys. The caller names them (groups, group_keys);
+// an item then holds the G heads of up to kRows / G of them (kGroupRows): it runs their shared key
+// blocks once for all its rows, in whole vectors or tiles (one load or pack of each K and V row
+// per block, not one per decode), then each decode's own key blocks on its rows alone, from the
+// running (m, l, O) its rows reached, as that decode's ungrouped item would.
+//
+// Output is bit-identical to the ungrouped items on every path: a row's scores, probabilities and
+// sums never depend on the other rows of its item (on AMX tiles each element of C sums its own
+// products; in the vector and portable paths rows are lanes or loop indices), keys are in the
+// same 64-key blocks aligned to position 0 in the same order (shared keys are whole blocks, so
+// a block a decode could not share is all in its tail), and no shared key is masked for any row
+// (each is before every member's token). Decodes that the dot-product path would run with keys in
+// the lanes (attend_token) get the rows path here, which gives the same bits by construction.
+
+// begin_item's state for the decode `one` (rows 0 .. G - 1) taken from rows r0 .. r0 + G - 1 of
+// the grouped item's scratch g, then its key blocks from `from` on, and its output stored
+template <typename T, Path P, int MV, int DV>
+void finish_member(const Layout& lay, const Item& one, const Tensors<T>& in, const Scratch& g,
+                   int64_t r0, int64_t from, Scratch& w) {
+  const int64_t R = P == Path::kPortable ? one.rows : 16 * MV, D = lay.head_dim;
+  begin_item<T, P>(lay, one, in, R, w);
+  std::copy(g.m.begin() + r0, g.m.begin() + r0 + one.rows, w.m.begin());
+  std::copy(g.l.begin() + r0, g.l.begin() + r0 + one.rows, w.l.begin());
+  std::copy(g.o.begin() + r0 * D, g.o.begin() + (r0 + one.rows) * D, w.o.begin());
+  row_offsets(lay, in.table, one.seq, one.keys, w.offs.data());
+  key_blocks<T, P, MV, DV>(lay, one, in, w, from, one.keys, R);
+  store_rows<T, P>(lay, one, in, w);
+}
+
+// A grouped item: the shared key blocks for all rows (in w), then each member in `tail`.
+template <typename T, Path P, int MV, int DV>
+void attend_group(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w,
+                  Scratch& tail) {
+  const int64_t R = P == Path::kPortable ? it.rows : 16 * MV, G = lay.group;
+  begin_item<T, P>(lay, it, in, R, w);
+  row_offsets(lay, in.table, it.members[0].seq, it.shared, w.offs.data());
+  key_blocks<T, P, MV, DV>(lay, it, in, w, 0, it.shared, R);
+  for (int64_t c = 0; c < it.count; ++c) {
+    const Member& m = it.members[c];
+    const Item one{m.seq, it.kvh, m.q_start, m.len - 1, 0, G, m.len, true};
+    switch ((G + 15) / 16) {  // kGroupRows: G <= kRows / 2
+      case 1: finish_member<T, P, 1, DV>(lay, one, in, w, c * G, it.shared, tail); break;
+      default: finish_member<T, P, 2, DV>(lay, one, in, w, c * G, it.shared, tail); break;
+    }
+  }
 }
 
 // True when this call's items run on AMX tiles: bfloat16, head_dim 32, 64 or 128, a build for a
@@ -954,25 +1038,39 @@ ItemFn<T> token_fn(int64_t head_dim) {
   return nullptr;
 }
 
-template <typename T, Path P, int DV>
-ItemFn<T> by_rows(int64_t rows) {
+// A grouped item's function (attend_group), with the scratch for its members' own key blocks
+template <typename T>
+using GroupFn = void (*)(const Layout&, const Item&, const Tensors<T>&, Scratch&, Scratch&);
+
+// attend_item (kGroup false) or attend_group (true) for R = 16 * MV rows, head_dim 16 * DV
+template <typename T, Path P, int MV, int DV, bool kGroup>
+constexpr auto fn_of() {
+  if constexpr (kGroup)
+    return &attend_group<T, P, MV, DV>;
+  else
+    return &attend_item<T, P, MV, DV>;
+}
+
+template <typename T, Path P, int DV, bool kGroup>
+auto by_rows(int64_t rows) {
   switch ((rows + 15) / 16) {
-    case 1: return &attend_item<T, P, 1, DV>;
-    case 2: return &attend_item<T, P, 2, DV>;
-    case 3: return &attend_item<T, P, 3, DV>;
-    default: return &attend_item<T, P, 4, DV>;
+    case 1: return fn_of<T, P, 1, DV, kGroup>();
+    case 2: return fn_of<T, P, 2, DV, kGroup>();
+    case 3: return fn_of<T, P, 3, DV, kGroup>();
+    default: return fn_of<T, P, 4, DV, kGroup>();
   }
 }
 
-template <typename T>
-ItemFn<T> item_fn(int64_t head_dim, int64_t rows) {
+// attend_item (kGroup false) or attend_group (true) for this build, head dim and row count
+template <typename T, bool kGroup = false>
+auto item_fn(int64_t head_dim, int64_t rows) {
 #if PREFIXGATE_AMX_BF16
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (uses_amx<T>(head_dim)) {
       switch (head_dim) {
-        case 32: return by_rows<T, Path::kAmx, 2>(rows);
-        case 64: return by_rows<T, Path::kAmx, 4>(rows);
-        default: return by_rows<T, Path::kAmx, 8>(rows);
+        case 32: return by_rows<T, Path::kAmx, 2, kGroup>(rows);
+        case 64: return by_rows<T, Path::kAmx, 4, kGroup>(rows);
+        default: return by_rows<T, Path::kAmx, 8, kGroup>(rows);
       }
     }
   }
@@ -984,15 +1082,15 @@ ItemFn<T> item_fn(int64_t head_dim, int64_t rows) {
   constexpr Path P = Path::kF32;
 #endif
   switch (head_dim) {
-    case 16: return by_rows<T, P, 1>(rows);
-    case 32: return by_rows<T, P, 2>(rows);
-    case 64: return by_rows<T, P, 4>(rows);
-    case 128: return by_rows<T, P, 8>(rows);
+    case 16: return by_rows<T, P, 1, kGroup>(rows);
+    case 32: return by_rows<T, P, 2, kGroup>(rows);
+    case 64: return by_rows<T, P, 4, kGroup>(rows);
+    case 128: return by_rows<T, P, 8, kGroup>(rows);
     default: break;
   }
 #endif
   (void)head_dim, (void)rows;
-  return &attend_item<T, Path::kPortable, 1, 1>;
+  return fn_of<T, Path::kPortable, 1, 1, kGroup>();
 }
 
 // ---- items and their schedule -------------------------------------------------------------------
@@ -1003,6 +1101,10 @@ struct Indices {
   const void* ids;
   bool starts64, lens64, ids64;
   int64_t num_seqs, num_ids;
+  const void* groups = nullptr;      // [num_seqs] each sequence's group, -1 for none (or none)
+  const void* group_keys = nullptr;  // [num_groups] the keys each group's members share
+  bool groups64 = false, keys64 = false;
+  int64_t num_groups = 0;
 };
 
 // The costliest-first schedule of items of these costs on the threads (each takes the next item
@@ -1017,16 +1119,25 @@ int64_t makespan(std::vector<int64_t> costs, int64_t threads) {
 // What an item costs: its rows, in whole vectors of 16, times its keys.
 inline int64_t item_cost(int64_t rows, int64_t keys) { return (rows + 15) / 16 * 16 * keys; }
 
+// What a grouped item costs: all its rows over the shared keys, then each member's over its own.
+int64_t group_cost(const Layout& lay, const Member* members, int64_t count, int64_t shared) {
+  int64_t cost = item_cost(count * lay.group, shared);
+  for (int64_t c = 0; c < count; ++c) cost += item_cost(lay.group, members[c].len - shared);
+  return cost;
+}
+
 // Rows per item: 64 (the most reuse of each K and V row, the fewest items), unless that keeps the
 // threads unevenly busy: a few equal items (a chunk over a long cached context: 9 items on 2
 // threads take 5 rounds where 4.5 would do), or too few (short prompts). Then 32 or 16 if their
 // costliest-first schedule is at least 5% closer to an even split. (Only the balance counts:
-// smaller items also waste fewer masked scores, but run less efficiently.)
+// smaller items also waste fewer masked scores, but run less efficiently.) `fixed`: the costs of
+// the grouped items, scheduled beside these.
 int64_t rows_per_item(const Layout& lay, const std::vector<int64_t>& q_lens,
-                      const std::vector<int64_t>& firsts) {
+                      const std::vector<int64_t>& firsts, const std::vector<int64_t>& fixed) {
   auto imbalance = [&](int64_t rows) {  // makespan / (total work / threads), >= 1
-    std::vector<int64_t> costs;
+    std::vector<int64_t> costs = fixed;
     int64_t total = 0;
+    for (int64_t c : fixed) total += c;
     for (size_t p = 0; p < q_lens.size(); ++p)
       for (int64_t r0 = 0; r0 < q_lens[p] * lay.group; r0 += rows) {
         const int64_t n = std::min(rows, q_lens[p] * lay.group - r0);
@@ -1047,11 +1158,85 @@ int64_t rows_per_item(const Layout& lay, const std::vector<int64_t>& q_lens,
   return best_rows;
 }
 
+// A call's items, costliest first; grouped items point into `members`.
+struct Work {
+  std::vector<Item> items;
+  std::vector<Member> members;
+  int64_t max_keys = 1;  // the most keys any item needs
+  bool grouped = false;  // some item is a grouped one
+};
+
+// The listed decodes of each group (checked: decodes of one new token, sharing their first
+// group_keys[g] keys, a whole number of key blocks, through identical block ids). A group of one,
+// or of heads too many for two decodes to fit an item (G > kRows / 2), is left empty and its
+// decodes returned to the ungrouped lists.
+std::vector<std::vector<Member>> group_members(const Layout& lay, const Indices& ix,
+                                               const void* table,
+                                               std::vector<std::vector<Member>> by_group,
+                                               std::vector<Member>* ungrouped) {
+  for (int64_t g = 0; g < ix.num_groups; ++g) {
+    std::vector<Member>& ms = by_group[g];
+    if (ms.size() < 2 || lay.group > kRows / 2) {
+      ungrouped->insert(ungrouped->end(), ms.begin(), ms.end());
+      ms.clear();
+      continue;
+    }
+    const int64_t shared = read_index(ix.group_keys, ix.keys64, g);
+    TORCH_CHECK(shared > 0 && shared % kKeys == 0, "group ", g, " shares ", shared,
+                " keys: not a positive multiple of ", kKeys);
+    for (const Member& m : ms) {
+      TORCH_CHECK(shared <= m.len, "group ", g, " shares ", shared, " keys, sequence ", m.seq,
+                  " has ", m.len);
+      for (int64_t b = 0; b * lay.block_size < shared; ++b)
+        TORCH_CHECK(read_index(table, lay.table64, m.seq * lay.table_row + b) ==
+                        read_index(table, lay.table64, ms[0].seq * lay.table_row + b),
+                    "sequences ", ms[0].seq, " and ", m.seq, " of group ", g,
+                    " differ in block ", b);
+    }
+  }
+  return by_group;
+}
+
+// The grouped items of each group's members: split evenly into items of at most kRows / G
+// decodes, one per KV head.
+void add_grouped_items(const Layout& lay, const Indices& ix,
+                       const std::vector<std::vector<Member>>& by_group, Work* work) {
+  size_t total = 0;
+  for (const auto& ms : by_group) total += ms.size();
+  work->members.reserve(total);  // items point into it: no reallocation below
+  const int64_t per_item = kRows / lay.group;
+  for (int64_t g = 0; g < ix.num_groups; ++g) {
+    const std::vector<Member>& ms = by_group[g];
+    if (ms.empty()) continue;
+    const int64_t shared = read_index(ix.group_keys, ix.keys64, g);
+    const int64_t n = static_cast<int64_t>(ms.size()), parts = (n + per_item - 1) / per_item;
+    for (int64_t p = 0, c0 = 0; p < parts; ++p) {
+      const int64_t count = n / parts + (p < n % parts ? 1 : 0);
+      const Member* first = work->members.data() + work->members.size();
+      int64_t keys = 0;
+      for (int64_t c = c0; c < c0 + count; ++c) {
+        work->members.push_back(ms[c]);
+        keys = std::max(keys, ms[c].len);
+      }
+      const int64_t cost = group_cost(lay, first, count, shared);
+      for (int64_t kvh = 0; kvh < lay.kv_heads; ++kvh) {
+        Item it{ms[c0].seq, kvh, 0, 0, 0, count * lay.group, keys, false};
+        it.members = first, it.count = count, it.shared = shared, it.cost = cost;
+        work->items.push_back(it);
+      }
+      c0 += count;
+    }
+    work->grouped = true;
+  }
+}
+
 // Checks each listed sequence against the step and its block table; returns the items,
 // costliest first, and the most keys any of them needs.
-std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* table,
-                             int64_t* max_keys) {
+Work make_items(const Layout& lay, const Indices& ix, const void* table) {
   std::vector<int64_t> seqs, q_lens, firsts;
+  std::vector<std::vector<Member>> by_group(ix.num_groups);
+  std::vector<Member> ungrouped;
+  Work work;
   for (int64_t p = 0; p < ix.num_ids; ++p) {
     const int64_t s = read_index(ix.ids, ix.ids64, p);
     TORCH_CHECK(s >= 0 && s < ix.num_seqs, "seq id ", s, " out of range");
@@ -1062,33 +1247,48 @@ std::vector<Item> make_items(const Layout& lay, const Indices& ix, const void* t
                 "query rows of sequence ", s, " out of range");
     TORCH_CHECK(q_len <= len, "q_len ", q_len, " exceeds seq_len ", len);
     check_blocks(lay, table, s, len);
+    work.max_keys = std::max(work.max_keys, len);
+    const int64_t g = ix.groups != nullptr ? read_index(ix.groups, ix.groups64, s) : -1;
+    if (g >= 0) {
+      TORCH_CHECK(g < ix.num_groups, "group ", g, " of sequence ", s, " out of range");
+      TORCH_CHECK(q_len == 1, "grouped sequence ", s, " has ", q_len, " new tokens, not 1");
+      by_group[g].push_back({s, start, len});
+      continue;
+    }
     seqs.push_back(s);
     q_lens.push_back(q_len);
     firsts.push_back(len - q_len);
   }
-  const int64_t per_item = rows_per_item(lay, q_lens, firsts);
-  std::vector<Item> items;
-  *max_keys = 1;
+  by_group = group_members(lay, ix, table, std::move(by_group), &ungrouped);
+  for (const Member& m : ungrouped) {
+    seqs.push_back(m.seq);
+    q_lens.push_back(1);
+    firsts.push_back(m.len - 1);
+  }
+  add_grouped_items(lay, ix, by_group, &work);
+  std::vector<int64_t> fixed;
+  for (const Item& it : work.items) fixed.push_back(it.cost);
+  const int64_t per_item = rows_per_item(lay, q_lens, firsts, fixed);
   for (size_t p = 0; p < seqs.size(); ++p) {
     const int64_t s = seqs[p], rows = q_lens[p] * lay.group;
     const int64_t start = read_index(ix.starts, ix.starts64, s), first = firsts[p];
-    *max_keys = std::max(*max_keys, first + q_lens[p]);
     for (int64_t kvh = 0; kvh < lay.kv_heads; ++kvh)
       for (int64_t r0 = 0; r0 < rows; r0 += per_item) {
         const int64_t n = std::min(per_item, rows - r0);
         const int64_t keys = first + (r0 + n - 1) / lay.group + 1;
-        items.push_back({s, kvh, start, first, r0, n, keys, q_lens[p] == 1});
+        Item it{s, kvh, start, first, r0, n, keys, q_lens[p] == 1};
+        it.cost = item_cost(n, keys);
+        work.items.push_back(it);
       }
   }
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    return item_cost(a.rows, a.keys) > item_cost(b.rows, b.keys);
-  });
-  return items;
+  std::stable_sort(work.items.begin(), work.items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  return work;
 }
 
 template <typename T>
-void attend_all(const Layout& lay, const Tensors<T>& in, const std::vector<Item>& items,
-                int64_t max_keys) {
+void attend_all(const Layout& lay, const Tensors<T>& in, const Work& work) {
+  const std::vector<Item>& items = work.items;
   const int64_t n = static_cast<int64_t>(items.size());
   std::atomic<int64_t> next{0};
   // one task per thread, each taking the next item from the shared counter until none is left
@@ -1096,11 +1296,18 @@ void attend_all(const Layout& lay, const Tensors<T>& in, const std::vector<Item>
   const bool amx = uses_amx<T>(lay.head_dim);
   const ItemFn<T> token = token_fn<T>(lay.head_dim);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch w(lay, max_keys);
+    Scratch w(lay, work.max_keys);
+    std::optional<Scratch> tail;  // a grouped item's members, one at a time
+    if (work.grouped) tail.emplace(lay, work.max_keys);
     if (amx) amx_configure();
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      const ItemFn<T> fn = items[i].token ? token : nullptr;
-      (fn ? fn : item_fn<T>(lay.head_dim, items[i].rows))(lay, items[i], in, w);
+      const Item& it = items[i];
+      if (it.members != nullptr) {
+        item_fn<T, true>(lay.head_dim, it.rows)(lay, it, in, w, *tail);
+        continue;
+      }
+      const ItemFn<T> fn = it.token ? token : nullptr;
+      (fn ? fn : item_fn<T>(lay.head_dim, it.rows))(lay, it, in, w);
     }
     if (amx) amx_release();
   });
@@ -1125,36 +1332,50 @@ bool prefill_vectorized(int64_t head_dim) {
 void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
                              const at::Tensor& kv_cache, const at::Tensor& block_tables,
                              const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                             const at::Tensor& seq_ids, double scale) {
-  const Layout lay = paged_layout("paged_prefill_attention", out, query, kv_cache, block_tables,
-                                  {&query_start_loc, &seq_lens, &seq_ids});
+                             const at::Tensor& seq_ids, double scale,
+                             const std::optional<at::Tensor>& groups,
+                             const std::optional<at::Tensor>& group_keys) {
+  TORCH_CHECK(groups.has_value() == group_keys.has_value(),
+              "paged_prefill_attention: groups and group_keys go together");
+  const Layout lay =
+      groups ? paged_layout("paged_prefill_attention", out, query, kv_cache, block_tables,
+                            {&query_start_loc, &seq_lens, &seq_ids, &*groups, &*group_keys})
+             : paged_layout("paged_prefill_attention", out, query, kv_cache, block_tables,
+                            {&query_start_loc, &seq_lens, &seq_ids});
   const auto dtype = kv_cache.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
               "paged_prefill_attention: unsupported dtype ", dtype);
   const int64_t num_seqs = seq_lens.size(0);
   TORCH_CHECK(block_tables.size(0) == num_seqs && query_start_loc.size(0) == num_seqs + 1,
               "block_tables and query_start_loc need one row per sequence (and one more)");
-  const Indices ix{query_start_loc.const_data_ptr(),
-                   seq_lens.const_data_ptr(),
-                   seq_ids.const_data_ptr(),
-                   query_start_loc.scalar_type() == at::kLong,
-                   seq_lens.scalar_type() == at::kLong,
-                   seq_ids.scalar_type() == at::kLong,
-                   num_seqs,
-                   seq_ids.size(0)};
-  int64_t max_keys = 1;
-  const std::vector<Item> items = make_items(lay, ix, block_tables.const_data_ptr(), &max_keys);
-  if (items.empty()) return;
+  Indices ix{query_start_loc.const_data_ptr(),
+             seq_lens.const_data_ptr(),
+             seq_ids.const_data_ptr(),
+             query_start_loc.scalar_type() == at::kLong,
+             seq_lens.scalar_type() == at::kLong,
+             seq_ids.scalar_type() == at::kLong,
+             num_seqs,
+             seq_ids.size(0)};
+  if (groups) {
+    TORCH_CHECK(groups->size(0) == num_seqs, "groups needs one entry per sequence");
+    ix.groups = groups->const_data_ptr();
+    ix.groups64 = groups->scalar_type() == at::kLong;
+    ix.group_keys = group_keys->const_data_ptr();
+    ix.keys64 = group_keys->scalar_type() == at::kLong;
+    ix.num_groups = group_keys->size(0);
+  }
+  const Work work = make_items(lay, ix, block_tables.const_data_ptr());
+  if (work.items.empty()) return;
   const float s = static_cast<float>(scale * kLog2e);  // base-2 scores, see exp2_16
   if (dtype == at::kFloat) {
     const Tensors<float> in{query.const_data_ptr<float>(), kv_cache.const_data_ptr<float>(),
                             block_tables.const_data_ptr(), out.mutable_data_ptr<float>(), s};
-    attend_all<float>(lay, in, items, max_keys);
+    attend_all<float>(lay, in, work);
   } else {
     using BF = c10::BFloat16;
     const Tensors<BF> in{query.const_data_ptr<BF>(), kv_cache.const_data_ptr<BF>(),
                          block_tables.const_data_ptr(), out.mutable_data_ptr<BF>(), s};
-    attend_all<BF>(lay, in, items, max_keys);
+    attend_all<BF>(lay, in, work);
   }
 }
 

@@ -14,7 +14,7 @@ TORCH_LIBRARY(prefixgate_cpu, m) {
   m.def(
       "paged_prefill_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
       "Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, Tensor seq_ids, "
-      "float scale) -> ()");
+      "float scale, Tensor? groups=None, Tensor? group_keys=None) -> ()");
   m.def("prefill_vectorized(int head_dim) -> bool", &prefixgate::prefill_vectorized);
   // per-row ops (row_ops.cpp)
   m.def("rms_norm(Tensor(a!) out, Tensor(b!) x, Tensor? residual, Tensor weight, float eps) -> ()");
@@ -32,7 +32,8 @@ TORCH_LIBRARY(prefixgate_cpu, m) {
       "Tensor(b!)[] kv_caches, Tensor cos, Tensor sin, Tensor slot_mapping, Tensor? decode_rows, "
       "Tensor? decode_tables, Tensor? decode_lens, Tensor? prefill_ids, Tensor? block_tables, "
       "Tensor? query_start_loc, Tensor? seq_lens, int num_heads, int kv_heads, int head_dim, "
-      "int intermediate, float eps, float scale) -> Tensor");
+      "int intermediate, float eps, float scale, Tensor? groups=None, "
+      "Tensor? group_keys=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {

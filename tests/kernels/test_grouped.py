@@ -1,0 +1,240 @@
+"""Grouped decodes in the C++ prefill kernel: decodes that share leading blocks attend those keys
+once for the group, and every output bit is the one they get ungrouped. `prefix_groups` finds
+the groups a step's block tables allow."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels import AttentionMetadata, cpu_attention, reference
+from kernels.metadata import KEY_BLOCK, PrefixGroups, prefix_groups
+from tests.helpers import make_attention_metadata
+
+KV_HEADS = 3
+
+
+@pytest.fixture(scope="module")
+def kernel() -> cpu_attention.Kernel:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the CPU kernels can't be built here")
+    op = cpu_attention.load_kernel()
+    assert op is not None, "the CPU kernels failed to build (see the logged warning)"
+    return op
+
+
+@dataclass
+class Step:
+    query: torch.Tensor  # [T, H, D]
+    cache: torch.Tensor  # [2, num_blocks, block_size, KVH, D]
+    meta: AttentionMetadata
+    tables: list[list[int]]
+    q_lens: list[int]
+
+
+def shared_step(
+    groups: list[tuple[int, list[int]]],
+    others: list[tuple[int, int]],
+    block_size: int,
+    group: int,
+    dtype: torch.dtype,
+    head_dim: int = 64,
+    seed: int = 0,
+) -> Step:
+    """A step of decodes in groups, each group's first `prefix` tokens in the same blocks
+    (its whole blocks: the rest of a partly filled one is each member's own copy), each member
+    with `tail` tokens of its own before its new one; and `others`, (seq_len, q_len) sequences
+    of their own blocks (prefills, chunks, lone decodes). Sequences in a shuffled order, blocks
+    from a shuffled pool (block 0 is never used: tables are padded with it); unused slots hold
+    1e4, so reading one shows."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    lens = [prefix + tail + 1 for prefix, tails in groups for tail in tails] + [
+        n for n, _ in others
+    ]
+    pool = list(range(1, sum(-(-n // block_size) for n in lens) + 1))
+    rng.shuffle(pool)
+    seqs: list[tuple[list[int], int, int, torch.Tensor]] = []  # table, seq_len, q_len, kv
+    for prefix, tails in groups:
+        whole = prefix // block_size
+        blocks = [pool.pop() for _ in range(whole)]
+        common = torch.randn(2, whole * block_size, KV_HEADS, head_dim, generator=gen)
+        for tail in tails:
+            n = prefix + tail + 1
+            own = torch.randn(2, n - whole * block_size, KV_HEADS, head_dim, generator=gen)
+            table = blocks + [pool.pop() for _ in range(-(-n // block_size) - whole)]
+            seqs.append((table, n, 1, torch.cat([common, own], dim=1)))
+    for n, q in others:
+        table = [pool.pop() for _ in range(-(-n // block_size))]
+        seqs.append((table, n, q, torch.randn(2, n, KV_HEADS, head_dim, generator=gen)))
+    rng.shuffle(seqs)
+    num_blocks = max(b for table, *_ in seqs for b in table) + 1
+    cache = torch.full((2, num_blocks * block_size, KV_HEADS, head_dim), 1e4)
+    pos = [torch.arange(n) for _, n, _, _ in seqs]
+    slots = [torch.tensor(seq[0])[p // block_size] * block_size + p % block_size
+             for seq, p in zip(seqs, pos, strict=True)]  # fmt: skip
+    cache[:, torch.cat(slots)] = torch.cat([kv for *_, kv in seqs], dim=1)
+    cache = cache.view(2, num_blocks, block_size, KV_HEADS, head_dim)
+    tables = [table for table, *_ in seqs]
+    q_lens = [q for _, _, q, _ in seqs]
+    meta = make_attention_metadata(tables, [n for _, n, _, _ in seqs], q_lens, block_size)
+    query = torch.randn(sum(q_lens), KV_HEADS * group, head_dim, generator=gen)
+    return Step(query.to(dtype), cache.to(dtype), meta, tables, q_lens)
+
+
+def attend(step: Step, groups: PrefixGroups | None) -> torch.Tensor:
+    """Every row of the step through the prefill kernel, with or without `groups`."""
+    out = torch.full(step.query.shape, float("nan"), dtype=step.cache.dtype)
+    ids = torch.arange(step.meta.num_seqs)
+    cpu_attention.paged_prefill(step.query, step.cache, step.meta, 0.125, out, ids, groups)
+    return out
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16 if x.dtype == torch.bfloat16 else torch.int32)
+
+
+def found(step: Step) -> PrefixGroups:
+    groups = prefix_groups(step.tables, step.q_lens, step.meta.seq_lens_list, step.cache.shape[2])
+    assert groups is not None
+    return groups
+
+
+def random_groups(rng: random.Random, count: int) -> list[tuple[int, list[int]]]:
+    """`count` groups: prefixes of 64-300 tokens (runs ending mid-block and mid-64-key block),
+    1-25 members with tails of 0-80 tokens."""
+    return [
+        (rng.randint(64, 300), [rng.randint(0, 80) for _ in range(rng.randint(1, 25))])
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3, 7, 16])
+def test_grouped_decodes_are_bit_identical(kernel: object, dtype: torch.dtype, group: int) -> None:
+    """Random sharing patterns, beside prefills, chunks over cached context and lone decodes:
+    the grouped call writes exactly the ungrouped call's bits, in every row."""
+    rng = random.Random(group)
+    for trial in range(4):
+        block_size = rng.choice([4, 16, 32])
+        step = shared_step(
+            random_groups(rng, rng.randint(1, 4)),
+            [(rng.randint(2, 200), rng.randint(2, 40)) for _ in range(2)] + [(90, 1), (33, 1)],
+            block_size, group, dtype, seed=trial,
+        )  # fmt: skip
+        groups = found(step)
+        plain, grouped = attend(step, None), attend(step, groups)
+        assert not grouped.isnan().any()
+        assert torch.equal(bits(grouped), bits(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 32, 128, 24])
+def test_every_head_dim_and_path(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
+    """The vector paths (16/32/128; bfloat16 on AMX tiles where the CPU has them) and the plain
+    loops (24): grouped equals ungrouped, and both the reference."""
+    step = shared_step([(200, [5, 0, 70, 3]), (64, [0, 1])], [(40, 9)], 16, 3, dtype, head_dim)
+    plain, grouped = attend(step, None), attend(step, found(step))
+    assert torch.equal(bits(grouped), bits(plain))
+    want = reference.paged_attention(step.query.float(), step.cache.float(), step.meta, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(grouped.float(), want, atol=tol, rtol=tol)
+
+
+def test_large_groups_split_on_any_thread_count(kernel: object) -> None:
+    """64 decodes of one prefix (more than one item holds) give the same bits grouped and
+    ungrouped, on one thread and on two."""
+    step = shared_step([(800, list(range(64)))], [], 16, 3, torch.bfloat16, seed=3)
+    groups = found(step)
+    assert groups.shared_keys.tolist() == [768]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = attend(step, groups)
+        torch.set_num_threads(2)
+        two = attend(step, groups)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(bits(one), bits(two))
+    assert torch.equal(bits(one), bits(attend(step, None)))
+
+
+def test_layer_plan_passes_groups(kernel: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """paged_attention hands the step's groups to the prefill kernel for bfloat16 caches, unless
+    SHARED_PREFIX is off; the output is the same."""
+    step = shared_step([(130, [1, 2, 3])], [(20, 20)], 16, 3, torch.bfloat16)
+    step.meta.prefix_groups = found(step)
+    if not cpu_attention.one_kernel_for_all_rows(step.cache):
+        pytest.skip("bfloat16 decodes take the decode kernel here")
+    seen: list[PrefixGroups | None] = []
+    real = cpu_attention.paged_prefill
+
+    def spy(*args: object) -> None:
+        seen.append(args[6])  # type: ignore[arg-type]
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpu_attention, "paged_prefill", spy)
+    grouped = cpu_attention.paged_attention(step.query, step.cache, step.meta, 0.125)
+    monkeypatch.setattr(cpu_attention, "SHARED_PREFIX", False)
+    step.meta.derived.clear()
+    plain = cpu_attention.paged_attention(step.query, step.cache, step.meta, 0.125)
+    assert seen == [step.meta.prefix_groups, None]
+    assert torch.equal(bits(grouped), bits(plain))
+
+
+def test_bad_groups_are_refused(kernel: object) -> None:
+    step = shared_step([(128, [70, 80])], [(20, 20)], 16, 3, torch.float32)
+    good = found(step)
+    op = torch.ops.prefixgate_cpu.paged_prefill_attention
+    m = step.meta
+    out = torch.empty_like(step.query)
+    ids = torch.arange(m.num_seqs)
+
+    def call(group_of: torch.Tensor, keys: torch.Tensor) -> None:
+        op(out, step.query, step.cache, m.block_tables, m.query_start_loc, m.seq_lens, ids, 0.1,
+           group_of, keys)  # fmt: skip
+
+    call(good.group_of, good.shared_keys)
+    with pytest.raises(RuntimeError, match="not a positive multiple"):
+        call(good.group_of, good.shared_keys - 1)
+    with pytest.raises(RuntimeError, match="differ in block"):
+        call(good.group_of, good.shared_keys + KEY_BLOCK)  # past the shared blocks
+    with pytest.raises(RuntimeError, match="new tokens, not 1"):
+        call(torch.zeros_like(good.group_of), good.shared_keys)  # the prefill too
+    with pytest.raises(RuntimeError, match="out of range"):
+        call(good.group_of + 1, good.shared_keys)
+    with pytest.raises(RuntimeError, match="go together"):
+        op(out, step.query, step.cache, m.block_tables, m.query_start_loc, m.seq_lens, ids, 0.1,
+           good.group_of)  # fmt: skip
+
+
+def test_prefix_groups_save_the_most_reads() -> None:
+    """Whole 64-key blocks only, decodes only, and the split that saves the most key reads."""
+    bs = 16
+    public = list(range(100, 104))  # 64 keys every sequence shares
+    a = [*public, *range(200, 212)]  # 4 more blocks, then A's 256-key prompt
+    b = [*public, *range(300, 312)]
+    # 3 of tenant A (256 keys each, then a block of their own), 2 of B, a chunk, a lone decode
+    tables = [[*a, 1000 + i] for i in range(3)] + [[*b, 2000 + i] for i in range(2)]
+    tables += [[*a, 3000], [*public, 4000]]
+    q_lens = [1, 1, 1, 1, 1, 5, 1]  # the 6th is a prefill chunk: never grouped
+    lens = [16 * 16 + 3] * 5 + [16 * 16 + 8, 4 * 16 + 1]
+    groups = prefix_groups(tables, q_lens, lens, bs)
+    assert groups is not None
+    of = groups.group_of.tolist()
+    keys = groups.shared_keys.tolist()
+    # A's three and B's two on their 256-key prompts beat all six on the 64 public keys
+    assert of[5] == of[6] == -1
+    assert len({of[0], of[1], of[2]}) == 1 and len({of[3], of[4]}) == 1 and of[0] != of[3]
+    assert keys[of[0]] == keys[of[3]] == 256
+    # a run ending mid-block of 64 keys shares the whole 64-key blocks before it
+    short = prefix_groups([[*a[:6], 7], [*a[:6], 8]], [1, 1], [6 * 16 + 5] * 2, bs)
+    assert short is not None and short.shared_keys.tolist() == [64]
+    # nothing to share: less than 64 keys in common, or one decode alone
+    assert prefix_groups([[*a[:3], 1], [*a[:3], 2]], [1, 1], [60, 60], bs) is None
+    assert prefix_groups([a, b], [1, 1], [200, 200], bs) is not None  # public's 64 keys
+    assert prefix_groups([a], [1], [200], bs) is None
