@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,15 +20,6 @@ FP32_TOL = 1e-5
 
 # Ragged prompts, chunks over cached context and decodes, in one step: (seq_len, q_len).
 MIXED = [(37, 1), (5, 5), (50, 13), (17, 1), (64, 64), (300, 1), (9, 2), (130, 129), (1, 1)]
-
-
-@pytest.fixture(scope="module")
-def kernel() -> cpu_attention.Kernel:
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the CPU kernels can't be built here")
-    op = cpu_attention.load_kernel()
-    assert op is not None, "the CPU kernels failed to build (see the logged warning)"
-    return op
 
 
 def prefill_ids(meta: AttentionMetadata) -> torch.Tensor:
