@@ -132,7 +132,7 @@ struct Member {
 // Rows row0 .. row0 + rows of one (sequence, KV head): row r is new token r / G, head r % G.
 // A grouped item (members set, see "Grouped items") holds instead the G heads of `count` decodes
 // whose first `shared` keys are the same cache rows: row r is member r / G, head r % G (row0 0;
-// seq, q_start, first unused; keys the longest member's).
+// seq, q_start, first unused; keys = shared: the keys its rows read together).
 struct Item {
   int64_t seq, kvh;
   int64_t q_start;  // the sequence's first query row in the step
@@ -1213,14 +1213,10 @@ void add_grouped_items(const Layout& lay, const Indices& ix,
     for (int64_t p = 0, c0 = 0; p < parts; ++p) {
       const int64_t count = n / parts + (p < n % parts ? 1 : 0);
       const Member* first = work->members.data() + work->members.size();
-      int64_t keys = 0;
-      for (int64_t c = c0; c < c0 + count; ++c) {
-        work->members.push_back(ms[c]);
-        keys = std::max(keys, ms[c].len);
-      }
+      work->members.insert(work->members.end(), ms.begin() + c0, ms.begin() + c0 + count);
       const int64_t cost = group_cost(lay, first, count, shared);
       for (int64_t kvh = 0; kvh < lay.kv_heads; ++kvh) {
-        Item it{ms[c0].seq, kvh, 0, 0, 0, count * lay.group, keys, false};
+        Item it{ms[c0].seq, kvh, 0, 0, 0, count * lay.group, shared, false};
         it.members = first, it.count = count, it.shared = shared, it.cost = cost;
         work->items.push_back(it);
       }
