@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.metrics import CONTENT_TYPE
+from gateway.replicas.pool import ReplicaPool
 from gateway.routing import JSON, Endpoint
 from gateway.schemas import HealthResponse, ReadyResponse
 from gateway.state import get_state
@@ -17,9 +18,10 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """200 once the engine is up and, with Redis configured, Redis answers; while Redis is
-    down, 503 in closed mode (this gateway refuses every /v1 request) and 200 in open mode
-    (it admits with per-process limits), both with `tenant_store: unavailable`."""
+    """200 once the engine is up (behind replicas: while one is in rotation) and, with Redis
+    configured, Redis answers. 503 while no replica is in rotation, and while Redis is down in
+    closed mode (this gateway refuses every /v1 request); 200 in open mode (it admits with
+    per-process limits). Both Redis cases carry `tenant_store: unavailable`."""
     state = get_state(request)
     if state.engine is None:
         if state.load_error is not None:
@@ -28,6 +30,10 @@ async def ready(request: Request) -> Response:
             )
             return JSON(failed, status_code=503)
         return JSON(ReadyResponse(status="loading", model=state.model_name), status_code=503)
+    if isinstance(state.engine, ReplicaPool) and not state.engine.live():
+        detail = "No engine replica is in rotation: API requests get 503 until one joins."
+        body = ReadyResponse(status="unavailable", model=state.model_name, detail=detail)
+        return JSON(body, status_code=503)
     if not state.settings.redis_url:
         return JSON(ReadyResponse(status="ready", model=state.model_name))
     if await state.tenants.check():

@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -19,7 +20,10 @@ from engine.errors import (
 from engine.grammar import GrammarSpec
 from engine.sampling_params import SamplingParams
 from engine.structured import Grammars
+from gateway.app import create_app
+from gateway.replicas.pool import ReplicaPool
 from gateway.replicas.remote import RemoteEngine, ReplicaLostError
+from tests.gateway.conftest import make_settings
 from tests.gateway.fake_engine import FakeEngine
 from tests.gateway.replicas.helpers import serve_remote, serve_replica
 
@@ -167,3 +171,21 @@ def test_a_grammar_compiles_once_on_the_replica(
                 err.value.body["param"] == "response_format" and '"y"' in err.value.body["message"]
             )
     assert len(compiled) == 1
+
+
+async def test_ready_is_503_while_no_replica_is_in_rotation(remote: RemoteEngine) -> None:
+    pool = ReplicaPool("prefix", model_name=remote.model_name)
+    assert pool.add(remote)
+    app = create_app(make_settings(), pool)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/ready")).status_code == 200
+        pool.remove(remote.replica_id, "lost")  # the last replica leaves
+        gone = await client.get("/ready")
+        assert gone.status_code == 503
+        assert gone.json()["status"] == "unavailable"
+        assert "replica" in gone.json()["detail"]
+        again = await RemoteEngine.connect(remote.url, tokenizer=remote.tokenizer)
+        assert pool.add(again)  # the replica's process comes back
+        assert (await client.get("/ready")).status_code == 200
+        pool.shutdown()
