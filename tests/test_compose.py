@@ -27,6 +27,7 @@ import pytest
 import redis
 import yaml
 
+from gateway.settings import Settings
 from kernels.options import cache_root
 from tests.gateway.conftest import wait_until
 
@@ -140,6 +141,9 @@ def test_compose_file_shape() -> None:
     assert "--appendonly yes" in services["redis"]["command"]
     for name in ("engine", "gateway"):
         assert "/ready" in " ".join(services[name]["healthcheck"]["test"])
+        # Docker's SIGKILL comes after the drain (gateway/drain.py), not during it.
+        grace_s = float(services[name]["stop_grace_period"].removesuffix("s"))
+        assert grace_s > Settings.model_fields["drain_timeout_s"].default
     assert "PREFIXGATE_ADMIN_KEY" not in str(services["gateway"].get("environment"))
     assert "PREFIXGATE_ADMIN_KEY" not in (ROOT / "Dockerfile").read_text()
     assert "TORCH_VARIANT" in (ROOT / "Dockerfile").read_text()

@@ -4,7 +4,9 @@ Requests stream back over HTTP/1.1 (`engine.service.protocol`). Every call has a
 (`Timeouts`): connecting, control calls, warm-ups. A stream has no deadline between deltas (a
 long queue wait is normal); a dead replica ends it instead: its connection resets, or the
 liveness probe (or the Redis heartbeat, in a pool) stops answering for `ttl_s`, and then every
-stream still open on it ends with `ReplicaLostError`. A request is never sent twice: once its
+stream still open on it ends with `ReplicaLostError`. A stream whose connection is refused or
+breaks takes the replica out of rotation at once, until it answers again, so the requests that
+follow go to other replicas rather than wait for the probe. A request is never sent twice: once its
 POST may have reached the replica, it may have produced tokens, so a failure is reported, not
 retried.
 """
@@ -95,6 +97,8 @@ class RemoteStream(DeltaStream):
                         return
             self._put_now(ReplicaLostError(f"replica {engine.replica_id} ended a stream early"))
         except httpx.HTTPError as exc:
+            if isinstance(exc, _BROKEN):
+                engine.out_of_rotation(f"a stream's connection failed: {exc!r}")
             self._put_now(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
         finally:
             engine.streams.pop(self.request_id, None)
@@ -185,6 +189,15 @@ class RemoteEngine:
                                        "reason": reason}))  # fmt: skip
         self.lost = ReplicaLostError(f"replica {self.replica_id} lost: {reason}")
         self.fail_streams(self.lost)
+
+    def out_of_rotation(self, reason: str) -> None:
+        """A connection to the replica was refused or broke: no new requests until it answers
+        again (`seen`). Its other streams run on: if it is dead they end by themselves (their
+        connections break too), or when the probe gives up after `ttl_s`."""
+        if self.lost is None:
+            logger.warning(json.dumps({"event": "replica_unreachable", "replica": self.replica_id,
+                                       "reason": reason}))  # fmt: skip
+            self.lost = ReplicaLostError(f"replica {self.replica_id} unreachable: {reason}")
 
     def seen(self, stats: ReplicaStats) -> None:
         self.last_stats = stats
@@ -295,6 +308,9 @@ class RemoteEngine:
         task.add_done_callback(self._background.discard)
 
 
+# A stream failing so says the replica is not there (refused, reset, closed mid-answer); a
+# timeout or a full connection pool does not.
+_BROKEN = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 _TOKENIZER_LOCK = threading.Lock()
 
 

@@ -117,6 +117,14 @@ def test_two_replicas_two_gateways(cluster: tuple[dict[str, Any], list[Any]]) ->
     assert events[-1] == "[DONE]" and "error" in events[-2]
     assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
 
+    # The gateway whose stream broke routes at once to the other replica, even the requests
+    # whose prefix the dead one held (no wait for the heartbeat TTL).
+    [other] = [r for r in procs if r != holder]
+    before_other = pool_of(app_b).routed.get(other, 0)
+    r = chat(url_b, key, "Which planet is smallest?", prefix="solar")
+    assert r.status_code == 200, r.text
+    usage.append(r.json()["usage"])
+    assert pool_of(app_b).routed.get(other, 0) == before_other + 1
     # Both gateways drop it (heartbeat TTL); later requests succeed on the other replica.
     for app in (app_a, app_b):
         assert wait_until(lambda a=app: holder not in pool_of(a).replicas)
