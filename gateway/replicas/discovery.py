@@ -138,18 +138,22 @@ class RedisReplicas:
             self._joining[replica_id] = task
 
     async def _join(self, replica_id: str, url: str) -> None:
+        """Connect, read the replica's snapshot, put it in rotation. It counts as joining until
+        it is in the pool: a sync round meanwhile must not start a second join, whose connection
+        would replace this one (ending the streams already routed to it)."""
         try:
-            engine = await RemoteEngine.connect(url, self.timeouts, self.pool.tokenizer)
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            logger.warning(json.dumps({"event": "replica_unreachable", "replica": replica_id,
-                                       "url": url, "error": repr(exc)}))  # fmt: skip
-            return
+            try:
+                engine = await RemoteEngine.connect(url, self.timeouts, self.pool.tokenizer)
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                logger.warning(json.dumps({"event": "replica_unreachable", "replica": replica_id,
+                                           "url": url, "error": repr(exc)}))  # fmt: skip
+                return
+            blob = await self.redis.get(self.keys.blocks(replica_id))
+            # In rotation with what it caches known, in one go.
+            if self.pool.add(engine) and blob is not None:
+                self.pool.index.snapshot(replica_id, unpack(blob))
         finally:
             self._joining.pop(replica_id, None)
-        blob = await self.redis.get(self.keys.blocks(replica_id))
-        # In rotation with what it caches known, in one go.
-        if self.pool.add(engine) and blob is not None:
-            self.pool.index.snapshot(replica_id, unpack(blob))
 
     async def _apply_events(self) -> None:
         while True:

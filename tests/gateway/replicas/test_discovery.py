@@ -98,3 +98,51 @@ async def test_heartbeats_kv_events_and_expiry(redis_client: Any, redis_url: str
             await watcher_redis.aclose()
             await beat.leave()
             await redis_client.delete(keys.events)
+
+
+async def test_a_replica_joins_once_while_its_snapshot_is_read(
+    redis_client: Any, redis_url: str
+) -> None:
+    """A sync round that comes while a join is still reading the replica's snapshot starts no
+    second join: the second connection replaced the first one ("replaced by a new process"),
+    ending any stream already routed to it (found by bench/soak.py)."""
+    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
+    with serve_replica(fake, "r0") as url:
+        beat = Heartbeat(fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock)
+        await beat.beat()
+        pool = ReplicaPool("prefix", model_name=fake.model_name)
+        pool.tokenizer = fake.tokenizer
+        removed: list[str] = []
+        remove = pool.remove
+
+        def recording_remove(replica_id: str, reason: str) -> None:
+            removed.append(reason)
+            remove(replica_id, reason)
+
+        pool.remove = recording_remove  # type: ignore[method-assign]
+        watcher_redis = aioredis.Redis.from_url(redis_url)
+        reading, release = asyncio.Event(), asyncio.Event()
+        get = watcher_redis.get
+
+        async def held_get(name: str) -> Any:
+            reading.set()
+            await release.wait()
+            return await get(name)
+
+        watcher_redis.get = held_get  # type: ignore[method-assign]
+        watcher = RedisReplicas(pool, watcher_redis, keys, Timeouts(ttl_s=3), clock=clock)
+        watcher.stream_id = "0-0"
+        try:
+            await watcher.sync()
+            await reading.wait()  # connected, reading the snapshot
+            await watcher.sync()  # another round meanwhile
+            release.set()
+            await until_live(watcher, pool)
+            while watcher._joining:  # any other join done too
+                await asyncio.sleep(0.01)
+            assert removed == [] and list(pool.replicas) == ["r0"]
+        finally:
+            pool.shutdown()
+            await watcher_redis.aclose()
+            await beat.leave()
+            await redis_client.delete(keys.events)
