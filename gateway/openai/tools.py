@@ -34,8 +34,9 @@ Mode = Literal["auto", "required", "named"]
 FALLBACK_PROMPT = (
     "You can call functions. To call one, reply with only:\n<tool_call>\n"
     '{"name": <function name>, "arguments": <arguments object>}\n</tool_call>\n'
-    "The functions:\n<tools>\n%s\n</tools>"
+    "%sThe functions:\n<tools>\n%s\n</tools>"
 )
+SEVERAL = "To call several, write one such block for each.\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,8 @@ def fallback_system(plan: ToolPlan | None) -> str | None:
     """The system text that offers the tools to a template that cannot render them."""
     if plan is None or plan.native:
         return None
-    return FALLBACK_PROMPT % "\n".join(json.dumps(t["function"]) for t in plan.tools)
+    functions = "\n".join(json.dumps(t["function"]) for t in plan.tools)
+    return FALLBACK_PROMPT % (SEVERAL if plan.parallel else "", functions)
 
 
 def call_text(name: str, arguments: str) -> str:
