@@ -8,13 +8,14 @@ reads the whole text and the pieces are added up (`parse_calls`), so both give t
 What is a call, by the plan's syntax (`tools.ToolPlan`):
 
     tags   Let me check.\\n<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>
-           ^ content ^^^^^   ^ dropped  ^ a call object: start once "name" is read  ^ dropped
+           ^ content ^^^^^   ^ dropped  ^ a call object                               ^ dropped
     json   {"name": "f", "arguments": {...}}      one object, or several (ws , ; between)
            [{"name": "f", ...}, {"name": "g", ...}]   or a list of them (forced, parallel)
 
 - A call object has a `name` naming a listed function and `arguments` (or `parameters`): an
-  object, whose raw text streams as it comes once the name is known, or a JSON string holding
-  one, sent when it ends; no arguments at all is `{}`. Other keys are skipped.
+  object, whose raw text streams as it comes, or a JSON string holding one, sent when it ends;
+  no arguments at all is `{}`. Other keys are skipped. The call starts (its first piece: id and
+  name) once the name is read and its arguments begin (or its object ends).
 - Until its start is sent a candidate can still turn out not to be a call (an unknown name, no
   name, arguments that are no object, text that is not JSON): its text is then given back as
   content, unchanged. After its start a call is kept, even if cut short (`max_tokens`).
