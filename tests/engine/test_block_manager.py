@@ -149,16 +149,18 @@ def test_a_chunk_inside_the_public_prefix_charges_nothing() -> None:
     assert bm.append_charge(1, 4, 4) == 0  # the next chunk: still public
 
 
-def test_a_copy_on_write_counts_toward_the_tenants_charge() -> None:
+@pytest.mark.parametrize("shared_blocks", [0, 2])
+def test_a_copy_on_write_counts_toward_the_tenants_charge(shared_blocks: int) -> None:
     bm = BlockManager(num_blocks=16, block_size=4)
-    tokens = list(range(10))  # blocks 0 and 1 full, block 2 partial
-    bm.allocate(1, tokens, 10, tenant="t")
+    tokens = list(range(10))  # blocks 0 and 1 full (public or not), block 2 partial
+    bm.allocate(1, tokens, 10, namespace="a", tenant="t", shared_blocks=shared_blocks)
     bm.fork(1, 2)
-    assert bm.tenant_blocks["t"] == 3  # shared by the tenant's two sequences: counted once
+    own = 3 - shared_blocks
+    assert bm.tenant_blocks["t"] == own  # shared by the tenant's two sequences: counted once
     # The child's next token lands in the shared partial block: a private copy, one more block.
     assert bm.append_charge(2, 10, 1) == 1
     assert bm.append_slots(2, [*tokens, 5], 10, 1) == [(bm.block_ids(1)[2], bm.block_ids(2)[2])]
-    assert bm.tenant_blocks["t"] == 4
+    assert bm.tenant_blocks["t"] == own + 1
 
 
 def test_double_release_is_refused() -> None:
@@ -239,6 +241,17 @@ def test_pin_cap_refuses_and_changes_nothing() -> None:
     assert bm.check_pin("c", list(range(4)), None) == 1
     bm.free(2)
     assert bm.num_pinned_blocks == 3
+
+
+def test_repin_counts_a_block_another_pin_holds_as_staying_pinned() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, max_pinned_blocks=3)
+    pinned_prefix(bm, "a", list(range(8)), 1)  # blocks X, Y
+    pinned_prefix(bm, "b", list(range(4)), 2)  # X again: 2 distinct pinned blocks
+    # Re-pinning b on two new blocks lets go of X, but a still pins it: 4 pinned, over the cap.
+    with pytest.raises(PinRefusedError) as refused:
+        bm.check_pin("b", list(range(50, 58)), None)
+    assert refused.value.requested == 4
+    assert bm.check_pin("b", list(range(50, 54)), None) == 1  # one new block fits
 
 
 def test_default_cap_is_half_the_pool_and_caching_off_pins_nothing() -> None:
