@@ -5,6 +5,7 @@
     python tools/mutation.py --report-only         # print the survivors of the last run
     python tools/mutation.py --jobs 1 --nice 15    # one module at a time, at low priority
     python tools/mutation.py --retest-survivors    # the survivors again, after adding tests
+    python tools/mutation.py --since REV --until 19:00  # changed lines first, time-boxed
 
 For each module: copy the tracked files into a scratch folder (so no mutant ever touches the
 checkout), `cosmic-ray init`, skip the mutants inside type annotations (inert: every module
@@ -27,9 +28,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -139,7 +142,9 @@ def write_config(path: Path, module: str, test_command: str, timeout: float) -> 
     )
 
 
-def run_module(module: str, workdir: Path, timeout: float, retest: bool) -> Path:
+def run_module(
+    module: str, workdir: Path, timeout: float, retest: bool, since: str | None, until: float | None
+) -> Path:
     """Init (once) and execute the session of `module`; return the session file."""
     name = module.replace("/", "_").removesuffix(".py")
     tree = workdir / name
@@ -162,9 +167,47 @@ def run_module(module: str, workdir: Path, timeout: float, retest: bool) -> Path
         print(f"{module}: {count} survivors to test again", flush=True)
     skipped = skip_mutants(session, (tree / module).read_text())
     print(f"{module}: {skipped} more mutants skipped (annotations, excluded operators)", flush=True)
+    first = changed_lines(module, since) if since else set()
     with fork_server(sock, module, PREIMPORTS[module], cwd=tree):
-        cosmic_ray("exec", config, session, cwd=tree)
+        execute(session, test_command, timeout, tree, first, until)
     return session
+
+
+def changed_lines(module: str, since: str) -> set[int]:
+    """Lines of `module` that `git diff since` adds or changes."""
+    diff = subprocess.run(
+        ["git", "diff", "-U0", since, "--", module], cwd=ROOT, check=True, capture_output=True
+    ).stdout.decode()
+    lines: set[int] = set()
+    for start, count in re.findall(r"^@@ -\S+ \+(\d+)(?:,(\d+))? @@", diff, re.MULTILINE):
+        lines.update(range(int(start), int(start) + int(count or 1)))
+    return lines
+
+
+def execute(
+    session: Path,
+    test_command: str,
+    timeout: float,
+    tree: Path,
+    first: set[int],
+    until: float | None,
+) -> None:
+    """What `cosmic-ray exec` does with the local distributor, with an order and an end: the
+    pending mutants on `first` lines before the others, none started after `until` (epoch
+    seconds; the rest stay pending)."""
+    import attrs
+    from cosmic_ray.mutating import mutate_and_test
+    from cosmic_ray.work_db import WorkDB, use_db
+
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        pending = sorted(
+            db.pending_work_items, key=lambda w: w.mutations[0].start_pos[0] not in first
+        )
+        for item in pending:
+            if until is not None and time.time() > until:
+                break
+            mutations = [attrs.evolve(m, module_path=tree / m.module_path) for m in item.mutations]
+            db.set_result(item.job_id, mutate_and_test(mutations, test_command, timeout))
 
 
 @contextmanager
@@ -217,6 +260,14 @@ def report(module: str, session: Path) -> int:
     return len(survivors)
 
 
+def until_epoch(hhmm: str) -> float:
+    """The next HH:MM (UTC) from now, as epoch seconds."""
+    now = datetime.now(UTC)
+    hour, minute = map(int, hhmm.split(":"))
+    end = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return (end if end > now else end + timedelta(days=1)).timestamp()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(TARGETS)}")
@@ -230,6 +281,10 @@ def main() -> int:
     parser.add_argument(
         "--retest-survivors", action="store_true", help="run the survivors again (new tests)"
     )
+    parser.add_argument("--since", help="git revision: mutants on lines changed since it first")
+    parser.add_argument(
+        "--until", help="HH:MM (UTC): start no mutant after it; the rest stay pending"
+    )
     args = parser.parse_args()
     args.modules = args.modules or list(TARGETS)
     unknown = set(args.modules) - set(TARGETS)
@@ -240,7 +295,12 @@ def main() -> int:
         os.nice(args.nice)  # inherited by cosmic-ray and every test it starts
         with ThreadPoolExecutor(args.jobs) as pool:
             run = partial(
-                run_module, workdir=args.workdir, timeout=args.timeout, retest=args.retest_survivors
+                run_module,
+                workdir=args.workdir,
+                timeout=args.timeout,
+                retest=args.retest_survivors,
+                since=args.since,
+                until=args.until and until_epoch(args.until),
             )
             list(pool.map(run, args.modules))
     survived = 0
