@@ -93,6 +93,34 @@ def test_min_tokens_after_a_one_token_prompt() -> None:
     assert sampler._apply_penalties(torch.tensor([LOGITS]), [one])[0, EOS] == float("-inf")
 
 
+def test_logit_bias_adds_to_its_tokens_in_its_row_only() -> None:
+    sampler = Sampler(vocab_size=len(LOGITS), eos_token_ids=[EOS])
+    biased = SamplingParams(temperature=0, logit_bias={0: 1.5, 4: -3.0})
+    logits = torch.tensor([LOGITS, LOGITS])
+    specs = [spec(biased), spec(SamplingParams(temperature=0), seq_id=1)]
+    got = sampler._apply_logit_bias(logits, specs)
+    want = [LOGITS[0] + 1.5, *LOGITS[1:4], LOGITS[4] - 3.0, LOGITS[5]]
+    assert got[0].tolist() == pytest.approx(want) and got[1].tolist() == LOGITS
+    assert logits.tolist() == [LOGITS, LOGITS]  # the caller's logits are left alone
+    # Token 0 (2.0 + 1.5) now beats token 3 (3.0) in the biased row only.
+    assert [t.token_id for t in sampler(logits, specs)] == [0, 3]
+
+
+def test_logits_past_the_vocabulary_are_never_sampled() -> None:
+    """A model's logits may be padded past the tokenizer's vocabulary: those columns never win,
+    greedy or sampled, and logprobs are over the vocabulary only."""
+    sampler = Sampler(vocab_size=4, eos_token_ids=[99])
+    padded = torch.tensor([[0.0, 1.0, 2.0, 0.5, 50.0, 60.0]] * 2)
+    specs = [
+        SampleSpec(0, 0, SamplingParams(temperature=0, logprobs=1), None, [7], 1),
+        SampleSpec(1, 1, SamplingParams(temperature=1.0, top_k=1), None, [7], 1),
+    ]
+    got = sampler(padded, specs)
+    assert [t.token_id for t in got] == [2, 2]
+    lp = got[0].logprob
+    assert lp is not None and lp.logprob == pytest.approx(float(padded[0, :4].log_softmax(-1)[2]))
+
+
 def test_logprobs_top_k_sizes() -> None:
     sampler = Sampler(vocab_size=len(LOGITS), eos_token_ids=[EOS])
     logits = torch.tensor([LOGITS] * 3)
