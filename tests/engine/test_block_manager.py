@@ -163,6 +163,16 @@ def test_a_copy_on_write_counts_toward_the_tenants_charge(shared_blocks: int) ->
     assert bm.tenant_blocks["t"] == own + 1
 
 
+def test_a_token_after_a_shared_full_block_is_no_copy() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    bm.allocate(1, [*range(8), 99], 9, tenant="t")
+    assert bm.allocate(2, [*range(8), 50], 9, tenant="t") == 8  # blocks 0 and 1 shared
+    # Token 9 lands in seq 2's own partial block 2: nothing to copy, no block to add.
+    assert bm.append_charge(2, 9, 1) == 0
+    assert bm.append_slots(2, [*range(8), 50, 51], 9, 1) == []
+    assert bm.tenant_blocks["t"] == 4
+
+
 def test_double_release_is_refused() -> None:
     bm = BlockManager(num_blocks=2, block_size=4)
     bm.allocate(1, [1, 2], 2)
