@@ -13,6 +13,7 @@ with bench/serve.py --url (docs/performance.md), never against figures from anot
 
 Usage: python bench/offline.py [--model DIR] [--dtype auto] [--requests 64] [--hf-batch 16]
        python bench/offline.py --invariance-ab 6    (the cost of batch invariance, interleaved A/B)
+       python bench/offline.py --shared-ab 4        (grouped vs ungrouped shared-prefix decodes)
 """
 
 from __future__ import annotations
@@ -333,6 +334,121 @@ def invariance_ab(llm: LLM, rounds: int) -> dict[str, Any]:
     return figures
 
 
+# K groups x G sequences decoding on P-token prefixes that each group shares (issue #18)
+SHARED_CASES = ((4, 16, 800), (1, 64, 800))
+AB_STEPS = 4  # decode steps per A/B sample
+
+
+def shared_decodes(llm: LLM, groups: int, size: int, prefix: int, max_tokens: int) -> None:
+    """Leave `groups` x `size` sequences decoding: each group's first `prefix` prompt tokens come
+    from the prefix cache (the same blocks: its prompt ran once before), then a question of its
+    own (4-40 tokens)."""
+    engine = llm.engine
+    rng = random.Random(groups * size + prefix)
+    prompts = [[rng.randrange(100, 40000) for _ in range(prefix)] for _ in range(groups)]
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished:
+        engine.step()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for p in prompts:
+        for _ in range(size):
+            engine.add_request(p + [rng.randrange(100, 40000) for _ in range(rng.randint(4, 40))],
+                               params)  # fmt: skip
+    sched = engine.scheduler
+    while any(s.num_uncomputed > 1 for s in sched.running) or sched.num_waiting:
+        engine.step()
+
+
+def attention_step(llm: LLM, grouped: bool, reps: int = 3) -> tuple[float, int]:
+    """The prefill kernel's attention of one decode token per running sequence over every
+    layer's cache (the best of `reps`, seconds), and the K/V bytes it reads (each grouped item
+    reads its shared keys once for its decodes, `csrc/prefill_attention.cpp`)."""
+    from kernels import cpu_attention
+    from kernels.metadata import AttentionMetadata, prefix_groups
+
+    engine = llm.engine
+    mc, bs = engine.model_config, engine.block_manager.block_size
+    running = engine.scheduler.running
+    tables = [engine.block_manager.block_ids(s.seq_id) for s in running]
+    lens = [s.num_computed_tokens for s in running]  # the last computed token as the new one
+    width = max(len(t) for t in tables)
+    starts = list(range(len(lens) + 1))
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(len(lens), dtype=torch.long),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=1,
+        max_seq_len=max(lens),
+        query_start_loc_list=starts,
+        seq_lens_list=lens,
+    )
+    groups = prefix_groups(tables, [1] * len(lens), lens, bs) if grouped else None
+    query = torch.randn(len(lens), mc.num_heads, mc.head_dim).to(engine.dtype)
+    out = torch.empty_like(query)
+    ids = torch.arange(len(lens))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for cache in engine.runner.kv_caches:
+            cpu_attention.paged_prefill(query, cache, meta, mc.head_dim**-0.5, out, ids, groups)
+        best = min(best, time.perf_counter() - t0)
+    keys = sum(lens)
+    if groups is not None:
+        per_item = 64 // (mc.num_heads // mc.num_kv_heads)  # decodes per grouped item
+        of = groups.group_of.tolist()
+        for g, shared in enumerate(groups.shared_keys.tolist()):
+            n = of.count(g)
+            keys -= (n - -(-n // per_item)) * shared  # read once per item, not once per decode
+    kv_row = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.dtype.itemsize
+    return best, keys * kv_row
+
+
+def shared_ab(llm: LLM, rounds: int) -> dict[str, Any]:
+    """Shared-prefix decodes (`SHARED_CASES`), grouped (`cpu_attention.SHARED_PREFIX`, the
+    default) vs ungrouped, interleaved (ABBA...) on the same running sequences: per step, the
+    attention kernel's time over every layer and the K/V bytes it reads, and the whole engine
+    step's time; medians of `rounds` samples of each."""
+    from kernels import cpu_attention
+
+    engine = llm.engine
+    figures: dict[str, Any] = {"rounds": rounds, "steps_per_sample": AB_STEPS}
+    for groups, size, prefix in SHARED_CASES:
+        shared_decodes(llm, groups, size, prefix, 2 * rounds * AB_STEPS + 4)
+        runs: dict[str, dict[str, list[float]]] = {"grouped": {}, "ungrouped": {}}
+        for r in range(rounds):
+            for mode in ("grouped", "ungrouped") if r % 2 == 0 else ("ungrouped", "grouped"):
+                grouped = mode == "grouped"
+                cpu_attention.SHARED_PREFIX = grouped
+                try:
+                    t0 = time.perf_counter()
+                    for _ in range(AB_STEPS):
+                        engine.step()
+                    step = (time.perf_counter() - t0) / AB_STEPS
+                finally:
+                    cpu_attention.SHARED_PREFIX = True
+                attn, kv = attention_step(llm, grouped)
+                for key, v in (("step_ms", 1000 * step), ("attention_ms", 1000 * attn),
+                               ("kv_mb", kv / 1e6)):  # fmt: skip
+                    runs[mode].setdefault(key, []).append(v)
+        for rid in list(engine.scheduler.requests):
+            engine.abort(rid)
+        case = {m: {k: statistics.median(v) for k, v in runs[m].items()} for m in runs}
+        figures[f"{groups}x{size} on {prefix}"] = case
+        g, u = case["grouped"], case["ungrouped"]
+        seqs, attn = groups * size, g["attention_ms"] / u["attention_ms"] - 1
+        print(
+            f"shared prefix, {groups} x {size} on {prefix} tokens: attention "
+            f"{g['attention_ms']:.1f} vs {u['attention_ms']:.1f} ms per step ({attn:+.0%}),"
+            f" K/V read {g['kv_mb']:.0f} vs {u['kv_mb']:.0f} MB; step {g['step_ms']:.1f} vs "
+            f"{u['step_ms']:.1f} ms = {seqs / g['step_ms'] * 1000:.0f} vs "
+            f"{seqs / u['step_ms'] * 1000:.0f} output tok/s (grouped vs ungrouped, medians of "
+            f"{rounds} interleaved)"
+        )
+    return figures
+
+
 def single_stream_itl(llm: LLM, tokens: int = 64) -> float:
     """Median inter-token latency (ms) of one request decoding alone."""
     engine = llm.engine
@@ -369,6 +485,13 @@ def main() -> None:
         metavar="ROUNDS",
         help="only the cost of batch invariance: ROUNDS interleaved A/B runs of the peer workload",
     )
+    ap.add_argument(
+        "--shared-ab",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only shared-prefix decodes, grouped vs ungrouped: ROUNDS interleaved A/B samples",
+    )
     _record.add_arguments(ap)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -403,6 +526,9 @@ def measure(
     engine = llm.engine
     if args.invariance_ab:
         figures["invariance_ab"] = invariance_ab(llm, args.invariance_ab)
+        return
+    if args.shared_ab:
+        figures["shared_ab"] = shared_ab(llm, args.shared_ab)
         return
     figures["single_request_itl_ms"] = single_stream_itl(llm)
     figures["peer_workload"] = {c: peer_workload(llm, c) for c in (16, 64)}

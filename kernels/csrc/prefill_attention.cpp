@@ -13,6 +13,9 @@
 //   seq_lens        [S]              int32 or int64
 //   seq_ids         [P]              int32 or int64       the sequences to attend (the prefills)
 //   out             [T, H, D]                             their rows written, the others untouched
+//   groups          [S] or none      int32 or int64       decodes sharing leading blocks: each
+//   group_keys      [num_groups]     int32 or int64       sequence's group (-1: none) and the keys
+//                                                         each group shares ("Grouped items")
 //
 // Work items. The rows of one (sequence, KV head) are its Q new tokens times the G = H / KVH query
 // heads of the group, token-major (row r = token r / G, head r % G), and an item is up to 64
