@@ -235,6 +235,8 @@ def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[
         cmd += ["--model", args.model]
     if mode == "off":
         cmd.append("--no-prefix-caching")
+    if args.scheduling_policy:
+        cmd += ["--scheduling-policy", args.scheduling_policy]
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -295,6 +297,12 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scheduling-policy",
+        choices=("fcfs", "priority", "fair"),
+        help="of started servers (default: the server's, fcfs); under fcfs a registered\n"
+        "tenant's short request queues behind the flood's prompts whatever it has cached",
+    )
     _record.add_arguments(p)
     args = p.parse_args()
     results = {}
