@@ -180,7 +180,9 @@ def flops_per_token(engine: LLMEngine, with_head: bool) -> float:
 
 
 def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> dict[str, float]:
-    """Per-phase ms of one decode step at `batch` running sequences (after their prefill)."""
+    """Per-phase ms of one decode step at `batch` running sequences (after their prefill), and
+    where the step runs every row through the prefill kernel (bfloat16 on our CPU kernels),
+    the attention's share of the model phase (the kernel alone over every layer's cache)."""
     engine = llm.engine
     rng = random.Random(batch)
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
@@ -200,6 +202,10 @@ def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> d
         engine.step()
     wall = (time.perf_counter() - t0) / steps
     split = engine.timings.per_step_ms()
+    from kernels import cpu_attention
+
+    if cpu_attention.one_kernel_for_all_rows(engine.runner.kv_caches[0]):
+        split["attention"] = 1000 * attention_step(llm, grouped=True)[0]  # inside "model"
     for rid in list(engine.scheduler.requests):
         engine.abort(rid)
     return split | {"total": wall * 1000, "kv_bytes": contexts * kv_row}
@@ -257,6 +263,8 @@ def roofline(llm: LLM) -> dict[str, Any]:
         split = step_split(llm, batch)
         rate = batch / (split["total"] / 1000)
         parts = " ".join(f"{k} {v:.1f}" for k, v in split.items() if k not in ("total", "kv_bytes"))
+        if "attention" in split:  # part of the model's time: its share printed beside
+            parts += f" = {split['attention'] / split['model']:.0%} of model"
         floor_ms = (weight_bytes + split["kv_bytes"]) / (gbps * 1e9) * 1000
         print(
             f"  decode batch {batch:>2}: step {split['total']:.1f} ms ({parts}) -> "
