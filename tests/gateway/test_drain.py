@@ -1,10 +1,12 @@
 """Graceful drain (`gateway.drain`): the middleware and server in process, then SIGTERM to a
 `prefixgate serve` process and to a `prefixgate engine` replica behind a gateway: streams in
-flight (queued ones too) finish, new requests get a 503 in OpenAI's shape, exit code 0."""
+flight (queued ones too) finish, new requests get a 503 in OpenAI's shape, exit code 0; and a
+stream still open at the deadline is cut, aborted in the engine and settled."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 from collections.abc import Iterator
@@ -19,11 +21,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.service import protocol
-from gateway.app import error_response
-from gateway.drain import GATEWAY_ANSWERED, Drain, DrainingServer, DrainMiddleware
+from gateway.app import create_app, error_response
+from gateway.drain import (
+    GATEWAY_ANSWERED,
+    Drain,
+    DrainingServer,
+    DrainMiddleware,
+    draining_server,
+)
 from gateway.errors import shutting_down
-from tests.gateway.conftest import wait_until
-from tests.gateway.replicas.helpers import CliProcess, cli_process, serve_gateway
+from gateway.limits import RequestLimits
+from gateway.server import uvicorn_config
+from tests.gateway.conftest import make_settings, wait_until
+from tests.gateway.fake_engine import FakeEngine
+from tests.gateway.replicas.helpers import CliProcess, cli_process, free_port, serve_gateway
 from tests.gateway.replicas.test_cluster import sse_events
 
 OPENAI_ERROR = {"message", "type", "param", "code"}
@@ -188,3 +199,31 @@ def test_sigterm_drains_an_engine_replica(replica: CliProcess) -> None:
         assert set(refused.json()["error"]) == OPENAI_ERROR
         assert_streams_finished(results, threads)
         assert replica.proc.wait(timeout=60) == 0
+
+
+def test_a_stream_past_the_deadline_is_cut_aborted_and_settled() -> None:
+    engine = FakeEngine(token_delay=0.05)  # 400 tokens: 20 s, far past the 0.5 s drain
+    app = create_app(make_settings(), engine)
+    port = free_port()
+    config = uvicorn_config(
+        app, RequestLimits(), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    refuse = error_response(shutting_down())
+    server = draining_server(config, 0.5, refuse, GATEWAY_ANSWERED.__contains__)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: server.started or not thread.is_alive())
+    body = {"model": "fake-model", "max_tokens": 400, "stream": True,
+            "messages": [{"role": "user", "content": "Go on."}]}  # fmt: skip
+    seen = []
+    with contextlib.suppress(httpx.HTTPError):  # the connection ends mid-answer
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                seen.append(line)
+                if len(seen) == 1:
+                    server.handle_exit(signal.SIGTERM, None)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and "data: [DONE]" not in seen
+    assert len(engine.aborted) == 1  # the engine stopped computing it
+    assert app.state.gateway.hooks.in_flight == 0  # its quota was settled
