@@ -13,9 +13,11 @@ p:replica-blocks:{id}      STRING (EX 10 ttl) the latest full snapshot, for a ga
                                    starts (or sees the replica join) after it went out
 ```
 
-Every `ttl_s / 3` the replica renews its key and its ZSET score, and diffs its cached block
-hashes against the previous beat: new ones go out as stored, gone ones as evicted, in one
-stream entry; every `snapshot_s` the entry is a full snapshot instead. Gateways apply entries in
+Every `ttl_s / 3` the replica renews its key and its ZSET score (from the event loop alone:
+liveness never waits for an engine step), and, in a loop of its own, diffs its cached block
+hashes (read on the engine thread between steps) against the previous diff: new ones go out as
+stored, gone ones as evicted, in one stream entry; every `snapshot_s` the entry is a full
+snapshot instead. Gateways apply entries in
 stream order, so a snapshot never erases a later event; one that starts late or missed events
 converges at the next snapshot. A replica that stops beating leaves the ZSET's live range and
 its key expires within `ttl_s`.
@@ -28,7 +30,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,10 +104,15 @@ class Heartbeat:
         self._last_snapshot: float | None = None
 
     async def beat(self) -> None:
-        """One heartbeat: liveness and load, the KV diff, a snapshot when due."""
+        """One heartbeat: liveness and load, then the KV diff (a snapshot when due)."""
+        await self.announce()
+        await self.publish_blocks()
+
+    async def announce(self) -> None:
+        """Liveness and load: the replica's record and its expiry. Never waits for the engine
+        thread, so a long engine step (seconds on a starved CPU) cannot make a live replica look
+        dead and end every stream open on it."""
         now = self.clock()
-        current = {h[:HASH_BYTES] for h in await self.engine.cached_block_hashes()}
-        stored, evicted = current - self.cached, self.cached - current
         record = {
             "replica_id": self.replica_id,
             "url": self.url,
@@ -113,21 +120,33 @@ class Heartbeat:
             "stats": protocol.jsonable(self.engine.stats()),
             "time": now,
         }
-        ttl_ms = max(1, int(self.ttl_s * 1000))
-        full = self._last_snapshot is None or now - self._last_snapshot >= self.snapshot_s
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.keys.replica(self.replica_id), json.dumps(record), px=ttl_ms)
+        pipe.set(self.keys.replica(self.replica_id), json.dumps(record), px=self._ttl_ms)
         pipe.zadd(self.keys.replicas, {self.replica_id: now + self.ttl_s})
+        await pipe.execute()
+
+    async def publish_blocks(self) -> None:
+        """The KV diff since the last one, or a full snapshot when due. The hashes come from the
+        engine thread, between two steps."""
+        current = {h[:HASH_BYTES] for h in await self.engine.cached_block_hashes()}
+        now = self.clock()
+        stored, evicted = current - self.cached, self.cached - current
+        full = self._last_snapshot is None or now - self._last_snapshot >= self.snapshot_s
         fields: dict[Any, Any] = {"r": self.replica_id, "s": pack(stored), "e": pack(evicted)}
+        pipe = self.redis.pipeline(transaction=False)
         if full:
             fields = {"r": self.replica_id, "s": pack(current), "e": b"", "full": b"1"}
-            pipe.set(self.keys.blocks(self.replica_id), pack(current), px=10 * ttl_ms)
+            pipe.set(self.keys.blocks(self.replica_id), pack(current), px=10 * self._ttl_ms)
         if full or stored or evicted:
             pipe.xadd(self.keys.events, fields, maxlen=MAX_EVENTS, approximate=True)
         await pipe.execute()
         if full:
             self._last_snapshot = now
         self.cached = current
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.ttl_s * 1000))
 
     async def leave(self) -> None:
         """Deregister at a clean shutdown (gateways drop it at once, not after the TTL)."""
@@ -137,10 +156,15 @@ class Heartbeat:
         await pipe.execute()
 
     async def run(self) -> None:
-        """Beat every ttl/3 until cancelled; a Redis outage is logged and retried."""
+        """Announce and publish KV events every ttl/3, each in its own loop (the KV hashes wait
+        for the engine thread, liveness must not), until cancelled; a Redis outage is logged and
+        retried."""
+        await asyncio.gather(self._every(self.announce), self._every(self.publish_blocks))
+
+    async def _every(self, step: Callable[[], Awaitable[None]]) -> None:
         while True:
             try:
-                await self.beat()
+                await step()
             except Exception:
                 logger.exception("heartbeat to Redis failed")
             await asyncio.sleep(self.ttl_s / 3)

@@ -5,6 +5,7 @@ fake clock; the replica is the fake engine served over loopback HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -146,3 +147,34 @@ async def test_a_replica_joins_once_while_its_snapshot_is_read(
             await watcher_redis.aclose()
             await beat.leave()
             await redis_client.delete(keys.events)
+
+
+async def test_liveness_does_not_wait_for_the_engine_thread(redis_client: Any) -> None:
+    """A replica whose engine thread is busy (a long step: the KV hashes are read between two
+    steps) keeps announcing itself, its expiry moving on, so gateways do not drop it and end
+    its streams (found by bench/soak.py: on a starved CPU both replicas flapped every few
+    seconds at the 5 s TTL)."""
+    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
+    release = asyncio.Event()
+
+    async def busy_engine_thread() -> list[bytes]:
+        await release.wait()
+        return []
+
+    fake.cached_block_hashes = busy_engine_thread  # type: ignore[method-assign]
+    beat = Heartbeat(fake, redis_client, keys, replica_id="r0", url="http://r0", ttl_s=0.3,
+                     clock=clock)  # fmt: skip
+    task = asyncio.get_running_loop().create_task(beat.run())
+    try:
+        for _ in range(3):  # the expiry moves with the clock while the hashes never come
+            clock.now += 1.0
+            while (await redis_client.zscore(keys.replicas, "r0") or 0) < clock.now:
+                await asyncio.sleep(0.01)
+        assert not release.is_set() and beat.cached == set()
+    finally:
+        release.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await beat.leave()
+        await redis_client.delete(keys.events)
