@@ -193,6 +193,8 @@ async def start_generation(
             share=principal.share,
         )
     except BaseException as exc:
+        # Settled with no tokens (it still counts as a request); the access line says so.
+        log.update(prompt_tokens=0, completion_tokens=0, cached_tokens=0, outcome="rejected")
         await hooks.settle(info, UsageCounts(), "rejected")
         if isinstance(exc, _ENGINE_ERRORS):
             raise from_engine_error(exc) from exc

@@ -47,6 +47,24 @@ async def test_access_log_is_one_json_line(
     assert line["duration_ms"] >= 0 and line["ttft_ms"] >= 0
 
 
+async def test_access_log_of_an_engine_refusal_says_rejected(
+    engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request the engine refuses is settled (one request, no tokens): its line says so, as
+    every settled request's does (bench/soak.py reconciles Redis's counters with these lines)."""
+    engine.max_active = 0
+    app = create_app(make_settings(access_log=True), engine)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with caplog.at_level(logging.INFO, logger="prefixgate.access"):
+            r = await client.post("/v1/chat/completions", json=chat_body(max_tokens=3))
+    assert r.status_code == 503
+    [record] = [r for r in caplog.records if r.name == "prefixgate.access"]
+    line = json.loads(record.getMessage())
+    assert line["status"] == 503 and line["outcome"] == "rejected"
+    assert (line["prompt_tokens"], line["completion_tokens"], line["cached_tokens"]) == (0, 0, 0)
+
+
 async def test_unsafe_client_request_id_is_replaced(client: httpx.AsyncClient) -> None:
     r = await client.get("/health", headers={"x-request-id": "bad id\twith spaces"})
     rid = r.headers["x-request-id"]
