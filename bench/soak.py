@@ -48,7 +48,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,8 @@ ADMIN_KEY = "soak-admin-key"
 MODEL_NAME = "soak"
 ERROR_FIELDS = {"message", "type", "param", "code"}
 KV_FIGURES = ("num_blocks", "num_free_blocks", "num_pinned_blocks", "num_preemptions")
-WORKLOAD = ("clients", "duration_s", "gateways", "replicas", "model", "num_blocks", "max_tokens",
-            "disconnect", "abort", "backoff_s")  # fmt: skip
+WORKLOAD = ("clients", "duration_s", "gateways", "replicas", "model", "num_blocks",
+            "max_model_len", "max_tokens", "disconnect", "abort", "backoff_s")  # fmt: skip
 
 # Tight quotas: the clients of each tenant outnumber its concurrency slots, and its tokens per
 # minute are a few dozen requests' reservations, so both limits refuse (429) throughout.
@@ -91,6 +91,9 @@ class SoakConfig:
     model: str | None = None  # default: the bundled SmolLM2
     dtype: str | None = None
     num_blocks: int = 512  # per replica
+    # Context length of the replicas: pins may take at most the pool minus one request of this
+    # length, so the bundled model's 8,192 would leave no room for pins in 512 blocks.
+    max_model_len: int = 1024
     max_tokens: int = 32
     disconnect: float = 0.15  # fraction of requests closed after a few chunks
     abort: float = 0.15  # fraction given up at a random moment
@@ -200,7 +203,8 @@ def cluster(config: SoakConfig, log_dir: Path) -> Iterator[list[Service]]:
         env = server_env(config, services[0].url)
         engine_env = env | {"PREFIXGATE_LOG_LEVEL": "warning"}
         for i in range(config.replicas):
-            argv = ["engine", "--num-blocks", str(config.num_blocks)]
+            argv = ["engine", "--num-blocks", str(config.num_blocks),
+                    "--max-model-len", str(config.max_model_len)]  # fmt: skip
             services.append(start_server(f"engine-{i}", argv, engine_env, log_dir))
         gateway_env = env | {"PREFIXGATE_ADMIN_KEY": ADMIN_KEY, "PREFIXGATE_LOG_LEVEL": "info"}
         for i in range(config.gateways):
@@ -248,8 +252,13 @@ def stop(services: list[Service]) -> None:
 
 def admin(url: str, method: str, path: str, body: Any = None) -> Any:
     headers = {"authorization": f"Bearer {ADMIN_KEY}"}
-    r = httpx.request(method, url + path, json=body, headers=headers, timeout=300)
-    r.raise_for_status()
+    return checked(httpx.request(method, url + path, json=body, headers=headers, timeout=300))
+
+
+def checked(r: httpx.Response) -> Any:
+    """The JSON of a successful answer; raises with the body otherwise."""
+    if r.status_code >= 400:
+        raise RuntimeError(f"{r.request.method} {r.request.url}: {r.status_code} {r.text}")
     return r.json()
 
 
@@ -264,9 +273,8 @@ def setup_tenants(url: str) -> dict[str, str]:
             content = SYSTEM.format(tenant=tenant) + f"This is the {name} edition."
             body = {"name": name, "pin": pin,
                     "messages": [{"role": "system", "content": content}]}  # fmt: skip
-            r = httpx.post(f"{url}/v1/prefixes", json=body, timeout=300,
-                           headers={"authorization": f"Bearer {keys[tenant]}"})  # fmt: skip
-            r.raise_for_status()
+            checked(httpx.post(f"{url}/v1/prefixes", json=body, timeout=300,
+                               headers={"authorization": f"Bearer {keys[tenant]}"}))  # fmt: skip
     style = "Write plain English; no lists, no markdown. " * 4
     public = {
         "name": "house-style",
@@ -685,30 +693,40 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     d = SoakConfig()
     p.add_argument("--clients", type=int, default=d.clients)
-    p.add_argument("--duration", type=float, default=d.duration_s, help="seconds of load")
+    p.add_argument(
+        "--duration", dest="duration_s", type=float, default=d.duration_s, help="seconds of load"
+    )
     p.add_argument("--gateways", type=int, default=d.gateways)
     p.add_argument("--replicas", type=int, default=d.replicas)
     p.add_argument("--model", help="default: the bundled SmolLM2-135M")
     p.add_argument("--dtype")
     p.add_argument("--num-blocks", type=int, default=d.num_blocks, help="KV blocks per replica")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="of the replicas")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--disconnect", type=float, default=d.disconnect)
     p.add_argument("--abort", type=float, default=d.abort)
-    p.add_argument("--backoff", type=float, default=d.backoff_s, help="seconds after a refusal")
-    p.add_argument("--sample", type=float, default=d.sample_s, help="RSS sampling period")
+    p.add_argument(
+        "--backoff",
+        dest="backoff_s",
+        type=float,
+        default=d.backoff_s,
+        help="seconds after a refusal",
+    )
+    p.add_argument(
+        "--sample",
+        dest="sample_s",
+        type=float,
+        default=d.sample_s,
+        help="RSS sampling period (seconds)",
+    )
     p.add_argument("--rss-tolerance", type=float, default=d.rss_tolerance)
     p.add_argument("--no-rss-check", dest="check_rss", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-dir", type=Path, help="servers' logs (default: a temporary directory)")
     _record.add_arguments(p)
     args = p.parse_args(argv)
-    config = replace(
-        d, clients=args.clients, duration_s=args.duration, gateways=args.gateways,
-        replicas=args.replicas, model=args.model, dtype=args.dtype, num_blocks=args.num_blocks,
-        max_tokens=args.max_tokens, disconnect=args.disconnect, abort=args.abort,
-        backoff_s=args.backoff, sample_s=args.sample, rss_tolerance=args.rss_tolerance,
-        check_rss=args.check_rss, seed=args.seed, log_dir=args.log_dir,
-    )  # fmt: skip
+    given = vars(args)
+    config = SoakConfig(**{f.name: given[f.name] for f in fields(SoakConfig) if f.name in given})
     result = run(config)
     print(summary(result), flush=True)
     _record.write(args, __file__, result.figures | {"failures": result.failures})

@@ -28,8 +28,8 @@ def test_soak(tiny_model_dir: str, tmp_path: Path) -> None:
     soak = load_soak()
     config = soak.SoakConfig(
         clients=40, duration_s=20.0, gateways=2, replicas=2, model=tiny_model_dir,
-        dtype="float32", num_blocks=256, max_tokens=24, sample_s=1.0, check_rss=False,
-        log_dir=tmp_path,
+        dtype="float32", num_blocks=256, max_model_len=512, max_tokens=24, sample_s=1.0,
+        check_rss=False, log_dir=tmp_path,
     )  # fmt: skip
     result = soak.run(config)
     print(soak.summary(result))
