@@ -5,7 +5,6 @@ grouping switched off: through prefix-cache hits, preemption by recompute and n 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,22 +46,27 @@ def run(llm: LLM, prompts: list[list[int]], shared: bool, monkeypatch: Any) -> l
 
 
 def test_grouped_and_ungrouped_outputs_are_identical(
-    llm: LLM, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(0)
     system = [rng.randrange(3, 49000) for _ in range(140)]  # 2 whole blocks of 64 keys, and more
-    prompts = [system + [rng.randrange(3, 49000) for _ in range(rng.randint(1, 20))]]
-    prompts += [system + [rng.randrange(3, 49000) for _ in range(rng.randint(1, 20))]
-                for _ in range(7)]  # fmt: skip
-    plans: list[Any] = []
-    real = cpu_attention._make_plan
+    prompts = [system + [rng.randrange(3, 49000) for _ in range(rng.randint(1, 20))]
+               for _ in range(8)]  # fmt: skip
+    plans: list[Any] = []  # each step's groups, as the plan hands them to the kernels
+    stacked: list[bool] = []  # whether each layer_stack call got groups
+    real_plan, real_stack = cpu_attention._make_plan, cpu_ops.layer_stack
 
-    def spy(*args: Any) -> Any:
-        plan = real(*args)
+    def plan_spy(*args: Any) -> Any:
+        plan = real_plan(*args)
         plans.append(plan.groups)
         return plan
 
-    monkeypatch.setattr(cpu_attention, "_make_plan", spy)
+    def stack_spy(*args: Any, **kwargs: Any) -> Any:
+        stacked.append(args[7].groups is not None)
+        return real_stack(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_attention, "_make_plan", plan_spy)
+    monkeypatch.setattr(cpu_ops, "layer_stack", stack_spy)
     scheduler, bm = llm.engine.scheduler, llm.engine.block_manager
     preempted, hits = scheduler.num_preemptions, bm.stats().prefix_hits_tokens
     grouped = run(llm, prompts, True, monkeypatch)
@@ -70,6 +74,7 @@ def test_grouped_and_ungrouped_outputs_are_identical(
     assert used, "no step grouped its decodes"
     assert max(len(set(g.group_of.tolist()) - {-1}) for g in used) >= 1
     assert max(int((g.group_of >= 0).sum()) for g in used) >= 4  # forks and other prompts
+    assert llm.engine.runner.model._stack is None or any(stacked)  # the one-call stack too
     plans.clear()
     ungrouped = run(llm, prompts, False, monkeypatch)
     assert all(g is None for g in plans)
