@@ -306,6 +306,10 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
         want = torch.full(query.shape, float("nan"))
         reference.prefill_attention(query.float(), cache.float(), meta, 0.125, want)
         torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, equal_nan=True)
+from tests.kernels.test_grouped import attend, bits, found, shared_step
+for dtype in (torch.float32, torch.bfloat16):  # grouped decodes: the ungrouped bits
+    step = shared_step([(200, [5, 0, 70]), (64, [0, 1])], [(40, 9), (90, 1)], 16, 3, dtype)
+    assert torch.equal(bits(attend(step, found(step))), bits(attend(step, None)))
 op = cpu_attention.load_kernel()
 for head_dim in (16, 64, 24):  # decode: one query over a paged context of 6 tokens
     q, cache = torch.randn(1, 2, head_dim), torch.randn(2, 3, 4, 1, head_dim)
@@ -340,7 +344,7 @@ def _host_has(*flags: str) -> bool:
 )
 def test_build_for_an_isa_matches_reference(kernel: object, tmp_path: Path, flags: str) -> None:
     """The library built for one instruction set only, in a fresh process, against the
-    reference: prefill over every dtype and head size above."""
+    reference: prefill over every dtype and head size above, grouped decodes against ungrouped."""
     root = Path(__file__).resolve().parents[2]
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
     done = subprocess.run(
