@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import _record
+from _stats import percentile
 
 from tenants import MemoryStore, RedisStore, Store, TenantService
 
@@ -65,16 +65,13 @@ class Result:
     server_us_per_script: float | None = None
 
     def figures(self) -> dict[str, float | int | None]:
-        def pct(xs: list[float], q: int) -> float:
-            return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
-
         return {
             "requests": self.requests,
             "per_s": self.requests / self.seconds,
-            "admit_p50_ms": pct(self.admit_ms, 50),
-            "admit_p99_ms": pct(self.admit_ms, 99),
-            "settle_p50_ms": pct(self.settle_ms, 50),
-            "settle_p99_ms": pct(self.settle_ms, 99),
+            "admit_p50_ms": percentile(self.admit_ms, 50),
+            "admit_p99_ms": percentile(self.admit_ms, 99),
+            "settle_p50_ms": percentile(self.settle_ms, 50),
+            "settle_p99_ms": percentile(self.settle_ms, 99),
             "round_trips_admit": self.rt_admit,
             "round_trips_settle": self.rt_settle,
             "evalsha_per_request": self.evalsha_per_request,

@@ -31,6 +31,7 @@ from typing import Any
 import _record
 import httpx
 from _server import wait_ready
+from _stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("prefix", "round-robin", "least-loaded")
@@ -38,11 +39,6 @@ POLICIES = ("prefix", "round-robin", "least-loaded")
 
 def start(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stderr=log.open("ab"), stdout=subprocess.DEVNULL, env=env)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def one(
@@ -86,8 +82,8 @@ async def drive(url: str, args: argparse.Namespace, seed: int) -> dict[str, Any]
         "hit_rate": round(cached / prompt_tokens, 3),
         "prompt_tokens_computed": prompt_tokens - cached,
         "output_tok_s": round(sum(r["completion_tokens"] for r in results) / wall, 1),
-        "ttft_p50_ms": round(percentile(ttfts, 0.5) * 1000, 1),
-        "ttft_p99_ms": round(percentile(ttfts, 0.99) * 1000, 1),
+        "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1),
+        "ttft_p99_ms": round(percentile(ttfts, 99) * 1000, 1),
     }
 
 

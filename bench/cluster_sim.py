@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import _record
+from _stats import percentile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,11 +73,6 @@ class Replica:
                 old, _ = self.cache.popitem(last=False)
                 evicted.append(old)
         return hits, evicted
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 def workload(args: argparse.Namespace, replicas: int) -> list[tuple[float, int, list[int]]]:
@@ -134,8 +130,8 @@ def simulate(args: argparse.Namespace, replicas: int, policy_name: str) -> dict[
         "policy": policy_name,
         "tenants": args.tenants_per_replica * replicas,
         "hit_rate": round(hits_tokens / prompt_tokens, 3),
-        "ttft_p50_ms": round(percentile(ttfts, 0.5) * 1000, 1),
-        "ttft_p99_ms": round(percentile(ttfts, 0.99) * 1000, 1),
+        "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1),
+        "ttft_p99_ms": round(percentile(ttfts, 99) * 1000, 1),
         "output_tok_s": round(len(requests) * args.output_tokens / span),
         "busiest_over_mean": round(max(served) / (sum(served) / len(served)), 2),
         "kv_event_hashes_per_s": round(event_hashes / span),

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import _record
+from _stats import percentile
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
@@ -86,8 +87,8 @@ class Run:
         per_tenant = {
             t: {
                 "output_tps_contended": self.window_output.get(t, 0) / self.window_s,
-                "ttft_p50_s": pct(self.ttft[t], 50),
-                "ttft_p99_s": pct(self.ttft[t], 99),
+                "ttft_p50_s": percentile(self.ttft[t], 50),
+                "ttft_p99_s": percentile(self.ttft[t], 99),
                 "weighted_service_contended": self.window_service.get(t, 0.0),
             }
             for t in TENANTS
@@ -101,11 +102,6 @@ class Run:
             "prefix_cache_hit_rate": self.hit_rate,
             "preemptions": self.preemptions,
         }
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def jain(xs: list[float]) -> float:

@@ -41,6 +41,7 @@ from typing import Any
 import _record
 import httpx
 from _server import wait_ready
+from _stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -87,13 +88,6 @@ class ModeResult:
             "prefill_tokens_computed": sum(s.prompt - s.cached for s in everything),
             "hit_rate": hit,
         }
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
 
 
 def system_prompt(rng: random.Random, words: int) -> str:

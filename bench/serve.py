@@ -49,6 +49,7 @@ from typing import Any
 import _record
 import httpx
 from _server import wait_ready
+from _stats import percentile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -100,16 +101,6 @@ class Run:
             "wall_s": self.wall,
             **{f"cpu_ms_per_token_{k}": 1000 * v / tokens for k, v in self.cpu.items()},
         }
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    lo = int(rank)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
 def make_workload(args: argparse.Namespace, round_index: int = 0) -> list[Request]:
