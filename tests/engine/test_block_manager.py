@@ -173,6 +173,16 @@ def test_a_token_after_a_shared_full_block_is_no_copy() -> None:
     assert bm.tenant_blocks["t"] == 4
 
 
+def test_append_charge_at_a_block_boundary_past_256_blocks() -> None:
+    """Block indices past 256 are not shared int objects: an identity test in place of a
+    comparison would index past the block table there."""
+    bm = BlockManager(num_blocks=300, block_size=4)
+    bm.allocate(1, list(range(1028)), 1028)  # 257 full blocks
+    assert bm.append_charge(1, 1028, 1) == 1
+    assert bm.append_slots(1, [*range(1028), 5], 1028, 1) == []
+    assert len(bm.block_ids(1)) == 258
+
+
 def test_double_release_is_refused() -> None:
     bm = BlockManager(num_blocks=2, block_size=4)
     bm.allocate(1, [1, 2], 2)
