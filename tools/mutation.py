@@ -84,6 +84,7 @@ PREIMPORTS: dict[str, list[str]] = {
         "tokenizers",
         "transformers.models.llama.modeling_llama",  # the tiny models of tests/engine/conftest.py
         "transformers.models.qwen2.modeling_qwen2",
+        "xgrammar",
         "hypothesis",
     ],
 }

@@ -236,3 +236,29 @@ def test_greedy_rows_ignore_noise_beside_sampled_rows() -> None:
     got = [t.token_id for t in sampler(logits, specs)]
     assert all(tok == 0 for tok in got[1::2])
     assert set(got[0::2]) != {0}
+
+
+def test_a_grammar_masks_its_row_only_and_advances_with_each_token() -> None:
+    """Structured outputs in the sampler: a choice grammar makes its row's greedy pick the
+    choice's token over a far likelier one, leaves the unconstrained row alone, and moves past
+    the sampled token (the choice complete, that token is not allowed again)."""
+    from transformers import AutoTokenizer
+
+    from engine.grammar import GrammarSpec
+    from engine.models.loader import bundled_model_dir
+    from engine.structured import Grammars
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir(), local_files_only=True)
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    grammar = Grammars(tokenizer, vocab, [eos]).compile(GrammarSpec.choice(["yes"]))
+    sampler = Sampler(vocab_size=vocab, eos_token_ids=[eos])
+    (want,) = tokenizer.encode("yes", add_special_tokens=False)
+    spike = tokenizer.encode(" maybe", add_special_tokens=False)[0]
+    logits = torch.zeros(2, vocab)
+    logits[:, spike] = 20.0
+    logits[:, want] = 1.0  # "yes" as one token, not spelt out (every allowed token ties at 0)
+    plain = SamplingParams(temperature=0)
+    specs = [SampleSpec(0, 0, plain, None, [7], 1), SampleSpec(1, 1, plain, None, [7], 1, grammar)]
+    assert [t.token_id for t in sampler(logits, specs)] == [spike, want]
+    second = [t.token_id for t in sampler(logits, specs)]
+    assert second[0] == spike and second[1] not in (want, spike)
