@@ -149,6 +149,16 @@ def test_a_chunk_inside_the_public_prefix_charges_nothing() -> None:
     assert bm.append_charge(1, 4, 4) == 0  # the next chunk: still public
 
 
+def test_cache_hits_count_toward_the_charge_of_the_tenant_taking_them() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = [*range(12), 50]
+    bm.allocate(1, tokens, 13, namespace="n", tenant="x")
+    bm.free(1)  # three cached blocks, nobody's now
+    # A hit is charged to the tenant that takes it (3 hits and 1 new block), like a new block.
+    plan = bm.plan_allocation(tokens, 13, "n", "t")
+    assert (len(plan.hits), plan.num_charged) == (3, 4)
+
+
 @pytest.mark.parametrize("shared_blocks", [0, 2])
 def test_a_copy_on_write_counts_toward_the_tenants_charge(shared_blocks: int) -> None:
     bm = BlockManager(num_blocks=16, block_size=4)
