@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from engine.config import SchedulingPolicy
 from gateway.admin.cli import add_admin_parser, run_admin
 from gateway.app import create_app, error_response
-from gateway.drain import GATEWAY_ANSWERED, draining_server
+from gateway.drain import GATEWAY_ANSWERED, Drain, draining_server
 from gateway.errors import shutting_down
 from gateway.logs import configure_logging
 from gateway.server import uvicorn_config
@@ -145,7 +145,7 @@ def serve(settings: Settings) -> int:
     )
     refuse = error_response(shutting_down())
     server = draining_server(
-        config, settings.drain_timeout_s, refuse, GATEWAY_ANSWERED.__contains__
+        config, Drain(settings.drain_timeout_s), refuse, GATEWAY_ANSWERED.__contains__
     )
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C cuts the drain short
         server.run()

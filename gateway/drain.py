@@ -13,7 +13,8 @@ While draining, `DrainMiddleware` answers new work with `refuse`:
   sending traffic);
 - a replica: new generations and warm-ups get its protocol's overloaded error (gateways answer
   a 503 `engine_overloaded`); stats, aborts and the rest still answer, so gateways keep the
-  replica's open streams (their liveness probe reads its stats).
+  replica's open streams (their liveness probe reads its stats). Its stats and heartbeat say
+  `draining`, and gateways then route new requests to other replicas.
 A stream still open at the deadline is cut when uvicorn cancels it (its client sees the
 connection close); its quota is settled as for a client that went away.
 """
@@ -116,10 +117,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def draining_server(
-    config: uvicorn.Config, timeout_s: float, refuse: ASGIApp, answered: Callable[[str], bool]
+    config: uvicorn.Config, drain: Drain, refuse: ASGIApp, answered: Callable[[str], bool]
 ) -> DrainingServer:
     """A `DrainingServer` over `config`'s app wrapped in `DrainMiddleware`."""
-    drain = Drain(timeout_s)
     config.app = DrainMiddleware(cast(ASGIApp, config.app), drain, refuse, answered)
     config.timeout_graceful_shutdown = GRACE_S
     return DrainingServer(config, drain)

@@ -30,8 +30,15 @@ NDJSON = b"application/x-ndjson"
 class EngineService:
     """The handlers of one replica's internal API, over `engine`."""
 
-    def __init__(self, engine: Any, replica_id: str, model_name: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        replica_id: str,
+        model_name: str | None = None,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.engine = engine
+        self.draining = draining
         self.info = ReplicaInfo(
             replica_id=replica_id,
             model_name=model_name or engine.model_name,
@@ -106,8 +113,14 @@ class EngineService:
             return error_response(exc)
         return _ok({"ok": done})
 
+    def wire_stats(self) -> dict[str, Any]:
+        """The engine's stats as they cross the wire (`protocol.ReplicaStats`), with whether
+        this replica is draining."""
+        stats: dict[str, Any] = protocol.jsonable(self.engine.stats())
+        return stats | {"draining": self.draining()}
+
     async def stats(self, request: Request) -> Response:
-        return _ok(self.engine.stats())
+        return _ok(self.wire_stats())
 
     async def get_info(self, request: Request) -> Response:
         return _ok(self.info)
@@ -130,11 +143,13 @@ def create_engine_app(
     model_name: str | None = None,
     background: Callable[[EngineService], contextlib.AbstractAsyncContextManager[None]]
     | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> Starlette:
     """The replica's Starlette app. `background(service)` runs for the app's lifetime (the
     Redis heartbeat and KV events: `engine.service.discovery`). `model_name` is the name
-    gateways serve it under (default: the engine's)."""
-    service = EngineService(engine, replica_id, model_name)
+    gateways serve it under (default: the engine's); `draining()` says whether it is shutting
+    down (its stats tell gateways so)."""
+    service = EngineService(engine, replica_id, model_name, draining)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -78,6 +78,8 @@ class Heartbeat:
         engine: the served engine (`stats()`, `async cached_block_hashes()`).
         redis: an asyncio Redis client (binary replies).
         clock: epoch seconds.
+        stats: what the record's stats are (the replica's `EngineService.wire_stats`, with
+            its drain state); default `engine.stats`.
     """
 
     def __init__(
@@ -91,8 +93,10 @@ class Heartbeat:
         ttl_s: float = 5.0,
         snapshot_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        stats: Callable[[], Any] | None = None,
     ) -> None:
         self.engine = engine
+        self.stats = stats or engine.stats
         self.redis = redis
         self.keys = keys
         self.replica_id = replica_id
@@ -117,7 +121,7 @@ class Heartbeat:
             "replica_id": self.replica_id,
             "url": self.url,
             "model_name": self.engine.model_name,
-            "stats": protocol.jsonable(self.engine.stats()),
+            "stats": protocol.jsonable(self.stats()),
             "time": now,
         }
         pipe = self.redis.pipeline(transaction=False)

@@ -90,6 +90,7 @@ class ReplicaStats:
     max_pinned_blocks: int = 0
     pinned_blocks_by_tenant: dict[str, int] = field(default_factory=dict)
     tenants: dict[str, TenantStats] = field(default_factory=dict)
+    draining: bool = False  # shutting down: gateways send it no new request (gateway/drain.py)
 
 
 INFO_ADAPTER = TypeAdapter(ReplicaInfo)

@@ -75,7 +75,7 @@ class ReplicaPool:
             engine.shutdown()
 
     def live(self) -> list[RemoteEngine]:
-        return [e for e in self.replicas.values() if e.lost is None]
+        return [e for e in self.replicas.values() if e.lost is None and not e.last_stats.draining]
 
     def on_close(self, stopper: Any) -> None:
         """Call `stopper()` at shutdown (a discovery source's task canceller)."""

@@ -15,7 +15,7 @@ from engine.errors import EngineOverloadedError
 from engine.service import protocol
 from engine.service.app import EngineService, create_engine_app, error_response
 from engine.service.discovery import Heartbeat, RegistryKeys, heartbeating
-from gateway.drain import draining_server
+from gateway.drain import Drain, draining_server
 from gateway.logs import configure_logging
 from gateway.settings import Settings
 
@@ -61,6 +61,7 @@ def serve_engine(settings: Settings) -> int:
             replica_id=replica_id,
             url=url,
             ttl_s=settings.replica_ttl_s,
+            stats=service.wire_stats,
         )
         async with heartbeating(heartbeat):
             yield
@@ -69,11 +70,13 @@ def serve_engine(settings: Settings) -> int:
         print("prefixgate engine: --discovery needs PREFIXGATE_REDIS_URL", flush=True)
         engine.shutdown()
         return 2
+    drain = Drain(settings.drain_timeout_s)
     app = create_engine_app(
         engine,
         replica_id=replica_id,
         model_name=settings.model_name(),
         background=registered if settings.discovery else None,
+        draining=lambda: drain.draining,
     )
     line = {"event": "replica_ready", "replica": replica_id, "url": url,
             "discovery": settings.discovery, "model": settings.model_name()}  # fmt: skip
@@ -89,7 +92,7 @@ def serve_engine(settings: Settings) -> int:
     refuse = error_response(EngineOverloadedError(f"replica {replica_id} is shutting down"))
     try:
         with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C cuts the drain short
-            draining_server(config, settings.drain_timeout_s, refuse, _answered_draining).run()
+            draining_server(config, drain, refuse, _answered_draining).run()
     finally:
         engine.shutdown()
     return 0

@@ -10,6 +10,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
@@ -31,10 +32,17 @@ from gateway.drain import (
 )
 from gateway.errors import shutting_down
 from gateway.limits import RequestLimits
+from gateway.replicas import replicas_loader
 from gateway.server import uvicorn_config
-from tests.gateway.conftest import make_settings, wait_until
+from tests.gateway.conftest import make_settings, running_server, wait_until
 from tests.gateway.fake_engine import FakeEngine
-from tests.gateway.replicas.helpers import CliProcess, cli_process, free_port, serve_gateway
+from tests.gateway.replicas.helpers import (
+    CliProcess,
+    cli_process,
+    free_port,
+    serve_gateway,
+    serve_replica,
+)
 from tests.gateway.replicas.test_cluster import sse_events
 
 OPENAI_ERROR = {"message", "type", "param", "code"}
@@ -186,8 +194,25 @@ def in_engine(replica_url: str) -> int:
     return int(stats["num_running"]) + int(stats["num_waiting"])
 
 
-def test_sigterm_drains_an_engine_replica(replica: CliProcess) -> None:
-    with serve_gateway([replica.url], MODEL) as url:
+@contextmanager
+def gateway_app(engine_urls: list[str]) -> Iterator[tuple[str, Any]]:
+    """(URL, app) of a gateway over the replicas at `engine_urls`, once it has joined them all."""
+    settings = make_settings(served_model_name=MODEL, engine_urls=",".join(engine_urls))
+    app = create_app(settings, engine_loader=replicas_loader(settings))
+    with running_server(app) as url:
+        state = app.state.gateway
+        assert wait_until(lambda: state.engine is not None)
+        assert wait_until(lambda: len(state.engine.replicas) == len(engine_urls))
+        yield url, app
+
+
+def test_sigterm_drains_an_engine_replica(replica: CliProcess, tiny_engine: Any) -> None:
+    """Gateway 1 has only the draining replica: 503. Gateway 2 also has another one: once the
+    draining replica's stats say so, every new request goes to the other."""
+    with ExitStack() as stack:
+        url = stack.enter_context(serve_gateway([replica.url], MODEL))
+        other = stack.enter_context(serve_replica(tiny_engine, "in-process"))
+        url_2, app_2 = stack.enter_context(gateway_app([replica.url, other]))
         results, threads = start_streams(url)
         # The gateway answers 200 before its call to the replica lands: wait for all three.
         assert wait_until(lambda: in_engine(replica.url) == STREAMS)
@@ -197,6 +222,13 @@ def test_sigterm_drains_an_engine_replica(replica: CliProcess) -> None:
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "engine_overloaded"
         assert set(refused.json()["error"]) == OPENAI_ERROR
+        pool = app_2.state.gateway.engine
+        [draining] = [e for e in pool.replicas.values() if e.replica_id != "in-process"]
+        assert wait_until(lambda: draining.last_stats.draining)  # its stats say so
+        assert [e.replica_id for e in pool.live()] == ["in-process"]
+        for _ in range(3):
+            r = httpx.post(f"{url_2}/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
         assert_streams_finished(results, threads)
         assert replica.proc.wait(timeout=60) == 0
 
@@ -209,7 +241,7 @@ def test_a_stream_past_the_deadline_is_cut_aborted_and_settled() -> None:
         app, RequestLimits(), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )
     refuse = error_response(shutting_down())
-    server = draining_server(config, 0.5, refuse, GATEWAY_ANSWERED.__contains__)
+    server = draining_server(config, Drain(0.5), refuse, GATEWAY_ANSWERED.__contains__)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert wait_until(lambda: server.started or not thread.is_alive())

@@ -1,6 +1,7 @@
 """Replica discovery through real Redis: heartbeats, KV events and snapshots into a gateway's
-pool, and a replica whose heartbeat stops leaving rotation with its streams ended. Time is a
-fake clock; the replica is the fake engine served over loopback HTTP."""
+pool, a replica whose heartbeat stops leaving rotation with its streams ended, and a draining
+one leaving rotation with its streams kept. Time is a fake clock; the replica is the fake engine
+served over loopback HTTP."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from engine.errors import EngineOverloadedError
 from engine.sampling_params import SamplingParams
+from engine.service import protocol
 from engine.service.discovery import Heartbeat, RegistryKeys
 from gateway.replicas.discovery import RedisReplicas
 from gateway.replicas.pool import ReplicaPool
@@ -178,3 +181,45 @@ async def test_liveness_does_not_wait_for_the_engine_thread(redis_client: Any) -
             await task
         await beat.leave()
         await redis_client.delete(keys.events)
+
+
+async def test_a_draining_replica_leaves_rotation_and_keeps_its_streams(
+    redis_client: Any, redis_url: str
+) -> None:
+    """A replica whose heartbeat says it drains (`gateway/drain.py`) gets no new request; the
+    streams it has run to their end."""
+    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
+    draining = False
+
+    def stats() -> dict[str, Any]:
+        wire: dict[str, Any] = protocol.jsonable(fake.stats())
+        return wire | {"draining": draining}
+
+    with serve_replica(fake, "r0") as url:
+        beat = Heartbeat(
+            fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock, stats=stats
+        )
+        await beat.beat()
+        pool = ReplicaPool("prefix", model_name=fake.model_name)
+        pool.tokenizer = fake.tokenizer
+        watcher_redis = aioredis.Redis.from_url(redis_url)
+        watcher = RedisReplicas(pool, watcher_redis, keys, Timeouts(ttl_s=3), clock=clock)
+        watcher.stream_id = "0-0"
+        try:
+            await until_live(watcher, pool)
+            tokens = fake.tokenizer.encode("Hello there")
+            stream = pool.add_request(tokens, SamplingParams(max_tokens=30, ignore_eos=True))
+            await stream.__anext__()
+            draining = True
+            await beat.beat()
+            await watcher.sync()
+            assert not pool.live() and "r0" in pool.replicas
+            with pytest.raises(EngineOverloadedError):
+                pool.add_request(tokens, SamplingParams(max_tokens=1))
+            deltas = [delta async for delta in stream]
+            assert deltas[-1].finished
+        finally:
+            pool.shutdown()
+            await watcher_redis.aclose()
+            await beat.leave()
+            await redis_client.delete(keys.events)
