@@ -284,6 +284,32 @@ def test_repin_counts_a_block_another_pin_holds_as_staying_pinned() -> None:
     assert bm.check_pin("b", list(range(50, 54)), None) == 1  # one new block fits
 
 
+def test_repin_extending_its_own_blocks_counts_only_the_new_ones() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, max_pinned_blocks=3)
+    pinned_prefix(bm, "a", list(range(8)), 1)  # 2 blocks
+    # The same key on 4 blocks, the 2 pinned ones among them: 4 pinned after, over the cap.
+    with pytest.raises(PinRefusedError) as refused:
+        bm.check_pin("a", list(range(16)), None)
+    assert refused.value.requested == 4
+    assert bm.check_pin("a", list(range(12)), None) == 3
+
+
+def test_pinning_a_freed_registered_block_takes_it_out_of_the_free_queue() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(8))
+    bm.allocate(1, tokens, 2)  # seq 1 is mid-prefill when seq 2 computes the same blocks
+    bm.allocate(2, tokens, 8)
+    assert bm.append_slots(1, tokens, 2, 6) == []
+    registered = bm.block_ids(2)
+    bm.free(2)  # its blocks, the registered ones, wait in the free queue
+    assert bm.pin(1, PinSpec("p", 2)).block_ids == registered
+    assert bm.num_free_blocks == 4  # 8 minus seq 1's 2 minus the 2 pinned
+    assert not set(registered) & {b.block_id for b in bm.free_queue}
+    bm.free(1)
+    flood(bm, 10)
+    assert bm.allocate(3, [*tokens, 9], 9) == 8
+
+
 def test_default_cap_is_half_the_pool_and_caching_off_pins_nothing() -> None:
     assert BlockManager(num_blocks=9, block_size=4).max_pinned_blocks == 4
     bm = BlockManager(num_blocks=8, block_size=4, enable_caching=False)
