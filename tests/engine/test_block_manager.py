@@ -121,6 +121,26 @@ def test_out_of_blocks_changes_nothing() -> None:
     assert bm.num_free_blocks == 0 and len(bm.block_ids(1)) == 2
 
 
+def test_appending_into_the_last_free_block_fits() -> None:
+    bm = BlockManager(num_blocks=2, block_size=4)
+    bm.allocate(1, list(range(4)), 4)
+    assert bm.append_slots(1, list(range(5)), 4, 1) == []  # needs 1 block, 1 free
+    assert bm.num_free_blocks == 0 and len(bm.block_ids(1)) == 2
+
+
+def test_a_prefix_hit_stops_at_the_first_miss() -> None:
+    """A later block of a chain can stay cached after an earlier one was evicted (its holder has
+    a private duplicate of the earlier one); the hit must not skip the gap."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    tokens = list(range(8))
+    bm.allocate(1, tokens, 2)  # seq 1 is mid-prefill...
+    bm.allocate(2, [*tokens[:4], 99], 5)  # ...when seq 2 registers block 0
+    bm.append_slots(1, tokens, 2, 6)  # seq 1: a duplicate of block 0, registers block 1
+    bm.free(2)
+    flood(bm, 10)  # evicts the registered block 0; seq 1 still holds block 1
+    assert bm.allocate(3, [*tokens, 9], 9) == 0
+
+
 def test_reviving_a_hit_counts_against_the_free_blocks() -> None:
     bm = BlockManager(num_blocks=3, block_size=4)
     bm.allocate(1, [0, 1, 2, 3, 4], 5)  # block 0 full and cached, block 1 partial
@@ -308,6 +328,23 @@ def test_pinning_a_freed_registered_block_takes_it_out_of_the_free_queue() -> No
     bm.free(1)
     flood(bm, 10)
     assert bm.allocate(3, [*tokens, 9], 9) == 8
+
+
+def test_repin_onto_other_blocks_lets_go_of_its_old_ones_once() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, max_pinned_blocks=3)
+    pinned_prefix(bm, "a", list(range(8)), 1)  # 2 blocks
+    pinned_prefix(bm, "b", list(range(20, 24)), 2)  # 1 more: 3, the cap
+    # a moves to 3 other blocks: 3 - 2 + 3 = 4 pinned after, over the cap.
+    with pytest.raises(PinRefusedError) as refused:
+        bm.check_pin("a", list(range(50, 62)), None)
+    assert refused.value.requested == 4
+    assert bm.check_pin("a", list(range(50, 58)), None) == 2
+
+
+def test_no_pins_at_all_is_a_valid_cap() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, max_pinned_blocks=0)
+    with pytest.raises(PinRefusedError):
+        bm.check_pin("p", list(range(8)), None)
 
 
 def test_default_cap_is_half_the_pool_and_caching_off_pins_nothing() -> None:
