@@ -121,6 +121,12 @@ def test_out_of_blocks_changes_nothing() -> None:
     assert bm.num_free_blocks == 0 and len(bm.block_ids(1)) == 2
 
 
+def test_a_pool_of_one_block_serves() -> None:
+    bm = BlockManager(num_blocks=1, block_size=4, max_pinned_blocks=0)
+    assert bm.allocate(1, [1, 2, 3], 3) == 0
+    assert bm.append_slots(1, [1, 2, 3, 4], 3, 1) == []
+
+
 def test_appending_into_the_last_free_block_fits() -> None:
     bm = BlockManager(num_blocks=2, block_size=4)
     bm.allocate(1, list(range(4)), 4)
@@ -281,6 +287,9 @@ def test_pin_cap_refuses_and_changes_nothing() -> None:
     with pytest.raises(PinRefusedError) as refused:
         bm.check_pin("b", list(range(100, 113)), None)  # 3 more blocks: 5 pinned
     assert refused.value.requested == 5 and "by 2" in refused.value.message
+    with pytest.raises(PinRefusedError) as refused:
+        bm.check_pin("b", list(range(100, 121)), None)  # 5 more blocks: 7 pinned
+    assert refused.value.requested == 7 and "by 4" in refused.value.message
     bm.allocate(2, list(range(100, 109)), 9)
     before = [(b.ref_cnt, b.pin_cnt) for b in bm.blocks]
     with pytest.raises(PinRefusedError):
@@ -339,6 +348,13 @@ def test_repin_onto_other_blocks_lets_go_of_its_old_ones_once() -> None:
         bm.check_pin("a", list(range(50, 62)), None)
     assert refused.value.requested == 4
     assert bm.check_pin("a", list(range(50, 58)), None) == 2
+
+
+def test_a_pin_of_more_than_256_blocks() -> None:
+    bm = BlockManager(num_blocks=600, block_size=4, max_pinned_blocks=300)
+    bm.allocate(1, list(range(1029)), 1029)  # 257 full blocks and one token
+    assert len(bm.pin(1, PinSpec("p", 257)).block_ids) == 257
+    assert bm.num_pinned_blocks == 257
 
 
 def test_no_pins_at_all_is_a_valid_cap() -> None:
