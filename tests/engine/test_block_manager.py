@@ -323,22 +323,6 @@ def test_repin_extending_its_own_blocks_counts_only_the_new_ones() -> None:
     assert bm.check_pin("a", list(range(12)), None) == 3
 
 
-def test_pinning_a_freed_registered_block_takes_it_out_of_the_free_queue() -> None:
-    bm = BlockManager(num_blocks=8, block_size=4)
-    tokens = list(range(8))
-    bm.allocate(1, tokens, 2)  # seq 1 is mid-prefill when seq 2 computes the same blocks
-    bm.allocate(2, tokens, 8)
-    assert bm.append_slots(1, tokens, 2, 6) == []
-    registered = bm.block_ids(2)
-    bm.free(2)  # its blocks, the registered ones, wait in the free queue
-    assert bm.pin(1, PinSpec("p", 2)).block_ids == registered
-    assert bm.num_free_blocks == 4  # 8 minus seq 1's 2 minus the 2 pinned
-    assert not set(registered) & {b.block_id for b in bm.free_queue}
-    bm.free(1)
-    flood(bm, 10)
-    assert bm.allocate(3, [*tokens, 9], 9) == 8
-
-
 def test_repin_onto_other_blocks_lets_go_of_its_old_ones_once() -> None:
     bm = BlockManager(num_blocks=16, block_size=4, max_pinned_blocks=3)
     pinned_prefix(bm, "a", list(range(8)), 1)  # 2 blocks
@@ -395,14 +379,19 @@ def test_pin_leases_expire() -> None:
     assert set(bm.pins) == {"forever"} and bm.num_pinned_blocks == 1
 
 
-def test_pin_takes_the_registered_block_not_a_private_duplicate() -> None:
+@pytest.mark.parametrize("registrar_freed", [False, True])
+def test_pin_takes_the_registered_block_not_a_private_duplicate(registrar_freed: bool) -> None:
     bm = BlockManager(num_blocks=8, block_size=4)
     tokens = list(range(8))
     bm.allocate(1, tokens, 2)  # seq 1 is mid-prefill when seq 2 computes the same blocks
     bm.allocate(2, tokens, 8)
     assert bm.append_slots(1, tokens, 2, 6) == []
     registered = bm.block_ids(2)
+    if registrar_freed:  # the registered blocks wait in the free queue: the pin takes them out
+        bm.free(2)
     assert bm.pin(1, PinSpec("p", 2)).block_ids == registered
+    assert bm.num_free_blocks == 4
+    assert not set(registered) & {b.block_id for b in bm.free_queue}
     bm.free(1)
     bm.free(2)
     flood(bm, 10)
