@@ -298,6 +298,8 @@ class LLMEngine:
                         seq.logprobs = []
                     seq.logprobs.append(token.logprob)
             stop = self.output_processor.check_stop(seq, token.token_id)
+            if stop is None and token.grammar_done:  # its grammar allows nothing more
+                stop = ("stop", token.token_id)
             if stop is not None:
                 self.scheduler.finish(seq, *stop)
             touched[seq.request.request_id] = seq.request

@@ -24,6 +24,8 @@ class SampledToken:
     seq_id: int
     token_id: int
     logprob: TokenLogprob | None
+    # the token completed the sequence's grammar (its stop token): nothing may follow it
+    grammar_done: bool = False
 
 
 class Sampler:
@@ -73,10 +75,13 @@ class Sampler:
         greedy = [s.params.greedy for s in specs]
         tokens = self._argmax(logits) if all(greedy) else self._sample(logits, specs, greedy)
         token_list = tokens.tolist()
-        for i, seq_id, _ in constrained:
-            self.grammar_masks.accept(seq_id, token_list[i])
+        done = {
+            i for i, seq_id, _ in constrained if self.grammar_masks.accept(seq_id, token_list[i])
+        }
         return [
-            SampledToken(s.seq_id, t, self._logprob(raw_logprobs, i, t, s.params.sample_logprobs))
+            SampledToken(
+                s.seq_id, t, self._logprob(raw_logprobs, i, t, s.params.sample_logprobs), i in done
+            )
             for i, (s, t) in enumerate(zip(specs, token_list, strict=True))
         ]
 

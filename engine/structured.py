@@ -167,17 +167,26 @@ class GrammarMasks:
             self._bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
         bitmask = self._bitmask[: logits.shape[0]]
         for row, seq_id, grammar in rows:
-            self._matcher(seq_id, grammar).fill_next_token_bitmask(bitmask, row)
+            matcher = self._matcher(seq_id, grammar)
+            if matcher.is_terminated():  # the engine stops such a sequence: never asked again
+                bitmask[row] = -1  # (all allowed, rather than xgrammar's error for a mask)
+            else:
+                matcher.fill_next_token_bitmask(bitmask, row)
         indices = [row for row, _, _ in rows]
         xgr.apply_token_bitmask_inplace(
             logits, bitmask.to(logits.device, non_blocking=True), indices=indices
         )
 
-    def accept(self, seq_id: int, token_id: int) -> None:
-        """Advance the sequence's grammar past its sampled token."""
+    def accept(self, seq_id: int, token_id: int) -> bool:
+        """Advance the sequence's grammar past its sampled token; True once the grammar has
+        ended (it accepted a stop token): the sequence is complete, whatever `ignore_eos` or
+        `min_tokens` say, since its grammar allows nothing after it."""
         matcher = self._matchers.get(seq_id)
-        if matcher is not None and not matcher.is_terminated():
+        if matcher is None:
+            return False
+        if not matcher.is_terminated():
             matcher.accept_token(token_id)
+        return bool(matcher.is_terminated())
 
     def _matcher(self, seq_id: int, grammar: Any) -> xgr.GrammarMatcher:
         matcher = self._matchers.get(seq_id)

@@ -108,3 +108,17 @@ def test_the_cache_is_an_lru_keyed_by_spec(llm: LLM) -> None:
     assert GrammarSpec.json_schema({"b": 1, "a": 2}) == GrammarSpec.json_schema({"b": 1, "a": 2})
     # Key order is the output's property order: a reordered schema is another grammar.
     assert GrammarSpec.json_schema({"b": 1, "a": 2}) != GrammarSpec.json_schema({"a": 2, "b": 1})
+
+
+@pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_tokens": 50}])
+def test_a_grammar_that_ended_ends_its_sequence(llm: LLM, extra: dict[str, object]) -> None:
+    """ignore_eos, or a min_tokens past the grammar's end, cannot keep a constrained sequence
+    going once its grammar accepted its stop token (xgrammar refuses a mask after it: asking
+    crashed the engine loop, every other request with it), and other requests go on."""
+    pattern = r"[a-c]{2}-[0-9]{3}"
+    params = [_params(GrammarSpec("regex", pattern), **extra), SamplingParams(max_tokens=60)]
+    outs = llm.generate(prompts(24, 2), params)
+    constrained, free = (o.outputs[0] for o in outs)
+    assert constrained.finish_reason == "stop"
+    assert re.fullmatch(pattern, constrained.text), constrained.text
+    assert free.finish_reason == "length" and len(free.token_ids) == 60
