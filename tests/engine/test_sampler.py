@@ -81,8 +81,9 @@ def test_penalties_move_the_greedy_choice() -> None:
     assert [t.token_id for t in got] == [3, 0, 0, 0]
 
 
-def test_min_tokens_beside_another_penalty_bans_nothing_once_reached() -> None:
-    params = SamplingParams(temperature=0, min_tokens=2, presence_penalty=0.5)
+@pytest.mark.parametrize("min_tokens", [2, 4])  # 4 outputs so far: reached, or just reached
+def test_min_tokens_beside_another_penalty_bans_nothing_once_reached(min_tokens: int) -> None:
+    params = SamplingParams(temperature=0, min_tokens=min_tokens, presence_penalty=0.5)
     assert penalized(params) == pytest.approx(by_formula(presence=0.5), abs=1e-6)
 
 
@@ -119,6 +120,16 @@ def test_logits_past_the_vocabulary_are_never_sampled() -> None:
     assert [t.token_id for t in got] == [2, 2]
     lp = got[0].logprob
     assert lp is not None and lp.logprob == pytest.approx(float(padded[0, :4].log_softmax(-1)[2]))
+
+
+def test_greedy_through_torch_max_as_off_the_cpu() -> None:
+    """Without the C++ argmax (another device, or the fused ops turned off) the picks are
+    torch's, row by row."""
+    sampler = Sampler(vocab_size=len(LOGITS), eos_token_ids=[EOS])
+    sampler._cpu_argmax = False
+    logits = torch.tensor([LOGITS, LOGITS[::-1]])
+    specs = [spec(SamplingParams(temperature=0)), spec(SamplingParams(temperature=0), seq_id=1)]
+    assert [t.token_id for t in sampler(logits, specs)] == [3, 2]
 
 
 def test_logprobs_top_k_sizes() -> None:
