@@ -237,6 +237,18 @@ def test_seed_fixes_the_draws_whatever_the_engine_rng_and_batch() -> None:
     assert len(set(a)) > 1  # the steps draw afresh, not one token repeated
 
 
+def test_a_finished_sequence_leaves_no_generator_behind() -> None:
+    """Each seeded sequence has its own generator; forgetting finished ones keeps the sampler's
+    memory flat however many seeded requests it serves."""
+    sampler = Sampler(vocab_size=len(PROBS), eos_token_ids=[99])
+    logits = torch.tensor(PROBS).log().expand(3, -1).contiguous()
+    params = SamplingParams(temperature=1.0, seed=5)
+    sampler(logits, [SampleSpec(i, i, params, 5, [7], 1) for i in range(3)])
+    assert len(sampler._seq_generators) == 3
+    sampler.forget([0, 2])
+    assert list(sampler._seq_generators) == [1]
+
+
 def test_greedy_rows_ignore_noise_beside_sampled_rows() -> None:
     sampler = Sampler(vocab_size=len(PROBS), eos_token_ids=[99])
     logits = torch.tensor(PROBS).log().expand(64, -1).contiguous()
