@@ -296,21 +296,30 @@ class TenantService:
 
     @contextlib.asynccontextmanager
     async def hold(self, ticket: Ticket | None) -> AsyncIterator[None]:
-        """Renew the ticket's lease every third of its TTL while the block runs."""
+        """Renew the ticket's lease every third of its TTL while the block runs.
+
+        Leaving the block stops the renewals without cancelling one in progress: it ends within
+        the store's deadline. A cancellation landing in the middle of a Redis call can be
+        swallowed by the client, and the loop then renewed for ever while the settlement that
+        follows the block waited on it (bench/soak.py found such requests: lease held,
+        reservation never replaced)."""
         if ticket is None:
             yield
             return
-        task = asyncio.ensure_future(self._keep_alive(ticket))
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(self._keep_alive(ticket, stop))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            stop.set()
+            await task
 
-    async def _keep_alive(self, ticket: Ticket) -> None:
+    async def _keep_alive(self, ticket: Ticket, stop: asyncio.Event) -> None:
         while not ticket.settled:
-            await asyncio.sleep(self.lease_ttl_ms / 3000)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.lease_ttl_ms / 3000)
+            if stop.is_set():
+                return
             if not ticket.settled and not await self.renew(ticket):
                 log.warning("lease %s of tenant %s lost", ticket.lease_id, ticket.tenant_id)
 

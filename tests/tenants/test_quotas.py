@@ -4,6 +4,7 @@ sliding per-minute windows, UTC day/month budgets, reservations and settlement, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime
 
 import pytest
@@ -262,6 +263,32 @@ async def test_hold_renews_the_lease(store: Store, clock: FakeClock) -> None:
                 renewed.clear()
                 await renewed.wait()
         assert not (await admit(svc)).admitted  # 0.6 s on the clock: alive thanks to renewals
+    await svc.settle(t, prompt_tokens=10, completion_tokens=1)
+    assert (await admit(svc)).admitted
+
+
+async def test_hold_ends_although_a_renewal_swallows_its_cancellation(
+    store: Store, clock: FakeClock
+) -> None:
+    """Leaving `hold` while a renewal is in progress ends the renewals even when the store call
+    swallows a cancellation (as a Redis client can when it lands mid-call): before, the loop
+    went on renewing and the settlement after the block never came (found by bench/soak.py)."""
+    svc = TenantService(store, clock=clock, lease_ttl_s=0.003)
+    await make(svc, max_concurrent_requests=1)
+    t = ticket(await admit(svc))
+    renewing, release = asyncio.Event(), asyncio.Event()
+    real_renew = svc.renew
+
+    async def renew(t: Ticket) -> bool:
+        renewing.set()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as the client did
+            await release.wait()
+        return await real_renew(t)
+
+    svc.renew = renew  # type: ignore[method-assign]
+    async with svc.hold(t):
+        await renewing.wait()
+        asyncio.get_running_loop().call_soon(release.set)
     await svc.settle(t, prompt_tokens=10, completion_tokens=1)
     assert (await admit(svc)).admitted
 
