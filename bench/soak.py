@@ -63,7 +63,8 @@ MODEL_NAME = "soak"
 ERROR_FIELDS = {"message", "type", "param", "code"}
 KV_FIGURES = ("num_blocks", "num_free_blocks", "num_pinned_blocks", "num_preemptions")
 WORKLOAD = ("clients", "duration_s", "gateways", "replicas", "model", "num_blocks",
-            "max_model_len", "max_tokens", "disconnect", "abort", "backoff_s")  # fmt: skip
+            "max_model_len", "max_tokens", "disconnect", "abort", "backoff_s",
+            "lease_ttl_s")  # fmt: skip
 
 # Tight quotas: the clients of each tenant outnumber its concurrency slots, and its tokens per
 # minute are a few dozen requests' reservations, so both limits refuse (429) throughout.
@@ -105,6 +106,9 @@ class SoakConfig:
     # Redis deadline of the servers (PREFIXGATE_REDIS_TIMEOUT_S, 0.5 s by default): a machine
     # shared with other jobs stalls event loops past 0.5 s, and the store then reads as down.
     redis_timeout_s: float = 2.0
+    # Concurrency lease TTL of the gateways (PREFIXGATE_LEASE_TTL_S); None: the default, 300 s.
+    # A short one renews every stream's lease many times (renewals every third of it).
+    lease_ttl_s: float | None = None
     seed: int = 0
     log_dir: Path | None = None  # default: a new temporary directory
 
@@ -190,6 +194,8 @@ def server_env(config: SoakConfig, redis_url: str) -> dict[str, str]:
         env["PREFIXGATE_MODEL"] = config.model
     if config.dtype:
         env["PREFIXGATE_DTYPE"] = config.dtype
+    if config.lease_ttl_s:
+        env["PREFIXGATE_LEASE_TTL_S"] = str(config.lease_ttl_s)
     return env
 
 
@@ -381,7 +387,11 @@ async def client_loop(
 
 async def drive(urls: list[str], keys: dict[str, str], config: SoakConfig) -> list[Record]:
     records: list[Record] = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=config.clients)
+    # Idle connections are dropped after 2 s, before uvicorn closes them (5 s): reusing one the
+    # server is closing fails the request with a ReadError before it reaches the gateway.
+    limits = httpx.Limits(
+        max_connections=None, max_keepalive_connections=config.clients, keepalive_expiry=2.0
+    )
     clients = [httpx.AsyncClient(base_url=u, limits=limits, timeout=None) for u in urls]
     deadline = time.monotonic() + config.duration_s
     try:
@@ -705,20 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--disconnect", type=float, default=d.disconnect)
     p.add_argument("--abort", type=float, default=d.abort)
-    p.add_argument(
-        "--backoff",
-        dest="backoff_s",
-        type=float,
-        default=d.backoff_s,
-        help="seconds after a refusal",
-    )
-    p.add_argument(
-        "--sample",
-        dest="sample_s",
-        type=float,
-        default=d.sample_s,
-        help="RSS sampling period (seconds)",
-    )
+    p.add_argument("--backoff", dest="backoff_s", type=float, default=d.backoff_s, help="after 429")
+    p.add_argument("--sample", dest="sample_s", type=float, default=d.sample_s, help="RSS period")
+    p.add_argument("--lease-ttl", dest="lease_ttl_s", type=float, help="s (default 300)")
     p.add_argument("--rss-tolerance", type=float, default=d.rss_tolerance)
     p.add_argument("--no-rss-check", dest="check_rss", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)

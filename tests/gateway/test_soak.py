@@ -1,8 +1,9 @@
 """The soak (`bench/soak.py`) made small for CI: two engine replicas of the tiny model and two
 gateways on a throwaway Redis, 40 streaming clients of three tenants with tight quotas for 20 s,
-random disconnects and aborts, prefixes used by reference; then every exact end-state check of
-the soak: only 200/429/503 with OpenAI's error body, every KV block free but the pins, every
-lease released, each tenant's usage in Redis equal to the tokens its requests were charged.
+random disconnects and aborts, prefixes used by reference, 3 s concurrency leases (renewed
+every second, many times per stream); then every exact end-state check of the soak: only
+200/429/503 with OpenAI's error body, every KV block free but the pins, every lease released,
+each tenant's usage in Redis equal to the tokens its requests were charged.
 No timing or throughput is asserted (memory is sampled and printed, not checked: 20 s has no
 steady state)."""
 
@@ -29,7 +30,7 @@ def test_soak(tiny_model_dir: str, tmp_path: Path) -> None:
     config = soak.SoakConfig(
         clients=40, duration_s=20.0, gateways=2, replicas=2, model=tiny_model_dir,
         dtype="float32", num_blocks=256, max_model_len=512, max_tokens=24, sample_s=1.0,
-        check_rss=False, log_dir=tmp_path,
+        lease_ttl_s=3.0, check_rss=False, log_dir=tmp_path,
     )  # fmt: skip
     result = soak.run(config)
     print(soak.summary(result))
