@@ -170,3 +170,22 @@ def test_a_waiting_request_that_does_not_fit_waits() -> None:
     out = s.schedule()  # a takes both blocks; b stays first in line
     assert [x.seq_id for x in out.seqs] == [s.requests["a"].seqs[0].seq_id]
     assert s.num_waiting == 1 and s.waiting.peek() is s.requests["b"].seqs[0]
+
+
+def test_prompt_logprobs_targets_follow_each_chunk() -> None:
+    """A prompt_logprobs request's chunks carry the prompt tokens their logits predict: the next
+    token of each, up to the prompt's last (which predicts the first output, not a prompt token)."""
+    s = make(max_num_batched_tokens=4)
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2)
+    prompt = list(range(100, 110))
+    s.add_request(Request("p", prompt, params, 2))
+    s.add_request(request("plain", 3, first=50))
+    targets = []
+    for _ in range(3):
+        out = s.schedule()
+        first = out.seqs[0]
+        targets.append((first.prompt_targets, first.prompt_top_k))
+        assert all(x.prompt_targets is None for x in out.seqs[1:])  # the plain request's
+        run_samples(s, out)
+    assert targets == [(prompt[1:5], 2), (prompt[5:9], 2), (prompt[9:], 2)]
+    assert s.schedule().seqs[0].prompt_targets is None  # decoding: no prompt left
