@@ -99,6 +99,7 @@ def test_a_tenant_over_its_cap_preempts_its_own_newest() -> None:
         running = list(s.running)
         out = s.schedule()
         preempted.append(out.num_quota_preempted)
+        assert out.num_preempted == out.num_quota_preempted  # every preemption is counted
         victims |= {x.request.request_id for x in running if x.status is SeqStatus.WAITING}
         assert s.bm.tenant_blocks["a"] <= 5
         run_samples(s, out)
