@@ -189,3 +189,17 @@ def test_prompt_logprobs_targets_follow_each_chunk() -> None:
         run_samples(s, out)
     assert targets == [(prompt[1:5], 2), (prompt[5:9], 2), (prompt[9:], 2)]
     assert s.schedule().seqs[0].prompt_targets is None  # decoding: no prompt left
+
+
+def test_prompt_logprobs_targets_of_a_recompute_stay_in_the_prompt() -> None:
+    s = make(num_blocks=4, block_size=4)
+    s.add_request(request("old", 8))
+    prompt = list(range(50, 58))
+    params = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=1)
+    s.add_request(Request("new", prompt, params, 4))
+    run_samples(s, s.schedule())  # both prefilled and sampled once: the pool is full
+    assert s.schedule().num_preempted == 1  # new, with its first output, goes back to waiting
+    s.finish(s.requests["old"].seqs[0], "stop")
+    out = s.schedule()  # new again: its first block from the cache, then prompt and output
+    assert (out.seqs[0].start_pos, len(out.seqs[0].token_ids)) == (4, 5)
+    assert out.seqs[0].prompt_targets == prompt[5:]  # not the output token after the prompt
