@@ -4,7 +4,7 @@
 signal ──▶ DrainingServer.handle_exit ──▶ Drain.start()       new requests: `refuse` (503)
 uvicorn's tick (every 0.1 s): nothing in flight, or drain_timeout_s passed
         ──▶ uvicorn's shutdown: close the sockets, GRACE_S for the last bytes, lifespan exit
-a second signal: uvicorn's own handling (stop at once)
+a second signal: uvicorn's own handling (GRACE_S for the last bytes, then stop)
 ```
 
 While draining, `DrainMiddleware` answers new work with `refuse`:

@@ -64,7 +64,11 @@ class RedisReplicas:
     """Follows the replica registry in Redis: joins live replicas, drops the ones whose
     heartbeat expired (their streams end with an error), and applies KV events and full
     snapshots to the pool's block index in stream order (a joining replica starts from its
-    latest snapshot)."""
+    latest snapshot).
+
+    While Redis does not answer, the pool stays as it is; once it answers again, replicas get
+    one TTL to renew their registration (which expired meanwhile if the outage outlasted it)
+    before a missing one is dropped, so an outage never ends the streams of live replicas."""
 
     def __init__(
         self,
@@ -83,6 +87,7 @@ class RedisReplicas:
         self.stream_id = "$"
         self._joining: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._readable_since: float | None = None  # registry read without a failure since
 
     async def first(self) -> None:
         """Start following; return once one replica is in rotation."""
@@ -113,9 +118,16 @@ class RedisReplicas:
     async def sync(self) -> None:
         """One round: membership and load, then KV events."""
         now = self.clock()
-        records = await self._live_records(now)
+        try:
+            records = await self._live_records(now)
+        except Exception:
+            self._readable_since = None
+            raise
+        if self._readable_since is None:
+            self._readable_since = now
+        settled = now - self._readable_since >= self.timeouts.ttl_s  # every replica beat since
         for replica_id in list(self.pool.replicas):
-            if replica_id not in records:
+            if replica_id not in records and settled:
                 self.pool.remove(replica_id, "heartbeat expired")
         for replica_id, record in records.items():
             self._update(replica_id, record)

@@ -223,3 +223,51 @@ async def test_a_draining_replica_leaves_rotation_and_keeps_its_streams(
             await watcher_redis.aclose()
             await beat.leave()
             await redis_client.delete(keys.events)
+
+
+async def test_a_redis_outage_longer_than_the_ttl_drops_no_live_replica(
+    redis_client: Any, redis_url: str
+) -> None:
+    """Redis down for longer than the TTL: every registration has expired when it answers
+    again, before the replicas beat anew. The gateway waits one TTL for them instead of
+    dropping them and ending their streams (found by test_compose on a loaded machine)."""
+    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
+    with serve_replica(fake, "r0") as url:
+        beat = Heartbeat(fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock)
+        await beat.beat()
+        pool = ReplicaPool("prefix", model_name=fake.model_name)
+        pool.tokenizer = fake.tokenizer
+        watcher_redis = aioredis.Redis.from_url(redis_url)
+        watcher = RedisReplicas(pool, watcher_redis, keys, Timeouts(ttl_s=3), clock=clock)
+        watcher.stream_id = "0-0"
+        read = watcher_redis.zrangebyscore
+
+        async def unreachable(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("Redis is down")
+
+        try:
+            await until_live(watcher, pool)
+            tokens = fake.tokenizer.encode("Hello there")
+            stream = pool.add_request(tokens, SamplingParams(max_tokens=30, ignore_eos=True))
+            await stream.__anext__()
+            watcher_redis.zrangebyscore = unreachable  # type: ignore[method-assign]
+            with pytest.raises(ConnectionError):
+                await watcher.sync()
+            clock.now += 10.0  # the outage outlasts the TTL: r0's registration has expired
+            watcher_redis.zrangebyscore = read  # type: ignore[method-assign]
+            await watcher.sync()  # back, r0 not beaten yet: kept
+            assert [e.replica_id for e in pool.live()] == ["r0"]
+            await beat.beat()
+            clock.now += 2.0
+            await watcher.sync()
+            assert "r0" in pool.replicas
+            deltas = [delta async for delta in stream]
+            assert deltas[-1].finished  # its stream was never ended
+            clock.now += 3.5  # now truly silent for a TTL: dropped
+            await watcher.sync()
+            assert not pool.replicas
+        finally:
+            pool.shutdown()
+            await watcher_redis.aclose()
+            await beat.leave()
+            await redis_client.delete(keys.events)
