@@ -195,3 +195,12 @@ def test_tenant_stats_count_sequences_charge_cap_and_lead() -> None:
     assert stats["a"].kv_blocks == 4 and stats["a"].max_kv_blocks == 5
     assert stats["c"].max_kv_blocks is None and stats["c"].service_lead == 0.0
     assert stats["a"].service_lead == 2 * 6 + 2 * 2  # its prompts and first samples
+
+
+def test_service_lead_is_over_the_least_served_backlogged_tenant() -> None:
+    s = Scheduler(SchedulerConfig(), BlockManager(64, BS))
+    s.add_request(make_request("a", list(range(6)), 3))
+    s.add_request(make_request("c", list(range(40, 44)), 3))
+    run_samples(s, s.schedule())  # a: 6 prompt tokens and a sample, c: 4 and a sample
+    stats = s.tenant_stats()
+    assert (stats["a"].service_lead, stats["c"].service_lead) == (2, 0)
