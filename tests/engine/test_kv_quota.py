@@ -25,9 +25,9 @@ _ids = itertools.count()
 
 
 def make_request(
-    tenant: str, prompt: list[int], max_tokens: int, shared_blocks: int = 0
+    tenant: str, prompt: list[int], max_tokens: int, shared_blocks: int = 0, n: int = 1
 ) -> Request:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0 if n == 1 else 1.0, max_tokens=max_tokens, n=n)
     r = Request(f"{tenant}-{next(_ids)}", prompt, params, max_tokens, tenant=tenant)
     r.namespace, r.shared_blocks = f"t:{tenant}", shared_blocks
     r.share = TenantShare(max_kv_blocks=CAPS.get(tenant))
@@ -199,8 +199,12 @@ def test_tenant_stats_count_sequences_charge_cap_and_lead() -> None:
 
 def test_service_lead_is_over_the_least_served_backlogged_tenant() -> None:
     s = Scheduler(SchedulerConfig(), BlockManager(64, BS))
-    s.add_request(make_request("a", list(range(6)), 3))
-    s.add_request(make_request("c", list(range(40, 44)), 3))
-    run_samples(s, s.schedule())  # a: 6 prompt tokens and a sample, c: 4 and a sample
+    two, one = make_request("a", list(range(6)), 3, n=2), make_request("c", list(range(40, 44)), 3)
+    s.add_request(two)
+    s.add_request(one)
+    run_samples(s, s.schedule())  # a: 6 prompt tokens and 2 samples, c: 4 and 1 sample
     stats = s.tenant_stats()
-    assert (stats["a"].service_lead, stats["c"].service_lead) == (2, 0)
+    assert (stats["a"].service_lead, stats["c"].service_lead) == (4, 0)
+    for seq in [*two.seqs, *one.seqs]:
+        s.finish(seq, "stop")
+    assert s.tenant_stats() == {}  # finished tenants leave the ledger
