@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -58,50 +59,74 @@ async def until_live(watcher: RedisReplicas, pool: ReplicaPool) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_heartbeats_kv_events_and_expiry(redis_client: Any, redis_url: str) -> None:
-    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
-    tokens = fake.tokenizer.encode("a system prompt long enough for two blocks." * 2)
-    chain = prompt_chain(tokens, fake.block_size, "ns")
-    full = [h + b"\0" * (32 - HASH_BYTES) for h in chain]  # the engine reports 32-byte hashes
-    fake.hashes = set(full[:1])
+@dataclass
+class Followed:
+    """A replica beating into Redis, and a gateway's pool following the registry."""
+
+    beat: Heartbeat
+    pool: ReplicaPool
+    watcher: RedisReplicas
+    watcher_redis: Any
+
+
+@contextlib.asynccontextmanager
+async def followed(
+    fake: HashingFake, redis_client: Any, redis_url: str, clock: Clock, **beat: Any
+) -> AsyncIterator[Followed]:
+    """`fake` served as replica r0 (TTL 3 s on `clock`), registered once, and a pool following
+    the registry from its first event; all closed and deregistered at exit."""
+    keys = RegistryKeys(unique_prefix())
     with serve_replica(fake, "r0") as url:
-        beat = Heartbeat(fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock)
-        await beat.beat()  # registered, with a snapshot of one block
+        heartbeat = Heartbeat(
+            fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock, **beat
+        )
+        await heartbeat.beat()
         pool = ReplicaPool("prefix", model_name=fake.model_name)
         pool.tokenizer = fake.tokenizer  # the fake's has no files to send
         watcher_redis = aioredis.Redis.from_url(redis_url)
         watcher = RedisReplicas(pool, watcher_redis, keys, Timeouts(ttl_s=3), clock=clock)
         watcher.stream_id = "0-0"
         try:
-            await until_live(watcher, pool)
-            [replica] = pool.live()
-            assert (replica.block_size, pool.block_size) == (fake.block_size, fake.block_size)
-            assert pool.index.cached_prefix(chain) == {"r0": 1}  # from the snapshot
-            fake.hashes = set(full)  # a second block stored: a KV event
-            await beat.beat()
-            await watcher.sync()
-            assert pool.index.cached_prefix(chain) == {"r0": len(chain)}
-            assert replica.stats().num_blocks == fake.num_blocks  # load from the heartbeat
-            fake.hashes = set()  # all evicted
-            await beat.beat()
-            await watcher.sync()
-            assert pool.index.cached_prefix(chain) == {}
-
-            stream = pool.add_request(
-                tokens, SamplingParams(max_tokens=400, ignore_eos=True), namespace="ns"
-            )
-            await stream.__anext__()
-            clock.now += 3.5  # the replica stops beating: past its TTL
-            await watcher.sync()
-            assert not pool.replicas
-            with pytest.raises(ReplicaLostError):
-                async for _ in stream:
-                    pass
+            yield Followed(heartbeat, pool, watcher, watcher_redis)
         finally:
             pool.shutdown()
             await watcher_redis.aclose()
-            await beat.leave()
+            await heartbeat.leave()
             await redis_client.delete(keys.events)
+
+
+async def test_heartbeats_kv_events_and_expiry(redis_client: Any, redis_url: str) -> None:
+    clock, fake = Clock(), HashingFake()
+    tokens = fake.tokenizer.encode("a system prompt long enough for two blocks." * 2)
+    chain = prompt_chain(tokens, fake.block_size, "ns")
+    full = [h + b"\0" * (32 - HASH_BYTES) for h in chain]  # the engine reports 32-byte hashes
+    fake.hashes = set(full[:1])  # registered with a snapshot of one block
+    async with followed(fake, redis_client, redis_url, clock) as f:
+        beat, pool, watcher = f.beat, f.pool, f.watcher
+        await until_live(watcher, pool)
+        [replica] = pool.live()
+        assert (replica.block_size, pool.block_size) == (fake.block_size, fake.block_size)
+        assert pool.index.cached_prefix(chain) == {"r0": 1}  # from the snapshot
+        fake.hashes = set(full)  # a second block stored: a KV event
+        await beat.beat()
+        await watcher.sync()
+        assert pool.index.cached_prefix(chain) == {"r0": len(chain)}
+        assert replica.stats().num_blocks == fake.num_blocks  # load from the heartbeat
+        fake.hashes = set()  # all evicted
+        await beat.beat()
+        await watcher.sync()
+        assert pool.index.cached_prefix(chain) == {}
+
+        stream = pool.add_request(
+            tokens, SamplingParams(max_tokens=400, ignore_eos=True), namespace="ns"
+        )
+        await stream.__anext__()
+        clock.now += 3.5  # the replica stops beating: past its TTL
+        await watcher.sync()
+        assert not pool.replicas
+        with pytest.raises(ReplicaLostError):
+            async for _ in stream:
+                pass
 
 
 async def test_a_replica_joins_once_while_its_snapshot_is_read(
@@ -188,41 +213,25 @@ async def test_a_draining_replica_leaves_rotation_and_keeps_its_streams(
 ) -> None:
     """A replica whose heartbeat says it drains (`gateway/drain.py`) gets no new request; the
     streams it has run to their end."""
-    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
-    draining = False
+    fake, draining = HashingFake(), False
 
     def stats() -> dict[str, Any]:
         wire: dict[str, Any] = protocol.jsonable(fake.stats())
         return wire | {"draining": draining}
 
-    with serve_replica(fake, "r0") as url:
-        beat = Heartbeat(
-            fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock, stats=stats
-        )
-        await beat.beat()
-        pool = ReplicaPool("prefix", model_name=fake.model_name)
-        pool.tokenizer = fake.tokenizer
-        watcher_redis = aioredis.Redis.from_url(redis_url)
-        watcher = RedisReplicas(pool, watcher_redis, keys, Timeouts(ttl_s=3), clock=clock)
-        watcher.stream_id = "0-0"
-        try:
-            await until_live(watcher, pool)
-            tokens = fake.tokenizer.encode("Hello there")
-            stream = pool.add_request(tokens, SamplingParams(max_tokens=30, ignore_eos=True))
-            await stream.__anext__()
-            draining = True
-            await beat.beat()
-            await watcher.sync()
-            assert not pool.live() and "r0" in pool.replicas
-            with pytest.raises(EngineOverloadedError):
-                pool.add_request(tokens, SamplingParams(max_tokens=1))
-            deltas = [delta async for delta in stream]
-            assert deltas[-1].finished
-        finally:
-            pool.shutdown()
-            await watcher_redis.aclose()
-            await beat.leave()
-            await redis_client.delete(keys.events)
+    async with followed(fake, redis_client, redis_url, Clock(), stats=stats) as f:
+        await until_live(f.watcher, f.pool)
+        tokens = fake.tokenizer.encode("Hello there")
+        stream = f.pool.add_request(tokens, SamplingParams(max_tokens=30, ignore_eos=True))
+        await stream.__anext__()
+        draining = True
+        await f.beat.beat()
+        await f.watcher.sync()
+        assert not f.pool.live() and "r0" in f.pool.replicas
+        with pytest.raises(EngineOverloadedError):
+            f.pool.add_request(tokens, SamplingParams(max_tokens=1))
+        deltas = [delta async for delta in stream]
+        assert deltas[-1].finished
 
 
 async def test_a_redis_outage_longer_than_the_ttl_drops_no_live_replica(
@@ -231,43 +240,30 @@ async def test_a_redis_outage_longer_than_the_ttl_drops_no_live_replica(
     """Redis down for longer than the TTL: every registration has expired when it answers
     again, before the replicas beat anew. The gateway waits one TTL for them instead of
     dropping them and ending their streams (found by test_compose on a loaded machine)."""
-    keys, clock, fake = RegistryKeys(unique_prefix()), Clock(), HashingFake()
-    with serve_replica(fake, "r0") as url:
-        beat = Heartbeat(fake, redis_client, keys, replica_id="r0", url=url, ttl_s=3, clock=clock)
-        await beat.beat()
-        pool = ReplicaPool("prefix", model_name=fake.model_name)
-        pool.tokenizer = fake.tokenizer
-        watcher_redis = aioredis.Redis.from_url(redis_url)
-        watcher = RedisReplicas(pool, watcher_redis, keys, Timeouts(ttl_s=3), clock=clock)
-        watcher.stream_id = "0-0"
-        read = watcher_redis.zrangebyscore
+    fake, clock = HashingFake(), Clock()
 
-        async def unreachable(*args: Any, **kwargs: Any) -> Any:
-            raise ConnectionError("Redis is down")
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("Redis is down")
 
-        try:
-            await until_live(watcher, pool)
-            tokens = fake.tokenizer.encode("Hello there")
-            stream = pool.add_request(tokens, SamplingParams(max_tokens=30, ignore_eos=True))
-            await stream.__anext__()
-            watcher_redis.zrangebyscore = unreachable  # type: ignore[method-assign]
-            with pytest.raises(ConnectionError):
-                await watcher.sync()
-            clock.now += 10.0  # the outage outlasts the TTL: r0's registration has expired
-            watcher_redis.zrangebyscore = read  # type: ignore[method-assign]
-            await watcher.sync()  # back, r0 not beaten yet: kept
-            assert [e.replica_id for e in pool.live()] == ["r0"]
-            await beat.beat()
-            clock.now += 2.0
-            await watcher.sync()
-            assert "r0" in pool.replicas
-            deltas = [delta async for delta in stream]
-            assert deltas[-1].finished  # its stream was never ended
-            clock.now += 3.5  # now truly silent for a TTL: dropped
-            await watcher.sync()
-            assert not pool.replicas
-        finally:
-            pool.shutdown()
-            await watcher_redis.aclose()
-            await beat.leave()
-            await redis_client.delete(keys.events)
+    async with followed(fake, redis_client, redis_url, clock) as f:
+        read = f.watcher_redis.zrangebyscore
+        await until_live(f.watcher, f.pool)
+        tokens = fake.tokenizer.encode("Hello there")
+        stream = f.pool.add_request(tokens, SamplingParams(max_tokens=30, ignore_eos=True))
+        await stream.__anext__()
+        f.watcher_redis.zrangebyscore = unreachable
+        with pytest.raises(ConnectionError):
+            await f.watcher.sync()
+        clock.now += 10.0  # the outage outlasts the TTL: r0's registration has expired
+        f.watcher_redis.zrangebyscore = read
+        await f.watcher.sync()  # back, r0 not beaten yet: kept
+        assert [e.replica_id for e in f.pool.live()] == ["r0"]
+        await f.beat.beat()
+        clock.now += 2.0
+        await f.watcher.sync()
+        assert "r0" in f.pool.replicas
+        deltas = [delta async for delta in stream]
+        assert deltas[-1].finished  # its stream was never ended
+        clock.now += 3.5  # now truly silent for a TTL: dropped
+        await f.watcher.sync()
+        assert not f.pool.replicas
