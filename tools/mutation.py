@@ -175,15 +175,18 @@ def run_module(
     write_config(config, module, test_command, timeout)
     if not session.exists():
         cosmic_ray("init", config, session, cwd=tree)
+    again: set[str] = set()
     if retest:
         with sqlite3.connect(session) as db:
-            count = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
-        print(f"{module}: {count} survivors to test again", flush=True)
+            survived = "FROM work_results WHERE test_outcome = 'SURVIVED'"
+            again = {row[0] for row in db.execute(f"SELECT job_id {survived}")}
+            db.execute(f"DELETE {survived}")
+        print(f"{module}: {len(again)} survivors to test again (first)", flush=True)
     skipped = skip_mutants(session, (tree / module).read_text())
     print(f"{module}: {skipped} more mutants skipped (annotations, excluded operators)", flush=True)
     first = changed_lines(module, since) if since else set()
     with fork_server(sock, module, PREIMPORTS[module], cwd=tree):
-        execute(session, test_command, timeout, tree, first, until)
+        execute(session, test_command, timeout, tree, first, until, again)
     return session
 
 
@@ -205,17 +208,19 @@ def execute(
     tree: Path,
     first: set[int],
     until: float | None,
+    again: set[str],
 ) -> None:
     """What `cosmic-ray exec` does with the local distributor, with an order and an end: the
-    pending mutants on `first` lines before the others, none started after `until` (epoch
-    seconds; the rest stay pending)."""
+    survivors run `again` first, then the pending mutants on `first` lines, then the others;
+    none started after `until` (epoch seconds; the rest stay pending)."""
     import attrs
     from cosmic_ray.mutating import mutate_and_test
     from cosmic_ray.work_db import WorkDB, use_db
 
     with use_db(str(session), WorkDB.Mode.open) as db:
         pending = sorted(
-            db.pending_work_items, key=lambda w: w.mutations[0].start_pos[0] not in first
+            db.pending_work_items,
+            key=lambda w: (w.job_id not in again, w.mutations[0].start_pos[0] not in first),
         )
         for item in pending:
             if until is not None and time.time() > until:
