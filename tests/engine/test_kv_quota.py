@@ -95,7 +95,9 @@ def test_a_tenant_over_its_cap_preempts_its_own_newest() -> None:
     old.tenant, new.tenant = "".join(["te", "nant"]), "".join(["ten", "ant"])
     old.share = new.share = TenantShare(max_kv_blocks=5)
     bystander = make_request("c", list(range(90, 97)), 8)
-    for r in (old, new, bystander):
+    other = make_request("c", list(range(70, 77)), 8)
+    other.tenant = "zz"  # other tenants' ids on both sides of this one's
+    for r in (old, new, bystander, other):
         s.add_request(r)
     preempted, victims, most = [], set(), 0
     while old.seqs[0].status is not SeqStatus.FINISHED:

@@ -203,3 +203,10 @@ def test_prompt_logprobs_targets_of_a_recompute_stay_in_the_prompt() -> None:
     out = s.schedule()  # new again: its first block from the cache, then prompt and output
     assert (out.seqs[0].start_pos, len(out.seqs[0].token_ids)) == (4, 5)
     assert out.seqs[0].prompt_targets == prompt[5:]  # not the output token after the prompt
+
+
+def test_a_request_that_needs_exactly_the_free_pool_is_admitted() -> None:
+    s = make(num_blocks=4, block_size=4, max_num_batched_tokens=16)
+    s.add_request(request("all", 16))
+    out = s.schedule()
+    assert [len(x.token_ids) for x in out.seqs] == [16] and s.bm.num_free_blocks == 0
