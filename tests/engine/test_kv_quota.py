@@ -116,6 +116,21 @@ def test_a_tenant_over_its_cap_preempts_its_own_newest() -> None:
     assert bystander.seqs[0].finished and s.num_preemptions == sum(preempted)
 
 
+def test_of_several_sequences_of_a_capped_tenant_the_newest_goes_first() -> None:
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=256), BlockManager(64, BS))
+    old, mid, new = (
+        make_request("a", list(range(f, f + n)), 6) for f, n in ((0, 3), (9, 4), (19, 4))
+    )
+    for r in (old, mid, new):
+        s.add_request(r)
+    victims = []
+    while s.has_work:
+        running = list(s.running)
+        run_samples(s, s.schedule())
+        victims += [x.request.request_id for x in running if x.status is SeqStatus.WAITING]
+    assert victims == [new.request_id]  # the newest, not the older mid one
+
+
 class KVQuotaMachine(RuleBasedStateMachine):
     """Random requests of three tenants (two capped; private and public prefixes), steps, and
     aborts: at every step no capped tenant holds more than its cap, the charge equals the
