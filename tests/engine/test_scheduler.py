@@ -210,3 +210,21 @@ def test_a_request_that_needs_exactly_the_free_pool_is_admitted() -> None:
     s.add_request(request("all", 16))
     out = s.schedule()
     assert [len(x.token_ids) for x in out.seqs] == [16] and s.bm.num_free_blocks == 0
+
+
+def test_a_recomputed_sibling_carries_no_prompt_logprobs_targets() -> None:
+    """Prompt logprobs are the first sequence's to report: a forked sibling, preempted and
+    recomputed, recomputes its prompt without them."""
+    s = make(num_blocks=2, block_size=4)
+    params = SamplingParams(temperature=1.0, max_tokens=3, n=2, prompt_logprobs=1)
+    r = Request("p", list(range(6)), params, 3)
+    s.add_request(r)
+    run_samples(s, s.schedule())  # the prompt's 2 blocks (one partial), then 2 samples (a fork)
+    out = s.schedule()  # a copy of the shared partial block, none free: the sibling goes back
+    child = r.seqs[1]
+    assert out.num_preempted == 1 and child.status is SeqStatus.WAITING
+    run_samples(s, out)
+    s.finish(r.seqs[0], "stop")
+    out = s.schedule()
+    again = next(x for x in out.seqs if x.seq_id == child.seq_id)
+    assert again.start_pos == 4 and again.prompt_targets is None  # prompt tokens 4 and 5 again
