@@ -30,6 +30,7 @@ from typing import Any
 
 import _record
 from _stats import percentile
+from offline import make_text as text  # the same vocabulary as the engine benchmark
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
@@ -37,16 +38,6 @@ from engine.request import Request
 
 TENANTS = ("A", "B", "C")
 PRIORITY = {"A": 1, "B": 0, "C": 0}
-WORDS = (
-    "the of and to in is was for on that with as by at from his her an which or be are this "
-    "their has have had not but one all were they been who more when will would there about "
-    "system model request server cache memory block token tenant prompt question answer river "
-    "mountain city history science music language market energy water garden planet ocean"
-).split()
-
-
-def text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words)).capitalize() + "."
 
 
 @dataclass
