@@ -225,17 +225,18 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.engine.grammars.close()
 
     # ---- requests (event loop thread) ------------------------------------------------------
     async def compile_grammar(self, spec: GrammarSpec) -> None:
-        """Compile a structured-output grammar into the engine's cache, in a worker thread
-        (neither the event loop nor the step loop waits for it; a cached spec returns at once).
+        """Compile a structured-output grammar into the engine's cache, on its low-priority
+        compile thread (neither the event loop nor the step loop waits for it, and the step's
+        threads keep the cores first; a cached spec returns at once).
 
         Raises:
             InvalidRequestError: the spec does not compile (the compiler's reason).
         """
-        if self.engine.grammars.get(spec) is None:
-            await asyncio.to_thread(self.engine.grammars.compile, spec)
+        await self.engine.grammars.compile_async(spec)
 
     def add_request(
         self,

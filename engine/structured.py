@@ -4,9 +4,12 @@ A request's `SamplingParams.grammar` is a `GrammarSpec` (`engine.grammar`: plain
 `Grammars` compiles specs against the model's tokenizer, once per distinct spec: compiled
 grammars sit in a bounded LRU keyed by the spec's SHA-256 (shared by every tenant: a schema is
 not secret content, and the cache holds only what the compiler made of it). The gateway compiles
-in a worker thread before it adds the request, so a new schema never runs on the engine's step
-loop; a gateway in front of remote replicas only checks the spec (`check`: the grammar without
-the tokenizer, under a millisecond) and the replica compiles it, once, where it runs.
+before it adds the request, on the engine's one compile thread (`compile_async`), so a new
+schema never runs on the engine's step loop; that thread runs at the lowest CPU priority
+(nice 19), so on a machine whose cores the step's threads keep busy a compile takes the time
+they leave rather than slowing every running request's next token. A gateway in front of
+remote replicas only checks the spec (`check`: the grammar without the tokenizer, under a
+millisecond) and the replica compiles it, once, where it runs.
 
 Each step the sampler asks every constrained sequence's `GrammarMatcher` for its next-token
 bitmask (one `[rows, ceil(vocab / 32)]` int32 mask for the batch), applies it to those rows'
@@ -23,10 +26,14 @@ of CPU logits 0.8 ms; compiling the schema took 56 ms (llguidance 14 ms), paid o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -40,7 +47,8 @@ class Grammars:
     """Compiles `GrammarSpec`s for one tokenizer, with a bounded LRU of compiled grammars.
 
     Thread-safe: the gateway compiles from worker threads while the engine thread reads.
-    The tokenizer's xgrammar view (~1 s to build for a 49k vocabulary) is built on first use.
+    The tokenizer's xgrammar view (~0.1-1 s to build for a 49k vocabulary) is built on first use.
+    `compile_async` compiles on one low-priority thread of its own, one spec at a time.
     """
 
     def __init__(
@@ -58,6 +66,7 @@ class Grammars:
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()  # the cache
         self._compiler_lock = threading.Lock()  # building the compiler
+        self._worker: ThreadPoolExecutor | None = None
         self.hits = 0
         self.misses = 0
 
@@ -88,6 +97,31 @@ class Grammars:
                 self._cache.popitem(last=False)
         return compiled
 
+    async def compile_async(self, spec: GrammarSpec) -> None:
+        """`compile` on the compile thread, for an event loop: a cached spec returns at once;
+        specs wait for that thread in turn (a second request for a spec being compiled finds
+        it cached once its turn comes).
+
+        Raises:
+            InvalidRequestError: as `compile`.
+        """
+        if self.get(spec) is not None:
+            return
+        with self._compiler_lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="grammar", initializer=_lowest_priority
+                )
+            worker = self._worker
+        await asyncio.get_running_loop().run_in_executor(worker, self.compile, spec)
+
+    def close(self) -> None:
+        """Stop the compile thread (after the compile it is running, if any)."""
+        with self._compiler_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=False, cancel_futures=True)
+
     def __len__(self) -> int:
         return len(self._cache)
 
@@ -110,6 +144,13 @@ class Grammars:
                 # Our LRU is the cache; xgrammar's own would keep every schema ever seen.
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
             return self._compiler
+
+
+def _lowest_priority() -> None:
+    """Nice 19 for the calling thread (Linux keeps a nice value per thread); elsewhere, or
+    where the platform refuses, the thread keeps its priority."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def check(spec: GrammarSpec) -> xgr.Grammar:

@@ -5,8 +5,12 @@ cache is bounded and keyed by the spec."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import sys
+import threading
 
 import pytest
 
@@ -108,6 +112,40 @@ def test_the_cache_is_an_lru_keyed_by_spec(llm: LLM) -> None:
     assert GrammarSpec.json_schema({"b": 1, "a": 2}) == GrammarSpec.json_schema({"b": 1, "a": 2})
     # Key order is the output's property order: a reordered schema is another grammar.
     assert GrammarSpec.json_schema({"b": 1, "a": 2}) != GrammarSpec.json_schema({"a": 2, "b": 1})
+
+
+def test_compile_async_runs_on_one_lowest_priority_thread(llm: LLM) -> None:
+    """The gateway's compile path: off the event loop and the step loop, on one thread at
+    nice 19 (Linux), so a new schema takes the CPU the step's threads leave rather than
+    slowing their tokens (bench/structured.py's compile probe); the result lands in the
+    cache, and a spec that does not compile is refused with the compiler's reason."""
+    grammars = Grammars(llm.tokenizer, llm.engine.model_config.vocab_size, [0])
+    seen: list[tuple[str, int]] = []
+    compile_in_thread = grammars.compile
+
+    def spy(spec: GrammarSpec) -> object:
+        tid = threading.get_native_id()
+        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)))
+        return compile_in_thread(spec)
+
+    grammars.compile = spy  # type: ignore[method-assign]
+    specs = [GrammarSpec("regex", f"[a-z]{{{k}}}") for k in (1, 2, 3)]
+
+    async def main() -> None:
+        await asyncio.gather(*(grammars.compile_async(spec) for spec in specs))
+        await grammars.compile_async(specs[0])  # cached: no second compile
+        with pytest.raises(InvalidRequestError, match="could not be compiled"):
+            await grammars.compile_async(GrammarSpec("regex", "[a-"))
+
+    try:
+        asyncio.run(main())
+    finally:
+        grammars.close()
+    assert all(grammars.get(spec) is not None for spec in specs)
+    assert len(seen) == 4 and len({name for name, _ in seen}) == 1
+    assert seen[0][0] != threading.current_thread().name
+    if sys.platform == "linux":
+        assert {nice for _, nice in seen} == {19}
 
 
 @pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_tokens": 50}])
