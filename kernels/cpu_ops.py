@@ -11,6 +11,8 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
                                     (AVX512-BF16), from one decode row to prefill batches
     argmax_rows(x)                  x.max(dim=-1).indices (first maximum, NaN the largest) for
                                     greedy sampling, at memory speed
+    mask_rows(x, bitmask, rows)     x[r, j] = -inf for r in rows where bit j of bitmask[r] is 0 (a
+                                    grammar's token mask, in xgrammar's bit layout)
     layer_stack(...)                a step's whole stack of Llama layers in one call
                                     (csrc/layer_stack.cpp): these ops and the attention
                                     kernels
@@ -118,6 +120,13 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.int64)
     torch.ops.prefixgate_cpu.argmax_rows(out, x)
     return out
+
+
+def mask_rows(x: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place, for each r in rows: x[r, j] = -inf wherever bit j % 32 of bitmask[r, j // 32]
+    is 0, for j < min(V, 32 * W) (xgrammar's `apply_token_bitmask_inplace` with `indices`);
+    x [R, V] float32 or bfloat16, bitmask int32 [K, W], rows int64, each below R and K."""
+    torch.ops.prefixgate_cpu.mask_rows(x, bitmask, rows)
 
 
 def layer_stack(

@@ -30,6 +30,7 @@ void rms_norm(const at::Tensor& out, const at::Tensor& x, const std::optional<at
 void rope(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin);
 void silu_mul(const at::Tensor& out, const at::Tensor& gate_up);
 void argmax_rows(const at::Tensor& out, const at::Tensor& x);
+void mask_rows(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& rows);
 
 // linear.cpp
 void small_linear_f32(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,

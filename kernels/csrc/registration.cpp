@@ -21,6 +21,7 @@ TORCH_LIBRARY(prefixgate_cpu, m) {
   m.def("rope(Tensor(a!) qk, Tensor cos, Tensor sin) -> ()");
   m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
+  m.def("mask_rows(Tensor(a!) x, Tensor bitmask, Tensor rows) -> ()");
   // linear (linear.cpp)
   m.def("small_linear_f32(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   m.def("has_linear_bf16() -> bool", &prefixgate::has_linear_bf16);
@@ -43,6 +44,7 @@ TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
   m.impl("rope", &prefixgate::rope);
   m.impl("silu_mul", &prefixgate::silu_mul);
   m.impl("argmax_rows", &prefixgate::argmax_rows);
+  m.impl("mask_rows", &prefixgate::mask_rows);
   m.impl("small_linear_f32", &prefixgate::small_linear_f32);
   m.impl("linear_bf16", &prefixgate::linear_bf16);
   m.impl("layer_stack", &prefixgate::layer_stack);

@@ -11,6 +11,7 @@
 //   rope(qk, cos, sin)                    in place: qk = rnd(qk * cos) + rnd(rotate_half(qk) * sin)
 //   silu_mul(out, gate_up)                out = rnd(silu(gate)) * up       gate_up = [gate | up]
 //   argmax_rows(out, x)                   out[r] = the first index of the largest x[r, :]
+//   mask_rows(x, bitmask, rows)           x[r, j] = -inf for r in rows where bit j of bitmask[r] is 0
 //
 // Rows run in parallel with at::parallel_for once a call holds enough elements; each row's result
 // depends on that row alone.
@@ -369,6 +370,36 @@ void argmax_rows_impl(const at::Tensor& out, const at::Tensor& x) {
   });
 }
 
+// ---- grammar masks (structured outputs) --------------------------------------------------------
+// A bitmask row holds one bit per token, 32 to an int32 word (xgrammar's layout: bit b of word w is
+// token 32w + b); a 0 bit forbids the token. Whole words of 1s (free text) and of 0s (a position
+// the grammar pins) are the common cases, so they skip the per-bit loop.
+
+template <typename T>
+void mask_row(T* x, const int32_t* bits, int64_t n) {
+  const T neg = static_cast<T>(-std::numeric_limits<float>::infinity());
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const uint32_t word = static_cast<uint32_t>(bits[w]);
+    if (word == 0xffffffffu) continue;
+    T* p = x + w * 32;
+    const int64_t m = std::min<int64_t>(32, n - w * 32);
+    for (int64_t b = 0; b < m; ++b)
+      if (!((word >> b) & 1u)) p[b] = neg;
+  }
+}
+
+template <typename T>
+void mask_rows_impl(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& rows) {
+  T* xp = static_cast<T*>(x.mutable_data_ptr());
+  const int32_t* bp = bitmask.const_data_ptr<int32_t>();
+  const int64_t* rp = rows.const_data_ptr<int64_t>();
+  const int64_t n = std::min<int64_t>(x.size(1), bitmask.size(1) * 32);
+  const int64_t ld = x.stride(0), bld = bitmask.stride(0);
+  at::parallel_for(0, rows.size(0), row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) mask_row(xp + rp[i] * ld, bp + rp[i] * bld, n);
+  });
+}
+
 }  // namespace
 
 // ---- the ops (ops.h): argument checks, then the dtype's rows -------------------------------------
@@ -443,6 +474,26 @@ void argmax_rows(const at::Tensor& out, const at::Tensor& x) {
       return argmax_rows_impl<c10::BFloat16>(out, x);
     default:
       TORCH_CHECK(false, "argmax_rows: unsupported dtype ", x.scalar_type());
+  }
+}
+
+void mask_rows(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& rows) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "mask_rows: x must be [R, V] with rows contiguous");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.stride(1) == 1 && bitmask.scalar_type() == at::kInt,
+              "mask_rows: bitmask must be int32 [K, W] with rows contiguous");
+  TORCH_CHECK(rows.dim() == 1 && rows.is_contiguous() && rows.scalar_type() == at::kLong,
+              "mask_rows: rows must be int64 [N]");
+  const int64_t* rp = rows.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < x.size(0) && rp[i] < bitmask.size(0), "mask_rows: row ",
+                rp[i], " out of range");
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return mask_rows_impl<float>(x, bitmask, rows);
+    case at::kBFloat16:
+      return mask_rows_impl<c10::BFloat16>(x, bitmask, rows);
+    default:
+      TORCH_CHECK(false, "mask_rows: unsupported dtype ", x.scalar_type());
   }
 }
 

@@ -213,3 +213,37 @@ def test_argmax_rows_refuses_bad_input(cpu_ops) -> None:  # type: ignore[no-unty
         cpu_ops.argmax_rows(torch.randn(2, 0))
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         cpu_ops.argmax_rows(torch.randn(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "vocab", "words"), [(16, 49152, 1536), (5, 70, 3), (4, 100, 2)])
+def test_mask_rows_matches_xgrammar(cpu_ops, dtype, rows, vocab, words) -> None:  # type: ignore[no-untyped-def]
+    """The grammar mask equals xgrammar's own `apply_token_bitmask_inplace` with `indices`:
+    only the listed rows change, each by its own bitmask row; words of all 1s, all 0s and
+    mixed bits; a vocabulary that ends inside a word (70) or past the mask's bits (100 > 64)."""
+    import xgrammar as xgr
+
+    g = gen(rows * words)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, words), generator=g, dtype=torch.int32)
+    bitmask[:, ::3] = -1  # a free word
+    bitmask[:, 1::3] = 0  # a pinned word
+    bitmask[0, 2 % words] = 0x5  # tokens 0 and 2 of the word only
+    x = torch.randn(rows, vocab, generator=g).to(dtype)
+    indices = [r for r in range(rows) if r % 2 == 0] + [rows - 1]
+    want = x.clone()
+    xgr.apply_token_bitmask_inplace(
+        want, bitmask, vocab_size=min(vocab, 32 * words), indices=indices
+    )
+    cpu_ops.mask_rows(x, bitmask, torch.tensor(indices))
+    assert torch.equal(x, want)
+    assert torch.isinf(x).any() and torch.isfinite(x[1]).all()
+
+
+def test_mask_rows_refuses_bad_input(cpu_ops) -> None:  # type: ignore[no-untyped-def]
+    x, bitmask = torch.randn(2, 64), torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_ops.mask_rows(x, bitmask, torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="int32"):
+        cpu_ops.mask_rows(x, bitmask.long(), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        cpu_ops.mask_rows(x.double(), bitmask, torch.tensor([0]))
