@@ -200,6 +200,16 @@ def test_length_past_256_tokens(tok: Tokenizer) -> None:
     assert len(r.seq.output_token_ids) == 300 and r.last.finish_reason == "length"
 
 
+def test_nothing_new_past_256_characters_is_no_delta(tok: Tokenizer) -> None:
+    """A sequence asked again with nothing new (a preempted one recomputing its prompt) sends
+    no empty delta, however much text it already sent (lengths compared by value)."""
+    r = run(tok, tok.encode("ok " * 200).ids, SamplingParams(max_tokens=400))
+    seq = r.seq
+    seq.status = SeqStatus.RUNNING  # not finished: more tokens may come
+    assert seq.num_text_sent > 300
+    assert OutputProcessor.take_delta(seq, with_logprobs=False) is None
+
+
 def test_stop_at_the_very_start_of_the_output(tok: Tokenizer) -> None:
     r = run(tok, tok.encode("hello world").ids, SamplingParams(max_tokens=9, stop=["hel"]))
     assert (r.last.stop_reason, r.streamed) == ("hel", "")
