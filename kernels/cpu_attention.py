@@ -43,8 +43,6 @@ __all__ = [
     "paged_decode",
     "paged_prefill",
     "prefill_kernel_serves",
-    "small_linear",
-    "small_linear_available",
     "write_kv",
 ]
 
@@ -52,8 +50,8 @@ log = logging.getLogger(__name__)
 
 # cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
 PREFILL_DTYPES = (torch.float32, torch.bfloat16)
-# False: bfloat16 decodes take the decode kernel again (not batch-invariant; for A/B benchmarks,
-# see bench/offline.py --invariance-ab)
+# False: decodes take the decode kernel again (not batch-invariant; for A/B benchmarks, see
+# bench/offline.py --invariance-ab)
 BATCH_INVARIANT = True
 # False: decodes sharing leading blocks are attended one by one, as if no block were shared (the
 # output is the same bits either way; for A/B benchmarks and tests, see bench/offline.py --shared)
@@ -78,21 +76,6 @@ def load_kernel() -> Kernel | None:
             except Exception as exc:  # any build failure falls back, it never fails the engine
                 log.warning("CPU attention kernel unavailable, using the reference: %s", exc)
     return _kernel
-
-
-def small_linear_available() -> bool:
-    """True when the library (with its small-batch float32 linear) is built and loaded."""
-    return load_kernel() is not None
-
-
-def small_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T (+ bias) in float32 for the few rows of a decode step: one pass
-    over the weights (see `csrc/linear.cpp`). Needs `small_linear_available()`."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    torch.ops.prefixgate_cpu.small_linear_f32(out, x, weight, bias)
-    return out
 
 
 def kernel_available() -> bool:
@@ -141,8 +124,8 @@ def prefill_kernel_serves(kv_cache: torch.Tensor) -> bool:
 
 
 def one_kernel_for_all_rows(kv_cache: torch.Tensor) -> bool:
-    """True when the prefill kernel attends every row of a step, decodes included: bfloat16
-    caches where it serves (`prefill_kernel_serves`), unless `BATCH_INVARIANT` is off.
+    """True when the prefill kernel attends every row of a step, decodes included: float32 and
+    bfloat16 caches where it serves (`prefill_kernel_serves`), unless `BATCH_INVARIANT` is off.
 
     Its rows come out bit-identical however the step is made up (a decode, a prompt's last
     token in a prefill, in a chunk over cached context, beside other sequences): fixed key
@@ -150,7 +133,7 @@ def one_kernel_for_all_rows(kv_cache: torch.Tensor) -> bool:
     its keys do (`csrc/prefill_attention.cpp`). The decode kernel sums in another order, so a
     token's output would change with the way its step was made up (docs/determinism.md).
     """
-    return BATCH_INVARIANT and kv_cache.dtype == torch.bfloat16 and prefill_kernel_serves(kv_cache)
+    return BATCH_INVARIANT and prefill_kernel_serves(kv_cache)
 
 
 def paged_prefill(

@@ -9,6 +9,9 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
     silu_mul(gate_up)               SwiGLU's silu(gate) * up
     linear_bf16(x, panels, n, bias) bfloat16 matmul against a weight packed by `pack_panels`
                                     (AVX512-BF16), from one decode row to prefill batches
+    linear_fixed(x, panels, n, bias) float32 (or bfloat16 without AVX512-BF16) matmul against a
+                                    weight packed by `pack_fixed`, each output summed over K in
+                                    one order whatever the batch (csrc/linear_fixed.cpp)
     argmax_rows(x)                  x.max(dim=-1).indices (first maximum, NaN the largest) for
                                     greedy sampling, at memory speed
     mask_rows(x, bitmask, rows)     x[r, j] = -inf for r in rows where bit j of bitmask[r] is 0 (a
@@ -111,6 +114,32 @@ def linear_bf16(
     `panels = pack_panels(weight)`. Needs `linear_bf16_available()`."""
     out = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
     torch.ops.prefixgate_cpu.linear_bf16(out, x, panels, bias)
+    return out
+
+
+def pack_fixed(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] float32 or bfloat16 -> [ceil(N / 32), K, 32] for `linear_fixed`: for each
+    panel of 32 columns, each k's 32 weights contiguous (N zero padded)."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=weight.dtype)
+    padded[:n] = weight
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear_fixed(
+    x: torch.Tensor,
+    panels: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    *,
+    plain: bool = False,
+) -> torch.Tensor:
+    """x [M, K] (rows contiguous) @ weight.T (+ bias) -> [M, out_features] in x's dtype (float32
+    or bfloat16), with `panels = pack_fixed(weight)`: each output one chain of fused
+    multiply-adds over k in order, so a row's result is the same bits whatever the batch, the
+    build's instruction set, or `plain` (the portable loops) (csrc/linear_fixed.cpp)."""
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype)
+    torch.ops.prefixgate_cpu.linear_fixed(out, x, panels, bias, plain)
     return out
 
 

@@ -13,10 +13,14 @@ to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed 
   weight is kept. Where the tiles cannot serve a weight (its in-features not a multiple of 32, or
   Linux refusing tile data) the AVX-512 kernel runs every batch of it. One kernel per weight
   whatever the batch: a row's result never depends on the rows beside it (docs/determinism.md).
-- otherwise for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`): bf16 20-35% faster than
-  `F.linear` (Intel with AMX, batch 1-64), float32 1.3-2.8x at batch 1-64 on an AVX2-only AMD
-  EPYC; float32 batches of up to `SMALL_LINEAR_MAX_ROWS` rows go to the C++ weight-streaming
-  kernel (`kernels.cpu_attention.small_linear`) instead.
+- float32, and bfloat16 on CPUs without AVX512-BF16: into panels for the fixed-order kernel
+  (`kernels.cpu_ops.linear_fixed`): each output one chain of fused multiply-adds over K in
+  order, the same bits at every batch size and on every instruction set, so float32 (and such
+  CPUs' bfloat16) output does not depend on the batch either. On an Intel Xeon it runs float32
+  at 0.9-1.0x oneDNN's packed GEMM (faster than MKL's `F.linear` up to 256 rows), and bfloat16
+  at 2.4x oneDNN's where oneDNN has no AVX512-BF16 (csrc/linear_fixed.cpp).
+- where the library is not built: oneDNN's packed weights
+  (`torch.ops.mkldnn._reorder_linear_weight`), or `F.linear`.
 
 Results differ from `F.linear` by float32 summation order only.
 """
@@ -31,8 +35,6 @@ import torch.nn.functional as F
 from kernels import cpu_attention, cpu_ops
 
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
-# float32 batches of up to this many rows go through the C++ weight-streaming kernel
-SMALL_LINEAR_MAX_ROWS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +42,8 @@ class PackedWeight:
     """A weight's packed form (exactly one is set)."""
 
     panels: torch.Tensor | None = None  # `cpu_ops.pack_panels` layout (bf16, AVX512-BF16)
-    onednn: torch.Tensor | None = None  # oneDNN's layout, where there are no panels
+    fixed: torch.Tensor | None = None  # `cpu_ops.pack_fixed` layout (float32; bf16 elsewhere)
+    onednn: torch.Tensor | None = None  # oneDNN's layout, where the library is not built
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -64,12 +67,11 @@ def _pack_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
     """The weight [out, in] packed for `linear`, or None where packing does not apply."""
-    if (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and cpu_ops.linear_bf16_available()
-    ):
-        return PackedWeight(panels=cpu_ops.pack_panels(weight))
+    if weight.device.type == "cpu" and weight.dtype in cpu_ops.DTYPES:
+        if weight.dtype == torch.bfloat16 and cpu_ops.linear_bf16_available():
+            return PackedWeight(panels=cpu_ops.pack_panels(weight))
+        if cpu_attention.load_kernel() is not None:
+            return PackedWeight(fixed=cpu_ops.pack_fixed(weight))
     onednn = _pack_onednn(weight)
     return None if onednn is None else PackedWeight(onednn=onednn)
 
@@ -83,11 +85,9 @@ def linear(
     """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one."""
     if packed is None or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
-    rows = x.shape[0]
     if packed.panels is not None:
         return cpu_ops.linear_bf16(x.contiguous(), packed.panels, weight.shape[0], bias)
-    small = x.dtype == torch.float32 and rows <= SMALL_LINEAR_MAX_ROWS
-    if small and cpu_attention.small_linear_available():  # built once, then cached
-        return cpu_attention.small_linear(x, weight, bias)
+    if packed.fixed is not None:
+        return cpu_ops.linear_fixed(x.contiguous(), packed.fixed, weight.shape[0], bias)
     assert packed.onednn is not None
     return torch.ops.mkldnn._linear_pointwise(x, packed.onednn, bias, "none", [], "")

@@ -1,11 +1,11 @@
 // The linear (matmul) kernels: out = x @ w.T (+ bias) for the model's projections and lm_head.
 //
-//   small_linear_f32(out, x, w, bias?)   float32, few rows (a decode step's GEMMs): one stream
-//                                        over the weights (AVX2 + FMA, else plain loops)
 //   linear_bf16(out, x, packed, bias?)   bfloat16, weights packed in panels at load
 //                                        (`kernels.cpu_ops.pack_panels`): AVX512-BF16 dot products,
 //                                        AMX tiles for every batch where the CPU has them
 //   has_linear_bf16(), has_linear_amx()  whether this build / process runs those paths
+//
+// float32 (and bfloat16 where this kernel does not run) goes to linear_fixed.cpp.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,57 +25,6 @@
 #endif
 
 namespace {
-
-// ---- small-batch float32 linear (decode GEMMs) -------------------------------------------------
-//
-//   out[m, n] = x[m, :] . w[n, :] (+ bias[n])    x [M, K], w [N, K], out [M, N], float32
-//
-// For the few rows of a decode step the GEMM is a stream over the weights: every weight row is
-// loaded once from memory and dotted with all M input rows while it sits in L1 (tiles of 4
-// weight rows x 2 input rows, or 8 x 1: 8 accumulators with AVX2). Tiles of 8 weight rows run in
-// parallel. Without AVX2 + FMA the plain loops below are used.
-
-#if defined(__AVX2__) && defined(__FMA__)
-// the sums of a, b, c, d (8 lanes each) as 4 floats
-inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
-  __m256 abcd = _mm256_hadd_ps(ab, cd);  // per 128-bit half: a, b, c, d partial sums
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-// NB rows of w (a multiple of 4) against MB rows of x: MB * NB accumulators, the weight vectors
-// streamed through one register
-template <int MB, int NB>
-inline void linear_tile(const float* x, int64_t ldx, const float* w, int64_t K, float* out,
-                        int64_t ldo) {
-  static_assert(NB % 4 == 0 && MB * NB + MB + 1 <= 16, "AVX2 has 16 vector registers");
-  __m256 acc[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
-    for (int j = 0; j < NB; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * K + k);
-      for (int m = 0; m < MB; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
-    }
-  }
-  for (int m = 0; m < MB; ++m) {
-    for (int j0 = 0; j0 < NB; j0 += 4) {
-      alignas(16) float sums[4];
-      _mm_store_ps(sums, sum4(acc[m][j0], acc[m][j0 + 1], acc[m][j0 + 2], acc[m][j0 + 3]));
-      for (int j = 0; j < 4; ++j) {
-        float tail = 0.f;
-        for (int64_t t = k; t < K; ++t) tail += x[m * ldx + t] * w[(j0 + j) * K + t];
-        out[m * ldo + j0 + j] = sums[j] + tail;
-      }
-    }
-  }
-}
-#endif
-
-inline float dot_row(const float* x, const float* w, int64_t K) { return dot(x, w, K); }
 
 // ---- bfloat16 linear from weights packed in panels (AVX512-BF16) ------------------------------
 //
@@ -274,58 +223,6 @@ constexpr bool kHasDpbf16 = false;
 // ---- the ops (ops.h) ----------------------------------------------------------------------------
 
 namespace prefixgate {
-
-void small_linear_f32(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2, "expected 2-D x, w, out");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-                  out.scalar_type() == at::kFloat,
-              "small_linear_f32 takes float32 tensors");
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && out.device().is_cpu(),
-              "small_linear_f32 runs on CPU tensors");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K && out.size(0) == M && out.size(1) == N, "shape mismatch");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && weight.is_contiguous(),
-              "rows must be contiguous");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "bias must be a contiguous float32 [N]");
-    b = bias->const_data_ptr<float>();
-  }
-  const float* xp = x.const_data_ptr<float>();
-  const float* wp = weight.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldo = out.stride(0);
-  constexpr int64_t kRows = 8;  // weight rows per tile
-  const int64_t tiles = (N + kRows - 1) / kRows;
-  // ~64 KB of weights per task: enough work per thread hand-off, many tasks for two threads
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n0 = tile * kRows, n1 = std::min(N, n0 + kRows);
-      const float* w = wp + n0 * K;
-#if defined(__AVX2__) && defined(__FMA__)
-      if (n1 - n0 == kRows) {
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) {  // two input rows against each half of the tile
-          linear_tile<2, 4>(xp + m * ldx, ldx, w, K, op + m * ldo + n0, ldo);
-          linear_tile<2, 4>(xp + m * ldx, ldx, w + 4 * K, K, op + m * ldo + n0 + 4, ldo);
-        }
-        if (m < M) linear_tile<1, 8>(xp + m * ldx, ldx, w, K, op + m * ldo + n0, ldo);
-      } else
-#endif
-      {
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t m = 0; m < M; ++m)
-            op[m * ldo + n] = dot_row(xp + m * ldx, wp + n * K, K);
-      }
-      if (b != nullptr)
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = n0; n < n1; ++n) op[m * ldo + n] += b[n];
-    }
-  });
-}
 
 bool has_linear_bf16() { return kHasDpbf16; }
 

@@ -33,12 +33,14 @@ void argmax_rows(const at::Tensor& out, const at::Tensor& x);
 void mask_rows(const at::Tensor& x, const at::Tensor& bitmask, const at::Tensor& rows);
 
 // linear.cpp
-void small_linear_f32(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias);
 bool has_linear_bf16();
 bool has_linear_amx();
 void linear_bf16(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                  const std::optional<at::Tensor>& bias);
+
+// linear_fixed.cpp
+void linear_fixed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& panels,
+                  const std::optional<at::Tensor>& bias, bool plain);
 
 // layer_stack.cpp
 at::Tensor layer_stack(const at::Tensor& x, const std::optional<at::Tensor>& delta_in,

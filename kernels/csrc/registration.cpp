@@ -23,10 +23,11 @@ TORCH_LIBRARY(prefixgate_cpu, m) {
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
   m.def("mask_rows(Tensor(a!) x, Tensor bitmask, Tensor rows) -> ()");
   // linear (linear.cpp)
-  m.def("small_linear_f32(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()");
   m.def("has_linear_bf16() -> bool", &prefixgate::has_linear_bf16);
   m.def("has_linear_amx() -> bool", &prefixgate::has_linear_amx);
   m.def("linear_bf16(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  // the fixed-order linear (linear_fixed.cpp)
+  m.def("linear_fixed(Tensor(a!) out, Tensor x, Tensor panels, Tensor? bias, bool plain) -> ()");
   // a step's decoder layers (layer_stack.cpp)
   m.def(
       "layer_stack(Tensor(a!) x, Tensor? delta, Tensor[] weights, Tensor[] qkv_biases, "
@@ -45,7 +46,7 @@ TORCH_LIBRARY_IMPL(prefixgate_cpu, CPU, m) {
   m.impl("silu_mul", &prefixgate::silu_mul);
   m.impl("argmax_rows", &prefixgate::argmax_rows);
   m.impl("mask_rows", &prefixgate::mask_rows);
-  m.impl("small_linear_f32", &prefixgate::small_linear_f32);
   m.impl("linear_bf16", &prefixgate::linear_bf16);
+  m.impl("linear_fixed", &prefixgate::linear_fixed);
   m.impl("layer_stack", &prefixgate::layer_stack);
 }

@@ -1,6 +1,7 @@
-"""bfloat16 output is batch-invariant (docs/determinism.md): a request's tokens and logprobs are
-bit-identical whether it runs alone or inside a batch of others, however its prompt is split
-into prefill chunks, and whether its prefix came from the prefix cache. Greedy and seeded."""
+"""Output is batch-invariant (docs/determinism.md), in bfloat16 and in float32: a request's tokens
+and logprobs are bit-identical whether it runs alone or inside a batch of others, however its
+prompt is split into prefill chunks, and whether its prefix came from the prefix cache. Greedy
+and seeded."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
-from kernels import cpu_attention, cpu_ops
+from kernels import cpu_attention
 from kernels.options import configure, options
 
 Tokens = list[int]
@@ -44,25 +45,34 @@ def cases(draw: st.DrawFn) -> Case:
     )
 
 
-# the layer paths a bfloat16 CPU engine can take: the one-call layer stack (the default), the
-# Python layers with the fused ops, the Python layers with eager PyTorch ops; qwen2 has q/k/v biases
-PARAMS = [("llama", "stack"), ("qwen2", "stack"), ("llama", "python"), ("llama", "eager")]
+# the layer paths a CPU engine can take: the one-call layer stack (bfloat16, the default), the
+# Python layers with the fused ops, the Python layers with eager PyTorch ops; qwen2 has q/k/v
+# biases. float32 has no layer stack.
+PARAMS = [
+    ("llama", "stack", "bfloat16"),
+    ("qwen2", "stack", "bfloat16"),
+    ("llama", "python", "bfloat16"),
+    ("llama", "eager", "bfloat16"),
+    ("llama", "python", "float32"),
+    ("qwen2", "python", "float32"),
+    ("llama", "eager", "float32"),
+]
 
 
-@pytest.fixture(scope="module", params=PARAMS)
+@pytest.fixture(scope="module", params=PARAMS, ids=["-".join(p) for p in PARAMS])
 def llm(request: Any, tiny_dirs: dict[str, str]) -> LLM:
-    arch, path = request.param
+    arch, path, dtype = request.param
     saved, mp = options(), pytest.MonkeyPatch()
     if path == "eager":
         mp.setenv("PREFIXGATE_CPU_FUSED", "0")
     try:
-        llm = LLM(tiny_dirs[arch], dtype="bfloat16", block_size=4, num_blocks=1024)
+        llm = LLM(tiny_dirs[arch], dtype=dtype, block_size=4, num_blocks=1024)
     finally:  # the model chose its ops; the process's options go back for the other tests
         mp.undo()
         configure(saved)
     kv = llm.engine.runner.kv_caches[0]
-    if not (cpu_ops.linear_bf16_available() and cpu_attention.one_kernel_for_all_rows(kv)):
-        pytest.skip("batch invariance needs AVX512-BF16 or AMX (docs/determinism.md)")
+    if not (cpu_attention.load_kernel() is not None and cpu_attention.one_kernel_for_all_rows(kv)):
+        pytest.skip("needs the prefill kernel's AVX-512 code (docs/determinism.md)")
     model = llm.engine.runner.model
     if path == "stack" and model._stack is None:
         pytest.skip("no layer stack on this machine")

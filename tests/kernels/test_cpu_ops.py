@@ -247,3 +247,64 @@ def test_mask_rows_refuses_bad_input(cpu_ops) -> None:  # type: ignore[no-untype
         cpu_ops.mask_rows(x, bitmask.long(), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         cpu_ops.mask_rows(x.double(), bitmask, torch.tensor([0]))
+
+
+def fixed_linear_outputs() -> list[torch.Tensor]:
+    """`linear_fixed` on seeded inputs (ragged N and K, a bias, strided rows), float32 and
+    bfloat16: the bits every build of the library must reproduce (test_cpu_prefill's ISA
+    builds compare theirs with the native build's)."""
+    from kernels import cpu_ops
+
+    g = gen(7)
+    outs = []
+    for dtype in DTYPES:
+        w = torch.randn(70, 45, generator=g).to(dtype)
+        wide = torch.randn(13, 50, generator=g).to(dtype)
+        bias = torch.randn(70, generator=g).to(dtype)
+        outs.append(cpu_ops.linear_fixed(wide[:, 2:47], cpu_ops.pack_fixed(w), 70, bias))
+    return outs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), [(96, 64), (70, 45), (8, 576), (13, 1), (960, 576)])
+def test_linear_fixed_is_one_fma_chain_per_output(cpu_ops, dtype, n, k) -> None:  # type: ignore[no-untyped-def]
+    """Every row's result is the same bits in a batch of 1 to 300 rows (the vector tiles and
+    their ragged tails), in the portable loops, and against a float64 reference up to the
+    rounding of K fused multiply-adds (and of the output, in bfloat16)."""
+    g = gen(n * 7 + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    x = torch.randn(300, k, generator=g).to(dtype)
+    panels = cpu_ops.pack_fixed(w)
+    assert panels.shape == (-(-n // 32), k, 32)
+    for b in (None, bias):
+        full = cpu_ops.linear_fixed(x, panels, n, b)
+        assert torch.equal(full, cpu_ops.linear_fixed(x, panels, n, b, plain=True))
+        for start, rows in ((0, 1), (5, 2), (7, 11), (20, 12), (3, 13), (40, 25), (100, 200)):
+            assert torch.equal(cpu_ops.linear_fixed(x[start : start + rows], panels, n, b),
+                               full[start : start + rows])  # fmt: skip
+        want = x.double() @ w.double().T + (0 if b is None else b.double())
+        tol = 1e-6 * k if dtype == torch.float32 else 2**-7
+        torch.testing.assert_close(full.double(), want, rtol=tol, atol=tol)
+
+
+def test_linear_fixed_sums_in_k_order(cpu_ops) -> None:  # type: ignore[no-untyped-def]
+    """The order is k ascending, each step rounded: 1 + 2^-24 rounds to 1 (a tie, to even), so
+    1, 2^-24, -1 sums to 0, while from the other end (-1 + 2^-24 is exact) it is 2^-24."""
+    w = torch.ones(1, 3)
+    x = torch.tensor([[1.0, 2.0**-24, -1.0]])
+    assert cpu_ops.linear_fixed(x, cpu_ops.pack_fixed(w), 1).item() == 0.0
+    x = torch.tensor([[2.0**-24, 1.0, -1.0]])
+    assert cpu_ops.linear_fixed(x, cpu_ops.pack_fixed(w), 1).item() == 0.0
+    x = torch.tensor([[1.0, -1.0, 2.0**-24]])
+    assert cpu_ops.linear_fixed(x, cpu_ops.pack_fixed(w), 1).item() == 2.0**-24
+
+
+def test_linear_fixed_refuses_bad_input(cpu_ops) -> None:  # type: ignore[no-untyped-def]
+    panels = cpu_ops.pack_fixed(torch.randn(40, 8))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        cpu_ops.linear_fixed(torch.randn(2, 9), panels, 40)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpu_ops.linear_fixed(torch.randn(2, 8, dtype=torch.bfloat16), panels, 40)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_ops.linear_fixed(torch.randn(2, 8), panels, 40, torch.randn(39))

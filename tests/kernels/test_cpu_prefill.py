@@ -317,6 +317,8 @@ for head_dim in (16, 64, 24):  # decode: one query over a paged context of 6 tok
     k, v = cache[:, [2, 1]].reshape(2, 8, head_dim)[:, :6]
     want = torch.softmax(q[0] @ k.T * 0.25, -1) @ v
     torch.testing.assert_close(out[0], want)
+from tests.kernels.test_cpu_ops import fixed_linear_outputs
+torch.save(fixed_linear_outputs(), sys.argv[1] + "/fixed_linear.pt")
 """
 
 
@@ -344,7 +346,8 @@ def _host_has(*flags: str) -> bool:
 )
 def test_build_for_an_isa_matches_reference(kernel: object, tmp_path: Path, flags: str) -> None:
     """The library built for one instruction set only, in a fresh process, against the
-    reference: prefill over every dtype and head size above, grouped decodes against ungrouped."""
+    reference: prefill over every dtype and head size above, grouped decodes against ungrouped;
+    and the fixed-order linear bit for bit against the native build."""
     root = Path(__file__).resolve().parents[2]
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
     done = subprocess.run(
@@ -356,3 +359,8 @@ def test_build_for_an_isa_matches_reference(kernel: object, tmp_path: Path, flag
         timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    # the fixed-order linear: the same bits as this process's native build
+    from tests.kernels.test_cpu_ops import fixed_linear_outputs
+
+    built = torch.load(tmp_path / "fixed_linear.pt")
+    assert all(torch.equal(a, b) for a, b in zip(built, fixed_linear_outputs(), strict=True))

@@ -1,4 +1,5 @@
-"""Packed weights (our bf16 panels, oneDNN) give `F.linear`'s results up to summation order."""
+"""Packed weights (our bf16 panels, the fixed-order kernel's, oneDNN's) give `F.linear`'s results up
+to summation order, and one kernel serves every batch of a weight."""
 
 from __future__ import annotations
 
@@ -61,49 +62,25 @@ def test_packed_bf16_matches_f_linear(rows: int) -> None:
         torch.testing.assert_close(linear(x, w, b, packed).float(), ref, rtol=2**-7, atol=0.05)
 
 
-def require_small_linear() -> None:
-    from kernels import cpu_attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_batch_of_a_weight_takes_one_kernel(dtype: torch.dtype) -> None:
+    """float32 (and bfloat16 where the AVX512-BF16 panels do not run) packs for the fixed-order
+    kernel, which then serves every batch size: a row's result is the same bits alone or
+    among 300 (MKL and oneDNN, which float32 used to take beyond 16 rows, pick their blockings
+    by batch size)."""
+    from kernels import cpu_attention, cpu_ops
 
-    if not cpu_attention.small_linear_available():
+    if cpu_attention.load_kernel() is None:
         pytest.skip("the C++ CPU kernels could not be built here")
-
-
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (37, 19), (8, 576), (13, 1)])
-def test_small_linear_matches_f_linear(rows: int, out_features: int, in_features: int) -> None:
-    """Weight-row tiles of 8 with ragged ends, K not a multiple of the vector width, odd rows."""
-    require_small_linear()
-    from kernels.cpu_attention import small_linear
-
-    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
-    w = torch.randn(out_features, in_features, generator=gen)
-    bias = torch.randn(out_features, generator=gen)
-    wide = torch.randn(rows, in_features + 5, generator=gen)
-    x = wide[:, 2 : 2 + in_features]  # rows strided, as a slice of a fused projection
-    tol = {"rtol": 1e-5, "atol": 1e-6 * in_features}  # sums of K products: rounding grows
-    torch.testing.assert_close(small_linear(x, w), F.linear(x, w), **tol)
-    torch.testing.assert_close(small_linear(x, w, bias), F.linear(x, w, bias), **tol)
-
-
-def test_small_fp32_batches_take_the_streaming_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    require_small_linear()
-    from engine.models import linear as module
-    from kernels import cpu_attention
-
-    calls: list[int] = []
-    real = cpu_attention.small_linear
-
-    def counting(x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
-        calls.append(x.shape[0])
-        return real(x, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(cpu_attention, "small_linear", counting)
-    w = torch.randn(40, 24)
-    if pack_weight(w) is None:
-        pytest.skip("oneDNN is not available in this torch build")
-    packed = onednn_only(w)
-    for rows in (1, module.SMALL_LINEAR_MAX_ROWS, module.SMALL_LINEAR_MAX_ROWS + 1):
-        x = torch.randn(rows, 24)
-        torch.testing.assert_close(linear(x, w, None, packed), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    assert calls == [1, module.SMALL_LINEAR_MAX_ROWS]
-    assert linear(torch.randn(2, 24, dtype=torch.float64), w.double()).dtype == torch.float64
+    w = torch.randn(96, 64).to(dtype)
+    packed = pack_weight(w)
+    assert packed is not None
+    if dtype == torch.bfloat16 and cpu_ops.linear_bf16_available():
+        assert packed.panels is not None and packed.fixed is None
+    else:
+        assert packed.fixed is not None and packed.panels is None and packed.onednn is None
+    x, bias = torch.randn(300, 64).to(dtype), torch.randn(96).to(dtype)
+    full = linear(x, w, bias, packed)
+    for rows in (1, 2, 16, 17, 64, 299):
+        assert torch.equal(linear(x[:rows], w, bias, packed), full[:rows])
+    assert linear(torch.randn(2, 64, dtype=torch.float64), w.double()).dtype == torch.float64
