@@ -296,6 +296,9 @@ def test_pin_cap_refuses_and_changes_nothing() -> None:
         bm.pin(2, PinSpec("b", 2))
     assert [(b.ref_cnt, b.pin_cnt) for b in bm.blocks] == before and set(bm.pins) == {"a"}
     bm.pin(2, PinSpec("b", 1))  # one block fits
+    with pytest.raises(PinRefusedError) as refused:  # the pool at its cap: one block more
+        bm.check_pin("d", list(range(200, 205)), None)
+    assert refused.value.requested == 4 and "by 1" in refused.value.message
     # A pin sharing blocks with another adds only its new blocks to the count.
     assert bm.check_pin("c", list(range(4)), None) == 1
     bm.free(2)
@@ -341,6 +344,20 @@ def test_a_pin_of_more_than_256_blocks() -> None:
     assert bm.num_pinned_blocks == 257
 
 
+def test_block_hashes_are_stable_across_versions() -> None:
+    """The chain is part of the replicas' wire protocol: gateways index the replicas' KV events
+    by it and compute requests' chains themselves, so a gateway and a replica of different
+    builds must agree (a deliberate change of the hash changes these values)."""
+    from engine.block_manager import chain_hashes
+
+    assert [h.hex()[:16] for h in chain_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4, None)] == [
+        "1c322dd33278f408", "e09fdf9aba829606"
+    ]  # fmt: skip
+    assert [h.hex()[:16] for h in chain_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4, "acme", 1)] == [
+        "f0d55f4bb7083090", "3dd3ee5f362e52ad"
+    ]  # fmt: skip
+
+
 def test_no_pins_at_all_is_a_valid_cap() -> None:
     bm = BlockManager(num_blocks=8, block_size=4, max_pinned_blocks=0)
     with pytest.raises(PinRefusedError):
@@ -350,6 +367,7 @@ def test_no_pins_at_all_is_a_valid_cap() -> None:
 def test_default_cap_is_half_the_pool_and_caching_off_pins_nothing() -> None:
     assert BlockManager(num_blocks=9, block_size=4).max_pinned_blocks == 4
     bm = BlockManager(num_blocks=8, block_size=4, enable_caching=False)
+    assert bm.max_pinned_blocks == 0  # what /metrics reports as the engine's pin cap
     bm.allocate(1, list(range(9)), 9)
     with pytest.raises(PinRefusedError, match="caching is off"):
         bm.pin(1, PinSpec("p", 2))
