@@ -993,6 +993,9 @@ bool uses_amx(int64_t head_dim) {
          amx_permitted();
 }
 
+// A token item (a decode) with at most this many rows (heads) runs with the keys in the lanes
+constexpr int64_t kTokenRows = 16;
+
 // The item's function for this build, head dim and row count.
 template <typename T>
 using ItemFn = void (*)(const Layout&, const Item&, const Tensors<T>&, Scratch&);
@@ -1020,6 +1023,97 @@ void attend_token(const Layout& lay, const Item& it, const Tensors<c10::BFloat16
 }
 #endif
 
+#if defined(__AVX512F__)
+// ---- one token's rows with the keys in the lanes (decodes; float32 products) -------------------
+//
+// The float32 path's counterpart of token_block (float32 caches, and bfloat16 ones widened where
+// the build has no AVX512-BF16): 16 keys' rows transposed into vectors of one dim, each head's
+// scaled query element broadcast, the chain over dims from zero (scores_f32's multiply-adds, the
+// same products); the same softmax as token_block; P written out as the rows' steps lay it out
+// and multiplied by values_tile. So a decode's output is bit-identical to its rows computed among
+// a prefill's, at a fraction of their cost (its 3 heads no longer fill 16 lanes).
+template <typename T, int DV>
+void token_block_f32(const T* k_head, const T* v_head, const int64_t* offs, int64_t n,
+                     int64_t rows, Scratch& w) {
+  constexpr int64_t D = 16 * DV, RT = kValueRows<DV>;
+  alignas(64) float ts[kTokenRows * kKeys];  // ts[g * kKeys + j]: head g's score of key j
+  const float* q = w.q.data();               // [rows][D], scaled
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    for (int64_t c0 = 0; c0 < D; c0 += 16) {
+      __m512 x[16];  // x[i] = dim c0 + i of the 16 keys (keys past n: zeros, masked below)
+      for (int k = 0; k < 16; ++k)
+        x[k] = j0 + k < n ? load16(k_head + offs[j0 + k] + c0) : _mm512_setzero_ps();
+      transpose16(x);
+      for (int64_t g = 0; g < rows; ++g) {
+        float* sg = ts + g * kKeys + j0;
+        __m512 acc = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sg);
+        const float* qg = q + g * D + c0;
+        for (int i = 0; i < 16; ++i) acc = _mm512_fmadd_ps(_mm512_set1_ps(qg[i]), x[i], acc);
+        _mm512_storeu_ps(sg, acc);
+      }
+    }
+  }
+  float* s = w.s.data();  // P[j * kRows + g], as softmax_avx512 leaves it
+  for (int64_t g = 0; g < rows; ++g) {
+    __m512 p[4];
+    __mmask16 vis[4];
+    __m512 mx = _mm512_set1_ps(w.m[g]);
+    for (int b = 0; b < 4; ++b) {
+      const int64_t left = n - 16 * b;
+      vis[b] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+      p[b] = _mm512_maskz_loadu_ps(vis[b], ts + g * kKeys + 16 * b);
+      mx = _mm512_mask_max_ps(mx, vis[b], mx, p[b]);
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    for (int b = 0; b < 4; ++b) p[b] = _mm512_maskz_mov_ps(vis[b], exp2_16(_mm512_sub_ps(p[b], m)));
+    const float a = _mm512_cvtss_f32(exp2_16(_mm512_sub_ps(_mm512_set1_ps(w.m[g]), m)));
+    w.alpha[g] = a;
+    w.l[g] = std::fma(w.l[g], a, block_sum_lanes(p));
+    w.m[g] = _mm512_cvtss_f32(m);
+    alignas(64) float pg[kKeys];
+    for (int b = 0; b < 4; ++b) _mm512_storeu_ps(pg + 16 * b, p[b]);
+    for (int64_t j = 0; j < n; ++j) s[j * kRows + g] = pg[j];
+  }
+  const void** vrows = w.vrows.data();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = v_head + offs[j];
+    if constexpr (std::is_same_v<T, float>) {
+      vrows[j] = src;
+    } else {
+      float* dst = w.vf.data() + j * D;
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+      vrows[j] = dst;
+    }
+  }
+  for (int64_t r = 0; r < rows; r += RT)
+    values_tile<RT, DV>(s + r, n, vrows, w.alpha.data() + r, w.o.data() + r * D);
+}
+
+// attend_item for a token item on the float32 path: keys in the lanes (token_block_f32)
+template <typename T, int DV>
+void attend_token_f32(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w) {
+  constexpr int64_t D = 16 * DV, RT = kValueRows<DV>;
+  const __m512 scale = _mm512_set1_ps(in.scale);
+  for (int64_t r = 0; r < it.rows; ++r) {  // as pack_queries_avx512 scales them
+    const T* src = query_row(lay, it, in.query, r);
+    for (int64_t d = 0; d < D; d += 16)
+      _mm512_storeu_ps(w.q.data() + r * D + d, _mm512_mul_ps(load16(src + d), scale));
+  }
+  row_offsets(lay, in.table, it.seq, it.keys, w.offs.data());
+  const int64_t R = (it.rows + RT - 1) / RT * RT;
+  std::fill(w.m.begin(), w.m.begin() + R, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + R, 0.f);
+  std::fill(w.alpha.begin(), w.alpha.begin() + R, 1.f);
+  std::fill(w.o.begin(), w.o.begin() + R * D, 0.f);
+  const T* k_head = in.cache + it.kvh * lay.c_head;
+  const T* v_head = k_head + lay.c_kv;
+  for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
+    token_block_f32<T, DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0),
+                           it.rows, w);
+  store_rows<T, Path::kF32>(lay, it, in, w);
+}
+#endif
+
 // attend_token's instance for this head dim where the build runs the dot-product path (not the
 // AMX one, whose sums a token's rows would not match); else nullptr
 template <typename T>
@@ -1034,6 +1128,18 @@ ItemFn<T> token_fn(int64_t head_dim) {
         case 128: return &attend_token<8>;
         default: break;
       }
+    }
+    return nullptr;
+  }
+#endif
+#if defined(__AVX512F__)
+  if (!uses_amx<T>(head_dim)) {  // the float32 path: float32, or bfloat16 widened
+    switch (head_dim) {
+      case 16: return &attend_token_f32<T, 1>;
+      case 32: return &attend_token_f32<T, 2>;
+      case 64: return &attend_token_f32<T, 4>;
+      case 128: return &attend_token_f32<T, 8>;
+      default: break;
     }
   }
 #endif
@@ -1305,7 +1411,7 @@ void attend_all(const Layout& lay, const Tensors<T>& in, const Work& work) {
         item_fn<T, true>(lay.head_dim, it.rows)(lay, it, in, w, *tail);
         continue;
       }
-      const ItemFn<T> fn = it.token ? token : nullptr;
+      const ItemFn<T> fn = it.token && it.rows <= kTokenRows ? token : nullptr;
       (fn ? fn : item_fn<T>(lay.head_dim, it.rows))(lay, it, in, w);
     }
     if (amx) amx_release();

@@ -261,30 +261,33 @@ def test_bad_inputs_are_refused(kernel: object) -> None:
         op(out.half(), query.half(), cache.half(), *args, ids, 0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
-@pytest.mark.parametrize("group", [1, 3, 7, 20])
+@pytest.mark.parametrize("group", [1, 3, 7, 16, 20])
 def test_a_token_is_bit_identical_however_its_rows_are_split(
-    kernel: object, head_dim: int, group: int
+    kernel: object, head_dim: int, group: int, dtype: torch.dtype
 ) -> None:
     """The last token of a sequence gets the same bits as a decode (one new token: its keys in
-    the lanes), as the last row of a whole prompt, and in chunks of 2-65 tokens over the cached
-    rest (its heads among other rows in the lanes): the batch invariance of docs/determinism.md."""
-    if not cpu_attention.prefill_kernel_serves(torch.empty(1, 1, 1, 1, head_dim)):
+    the lanes, up to 16 heads), as the last row of a whole prompt, and in chunks of 2-65 tokens
+    over the cached rest (its heads among other rows in the lanes): the batch invariance of
+    docs/determinism.md, in float32 and bfloat16."""
+    if not cpu_attention.prefill_kernel_serves(torch.empty(1, 1, 1, 1, head_dim, dtype=dtype)):
         pytest.skip("the prefill kernel has no vector code here")
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
     for block_size in (4, 16):
         for length in (1, 2, 15, 64, 65, 130):
             query, cache, meta = make_step(
-                [(length, length)], block_size, group, torch.bfloat16, head_dim, seed=length
+                [(length, length)], block_size, group, dtype, head_dim, seed=length
             )
             rows = []
             for q_len in sorted({1, min(2, length), min(7, length), min(65, length), length}):
-                out = torch.zeros(q_len, *query.shape[1:], dtype=torch.bfloat16)
+                out = torch.zeros(q_len, *query.shape[1:], dtype=dtype)
                 starts = torch.tensor([0, q_len], dtype=torch.int32)
                 torch.ops.prefixgate_cpu.paged_prefill_attention(
                     out, query[length - q_len :], cache, meta.block_tables, starts,
                     meta.seq_lens, torch.tensor([0]), 0.125,
                 )  # fmt: skip
-                rows.append(out[-1].view(torch.int16))
+                rows.append(out[-1].view(bits))
             assert all(torch.equal(r, rows[0]) for r in rows), (block_size, length)
 
 
