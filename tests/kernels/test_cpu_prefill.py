@@ -322,6 +322,11 @@ for head_dim in (16, 64, 24):  # decode: one query over a paged context of 6 tok
     torch.testing.assert_close(out[0], want)
 from tests.kernels.test_cpu_ops import fixed_linear_outputs
 torch.save(fixed_linear_outputs(), sys.argv[1] + "/fixed_linear.pt")
+from tests.kernels.test_cpu_prefill import test_a_token_is_bit_identical_however_its_rows_are_split
+if torch.ops.prefixgate_cpu.prefill_vectorized(64):  # a decode's bits, however its rows are split
+    for dtype in (torch.float32, torch.bfloat16):
+        for group in (3, 20):
+            test_a_token_is_bit_identical_however_its_rows_are_split(None, 64, group, dtype)
 """
 
 
@@ -339,6 +344,14 @@ def _host_has(*flags: str) -> bool:
     [
         pytest.param("-O3 -fopenmp", id="portable"),  # no -march: plain loops
         pytest.param(
+            "-O3 -march=skylake-avx512 -fopenmp",
+            id="avx512-no-bf16",  # the float32 path for bfloat16 too, as on Intel Skylake
+            marks=pytest.mark.skipif(
+                not _host_has("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+                reason="the CPU has no AVX-512",
+            ),
+        ),
+        pytest.param(
             "-O3 -mavx2 -mfma -mf16c -mno-avx512f -fopenmp",
             id="avx2",  # the AVX2 + FMA branches, never compiled by -march=native on AVX-512
             marks=pytest.mark.skipif(
@@ -349,8 +362,9 @@ def _host_has(*flags: str) -> bool:
 )
 def test_build_for_an_isa_matches_reference(kernel: object, tmp_path: Path, flags: str) -> None:
     """The library built for one instruction set only, in a fresh process, against the
-    reference: prefill over every dtype and head size above, grouped decodes against ungrouped;
-    and the fixed-order linear bit for bit against the native build."""
+    reference: prefill over every dtype and head size above, grouped decodes against ungrouped,
+    a decode's bits however its rows are split (where the build has vector code), and the
+    fixed-order linear bit for bit against the native build."""
     root = Path(__file__).resolve().parents[2]
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
     done = subprocess.run(
