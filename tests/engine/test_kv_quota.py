@@ -230,3 +230,17 @@ def test_service_lead_is_over_the_least_served_backlogged_tenant() -> None:
     for seq in [*two.seqs, *one.seqs]:
         s.finish(seq, "stop")
     assert s.tenant_stats() == {}  # finished tenants leave the ledger
+
+
+def test_a_request_that_brings_its_tenant_exactly_to_its_cap_is_admitted() -> None:
+    """The cap is the most blocks a tenant may hold: a request that needs exactly the rest of it
+    starts at once."""
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=256), BlockManager(64, BS))
+    first = make_request("a", list(range(7)), 1)  # 2 blocks of a's 5
+    s.add_request(first)
+    s.schedule()
+    rest = make_request("a", list(range(100, 111)), 1)  # 3 blocks: 5 in all
+    s.add_request(rest)
+    out = s.schedule()
+    assert rest.seqs[0].seq_id in {x.seq_id for x in out.seqs}
+    assert s.bm.tenant_blocks["a"] == 5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
 from engine.request import Request, SeqStatus
@@ -228,3 +230,33 @@ def test_a_recomputed_sibling_carries_no_prompt_logprobs_targets() -> None:
     out = s.schedule()
     again = next(x for x in out.seqs if x.seq_id == child.seq_id)
     assert again.start_pos == 4 and again.prompt_targets is None  # prompt tokens 4 and 5 again
+
+
+@pytest.mark.parametrize("long_len", [7, 20])
+def test_decodes_go_first_whatever_the_running_order(long_len: int) -> None:
+    """Decode-first is a sort of the running sequences, not the order they were admitted in:
+    the chunked prefill first in line (with 2 tokens left, or 15) still goes after the decode."""
+    s = make(max_num_batched_tokens=8)
+    s.add_request(request("short", 3))
+    s.add_request(request("long", long_len, first=100))
+    run_samples(s, s.schedule())  # short: whole prompt, sampled; long: its first 5 tokens
+    s.running.reverse()
+    out = s.schedule()
+    decode = s.requests["short"].seqs[0].seq_id
+    chunk = min(long_len - 5, 7)
+    assert [(x.seq_id == decode, len(x.token_ids)) for x in out.seqs] == [(True, 1), (False, chunk)]
+
+
+def test_the_step_budget_is_spent_to_its_last_token_and_no_further() -> None:
+    """Three tokens of budget: three of four running decodes go, one token each; the fourth
+    waits for the next step rather than riding along with no tokens."""
+    s = make(max_num_batched_tokens=4)
+    for i in range(4):
+        s.add_request(request(f"r{i}", 1, first=10 * i))
+    run_samples(s, s.schedule())  # the four one-token prompts
+    s.config.max_num_batched_tokens = 3
+    out = s.schedule()
+    assert [len(x.token_ids) for x in out.seqs] == [1, 1, 1] and not out.empty
+    assert len(out.samples) == 3
+    idle = make()
+    assert idle.schedule().empty
