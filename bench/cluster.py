@@ -9,9 +9,13 @@ then for each policy a `prefixgate serve --engine-urls ... --routing <policy>` g
 `--requests` streamed completions with Poisson arrivals (`--rate` per second): each from one of
 `--tenants` tenants, whose distinct system prompt (`--system-tokens` random token ids) precedes a
 fresh question. Each policy gets its own system prompts, so no policy starts from another's
-cache; `--num-blocks` per replica holds about 1.5x one set of prompts, so spreading every tenant
-over both replicas evicts. Printed per policy: prompt-cache hit rate, prompt tokens computed,
-output tok/s, TTFT p50/p99.
+cache. Each replica's KV pool holds `--cache-fraction` (default 0.6) of one set of the
+tenants' system prompts, plus room for the requests in flight (`--num-blocks` sets it
+outright): the platform case prefix routing is for, where the tenants' prompts together are
+more than one replica caches. Routed by prefix, each replica needs only the prompts of the
+tenants sent to it (about half of them); spread over both, every replica needs all of them
+and evicts. Printed per policy: prompt-cache hit rate, prompt tokens computed, output tok/s,
+TTFT p50/p99.
 """
 
 from __future__ import annotations
@@ -95,12 +99,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--rate", type=float, default=1.5, help="arrivals per second (Poisson)")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, help="per replica (default: 1.5x the prompts)")
+    p.add_argument(
+        "--cache-fraction", type=float, default=0.6,
+        help="per replica: this share of one set of the system prompts' blocks, plus room for"
+        " the requests in flight",
+    )  # fmt: skip
+    p.add_argument("--num-blocks", type=int, help="per replica (overrides --cache-fraction)")
     p.add_argument("--port", type=int, default=8200)
     p.add_argument("--seed", type=int, default=0)
     _record.add_arguments(p)
     args = p.parse_args(argv)
-    blocks = args.num_blocks or int(1.5 * args.tenants * (args.system_tokens + 48) / 16)
+    per_prompt = -(-args.system_tokens // 16)
+    in_flight = 8 * -(-(32 + args.max_tokens) // 16)  # 8 requests' own blocks past the prompt
+    blocks = args.num_blocks or int(args.cache_fraction * args.tenants * per_prompt) + in_flight
     log = Path(tempfile.mkstemp(prefix="prefixgate-cluster-", suffix=".log")[1])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     model = ["--model", args.model] if args.model else []
@@ -134,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             proc.terminate()
             proc.wait(timeout=60)
     workload = {k: getattr(args, k) for k in ("tenants", "system_tokens", "requests", "rate",
-                                               "max_tokens")} | {"num_blocks": blocks}  # fmt: skip
+                                               "max_tokens", "cache_fraction")} | {
+        "num_blocks": blocks}  # fmt: skip
     _record.write(args, __file__, {"workload": workload, "rows": rows})
 
 

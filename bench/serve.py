@@ -5,6 +5,8 @@
     python bench/serve.py --num-requests 128 --concurrency 32 --model path/to/model
     python bench/serve.py --remote                 # the gateway drives a `prefixgate engine`
                                                    # replica process (docs/deployment.md)
+    python bench/serve.py --remote --vs-embedded   # that stack against `prefixgate serve`'s
+                                                   # embedded engine, both over HTTP
 
 The workload: `--num-requests` prompts of `--prompt-tokens` random token ids (seeded), each
 asking for a seeded number of output tokens up to `--max-tokens` (greedy, ignore_eos, so both
@@ -260,26 +262,27 @@ async def run_http(
     workload: list[Request],
     concurrency: int,
     server_pid: int | None,
+    name: str = "HTTP (gateway)",
 ) -> Run:
     processes: dict[str, int | None] = {"client": None}
     if server_pid is not None:
         processes["server"] = server_pid
     return await run_all(
-        "HTTP (gateway)", workload, concurrency, lambda r: http_request(client, model, r),
-        processes,
-    )  # fmt: skip
+        name, workload, concurrency, lambda r: http_request(client, model, r), processes
+    )
 
 
-def start_server(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], str, Path]:
-    """`prefixgate serve` (embedded engine), or with `--remote` a `prefixgate engine` replica on
+def start_server(
+    args: argparse.Namespace, remote: bool, port: int
+) -> tuple[list[subprocess.Popen[bytes]], str, Path]:
+    """`prefixgate serve` (embedded engine), or when `remote` a `prefixgate engine` replica on
     the next port and a `serve` gateway over it; returns the processes, the URL and the log."""
-    port = args.port
     log = Path(tempfile.mkstemp(prefix="prefixgate-bench-", suffix=".log")[1])
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     procs = []
     serve = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
-    if args.remote:
+    if remote:
         replica = [sys.executable, "-m", "gateway.cli", "engine", "--port", str(port + 1)]
         replica += [f for f in server_flags(args) if f != "--no-access-log"]
         procs.append(subprocess.Popen(replica, stderr=log.open("ab"), env=env))
@@ -397,20 +400,23 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
         pairs = zip(probes[0].timings, probes[1].timings, strict=True)
         added = 1000 * percentile(sorted(h.ttft - e.ttft for h, e in pairs), 50)
         out["probe_ttft_p50_added_ms"] = added
+        what = "remote path" if args.vs_embedded else "HTTP"
+        target = "1 ms" if args.vs_embedded else "2 ms"
         print(
-            f"HTTP overhead on an idle server: TTFT {added:+.1f} ms (median of the paired "
-            "differences; target < 2 ms)"
+            f"{what} overhead on an idle server: TTFT {added:+.1f} ms (median of the paired "
+            f"differences; target < {target})"
         )
     if len(load) == 2:
         http, direct = (out[r.name] for r in load)
         loss = 100 * (1 - http["output_tokens_per_s"] / direct["output_tokens_per_s"])
         ttft = http["ttft_p50_ms"] - direct["ttft_p50_ms"]
         out["overhead"] = {"throughput_loss_pct": loss, "ttft_p50_added_ms": ttft}
+        what, target = ("remote path", "3%") if args.vs_embedded else ("HTTP", "5%")
         print(
-            f"HTTP overhead under load: throughput {loss:+.1f}% lost (target < 5%), TTFT p50 "
-            f"{ttft:+.1f} ms (queueing behind other prefills: see the probe for the gateway's)"
+            f"{what} overhead under load: throughput {loss:+.1f}% lost (target < {target}), TTFT "
+            f"p50 {ttft:+.1f} ms (queueing behind other prefills: see the probe for the gateway's)"
         )
-        if "cpu_ms_per_token_server" in http:
+        if "cpu_ms_per_token_server" in http and "cpu_ms_per_token_engine" in direct:
             extra = http["cpu_ms_per_token_server"] - direct["cpu_ms_per_token_engine"]
             out["overhead"]["server_cpu_ms_per_token_added"] = extra
             print(
@@ -467,6 +473,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the HTTP mode goes through a gateway over a `prefixgate engine` replica process",
     )
+    p.add_argument(
+        "--vs-embedded",
+        action="store_true",
+        help="with --remote: compare with `prefixgate serve`'s embedded engine over HTTP (on\n"
+        "--port + 2) instead of the in-process engine (the remote path's own cost)",
+    )
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--model")
     p.add_argument("--dtype")
@@ -485,13 +497,21 @@ def merge(runs: list[Run]) -> Run:
     return Run(runs[0].name, sum(r.wall for r in runs), timings, cpu)
 
 
-async def bench(args: argparse.Namespace, url: str | None, server_pid: int | None) -> list[Run]:
+async def bench(
+    args: argparse.Namespace,
+    url: str | None,
+    server_pid: int | None,
+    baseline: tuple[str, int] | None = None,
+) -> list[Run]:
     """Alternate HTTP and engine rounds in ABBA order, so drifting machine load hits both modes
-    alike; both modes run the same fresh prompts in a round."""
-    engine = None if args.skip_engine else await build_engine(args)
+    alike; both modes run the same fresh prompts in a round. With `baseline` (the URL and pid
+    of an embedded `prefixgate serve`), the engine mode is that server over HTTP instead."""
+    engine = None if args.skip_engine or baseline else await build_engine(args)
+    base_client = StreamClient(baseline[0]) if baseline else None
     http_runs: list[Run] = []
     engine_runs: list[Run] = []
-    probes: dict[str, Run] = {"HTTP probe": Run("HTTP probe"), "engine probe": Run("engine probe")}
+    names = ("remote", "embedded") if baseline else ("HTTP", "engine")
+    probes: dict[str, Run] = {f"{n} probe": Run(f"{n} probe") for n in names}
     client = StreamClient(url or "http://127.0.0.1")
     try:
         model = ""
@@ -499,31 +519,45 @@ async def bench(args: argparse.Namespace, url: str | None, server_pid: int | Non
             listed = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
             model = args.served_model_name or listed
             warm = [Request(list(range(1000, 1000 + args.prompt_tokens)), 4)]
-            await run_all("warmup", warm, 1, lambda r: http_request(client, model, r))
+            for c in (client, base_client) if base_client is not None else (client,):
+                await run_all("warmup", warm, 1, lambda r, c=c: http_request(c, model, r))
         for i in range(args.rounds):
             workload = make_workload(args, i)
             for mode in ("HTTP", "engine") if i % 2 == 0 else ("engine", "HTTP"):
                 if mode == "HTTP" and url is not None:
-                    run = await run_http(client, model, workload, args.concurrency, server_pid)
+                    name = "HTTP (remote)" if baseline else "HTTP (gateway)"
+                    run = await run_http(
+                        client, model, workload, args.concurrency, server_pid, name
+                    )
                     http_runs.append(run)
+                elif mode == "engine" and base_client is not None and baseline is not None:
+                    engine_runs.append(
+                        await run_http(
+                            base_client, model, workload, args.concurrency, baseline[1],
+                            "HTTP (embedded)",
+                        )
+                    )  # fmt: skip
                 elif mode == "engine" and engine is not None:
                     engine_runs.append(await run_engine(engine, workload, args.concurrency))
                 else:
                     continue
                 runs = http_runs if mode == "HTTP" else engine_runs
                 print(f"round {i + 1}: {mode} {runs[-1].wall:.1f} s", file=sys.stderr)
-        if url is not None and engine is not None:
+        if url is not None and (engine is not None or base_client is not None):
             for i, req in enumerate(probe_workload(args)):  # ABBA: cancels order effects
-                for mode in ("HTTP", "engine") if i % 2 == 0 else ("engine", "HTTP"):
+                for mode in names if i % 2 == 0 else names[::-1]:
                     await asyncio.sleep(args.probe_gap_ms / 1000)  # let the machine go idle
-                    timing = await (
-                        http_request(client, model, req)
-                        if mode == "HTTP"
-                        else engine_request(engine, req)
-                    )
+                    if mode == names[0]:
+                        timing = await http_request(client, model, req)
+                    elif base_client is not None:
+                        timing = await http_request(base_client, model, req)
+                    else:
+                        timing = await engine_request(engine, req)
                     probes[f"{mode} probe"].timings.append(timing)
     finally:
         await client.aclose()
+        if base_client is not None:
+            await base_client.aclose()
         if engine is not None:
             engine.shutdown()
     runs = [merge(runs) for runs in (http_runs, engine_runs) if runs]
@@ -544,13 +578,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     procs: list[subprocess.Popen[bytes]] = []
     url = None if args.skip_http else args.url
+    if args.vs_embedded and (not args.remote or args.url or args.skip_http):
+        raise SystemExit("--vs-embedded needs --remote and the servers this starts")
+    baseline: tuple[str, int] | None = None
     if url is None and not args.skip_http:
-        procs, url, log = start_server(args)
+        procs, url, log = start_server(args, args.remote, args.port)
         print(f"server: {url} (log {log})", file=sys.stderr)
+    if args.vs_embedded:
+        base, base_url, log = start_server(args, False, args.port + 2)
+        print(f"embedded server: {base_url} (log {log})", file=sys.stderr)
+        baseline = (base_url, base[-1].pid)
     try:
         # The gateway's process: its CPU time is the one `report` shows.
-        runs = asyncio.run(bench(args, url, procs[-1].pid if procs else None))
+        runs = asyncio.run(bench(args, url, procs[-1].pid if procs else None, baseline))
     finally:
+        if baseline is not None:
+            procs += base
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(timeout=60)
@@ -559,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
         for k in (
             "url",
             "remote",
+            "vs_embedded",
             "num_requests",
             "concurrency",
             "prompt_tokens",
