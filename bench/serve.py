@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from _stats import percentile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.sampling_params import SamplingParams
+from gateway.replicas.wire import StreamClient
 from gateway.settings import Settings
 
 # Token ids drawn for prompts: a band of ordinary vocabulary (no special tokens).
@@ -163,69 +163,13 @@ async def run_all(
 # ---- HTTP -------------------------------------------------------------------------------------
 
 
-class StreamClient:
-    """The load generator's HTTP/1.1 client: keep-alive connections, chunked bodies handed over
-    as they arrive, nothing parsed that the bench does not need.
-
-    It shares the 2 cores with the server it measures, and every cycle it spends is taken from
-    the server's model threads: httpx (pure-Python h11) cost ~0.17 ms of CPU per streamed token.
-    """
-
-    def __init__(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def post_stream(self, path: str, payload: bytes) -> AsyncIterator[bytes]:
-        """POST `payload` (JSON) and yield the response body's pieces; raises on a non-200."""
-        request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n"
-        ).encode() + payload
-        for attempt in (0, 1):  # a kept-alive connection the server has closed: one retry
-            fresh = not self.idle
-            reader, writer = (
-                self.idle.pop()
-                if self.idle
-                else await asyncio.open_connection(self.host, self.port)
-            )
-            try:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                break
-            except (asyncio.IncompleteReadError, ConnectionError):
-                writer.close()
-                if fresh or attempt:
-                    raise
-                await self.aclose()  # idle past the server's keep-alive: all of them
-        done = False
-        try:
-            lower = head.lower()
-            status = int(head.split(b" ", 2)[1])
-            if b"transfer-encoding: chunked" not in lower:
-                length = int(lower.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
-                body = await reader.readexactly(length)
-                if status != 200:
-                    raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
-                yield body
-            else:
-                while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                    data = await reader.readexactly(size + 2)
-                    if status != 200:
-                        raise RuntimeError(f"HTTP {status}: {data[:300]!r}")
-                    yield data[:-2]
-                await reader.readuntil(b"\r\n")  # the (empty) trailer
-            done = b"connection: close" not in lower
-        finally:
-            if done:
-                self.idle.append((reader, writer))
-            else:
-                writer.close()
-
-    async def aclose(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
+async def post_stream(client: StreamClient, path: str, payload: bytes) -> AsyncIterator[bytes]:
+    """POST `payload` (JSON) and yield the response body's pieces; raises on a non-200."""
+    async with client.post(path, payload) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:300]!r}")
+        async for data in response.chunks():
+            yield data
 
 
 async def http_request(client: StreamClient, model: str, req: Request) -> Timing:
@@ -240,7 +184,7 @@ async def http_request(client: StreamClient, model: str, req: Request) -> Timing
     itls: list[float] = []
     tokens = 0
     buffer = b""
-    async for data in client.post_stream("/v1/completions", json.dumps(body).encode()):
+    async for data in post_stream(client, "/v1/completions", json.dumps(body).encode()):
         now = time.perf_counter()
         *events, buffer = (buffer + data).split(b"\n\n")
         for event in events:
@@ -261,12 +205,11 @@ async def run_http(
     model: str,
     workload: list[Request],
     concurrency: int,
-    server_pid: int | None,
+    pids: dict[str, int],
     name: str = "HTTP (gateway)",
 ) -> Run:
-    processes: dict[str, int | None] = {"client": None}
-    if server_pid is not None:
-        processes["server"] = server_pid
+    """`pids`: the server's processes whose CPU time is counted (gateway, replica)."""
+    processes: dict[str, int | None] = {"client": None, **pids}
     return await run_all(
         name, workload, concurrency, lambda r: http_request(client, model, r), processes
     )
@@ -416,6 +359,15 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
             f"{what} overhead under load: throughput {loss:+.1f}% lost (target < {target}), TTFT "
             f"p50 {ttft:+.1f} ms (queueing behind other prefills: see the probe for the gateway's)"
         )
+        if "cpu_ms_per_token_replica" in http and "cpu_ms_per_token_server" in direct:
+            remote = http["cpu_ms_per_token_server"] + http["cpu_ms_per_token_replica"]
+            extra = remote - direct["cpu_ms_per_token_server"]
+            out["overhead"]["server_cpu_ms_per_token_added"] = extra
+            print(
+                f"CPU per output token: gateway {http['cpu_ms_per_token_server']:.2f} ms + replica "
+                f"{http['cpu_ms_per_token_replica']:.2f} ms, embedded "
+                f"{direct['cpu_ms_per_token_server']:.2f} ms: the remote path adds {extra:+.2f} ms"
+            )
         if "cpu_ms_per_token_server" in http and "cpu_ms_per_token_engine" in direct:
             extra = http["cpu_ms_per_token_server"] - direct["cpu_ms_per_token_engine"]
             out["overhead"]["server_cpu_ms_per_token_added"] = extra
@@ -500,7 +452,7 @@ def merge(runs: list[Run]) -> Run:
 async def bench(
     args: argparse.Namespace,
     url: str | None,
-    server_pid: int | None,
+    pids: dict[str, int],
     baseline: tuple[str, int] | None = None,
 ) -> list[Run]:
     """Alternate HTTP and engine rounds in ABBA order, so drifting machine load hits both modes
@@ -526,14 +478,13 @@ async def bench(
             for mode in ("HTTP", "engine") if i % 2 == 0 else ("engine", "HTTP"):
                 if mode == "HTTP" and url is not None:
                     name = "HTTP (remote)" if baseline else "HTTP (gateway)"
-                    run = await run_http(
-                        client, model, workload, args.concurrency, server_pid, name
-                    )
+                    run = await run_http(client, model, workload, args.concurrency, pids, name)
                     http_runs.append(run)
                 elif mode == "engine" and base_client is not None and baseline is not None:
                     engine_runs.append(
                         await run_http(
-                            base_client, model, workload, args.concurrency, baseline[1],
+                            base_client, model, workload, args.concurrency,
+                            {"server": baseline[1]},
                             "HTTP (embedded)",
                         )
                     )  # fmt: skip
@@ -555,9 +506,9 @@ async def bench(
                         timing = await engine_request(engine, req)
                     probes[f"{mode} probe"].timings.append(timing)
     finally:
-        await client.aclose()
+        client.close()
         if base_client is not None:
-            await base_client.aclose()
+            base_client.close()
         if engine is not None:
             engine.shutdown()
     runs = [merge(runs) for runs in (http_runs, engine_runs) if runs]
@@ -589,8 +540,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"embedded server: {base_url} (log {log})", file=sys.stderr)
         baseline = (base_url, base[-1].pid)
     try:
-        # The gateway's process: its CPU time is the one `report` shows.
-        runs = asyncio.run(bench(args, url, procs[-1].pid if procs else None, baseline))
+        # The gateway's process (and a remote one's replica): their CPU time `report` shows.
+        pids = {"server": procs[-1].pid} if procs else {}
+        if args.remote and len(procs) > 1:
+            pids["replica"] = procs[0].pid
+        runs = asyncio.run(bench(args, url, pids, baseline))
     finally:
         if baseline is not None:
             procs += base

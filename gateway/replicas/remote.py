@@ -35,6 +35,7 @@ from engine.sampling_params import SamplingParams
 from engine.service import protocol
 from engine.service.protocol import ReplicaInfo, ReplicaStats
 from engine.validation import validate_request
+from gateway.replicas.wire import StreamClient
 
 logger = logging.getLogger("prefixgate.replicas")
 
@@ -55,9 +56,6 @@ class Timeouts:
 
     def call(self, total: float | None = None) -> httpx.Timeout:
         return httpx.Timeout(total or self.call_s, connect=self.connect_s)
-
-    def stream(self) -> httpx.Timeout:
-        return httpx.Timeout(None, connect=self.connect_s, write=self.call_s, pool=self.call_s)
 
 
 class RemoteStream(DeltaStream):
@@ -82,32 +80,28 @@ class RemoteStream(DeltaStream):
     async def _receive(self, body: bytes) -> None:
         engine = self._engine
         try:
-            async with engine.http.stream(
-                "POST",
-                protocol.ADD,
-                content=body,
-                headers={"content-type": "application/json"},
-                timeout=engine.timeouts.stream(),
-            ) as response:
-                if response.status_code != 200:
-                    self._put_now(protocol.decode_error(_loads(await response.aread())))
+            async with engine.wire.post(protocol.ADD, body) as response:
+                if response.status != 200:
+                    self._put_now(protocol.decode_error(_loads(await response.read())))
                     return
-                async for line in response.aiter_lines():
-                    if self._on_line(line):
-                        return
-            self._put_now(ReplicaLostError(f"replica {engine.replica_id} ended a stream early"))
-        except httpx.HTTPError as exc:
-            if isinstance(exc, _BROKEN):
-                engine.out_of_rotation(f"a stream's connection failed: {exc!r}")
+                over = False
+                async for line in response.lines():  # to its end: the connection is reused
+                    over = over or self._on_line(line)
+            if not over:
+                self._put_now(ReplicaLostError(f"replica {engine.replica_id} ended a stream early"))
+        except TimeoutError as exc:  # no connection in time: nothing was sent
+            self._put_now(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
+        except (OSError, asyncio.IncompleteReadError) as exc:  # refused, reset, cut short
+            engine.out_of_rotation(f"a stream's connection failed: {exc!r}")
             self._put_now(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
         finally:
             engine.streams.pop(self.request_id, None)
 
-    def _on_line(self, line: str) -> bool:
+    def _on_line(self, line: bytes) -> bool:
         """Handle one line; True when the stream is over."""
         if not line:
             return False
-        if line.startswith('{"error"'):
+        if line.startswith(b'{"error"'):
             self._put_now(protocol.decode_error(_loads(line)))
             return True
         delta = protocol.DELTA.validate_json(line)
@@ -134,7 +128,8 @@ class RemoteEngine:
         self.max_model_len = info.max_model_len
         self.block_size = info.block_size
         self.timeouts = timeouts or Timeouts()
-        self.http = _client(self.url, self.timeouts)
+        self.http = _client(self.url, self.timeouts)  # control calls
+        self.wire = StreamClient(self.url, self.timeouts.connect_s)  # streams
         self.streams: dict[str, RemoteStream] = {}
         self.last_stats: ReplicaStats = ReplicaStats(0, 0, 0, 0, 0.0, 0, 0, 0)
         self.last_seen = time.monotonic()
@@ -170,6 +165,7 @@ class RemoteEngine:
             self._probe.cancel()
             self._probe = None
         self.fail_streams(EngineDeadError("the gateway is shutting down"))
+        self.wire.close()
         self._spawn(self.http.aclose())
 
     async def aclose(self) -> None:
@@ -308,9 +304,6 @@ class RemoteEngine:
         task.add_done_callback(self._background.discard)
 
 
-# A stream failing so says the replica is not there (refused, reset, closed mid-answer); a
-# timeout or a full connection pool does not.
-_BROKEN = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 _TOKENIZER_LOCK = threading.Lock()
 
 

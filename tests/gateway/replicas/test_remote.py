@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,6 +63,16 @@ async def test_a_request_streams_back_with_its_arguments(
     request_id, sent_prompt, sent_params, tenant, namespace = fake.requests[-1]
     assert (request_id, sent_prompt, tenant, namespace) == ("r1", prompt, "acme", "ns-acme")
     assert sent_params == params
+
+
+async def test_finished_streams_hand_their_connection_to_the_next(remote: RemoteEngine) -> None:
+    params = SamplingParams(max_tokens=3, temperature=0)
+    for _ in range(3):
+        stream = remote.add_request([5, 6, 7], params)
+        assert len(await collect(stream)) == 3
+        await asyncio.sleep(0)  # the receiving task reads the body's end
+        await asyncio.sleep(0.01)
+        assert len(remote.wire._idle) == 1  # read to its end and kept: one connection for all
 
 
 async def test_engine_errors_cross_as_the_same_classes(
