@@ -81,9 +81,27 @@ class DeltaStream:
         self._loop = asyncio.get_running_loop()
         self._items: deque[RequestDelta | BaseException] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[RequestDelta | BaseException], None] | None = None
         self.finished = False
 
+    def push_to(self, sink: Callable[[RequestDelta | BaseException], None]) -> None:
+        """Hand each item to `sink` as it arrives (event loop thread), the last one a finished
+        delta or an error, instead of iterating: a replica multiplexing many requests' deltas
+        onto one connection (`engine.service.app`) does so without a task per request."""
+        self._sink = sink
+        while self._items:
+            self._deliver(self._items.popleft())
+
+    def _deliver(self, item: RequestDelta | BaseException) -> None:
+        if isinstance(item, BaseException) or item.finished:
+            self.finished = True
+        assert self._sink is not None
+        self._sink(item)
+
     def _put_now(self, item: RequestDelta | BaseException) -> None:  # event loop thread
+        if self._sink is not None:
+            self._deliver(item)
+            return
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():

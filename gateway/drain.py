@@ -47,6 +47,11 @@ class Drain:
         self.deadline: float | None = None  # set once, by `start`
         self._clock = clock
 
+    def hold(self, n: int) -> None:
+        """Count `n` more (or, negative, fewer) in flight: work that outlives the HTTP request
+        that started it (a replica's generations, whose deltas go to a channel)."""
+        self.in_flight += n
+
     @property
     def draining(self) -> bool:
         return self.deadline is not None

@@ -6,9 +6,11 @@ The engine is anything with the gateway's `EngineClient` shape (the in-process `
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from engine.errors import InvalidRequestError
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.service import protocol
 from engine.service.protocol import KwargsCodec, ReplicaInfo
 
@@ -36,9 +38,12 @@ class EngineService:
         replica_id: str,
         model_name: str | None = None,
         draining: Callable[[], bool] = lambda: False,
+        track: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.engine = engine
         self.draining = draining
+        self.track = track
+        self.channels: dict[str, Channel] = {}
         self.info = ReplicaInfo(
             replica_id=replica_id,
             model_name=model_name or engine.model_name,
@@ -53,6 +58,7 @@ class EngineService:
 
     def routes(self) -> list[Route]:
         return [
+            Route(protocol.CHANNEL, self.channel, methods=["POST"]),
             Route(protocol.ADD, self.add, methods=["POST"]),
             Route(protocol.ABORT, self.abort, methods=["POST"]),
             Route(protocol.WARM, self.warm, methods=["POST"]),
@@ -65,9 +71,17 @@ class EngineService:
             Route("/ready", self.health, methods=["GET"]),
         ]
 
+    async def channel(self, request: Request) -> Response:
+        channel = Channel(self.track)
+        self.channels[channel.id] = channel
+        return ChannelResponse(channel, lambda: self.channels.pop(channel.id, None))
+
     async def add(self, request: Request) -> Response:
         try:
             body = await _json(request)
+            channel = self.channels.get(str(body.get("channel")))
+            if channel is None:
+                raise EngineDeadError(f"no channel {body.get('channel')!r} on this replica")
             params = protocol.PARAMS.validate_python(body["params"])
             prompt = [int(t) for t in body["prompt_token_ids"]]
             kwargs = self.add_kwargs.decode(body.get("kwargs") or {})
@@ -78,7 +92,8 @@ class EngineService:
             )
         except Exception as exc:
             return error_response(exc)
-        return DeltaStreamResponse(stream)
+        channel.attach(stream)
+        return _ok({})
 
     async def abort(self, request: Request) -> Response:
         self.engine.abort(request.path_params["request_id"])
@@ -144,12 +159,14 @@ def create_engine_app(
     background: Callable[[EngineService], contextlib.AbstractAsyncContextManager[None]]
     | None = None,
     draining: Callable[[], bool] = lambda: False,
+    track: Callable[[int], None] = lambda n: None,
 ) -> Starlette:
     """The replica's Starlette app. `background(service)` runs for the app's lifetime (the
     Redis heartbeat and KV events: `engine.service.discovery`). `model_name` is the name
     gateways serve it under (default: the engine's); `draining()` says whether it is shutting
-    down (its stats tell gateways so)."""
-    service = EngineService(engine, replica_id, model_name, draining)
+    down (its stats tell gateways so); `track(+1 / -1)` counts the generations running (a
+    drain waits for them: their HTTP requests returned when they started)."""
+    service = EngineService(engine, replica_id, model_name, draining, track)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -164,13 +181,66 @@ def create_engine_app(
     return app
 
 
-class DeltaStreamResponse(Response):
-    """One JSON line per `RequestDelta` (an error line if the engine fails mid-stream); the
-    client going away aborts the request at once, not at its next token."""
+class Channel:
+    """The deltas of the requests a gateway added with this channel, every request's line of an
+    engine step written together (one write per step, not one per request and token).
 
-    def __init__(self, stream: Any) -> None:
+    Args:
+        track: called with +1 when a request is attached, -1 when it ends or is aborted.
+    """
+
+    def __init__(self, track: Callable[[int], None]) -> None:
+        self.id = uuid.uuid4().hex
+        self.track = track
+        self.streams: dict[str, Any] = {}
+        self._lines: list[bytes] = []
+        self._ready = asyncio.Event()
+
+    def attach(self, stream: Any) -> None:
+        """Send `stream`'s deltas (or its error) on this channel from now on."""
+        request_id = stream.request_id
+        self.streams[request_id] = stream
+        self.track(1)
+
+        def sink(item: Any) -> None:
+            if isinstance(item, BaseException):
+                line = protocol.encode(protocol.error_body(item) | {"request_id": request_id})
+            else:
+                line = protocol.encode(item)
+            if (isinstance(item, BaseException) or item.finished) and self.streams.pop(
+                request_id, None
+            ):
+                self.track(-1)
+            self._lines.append(line)
+            self._ready.set()
+
+        stream.push_to(sink)
+
+    async def pump(self, send: Send) -> None:
+        """Write what has arrived, whenever something has (until cancelled)."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            lines, self._lines = self._lines, []
+            lines.append(b"")
+            await send({"type": "http.response.body", "body": b"\n".join(lines), "more_body": True})
+
+    async def close(self) -> None:
+        """Abort every request still running (the gateway went away)."""
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            await stream.aclose()
+            self.track(-1)
+
+
+class ChannelResponse(Response):
+    """A channel's lines: first `{"channel": id}`, then its requests' deltas. The gateway
+    closing the connection aborts every request still running on it, at once."""
+
+    def __init__(self, channel: Channel, forget: Callable[[], object]) -> None:
         super().__init__(status_code=200, media_type=NDJSON.decode())
-        self.stream = stream
+        self.channel = channel
+        self.forget = forget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", NDJSON)]
@@ -184,23 +254,14 @@ class DeltaStreamResponse(Response):
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch)
-                with contextlib.suppress(OSError):  # the client left: aborted below
-                    await self._pump(send)
-                tg.cancel_scope.cancel()
+                with contextlib.suppress(OSError):  # the gateway left: aborted below
+                    first = protocol.encode({"channel": self.channel.id}) + b"\n"
+                    await send({"type": "http.response.body", "body": first, "more_body": True})
+                    await self.channel.pump(send)
         finally:
+            self.forget()
             with anyio.CancelScope(shield=True):
-                await self.stream.aclose()
-
-    async def _pump(self, send: Send) -> None:
-        try:
-            async for delta in self.stream:
-                line = protocol.encode(delta) + b"\n"
-                await send({"type": "http.response.body", "body": line, "more_body": True})
-        except Exception as exc:
-            line = protocol.encode(protocol.error_body(exc)) + b"\n"
-            await send({"type": "http.response.body", "body": line, "more_body": False})
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self.channel.close()
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, str]:

@@ -1,14 +1,19 @@
 """The wire protocol between a gateway and an engine replica (`prefixgate engine`).
 
-HTTP/1.1 with JSON bodies; a request's deltas stream back as one JSON line each (NDJSON) on a
-chunked response, so the transport is the one the gateway already runs (uvicorn, httpx) and
-docs/deployment.md says why (measured against the embedded engine).
+HTTP/1.1 with JSON bodies. A gateway opens one channel per replica, a chunked response that
+carries the deltas of all the requests it adds there, one JSON line each (NDJSON), every line of
+an engine step in one write: per streamed token the replica wakes no task and makes no write of
+its own, and the gateway reads one socket. docs/deployment.md says why this transport
+(measured against the embedded engine).
 
 ```
-POST /engine/requests              {"prompt_token_ids", "params", "request_id", "kwargs"}
-                                   -> 200, then one line per RequestDelta, or an error line;
-                                      an error found before the first delta is a 4xx/503 body.
-                                      Closing the connection aborts the request.
+POST /engine/channels              -> 200, then NDJSON: {"channel": id}, then one line per
+                                      RequestDelta of the requests added with this channel,
+                                      or {"error": {...}, "request_id"} ending one of them.
+                                      Closing the connection aborts all of its requests.
+POST /engine/requests              {"prompt_token_ids", "params", "request_id", "kwargs",
+                                    "channel"} -> 200 {} (its deltas go to the channel), or
+                                      an error found before it started: a 4xx/503 body.
 POST /engine/requests/{id}/abort   -> 204 (idempotent)
 POST /engine/prefixes/warm         {"token_ids", "kwargs"} -> PrefixState
 POST /engine/prefixes/unpin        {"key"} -> {"ok": bool}
@@ -49,6 +54,7 @@ from engine.fairness import TenantStats
 from engine.outputs import PrefixState, RequestDelta
 from engine.sampling_params import SamplingParams
 
+CHANNEL = "/engine/channels"
 ADD = "/engine/requests"
 ABORT = "/engine/requests/{request_id}/abort"
 WARM = "/engine/prefixes/warm"
@@ -165,7 +171,7 @@ def is_engine_error(exc: BaseException) -> bool:
     return isinstance(exc, _ERRORS)
 
 
-def error_body(exc: Exception) -> dict[str, Any]:
+def error_body(exc: BaseException) -> dict[str, Any]:
     """`{"error": {...}}` for an engine error (anything else crosses as EngineDeadError)."""
     name = next((cls.__name__ for cls in _ERRORS if isinstance(exc, cls)), "EngineDeadError")
     fields: dict[str, Any] = {"type": name, "message": getattr(exc, "message", str(exc))}

@@ -59,12 +59,14 @@ class Timeouts:
 
 
 class RemoteStream(DeltaStream):
-    """Async iterator over one remote request's deltas (the `RequestStream` protocol)."""
+    """Async iterator over one remote request's deltas (the `RequestStream` protocol): added with
+    a POST, its deltas arrive on its replica's channel (`RemoteEngine`)."""
 
-    def __init__(self, engine: RemoteEngine, request_id: str, body: bytes) -> None:
+    def __init__(self, engine: RemoteEngine, request_id: str, fields: dict[str, Any]) -> None:
         super().__init__(request_id)
         self._engine = engine
-        self._task = self._loop.create_task(self._receive(body))
+        self._posted = False
+        self._task = self._loop.create_task(self._add(fields))
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with `exc` (its replica is lost)."""
@@ -75,38 +77,36 @@ class RemoteStream(DeltaStream):
         if self.finished:
             return
         self.finished = True
-        self._task.cancel()  # closes the connection: the replica aborts at once
+        self._engine.streams.pop(self.request_id, None)
+        if not self._posted:
+            self._task.cancel()  # nothing sent yet
+        elif self._task.done():
+            self._engine.abort(self.request_id)
+        # else: `_add` aborts it once its POST is answered (an abort sent now could overtake it)
 
-    async def _receive(self, body: bytes) -> None:
+    async def _add(self, fields: dict[str, Any]) -> None:
         engine = self._engine
         try:
+            channel = await engine.channel()
+            self._posted = True
+            body = protocol.encode(fields | {"channel": channel})
             async with engine.wire.post(protocol.ADD, body) as response:
-                if response.status != 200:
-                    self._put_now(protocol.decode_error(_loads(await response.read())))
-                    return
-                over = False
-                async for line in response.lines():  # to its end: the connection is reused
-                    over = over or self._on_line(line)
-            if not over:
-                self._put_now(ReplicaLostError(f"replica {engine.replica_id} ended a stream early"))
+                answer = await response.read()
+            if response.status != 200:
+                self._end(protocol.decode_error(_loads(answer)))
+            elif self.finished:
+                engine.abort(self.request_id)  # aborted while the POST was in flight
+        except ReplicaLostError as exc:  # its channel could not open
+            self._end(exc)
         except TimeoutError as exc:  # no connection in time: nothing was sent
-            self._put_now(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
+            self._end(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
         except (OSError, asyncio.IncompleteReadError) as exc:  # refused, reset, cut short
-            engine.out_of_rotation(f"a stream's connection failed: {exc!r}")
-            self._put_now(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
-        finally:
-            engine.streams.pop(self.request_id, None)
+            engine.out_of_rotation(f"a request's connection failed: {exc!r}")
+            self._end(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
 
-    def _on_line(self, line: bytes) -> bool:
-        """Handle one line; True when the stream is over."""
-        if not line:
-            return False
-        if line.startswith(b'{"error"'):
-            self._put_now(protocol.decode_error(_loads(line)))
-            return True
-        delta = protocol.DELTA.validate_json(line)
-        self._put_now(delta)
-        return delta.finished
+    def _end(self, exc: BaseException) -> None:
+        self._engine.streams.pop(self.request_id, None)
+        self._put_now(exc)
 
 
 class RemoteEngine:
@@ -135,6 +135,8 @@ class RemoteEngine:
         self.last_seen = time.monotonic()
         self.lost: BaseException | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._channel: asyncio.Task[None] | None = None
+        self._channel_id: asyncio.Future[str] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     @classmethod
@@ -165,12 +167,17 @@ class RemoteEngine:
             self._probe.cancel()
             self._probe = None
         self.fail_streams(EngineDeadError("the gateway is shutting down"))
+        self._close_channel()
         self.wire.close()
         self._spawn(self.http.aclose())
 
     async def aclose(self) -> None:
+        """`shutdown`, and wait for the channel's connection to close."""
+        channel = self._channel
         self.shutdown()
         await self.http.aclose()
+        if channel is not None:
+            await asyncio.wait([channel])
 
     def fail_streams(self, exc: BaseException) -> None:
         """End every stream open on this replica with `exc`."""
@@ -185,6 +192,7 @@ class RemoteEngine:
                                        "reason": reason}))  # fmt: skip
         self.lost = ReplicaLostError(f"replica {self.replica_id} lost: {reason}")
         self.fail_streams(self.lost)
+        self._close_channel()
 
     def out_of_rotation(self, reason: str) -> None:
         """A connection to the replica was refused or broke: no new requests until it answers
@@ -222,17 +230,79 @@ class RemoteEngine:
             shared_blocks=kwargs.get("shared_blocks", 0),
         )
         request_id = request_id or f"req-{uuid.uuid4().hex}"
-        body = protocol.encode(
-            {
-                "prompt_token_ids": prompt_token_ids,
-                "params": params,
-                "request_id": request_id,
-                "kwargs": kwargs,
-            }
-        )
-        stream = RemoteStream(self, request_id, body)
+        fields = {
+            "prompt_token_ids": prompt_token_ids,
+            "params": params,
+            "request_id": request_id,
+            "kwargs": kwargs,
+        }
+        stream = RemoteStream(self, request_id, fields)
         self.streams[request_id] = stream
         return stream
+
+    # ---- the channel ----------------------------------------------------------------------------
+    async def channel(self) -> str:
+        """The id of this gateway's channel on the replica, opened if none is.
+
+        Raises:
+            ReplicaLostError: it could not be opened.
+        """
+        if self._channel is None or self._channel.done():
+            self._channel_id = asyncio.get_running_loop().create_future()
+            self._channel = asyncio.get_running_loop().create_task(
+                self._run_channel(self._channel_id)
+            )
+        assert self._channel_id is not None
+        return await asyncio.shield(self._channel_id)
+
+    async def _run_channel(self, opened: asyncio.Future[str]) -> None:
+        """Read the channel: its id, then every delta, each handed to its stream. Its end, for
+        whatever reason, ends every stream still open on this replica."""
+        reason = "it closed the channel"
+        try:
+            async with self.wire.post(protocol.CHANNEL, b"{}") as response:
+                if response.status != 200:
+                    raise protocol.decode_error(_loads(await response.read()))
+                async for line in response.lines():
+                    if opened.done():
+                        self._on_line(line)
+                    elif line:
+                        opened.set_result(str(_loads(line)["channel"]))
+        except TimeoutError as exc:
+            reason = repr(exc)
+        except (OSError, asyncio.IncompleteReadError) as exc:  # refused, reset, cut short
+            reason = repr(exc)
+            self.out_of_rotation(f"its channel's connection failed: {reason}")
+        except (Exception, asyncio.CancelledError) as exc:
+            reason = repr(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            lost = ReplicaLostError(f"replica {self.replica_id} lost: {reason}")
+            if not opened.done():
+                opened.set_exception(lost)
+                opened.exception()  # retrieved: no warning when no request waited for it
+            if self._channel_id is opened:
+                self.fail_streams(lost)
+
+    def _on_line(self, line: bytes) -> None:
+        if not line:
+            return
+        if line.startswith(b'{"error"'):
+            body = _loads(line)
+            stream = self.streams.pop(str(body.get("request_id")), None)
+            if stream is not None:
+                stream._put_now(protocol.decode_error(body))
+            return
+        delta = protocol.DELTA.validate_json(line)
+        stream = (self.streams.pop if delta.finished else self.streams.get)(delta.request_id, None)
+        if stream is not None:
+            stream._put_now(delta)
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.cancel()
+            self._channel = None
 
     async def compile_grammar(self, spec: GrammarSpec) -> None:
         """Check the grammar here (`check_grammar`); the replica compiles it, once."""

@@ -77,6 +77,7 @@ def serve_engine(settings: Settings) -> int:
         model_name=settings.model_name(),
         background=registered if settings.discovery else None,
         draining=lambda: drain.draining,
+        track=drain.hold,
     )
     line = {"event": "replica_ready", "replica": replica_id, "url": url,
             "discovery": settings.discovery, "model": settings.model_name()}  # fmt: skip

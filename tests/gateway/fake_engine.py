@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from engine.async_engine import DeltaStream
 from engine.block_manager import PUBLIC_NAMESPACE
 from engine.errors import (
     ContextLengthError,
@@ -126,30 +127,17 @@ class _Choice:
         self.finish_reason: str | None = None
 
 
-class FakeStream:
+class FakeStream(DeltaStream):
+    """The in-process stream's iterator and push mode (`DeltaStream`), fed by the fake engine."""
+
     def __init__(self, engine: FakeEngine, request_id: str) -> None:
-        self.request_id = request_id
+        super().__init__(request_id)
         self._engine = engine
-        self.queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
-        self.done = False
 
-    def __aiter__(self) -> FakeStream:
-        return self
-
-    async def __anext__(self) -> RequestDelta:
-        if self.done:
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            self.done = True
-            raise item
-        self.done = item.finished
-        return item
-
-    async def aclose(self) -> None:
-        if not self.done:
+    def _abort(self) -> None:
+        if not self.finished:
+            self.finished = True
             self._engine.abort(self.request_id)
-            self.done = True
 
 
 class FakeEngine:
@@ -250,7 +238,7 @@ class FakeEngine:
         stream = self._streams.pop(request_id)
         n = self._n.pop(request_id, 1)
         deltas = [Delta(i, "", [], None, "abort") for i in range(n)]
-        stream.queue.put_nowait(RequestDelta(request_id, deltas, True, 0, 0, 0))
+        stream._put_now(RequestDelta(request_id, deltas, True, 0, 0, 0))
 
     def stats(self) -> ReplicaStats:
         self._expire_pins()
@@ -381,7 +369,7 @@ class FakeEngine:
             if self.fail_after is not None and step >= self.fail_after:
                 self._finish(request_id)
                 self.dead = True
-                stream.queue.put_nowait(EngineDeadError("fake engine died"))
+                stream._put_now(EngineDeadError("fake engine died"))
                 return
             live = [c for c in choices if c.finish_reason is None]
             deltas = [self._step(c, params, max_tokens, max_stop) for c in live]
@@ -391,9 +379,7 @@ class FakeEngine:
             finished = all(c.finish_reason is not None for c in choices)
             if finished:
                 self._finish(request_id)
-            stream.queue.put_nowait(
-                RequestDelta(request_id, deltas, finished, len(prompt), total, cached)
-            )
+            stream._put_now(RequestDelta(request_id, deltas, finished, len(prompt), total, cached))
             if finished:
                 return
 

@@ -20,11 +20,12 @@ from engine.errors import (
 )
 from engine.grammar import GrammarSpec
 from engine.sampling_params import SamplingParams
+from engine.service.app import create_engine_app
 from engine.structured import Grammars
 from gateway.app import create_app
 from gateway.replicas.pool import ReplicaPool
 from gateway.replicas.remote import RemoteEngine, ReplicaLostError
-from tests.gateway.conftest import make_settings
+from tests.gateway.conftest import make_settings, running_server
 from tests.gateway.fake_engine import FakeEngine
 from tests.gateway.replicas.helpers import serve_remote, serve_replica
 
@@ -117,6 +118,52 @@ async def test_closing_a_stream_aborts_it_on_the_replica(
     while fake.stats().num_running:  # the replica sees the connection close
         await remote.fetch_stats()
     assert fake.aborted == [stream.request_id]
+
+
+async def test_a_stream_closed_before_or_while_it_is_added(
+    remote: RemoteEngine, fake: FakeEngine
+) -> None:
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+    early = remote.add_request([5, 6], params)
+    await early.aclose()  # before its POST: never sent
+    racing = remote.add_request([5, 7], params)
+    while not racing._posted:
+        await asyncio.sleep(0)
+    await racing.aclose()  # its POST in flight: aborted once it is answered
+    while racing.request_id not in fake.aborted:
+        await asyncio.sleep(0.01)
+    assert [r[0] for r in fake.requests] == [racing.request_id]
+    assert fake.stats().num_running == 0 and not remote.streams
+
+
+async def test_a_gateway_leaving_aborts_every_request_of_its_channel(
+    remote: RemoteEngine, fake: FakeEngine
+) -> None:
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+    streams = [remote.add_request([5, i], params) for i in range(2)]  # the fake runs 2
+    for stream in streams:
+        await stream.__anext__()
+    remote.shutdown()  # the channel's connection closes
+    while fake.stats().num_running:
+        await asyncio.sleep(0.01)
+    assert sorted(fake.aborted) == sorted(s.request_id for s in streams)
+
+
+async def test_a_replica_counts_its_channels_generations_for_its_drain(fake: FakeEngine) -> None:
+    held: list[int] = []
+    app = create_engine_app(fake, replica_id="r0", track=held.append)
+    with running_server(app) as url:
+        remote = await RemoteEngine.connect(url, tokenizer=fake.tokenizer)
+        params = SamplingParams(max_tokens=400, ignore_eos=True)
+        long = remote.add_request([5, 6], params)
+        short = remote.add_request([5, 7], SamplingParams(max_tokens=2))
+        await long.__anext__()
+        await collect(short)
+        assert sum(held) == 1  # the finished one let go, the running one holds the drain
+        await remote.aclose()
+        while sum(held):
+            await asyncio.sleep(0.01)
+        assert held.count(1) == 2 and held.count(-1) == 2
 
 
 async def test_a_lost_replica_ends_its_streams_and_refuses_new_ones(
