@@ -231,6 +231,8 @@ def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[
         cmd.append("--no-prefix-caching")
     if args.scheduling_policy:
         cmd += ["--scheduling-policy", args.scheduling_policy]
+    if args.max_batched_tokens:
+        cmd += ["--max-batched-tokens", str(args.max_batched_tokens)]
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -296,6 +298,12 @@ def main() -> None:
         choices=("fcfs", "priority", "fair"),
         help="of started servers (default: the server's, fcfs); under fcfs a registered\n"
         "tenant's short request queues behind the flood's prompts whatever it has cached",
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        help="of started servers (default: the server's, 2048): a smaller step budget splits the\n"
+        "flood's prefills into shorter steps that a cached request's few tokens ride in",
     )
     _record.add_arguments(p)
     args = p.parse_args()
