@@ -233,6 +233,8 @@ def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[
         cmd += ["--scheduling-policy", args.scheduling_policy]
     if args.max_batched_tokens:
         cmd += ["--max-batched-tokens", str(args.max_batched_tokens)]
+    if args.long_prefill_tokens:
+        cmd += ["--long-prefill-tokens", str(args.long_prefill_tokens)]
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -304,6 +306,12 @@ def main() -> None:
         type=int,
         help="of started servers (default: the server's, 2048): a smaller step budget splits the\n"
         "flood's prefills into shorter steps that a cached request's few tokens ride in",
+    )
+    p.add_argument(
+        "--long-prefill-tokens",
+        type=int,
+        help="of started servers (default: the server's, no cap): while requests wait, a flood\n"
+        "prompt being computed takes at most this many tokens of a step",
     )
     _record.add_arguments(p)
     args = p.parse_args()

@@ -83,6 +83,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="compute every prompt in full (no shared KV blocks, no pins)")  # fmt: skip
     add("--max-num-seqs", type=int, help="running sequences at most (default 64)")
     add("--max-batched-tokens", type=int, help="tokens per engine step (default 2048)")
+    add(
+        "--long-prefill-tokens",
+        type=int,
+        help="while requests wait, tokens per step of a prompt being computed (default 0: no cap)",
+    )
     add("--max-model-len", type=int, help="context length (default: the model's)")
     add("--max-queue", type=int, help="waiting requests before 503 (default 1024)")
     add(

@@ -78,6 +78,14 @@ class Settings(EngineEnv):
     max_batched_tokens: int = Field(
         default=2048, ge=1, description="tokens computed per engine step"
     )
+    long_prefill_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="while requests wait, a prompt already being computed takes at most this "
+        "many tokens of a step and the rest admits them, so a short or cached request starts "
+        "within a step instead of behind a long prompt's every chunk (vLLM's "
+        "`long_prefill_token_threshold`); 0: no cap",
+    )
     max_model_len: int | None = Field(
         default=None, ge=1, description="context length; unset: the model's"
     )
@@ -267,6 +275,7 @@ class Settings(EngineEnv):
                 scheduler=SchedulerConfig(
                     max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_batched_tokens,
+                    long_prefill_tokens=self.long_prefill_tokens,
                     max_model_len=self.max_model_len,
                     max_waiting=self.max_queue,
                     policy=self.scheduling_policy,

@@ -260,3 +260,29 @@ def test_the_step_budget_is_spent_to_its_last_token_and_no_further() -> None:
     assert len(out.samples) == 3
     idle = make()
     assert idle.schedule().empty
+
+
+def test_a_long_prefill_leaves_room_for_the_waiting_only_while_they_wait() -> None:
+    """`long_prefill_tokens`: a prompt being computed takes at most the cap while others wait,
+    and the rest of the step admits them; with nobody waiting it takes the whole budget."""
+    s = make(num_blocks=64, max_num_batched_tokens=16, long_prefill_tokens=6)
+    s.add_request(request("long", 60))
+    out = s.schedule()
+    assert [len(x.token_ids) for x in out.seqs] == [16]  # nobody waits: the whole budget
+    s.add_request(request("short", 3, first=100))
+    out = s.schedule()
+    assert [len(x.token_ids) for x in out.seqs] == [6, 3]  # capped, and the short one admitted
+    assert [x.seq_id for x in out.samples] == [s.requests["short"].seqs[0].seq_id]
+    run_samples(s, out)
+    out = s.schedule()  # the short one decodes; nobody waits: the long one takes the rest
+    assert [len(x.token_ids) for x in out.seqs] == [1, 15]
+
+
+def test_no_long_prefill_cap_by_default() -> None:
+    s = make(num_blocks=64, max_num_batched_tokens=16)
+    s.add_request(request("long", 60))
+    s.schedule()
+    s.add_request(request("short", 3, first=100))
+    assert [len(x.token_ids) for x in s.schedule().seqs] == [16]  # the short one waits
+    with pytest.raises(ValueError, match="long_prefill_tokens"):
+        SchedulerConfig(long_prefill_tokens=-1)
