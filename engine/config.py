@@ -115,9 +115,10 @@ class SchedulerConfig:
     prefill_weight: float = 1.0
     decode_weight: float = 2.0
     fair_allowance: float = 256.0
-    # While requests wait, a prefill already in progress computes at most this many tokens per
-    # step, and the rest of the budget admits them: a short request (a cached prompt's few new
-    # tokens) starts within a step instead of behind a long prompt's every chunk. 0: no cap.
+    # While requests wait, the prefills already in progress compute at most this many tokens of
+    # a step together, and the rest of the budget admits them: a short request (a cached
+    # prompt's few new tokens) starts within a step instead of behind a long prompt's every
+    # chunk. 0: no cap.
     long_prefill_tokens: int = 0
 
     def __post_init__(self) -> None:

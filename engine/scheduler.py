@@ -2,7 +2,7 @@
 
 One step's plan, under a token budget and a cap on running sequences:
   1. running sequences, decodes first, then chunked prefills still in progress (while requests
-     wait, each of those computes at most `long_prefill_tokens`, if set);
+     wait, those compute at most `long_prefill_tokens` together, if set);
      when blocks run out, preempt a running sequence not yet planned this step, the one the
      policy picks (recompute: its blocks are freed but stay in the prefix cache, so the redo is
      mostly hits);
@@ -172,15 +172,19 @@ class Scheduler:
         self, plan: list[tuple[Sequence, int]], out: SchedulerOutput, budget: int, capped: set[str]
     ) -> int:
         planned: set[int] = set()
-        cap = self.config.long_prefill_tokens if len(self.waiting) else 0
+        room = self.config.long_prefill_tokens  # prefill tokens left to the running ones
+        capping = room > 0 and len(self.waiting) > 0
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):  # decodes first
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_uncomputed, budget)
-            if cap:  # leave the rest of the budget to the waiting
-                num_new = min(num_new, cap)
+            prefill = capping and seq.num_uncomputed > 1
+            if prefill:  # leave the rest of the budget to the waiting
+                num_new = min(num_new, room)
+                if num_new == 0:
+                    continue
             if not self._fit_quota(seq, num_new, planned, out, capped):
                 continue
             copies = self._make_room(seq, num_new, planned, out)
@@ -190,6 +194,8 @@ class Scheduler:
             planned.add(seq.seq_id)
             self._plan(plan, seq, num_new)
             budget -= num_new
+            if prefill:
+                room -= num_new
         return budget
 
     def _fit_quota(

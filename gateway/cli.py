@@ -86,7 +86,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     add(
         "--long-prefill-tokens",
         type=int,
-        help="while requests wait, tokens per step of a prompt being computed (default 0: no cap)",
+        help="while requests wait, tokens per step of the prompts being computed (default 0: none)",
     )
     add("--max-model-len", type=int, help="context length (default: the model's)")
     add("--max-queue", type=int, help="waiting requests before 503 (default 1024)")

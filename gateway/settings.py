@@ -81,9 +81,9 @@ class Settings(EngineEnv):
     long_prefill_tokens: int = Field(
         default=0,
         ge=0,
-        description="while requests wait, a prompt already being computed takes at most this "
-        "many tokens of a step and the rest admits them, so a short or cached request starts "
-        "within a step instead of behind a long prompt's every chunk (vLLM's "
+        description="while requests wait, the prompts already being computed take at most this "
+        "many tokens of a step together and the rest admits them, so a short or cached request "
+        "starts within a step instead of behind a long prompt's every chunk (vLLM's "
         "`long_prefill_token_threshold`); 0: no cap",
     )
     max_model_len: int | None = Field(

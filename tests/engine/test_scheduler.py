@@ -278,6 +278,19 @@ def test_a_long_prefill_leaves_room_for_the_waiting_only_while_they_wait() -> No
     assert [len(x.token_ids) for x in out.seqs] == [1, 15]
 
 
+def test_the_long_prefill_cap_holds_for_all_running_prefills_together() -> None:
+    s = make(num_blocks=64, max_num_batched_tokens=16, long_prefill_tokens=6)
+    s.add_request(request("a", 40))
+    s.add_request(request("b", 40, first=100))
+    assert [len(x.token_ids) for x in s.schedule().seqs] == [16]  # a's first chunk
+    assert [len(x.token_ids) for x in s.schedule().seqs] == [6, 10]  # b waits: a capped
+    s.add_request(request("c", 3, first=200))  # a and b both prefilling, c waits
+    out = s.schedule()
+    assert [len(x.token_ids) for x in out.seqs] == [6, 3]  # a and b share 6 (a first), then c
+    ids = [s.requests[r].seqs[0].seq_id for r in ("a", "c")]
+    assert [x.seq_id for x in out.seqs] == ids
+
+
 def test_no_long_prefill_cap_by_default() -> None:
     s = make(num_blocks=64, max_num_batched_tokens=16)
     s.add_request(request("long", 60))
