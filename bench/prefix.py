@@ -68,8 +68,17 @@ class ModeResult:
     flood: list[Sample] = field(default_factory=list)
     prefix_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> full-block tokens
     errors: int = 0
+    server_ttfts: list[float] = field(default_factory=list)  # the gateway's, of chat requests
 
     def figures(self) -> dict[str, Any]:
+        out = self._client_figures()
+        if self.server_ttfts:
+            ttfts = sorted(self.server_ttfts)
+            out["server_ttft_p50_ms"] = round(percentile(ttfts, 50), 1)
+            out["server_ttft_p99_ms"] = round(percentile(ttfts, 99), 1)
+        return out
+
+    def _client_figures(self) -> dict[str, Any]:
         samples = [s for ss in self.by_tenant.values() for s in ss]
         ttfts = sorted(s.ttft for s in samples)
         everything = samples + self.flood
@@ -220,9 +229,10 @@ def bearer(key: str) -> dict[str, str]:
 # -- servers -------------------------------------------------------------------------------------
 
 
-def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """The server for `mode`, its URL and its log (JSON access lines: `server_ttfts`)."""
     cmd = [
-        sys.executable, "-m", "gateway.cli", "serve", "--port", str(args.port), "--no-access-log",
+        sys.executable, "-m", "gateway.cli", "serve", "--port", str(args.port),
         "--num-blocks", str(args.num_blocks), "--max-model-len", str(args.max_model_len),
     ]  # fmt: skip
     if args.model:
@@ -246,7 +256,23 @@ def start_server(args: argparse.Namespace, mode: str) -> tuple[subprocess.Popen[
     proc = subprocess.Popen(cmd, stderr=log.open("wb"), stdout=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{args.port}"
     wait_ready(proc, url, log)
-    return proc, url
+    return proc, url, log
+
+
+def server_ttfts(log: Path) -> list[float]:
+    """TTFT of each chat request as the gateway measured it (its access lines' `ttft_ms`: from
+    the handler to the engine's first token), without the load generator's own latency."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("route") == "/v1/chat/completions" and entry.get("ttft_ms") is not None:
+            out.append(float(entry["ttft_ms"]))
+    return out
 
 
 def drop_keys(redis_url: str, mode: str) -> None:
@@ -262,13 +288,15 @@ def drop_keys(redis_url: str, mode: str) -> None:
 def run_mode(args: argparse.Namespace, mode: str) -> ModeResult:
     if args.url:
         return asyncio.run(Bench(args, args.url, args.admin_key, mode).run())
-    proc, url = start_server(args, mode)
+    proc, url, log = start_server(args, mode)
     try:
-        return asyncio.run(Bench(args, url, args.admin_key, mode).run())
+        result = asyncio.run(Bench(args, url, args.admin_key, mode).run())
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         drop_keys(args.redis, mode)
+    result.server_ttfts = server_ttfts(log)
+    return result
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -325,24 +353,30 @@ def main() -> None:
         ratios["ttft_p50_off_over_pinned"] = _ratio(results["off"], results["pinned"])
     if {"pinned", "unpinned"} <= results.keys():
         ratios["ttft_p50_unpinned_over_pinned"] = _ratio(results["unpinned"], results["pinned"])
+    if all("server_ttft_p50_ms" in results.get(m, {}) for m in ("pinned", "off", "unpinned")):
+        for slow in ("off", "unpinned"):
+            ratios[f"server_ttft_p50_{slow}_over_pinned"] = _ratio(
+                results[slow], results["pinned"], "server_ttft_p50_ms"
+            )
     for name, value in ratios.items():
         print(f"{name}: {value}x")
     _record.write(args, __file__, {"modes": results, **ratios})
 
 
-def _ratio(slow: dict[str, Any], fast: dict[str, Any]) -> float:
-    return round(slow["ttft_p50_ms"] / fast["ttft_p50_ms"], 2)
+def _ratio(slow: dict[str, Any], fast: dict[str, Any], key: str = "ttft_p50_ms") -> float:
+    return round(slow[key] / fast[key], 2)
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     head = f"{'mode':<9} {'reqs':>5} {'flood':>5} {'err':>4} {'TTFT p50':>10} {'TTFT p99':>10} "
-    head += f"{'out tok/s':>9} {'prefill computed':>16}  hit rate per tenant"
+    head += f"{'out tok/s':>9} {'prefill computed':>16}  hit rate per tenant  (server TTFT p50/p99)"
     print(head)
     for mode, f in results.items():
         hits = " ".join(f"{t}={100 * h:.0f}%" for t, h in f["hit_rate"].items())
         print(f"{mode:<9} {f['requests']:>5} {f['flood_requests']:>5} {f['errors']:>4} "
               f"{f['ttft_p50_ms']:>8.1f}ms {f['ttft_p99_ms']:>8.1f}ms {f['output_tok_s']:>9.1f} "
-              f"{f['prefill_tokens_computed']:>16}  {hits}")  # fmt: skip
+              f"{f['prefill_tokens_computed']:>16}  {hits}  ({f.get('server_ttft_p50_ms')} / "
+              f"{f.get('server_ttft_p99_ms')} ms)")  # fmt: skip
 
 
 if __name__ == "__main__":
