@@ -79,14 +79,15 @@ class EngineService:
     async def add(self, request: Request) -> Response:
         try:
             body = await _json(request)
-            channel = self.channels.get(str(body.get("channel")))
-            if channel is None:
-                raise EngineDeadError(f"no channel {body.get('channel')!r} on this replica")
             params = protocol.PARAMS.validate_python(body["params"])
             prompt = [int(t) for t in body["prompt_token_ids"]]
             kwargs = self.add_kwargs.decode(body.get("kwargs") or {})
             if params.grammar is not None:  # in a worker thread, not on this event loop
                 await self.engine.compile_grammar(params.grammar)
+            # Looked up after the last await: a channel closed meanwhile takes no request.
+            channel = self.channels.get(str(body.get("channel")))
+            if channel is None:
+                raise EngineDeadError(f"no channel {body.get('channel')!r} on this replica")
             stream = self.engine.add_request(
                 prompt, params, request_id=body.get("request_id"), **kwargs
             )

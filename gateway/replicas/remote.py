@@ -1,14 +1,16 @@
 """`RemoteEngine`: the gateway's `EngineClient` over one engine replica (`prefixgate engine`).
 
-Requests stream back over HTTP/1.1 (`engine.service.protocol`). Every call has a deadline
-(`Timeouts`): connecting, control calls, warm-ups. A stream has no deadline between deltas (a
-long queue wait is normal); a dead replica ends it instead: its connection resets, or the
-liveness probe (or the Redis heartbeat, in a pool) stops answering for `ttl_s`, and then every
-stream still open on it ends with `ReplicaLostError`. A stream whose connection is refused or
-breaks takes the replica out of rotation at once, until it answers again, so the requests that
-follow go to other replicas rather than wait for the probe. A request is never sent twice: once its
-POST may have reached the replica, it may have produced tokens, so a failure is reported, not
-retried.
+Requests go to the replica as short POSTs and their deltas come back on one channel per
+replica (`engine.service.protocol`), read by a lean HTTP/1.1 client (`gateway.replicas.wire`).
+Every call has a deadline (`Timeouts`): connecting, control calls, warm-ups. The channel has no
+deadline between lines (a long queue wait is normal); a dead replica ends it instead: its
+connection resets, or the liveness probe (or the Redis heartbeat, in a pool) stops answering for
+`ttl_s`, and then every stream still open on it ends with `ReplicaLostError`. A connection that
+is refused or breaks takes the replica out of rotation at once, until it answers again, so the
+requests that follow go to other replicas rather than wait for the probe. A request is never
+sent twice: once its POST may have reached the replica, it may have produced tokens, so a
+failure is reported, not retried. A stream closed early is aborted with an abort call, sent
+after its POST is answered so that it cannot overtake it.
 """
 
 from __future__ import annotations
@@ -273,10 +275,11 @@ class RemoteEngine:
         except (OSError, asyncio.IncompleteReadError) as exc:  # refused, reset, cut short
             reason = repr(exc)
             self.out_of_rotation(f"its channel's connection failed: {reason}")
-        except (Exception, asyncio.CancelledError) as exc:
+        except asyncio.CancelledError:
+            reason = "the gateway closed the channel"
+            raise
+        except Exception as exc:  # an error answer, an unreadable line
             reason = repr(exc)
-            if not isinstance(exc, Exception):
-                raise
         finally:
             lost = ReplicaLostError(f"replica {self.replica_id} lost: {reason}")
             if not opened.done():
