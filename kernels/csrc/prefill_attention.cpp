@@ -161,8 +161,9 @@ inline RowToken row_token(const Layout& lay, const Item& it, int64_t r) {
   return {it.q_start + row / lay.group, it.first + row / lay.group};
 }
 
-// Per-thread scratch, sized once per thread for the longest context.
+// Per-thread scratch for one head dim and contexts of up to max_keys keys (`thread_scratch`).
 struct Scratch {
+  int64_t head_dim, max_keys;
   std::vector<int64_t> offs;             // [keys] where each key's row starts (K or V, head 0)
   std::vector<int32_t> pos;              // [kRows] position of each row's token
   std::vector<float> q;                  // [D][kRows] scaled queries, transposed (or pairs)
@@ -175,7 +176,9 @@ struct Scratch {
   std::vector<uint32_t> pt;               // [kRows][kKeys / 2] bfloat16 pairs of P, row-major (AMX)
   std::vector<c10::BFloat16> kb;          // [16][D] keys copied together (AMX, ragged tiles)
   Scratch(const Layout& lay, int64_t max_keys)
-      : offs(max_keys),
+      : head_dim(lay.head_dim),
+        max_keys(max_keys),
+        offs(max_keys),
         pos(kRows),
         q(lay.head_dim * kRows),
         s(kKeys * kRows),
@@ -192,6 +195,19 @@ struct Scratch {
         pt(kRows * kKeys / 2),
         kb(16 * lay.head_dim) {}
 };
+
+// This thread's scratch number `which` (0, or 1 for a grouped item's members), kept between calls
+// (the pool's threads live on): allocating and zeroing ~130 KB per thread and call was a
+// measurable part of a decode step's attention. Made again only for another head dim or a longer
+// context (then with room to grow). Every step writes what it reads, so nothing depends on what
+// an earlier item or call left there.
+Scratch& thread_scratch(int which, const Layout& lay, int64_t max_keys) {
+  thread_local std::optional<Scratch> kept[2];
+  std::optional<Scratch>& w = kept[which];
+  if (!w || w->head_dim != lay.head_dim || w->max_keys < max_keys)
+    w.emplace(lay, std::max(max_keys, w && w->head_dim == lay.head_dim ? 2 * w->max_keys : 0));
+  return *w;
+}
 
 // The query row of item row r (r < it.rows).
 template <typename T>
@@ -351,27 +367,29 @@ inline void pack_probs(const float* s, int64_t n, uint32_t* pp) {
     }
 }
 
-// vp[i, d] = (V[2i, d], V[2i + 1, d]) for the n keys (V[n] = 0 when n is odd: 0 * NaN would be
-// NaN, whatever the unused half of a block holds)
-template <int DV>
-inline void pack_values(const c10::BFloat16* head, const int64_t* offs, int64_t n, uint32_t* vp) {
+// Columns 16c .. 16c + 15 of two V rows a, b (b null: zeros) as 16 pairs (a[d], b[d])
+inline __m512i value_pairs(const c10::BFloat16* a, const c10::BFloat16* b, int c) {
   // element k < 16 of the result pair (a[k / 2], b[k / 2]) for the low 8, likewise for the rest
   alignas(64) static constexpr int16_t kPairs[32] = {
       0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i idx = _mm512_load_si512(kPairs);
+  const __m256i ac = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * c));
+  const __m256i bc = b != nullptr
+                         ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 * c))
+                         : _mm256_setzero_si256();
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(ac), _mm512_load_si512(kPairs),
+                                   _mm512_castsi256_si512(bc));
+}
+
+// vp[i, d] = (V[2i, d], V[2i + 1, d]) for the n keys (V[n] = 0 when n is odd: 0 * NaN would be
+// NaN, whatever the unused half of a block holds)
+template <int DV>
+inline void pack_values(const c10::BFloat16* head, const int64_t* offs, int64_t n, uint32_t* vp) {
   for (int64_t i = 0; 2 * i < n; ++i) {
     const c10::BFloat16* a = head + offs[2 * i];
     const c10::BFloat16* b = 2 * i + 1 < n ? head + offs[2 * i + 1] : nullptr;
-    for (int c = 0; c < DV; ++c) {
-      const __m256i ac = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 16 * c));
-      const __m256i bc = b != nullptr
-                             ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 * c))
-                             : _mm256_setzero_si256();
-      const __m512i pairs = _mm512_permutex2var_epi16(_mm512_castsi256_si512(ac), idx,
-                                                      _mm512_castsi256_si512(bc));
-      _mm512_storeu_si512(vp + i * 16 * DV + 16 * c, pairs);
-    }
+    for (int c = 0; c < DV; ++c)
+      _mm512_storeu_si512(vp + i * 16 * DV + 16 * c, value_pairs(a, b, c));
   }
 }
 
@@ -559,6 +577,35 @@ void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head, co
   }
 }
 
+// P @ V of a token's R heads (R <= 4) for one key block, as pack_values and values_tile_dpbf16
+// compute it (the same pairs, the same chain over key pairs from o * alpha, so the same bits),
+// but with each pair of V rows interleaved in registers and used at once by every head: no
+// packed copy written and read back, and no padding rows.
+template <int R, int DV>
+inline void token_values(const c10::BFloat16* v_head, const int64_t* offs, int64_t n, Scratch& w) {
+  constexpr int64_t D = 16 * DV, kPairsPerRow = kKeys / 2;
+  const uint32_t* pt = w.pt.data();
+  float* o = w.o.data();
+  __m512 acc[R][DV];
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(w.alpha[r]);
+    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o + r * D + 16 * c), a);
+  }
+  for (int64_t i = 0; 2 * i < n; ++i) {
+    const c10::BFloat16* a = v_head + offs[2 * i];
+    const c10::BFloat16* b = 2 * i + 1 < n ? v_head + offs[2 * i + 1] : nullptr;
+    __m512bh x[DV];
+    for (int c = 0; c < DV; ++c) x[c] = (__m512bh)value_pairs(a, b, c);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh p =
+          (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pt[r * kPairsPerRow + i]));
+      for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x[c], p);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(o + r * D + 16 * c, acc[r][c]);
+}
+
 // A key block of one token: the online softmax of key_block per head, then P @ V as the
 // dot-product path does it (pack_values, values_tile_dpbf16 on pairs of P laid out per row).
 template <int DV>
@@ -586,6 +633,13 @@ void token_block(const c10::BFloat16* k_head, const c10::BFloat16* v_head, const
     uint32_t* pg = w.pt.data() + g * kPairsPerRow;  // (P[2i], P[2i + 1]) as bfloat16
     for (int q = 0; q < 4; ++q)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pg + 8 * q), (__m256i)_mm512_cvtneps_pbh(p[q]));
+  }
+  switch (rows) {  // the usual G of 1-4 heads: V pairs made in registers, each row's own tile
+    case 1: return token_values<1, DV>(v_head, offs, n, w);
+    case 2: return token_values<2, DV>(v_head, offs, n, w);
+    case 3: return token_values<3, DV>(v_head, offs, n, w);
+    case 4: return token_values<4, DV>(v_head, offs, n, w);
+    default: break;
   }
   pack_values<DV>(v_head, offs, n, w.vp.data());
   constexpr int RT = kValueRows<DV>;
@@ -1401,9 +1455,8 @@ void attend_all(const Layout& lay, const Tensors<T>& in, const Work& work) {
   const bool amx = uses_amx<T>(lay.head_dim);
   const ItemFn<T> token = token_fn<T>(lay.head_dim);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Scratch w(lay, work.max_keys);
-    std::optional<Scratch> tail;  // a grouped item's members, one at a time
-    if (work.grouped) tail.emplace(lay, work.max_keys);
+    Scratch& w = thread_scratch(0, lay, work.max_keys);
+    Scratch* tail = work.grouped ? &thread_scratch(1, lay, work.max_keys) : nullptr;  // members
     if (amx) amx_configure();
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
       const Item& it = items[i];

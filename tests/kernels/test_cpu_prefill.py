@@ -263,7 +263,7 @@ def test_bad_inputs_are_refused(kernel: object) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
-@pytest.mark.parametrize("group", [1, 3, 7, 16, 20])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 7, 16, 20])
 def test_a_token_is_bit_identical_however_its_rows_are_split(
     kernel: object, head_dim: int, group: int, dtype: torch.dtype
 ) -> None:
