@@ -97,8 +97,8 @@ def test_nan_in_unused_slots_never_reaches_the_output(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 24, 80])
 def test_head_dims(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
-    """16/32/64/128 take the vector path (with AVX-512; bfloat16 32/64/128 on AMX tiles where the
-    CPU has them), 24 and 80 the plain loops."""
+    """16/32/64/128 take the vector path (with AVX-512 or AVX2; bfloat16 32/64/128 on AMX tiles
+    where the CPU has them), 24 and 80 the plain loops."""
     query, cache, meta = make_step(MIXED, 16, 3, dtype=dtype, head_dim=head_dim, seed=3)
     out = run_kernel(query, cache, meta, head_dim**-0.5)
     tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
@@ -210,8 +210,8 @@ def test_mixed_steps_through_the_backend(
     kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, group: int
 ) -> None:
     """paged_attention sends decode rows to the decode kernel and every prefill row to the
-    prefill kernel where it has vector code for SmolLM2's head dim (AVX-512), else to SDPA, and
-    matches the reference."""
+    prefill kernel where it has vector code for SmolLM2's head dim (AVX-512 or AVX2), else to
+    SDPA, and matches the reference."""
     if torch.ops.prefixgate_cpu.prefill_vectorized(64):
         monkeypatch.setattr(cpu_attention, "prefill_sdpa", refuse("SDPA"))
     else:
