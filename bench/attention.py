@@ -11,10 +11,18 @@ and the default shapes are SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 6
 `--cpu-prefill` instead compares, on CPU, the C++ prefill kernel (`paged_prefill`) with the SDPA
 path it replaced (`prefill_sdpa`: gather each context, then SDPA), both on the paged cache, for
 SmolLM2's prompt lengths: fresh prompts of 160, 512 and 2048 tokens, 64 new tokens over 1024
-cached ones, and a 1920-token step of twelve 160-token prompts.
+cached ones, a 1920-token step of twelve 160-token prompts and one of eight 256-token prompts.
+`--cpu-decode` compares, on CPU, the prefill kernel's one-token items (what decodes run where every
+row goes to that kernel, `cpu_attention.one_kernel_for_all_rows`) with the decode kernel, for 16
+and 64 decodes over ~300 tokens. `--build-flags` builds the library with other compiler flags than
+the host's (`kernels._build.FLAG_SETS`), e.g. "-O3 -mavx2 -mfma -mf16c -mno-avx512f -fopenmp" to
+measure the AVX2 code on an AVX-512 machine (with ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 in the environment, so that SDPA runs its AVX2
+code too). `--best` reports best-of-N instead of medians, for machines shared with other work.
 
 Usage: python bench/attention.py [--dtype bfloat16] [--heads 32] [--kv-heads 8] [--head-dim 128]
-                               [--block-size 16] [--quick] [--cpu-prefill]
+                               [--block-size 16] [--quick] [--cpu-prefill] [--cpu-decode]
+                               [--build-flags FLAGS] [--best]
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from kernels import reference
 from kernels.metadata import AttentionMetadata
 
 Row = tuple[str, dict[str, float]]  # a printed line and its figures
+BEST = False  # --best: time_interleaved reports each function's fastest call, not the median
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,8 @@ def implementations(backend: Any) -> dict[str, Callable[[dict[str, Any], Case, f
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float = 3.0) -> dict[str, float]:
-    """Median wall time of each function in ms, calling them round-robin (CPU, noisy machines)."""
+    """Median (fastest with `BEST`) wall time of each function in ms, calling them round-robin
+    (CPU, noisy machines)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
@@ -182,7 +192,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], budget_s: float = 3.0) -
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: sorted(t)[0 if BEST else len(t) // 2] for name, t in times.items()}
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = 1.0) -> float:
@@ -252,7 +262,8 @@ def bench_write_kv(tokens: int, shape: Shape, backend: Any) -> Row:
 def cpu_prefill_cases() -> list[Case]:
     fresh = [Case(f"prompt L={n}", [(n, n)]) for n in (160, 512, 2048)]
     step = Case("12 prompts of 160 (one step)", [(160, 160)] * 12)
-    return [*fresh, Case("64 new over 1024 cached", [(1088, 64)]), step]
+    eight = Case("8 prompts of 256 (one step)", [(256, 256)] * 8)
+    return [*fresh, Case("64 new over 1024 cached", [(1088, 64)]), step, eight]
 
 
 def bench_cpu_prefill(case: Case, shape: Shape) -> Row:
@@ -285,6 +296,37 @@ def bench_cpu_prefill(case: Case, shape: Shape) -> Row:
     return line, {"sdpa_ms": ms["sdpa"], "kernel_ms": ms["kernel"], "kernel_gflops": gflops}
 
 
+def cpu_decode_cases() -> list[Case]:
+    return [Case(f"{b} decodes ctx={n}", [(n, 1)] * b) for b, n in ((16, 300), (64, 300))]
+
+
+def bench_cpu_decode(case: Case, shape: Shape) -> Row:
+    """The prefill kernel's one-token items vs the decode kernel on the same decodes: ms, ratio."""
+    from kernels import cpu_attention
+
+    x = make_inputs(case, shape)
+    query, cache, meta = x["query"], x["cache"], x["meta"]
+    scale, ids = shape.head_dim**-0.5, torch.arange(meta.num_seqs)
+
+    def tokens() -> torch.Tensor:
+        out = torch.empty_like(query)
+        cpu_attention.paged_prefill(query, cache, meta, scale, out, ids)
+        return out
+
+    def decode() -> torch.Tensor:
+        return cpu_attention.paged_decode(query, cache, meta.block_tables, meta.seq_lens, scale)
+
+    err = (tokens().float() - decode().float()).abs().max().item()
+    if err > 5e-2:
+        raise AssertionError(
+            f"{case.name}: the token items differ from the decode kernel by {err:.3g}"
+        )
+    ms = time_interleaved({"decode": decode, "tokens": tokens})
+    ratio = ms["tokens"] / ms["decode"]
+    line = f"{case.name:<32}{ms['decode']:>10.3f}{ms['tokens']:>10.3f}{ratio:>9.2f}x"
+    return line, {"decode_ms": ms["decode"], "token_items_ms": ms["tokens"]}
+
+
 def report(row: Row, name: str, figures: dict[str, dict[str, float]]) -> None:
     """Print the row's line and keep its figures under the case's name."""
     line, figures[name] = row
@@ -300,6 +342,17 @@ def main_cpu_prefill(shape: Shape, figures: dict[str, dict[str, float]]) -> None
     print(f"{'case':<32}{'sdpa ms':>10}{'kernel ms':>10}{'sdpa/ker':>10}{'GFLOP/s':>9}")
     for case in cpu_prefill_cases():
         report(bench_cpu_prefill(case, shape), case.name, figures)
+
+
+def main_cpu_decode(shape: Shape, figures: dict[str, dict[str, float]]) -> None:
+    from kernels import cpu_attention
+
+    if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
+        raise SystemExit("the CPU prefill kernel is unavailable for this dtype or build")
+    print(f"CPU decodes, {torch.get_num_threads()} threads")
+    print(f"{'case':<32}{'decode ms':>10}{'items ms':>10}{'item/dec':>10}")
+    for case in cpu_decode_cases():
+        report(bench_cpu_decode(case, shape), case.name, figures)
 
 
 def load_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
@@ -331,9 +384,30 @@ def main() -> None:
     ap.add_argument(
         "--cpu-prefill", action="store_true", help="the CPU prefill kernel vs the SDPA path"
     )
+    ap.add_argument(
+        "--cpu-decode",
+        action="store_true",
+        help="the CPU prefill kernel's one-token items vs the decode kernel",
+    )
+    ap.add_argument(
+        "--build-flags", help="compiler flags for the C++ library instead of the host's"
+    )
+    ap.add_argument(
+        "--best",
+        action="store_true",
+        help="CPU: report each implementation's fastest call (best-of-N), not the median; on a "
+        "machine shared with other work the median also measures the neighbours",
+    )
     _record.add_arguments(ap)
     args = ap.parse_args()
-    device = torch.device("cpu" if args.cpu_prefill or not torch.cuda.is_available() else "cuda")
+    global BEST
+    BEST = args.best
+    if args.build_flags:
+        from kernels import _build
+
+        _build.FLAG_SETS = (args.build_flags.split(),)
+    on_cpu = args.cpu_prefill or args.cpu_decode
+    device = torch.device("cpu" if on_cpu or not torch.cuda.is_available() else "cuda")
     defaults = (32, 8, 128) if device.type == "cuda" else (9, 3, 64)
     heads, kv_heads, head_dim = (
         given or default
@@ -355,9 +429,15 @@ def main() -> None:
     if args.cpu_prefill:
         kernel = "cpu prefill"
         main_cpu_prefill(shape, figures)
+    elif args.cpu_decode:
+        kernel = "cpu decode"
+        main_cpu_decode(shape, figures)
     else:
         kernel = main_attention(shape, quick, figures)
     record = {"shape": dataclasses.asdict(shape), "kernel": kernel, "cases": figures}
+    if args.build_flags:
+        record["build_flags"] = args.build_flags
+    record["statistic"] = "best" if args.best else "median"
     _record.write(args, __file__, record)
 
 

@@ -113,8 +113,9 @@ def paged_decode(
 
 def prefill_kernel_serves(kv_cache: torch.Tensor) -> bool:
     """True when the library is loaded and runs prefills over this cache faster than SDPA: a
-    float32 or bfloat16 CPU cache, and a head dim its vector code covers (AVX-512: 16, 32, 64,
-    128). Its plain-loop fallback is exact but slower than SDPA, so the backend avoids it."""
+    float32 or bfloat16 CPU cache, and a head dim its vector code covers (AVX-512 or AVX2 + FMA:
+    16, 32, 64, 128). Its plain-loop fallback is exact but slower than SDPA, so the backend
+    avoids it."""
     return (
         kv_cache.device.type == "cpu"
         and kv_cache.dtype in PREFILL_DTYPES

@@ -44,15 +44,20 @@
 // targets AVX512-BF16, bfloat16 caches use its dot-product instruction for both products (pairs of
 // exact products summed into float32: queries and P packed as pairs along the sum, V rows
 // interleaved in pairs once per block), so that they run at twice the float32 multiply-add rate;
-// without it, K and V rows are widened to float32 once per block. Other head dims and builds
-// without AVX-512 run the same steps as plain loops (correct, but slower than SDPA: the backend
-// asks `prefill_vectorized` first).
+// without it, K and V rows are widened to float32 once per block.
+//
+// AVX2 + FMA without AVX-512 (head_dim 16, 32, 64 or 128; AMD Zen 3, Intel Haswell to Comet
+// Lake): the float32 steps on 8 lanes ("AVX2 steps"), with the same operations in the same order,
+// so that their results are the same bits as the AVX-512 float32 path's and the plain loops'.
+// Other head dims and builds without either run the same steps as plain loops (the same bits
+// again, but slower than SDPA: the backend asks `prefill_vectorized` first).
 //
 // A sequence with one new token (a decode) is an item of its G heads alone, too few rows for 16
 // lanes: with AVX512-BF16 its keys fill the lanes instead (`attend_token`), in the same arithmetic
 // as the rows of a prefill, so that a token's output does not depend on how its step was made up
 // (one new token, a whole prompt, a chunk over cached context, other sequences beside it). The
-// engine sends every bfloat16 row here for that reason (`kernels.cpu_attention`).
+// float32 path does the same (`attend_token_f32`, and `attend_token_avx2` on 8 lanes). The engine
+// sends every row here for that reason (`kernels.cpu_attention.one_kernel_for_all_rows`).
 //
 // Where the build targets AMX, bfloat16 caches with head_dim 32, 64 or 128 run both products on
 // tiles instead (see "AMX steps"; the queries and V pairs packed as above): on an Intel Xeon,
@@ -69,6 +74,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <functional>
 #include <cstdint>
 #include <cstring>
@@ -77,7 +83,14 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+// The float32 path on AVX2 + FMA (8 lanes), where the build has no AVX-512: "AVX2 steps"
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define PREFIXGATE_AVX2_F32 1
+#else
+#define PREFIXGATE_AVX2_F32 0
+#endif
+
+#if defined(__AVX512F__) || PREFIXGATE_AVX2_F32
 #include <immintrin.h>
 #endif
 
@@ -95,7 +108,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // t - k in [-1/2, 1/2] (exact), 2^f by a degree-5 polynomial with p(0) = 1 fitted to its relative
 // error (< 1.6e-7 with float32 multiply-adds, where exp_shifted's degree-6 Taylor polynomial
 // reaches 2.2e-7). t is clamped at -126: underflow gives ~1e-38, not 0 (masked scores are zeroed
-// separately), and t = -inf (the first block's alpha) gives no NaN.
+// separately), and t = -inf (the first block's alpha) gives no NaN. Every build evaluates it with
+// the same operations (the multiply-adds fused), so that their results are the same bits.
 constexpr double kLog2e = 1.4426950408889634;
 constexpr float kExp2Poly[] = {1.321867225e-03f, 9.671698324e-03f, 5.550893024e-02f,
                                2.402223796e-01f, 6.931468844e-01f, 1.f};
@@ -106,7 +120,7 @@ inline float exp2_nonpositive(float t) {
   const float k = (t + kRound) - kRound;
   const float f = t - k;
   float p = kExp2Poly[0];
-  for (int i = 1; i < 6; ++i) p = p * f + kExp2Poly[i];
+  for (int i = 1; i < 6; ++i) p = std::fma(p, f, kExp2Poly[i]);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 0]
   float pow2k;
   std::memcpy(&pow2k, &bits, sizeof(float));
@@ -221,9 +235,12 @@ inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // ---- the three steps of a key block as plain loops (any head_dim, any build) --------------------
 //
-// Rows are the innermost loop where the data allows it, so that the compiler vectorizes them.
+// Rows are the innermost loop where the data allows it, so that the compiler vectorizes them. They
+// do the vector paths' arithmetic, operation for operation (fused multiply-adds, the block's sum
+// in block_sum_rows's tree), so that every build of the float32 path gives the same bits.
 
-// s[j, r] = sum_d q[d, r] * k_j[d] for the block's n keys and rows 0..R-1 (q holds scaled queries)
+// s[j, r] = sum_d q[d, r] * k_j[d] for the block's n keys and rows 0..R-1 (q holds scaled queries):
+// one chain of multiply-adds over d from zero
 void scores_portable(const float* q, int64_t D, int64_t R, const void* const* k, int64_t n,
                      float* s) {
   for (int64_t j = 0; j < n; ++j) {
@@ -232,29 +249,39 @@ void scores_portable(const float* q, int64_t D, int64_t R, const void* const* k,
     for (int64_t d = 0; d < D; ++d) {
       const float kd = static_cast<const float*>(k[j])[d];
       const float* qd = q + d * kRows;
-      for (int64_t r = 0; r < R; ++r) sj[r] += qd[r] * kd;
+      for (int64_t r = 0; r < R; ++r) sj[r] = std::fma(qd[r], kd, sj[r]);
     }
   }
+}
+
+// The sum of one row's block of probabilities (p[j * kRows]: key j's) in block_sum_rows's order
+inline float block_sum_portable(const float* p, int64_t n) {
+  float part[16];
+  for (int64_t k = 0; k < 16; ++k) {
+    part[k] = k < n ? p[k * kRows] : 0.f;
+    for (int64_t j = k + 16; j < n; j += 16) part[k] += p[j * kRows];
+  }
+  for (int half = 8; half >= 1; half /= 2)
+    for (int k = 0; k < half; ++k) part[k] += part[k + half];
+  return part[0];
 }
 
 // scores -> probabilities in place, and the running max / sum and this block's alpha per row
 void softmax_portable(float* s, int64_t n, int64_t k0, int64_t R, const int32_t* pos, float* m,
                       float* l, float* alpha) {
-  float mx[kRows], sum[kRows];
-  for (int64_t r = 0; r < R; ++r) mx[r] = m[r], sum[r] = 0.f;
+  float mx[kRows];
+  for (int64_t r = 0; r < R; ++r) mx[r] = m[r];
   for (int64_t j = 0; j < n; ++j)
     for (int64_t r = 0; r < R; ++r)
       if (k0 + j <= pos[r]) mx[r] = std::max(mx[r], s[j * kRows + r]);
   for (int64_t j = 0; j < n; ++j) {
     float* sj = s + j * kRows;
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t r = 0; r < R; ++r)
       sj[r] = k0 + j <= pos[r] ? exp2_nonpositive(sj[r] - mx[r]) : 0.f;
-      sum[r] += sj[r];
-    }
   }
   for (int64_t r = 0; r < R; ++r) {
     alpha[r] = exp2_nonpositive(m[r] - mx[r]);
-    l[r] = l[r] * alpha[r] + sum[r];
+    l[r] = std::fma(l[r], alpha[r], block_sum_portable(s + r, n));
     m[r] = mx[r];
   }
 }
@@ -268,7 +295,7 @@ void values_portable(const float* p, int64_t n, int64_t R, int64_t D, const void
     for (int64_t j = 0; j < n; ++j) {
       const float w = p[j * kRows + r];
       const float* vj = static_cast<const float*>(v[j]);
-      for (int64_t d = 0; d < D; ++d) orow[d] += w * vj[d];
+      for (int64_t d = 0; d < D; ++d) orow[d] = std::fma(w, vj[d], orow[d]);
     }
   }
 }
@@ -650,6 +677,182 @@ void token_block(const c10::BFloat16* k_head, const c10::BFloat16* v_head, const
 #endif
 #endif
 
+// ---- AVX2 steps: the float32 path on 8 lanes, R = 16 * MV rows, head_dim = 16 * DV -------------
+//
+// For CPUs without AVX-512 (AMD Zen 3, Intel Haswell to Comet Lake): float32 caches, and
+// bfloat16 ones widened to float32 once per key block, as on AVX-512 without BF16. Every step is
+// the AVX-512 float32 path's (and the plain loops') arithmetic, operation for operation, on 8
+// lanes instead of 16: the chain of multiply-adds over dims from zero with the scaled query,
+// exp2_8 (exp2_16's operations), the block's sum in block_sum_rows's tree (its 16 partial sums in
+// two vectors where keys fill the lanes), P @ V from o * alpha in key order. So this build's
+// outputs are the same bits as the plain loops' and the AVX-512 float32 path's, and a token's
+// output is the same whether its heads fill the lanes (a prefill's rows) or its keys do (a
+// decode: attend_token_avx2).
+
+#if PREFIXGATE_AVX2_F32
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// exp2_nonpositive on 8 lanes. The product p * 2^k is the last operation, rounded once (to a
+// denormal for k = -126 and p < 1), as p * pow2k and scalef do; the empty asm keeps GCC from
+// fusing it into a multiply-add with a sum of probabilities (an intrinsic's multiply is a plain
+// `*` to it).
+inline __m256 exp2_8(__m256 t) {
+  t = _mm256_max_ps(t, _mm256_set1_ps(-126.f));
+  const __m256 k = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, k);
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127));
+  __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+#if defined(__GNUC__)
+  __asm__("" : "+x"(r));
+#endif
+  return r;
+}
+
+// s[j, r0 + i] = q^T k_j for 4 keys and 16 rows (two vectors): 8 accumulators of 16 registers
+inline void scores_avx2(const float* q, int64_t D, const void* const* k, float* s) {
+  __m256 acc[4][2];
+  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 q0 = _mm256_loadu_ps(q + d * kRows), q1 = _mm256_loadu_ps(q + d * kRows + 8);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 kd = _mm256_broadcast_ss(static_cast<const float*>(k[j]) + d);
+      acc[j][0] = _mm256_fmadd_ps(q0, kd, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(q1, kd, acc[j][1]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(s + j * kRows, acc[j][0]);
+    _mm256_storeu_ps(s + j * kRows + 8, acc[j][1]);
+  }
+}
+
+// block_sum_rows for 8 rows
+inline __m256 block_sum_rows8(const float* p, int64_t n) {
+  __m256 part[16];
+  for (int64_t k = 0; k < 16; ++k) {
+    part[k] = k < n ? _mm256_loadu_ps(p + k * kRows) : _mm256_setzero_ps();
+    for (int64_t j = k + 16; j < n; j += 16)
+      part[k] = _mm256_add_ps(part[k], _mm256_loadu_ps(p + j * kRows));
+  }
+  for (int half = 8; half >= 1; half /= 2)
+    for (int k = 0; k < half; ++k) part[k] = _mm256_add_ps(part[k], part[k + half]);
+  return part[0];
+}
+
+// block_sum_lanes for one row whose 64 keys are in the lanes of p[0..7] (keys past n zero): the
+// partial sums of keys 0..7 (keys k, 16 + k, 32 + k, 48 + k: p[0], p[2], p[4], p[6]) and of keys
+// 8..15 (p[1], p[3], p[5], p[7]) in two vectors, then the halves as block_sum_rows adds them
+inline float block_sum_lanes8(const __m256 p[8]) {
+  const __m256 lo = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[0], p[2]), p[4]), p[6]);
+  const __m256 hi = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(p[1], p[3]), p[5]), p[7]);
+  __m256 part = _mm256_add_ps(lo, hi);                                  // k += k + 8
+  part = _mm256_add_ps(part, _mm256_permute2f128_ps(part, part, 0x01));  // k += k + 4
+  part = _mm256_add_ps(part, _mm256_permute_ps(part, 0x0E));            // k += k + 2
+  part = _mm256_add_ps(part, _mm256_permute_ps(part, 0x01));            // k += k + 1
+  return _mm256_cvtss_f32(part);
+}
+
+// softmax_avx512 on 8 rows per vector
+template <int MV>
+void softmax_avx2(float* s, int64_t n, int64_t k0, bool masked, const int32_t* pos, float* m,
+                  float* l, float* alpha) {
+  for (int v = 0; v < 2 * MV; ++v) {
+    const __m256i pv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + 8 * v));
+    auto visible = [&](int64_t j) -> __m256 {  // all ones where key k0 + j <= pos
+      if (!masked) return _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+      const __m256i last = _mm256_set1_epi32(static_cast<int32_t>(k0 + j - 1));
+      return _mm256_castsi256_ps(_mm256_cmpgt_epi32(pv, last));
+    };
+    const __m256 old = _mm256_loadu_ps(m + 8 * v);
+    __m256 mx = old;
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 sj = _mm256_loadu_ps(s + j * kRows + 8 * v);
+      mx = _mm256_blendv_ps(mx, _mm256_max_ps(mx, sj), visible(j));
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float* sj = s + j * kRows + 8 * v;
+      const __m256 p = exp2_8(_mm256_sub_ps(_mm256_loadu_ps(sj), mx));
+      _mm256_storeu_ps(sj, _mm256_and_ps(p, visible(j)));
+    }
+    const __m256 sum = block_sum_rows8(s + 8 * v, n);
+    const __m256 a = exp2_8(_mm256_sub_ps(old, mx));
+    _mm256_storeu_ps(alpha + 8 * v, a);
+    _mm256_storeu_ps(l + 8 * v, _mm256_fmadd_ps(_mm256_loadu_ps(l + 8 * v), a, sum));
+    _mm256_storeu_ps(m + 8 * v, mx);
+  }
+}
+
+// o[r] = o[r] * alpha[r] + sum_j p[j, r] * v_j for RT rows from r0, in tiles of 16 dims (2 * RT
+// accumulators), each V row's 16 dims loaded once per tile
+template <int RT>
+inline void values_tile_avx2(const float* p, int64_t n, int64_t r0, int64_t D,
+                             const void* const* v, const float* alpha, float* o) {
+  for (int64_t c = 0; c < D; c += 16) {
+    __m256 acc[RT][2];
+    for (int r = 0; r < RT; ++r) {
+      const __m256 a = _mm256_set1_ps(alpha[r0 + r]);
+      const float* orow = o + (r0 + r) * D + c;
+      acc[r][0] = _mm256_mul_ps(_mm256_loadu_ps(orow), a);
+      acc[r][1] = _mm256_mul_ps(_mm256_loadu_ps(orow + 8), a);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float* vj = static_cast<const float*>(v[j]) + c;
+      const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8);
+      for (int r = 0; r < RT; ++r) {
+        const __m256 w = _mm256_broadcast_ss(p + j * kRows + r0 + r);
+        acc[r][0] = _mm256_fmadd_ps(w, x0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(w, x1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < RT; ++r) {
+      float* orow = o + (r0 + r) * D + c;
+      _mm256_storeu_ps(orow, acc[r][0]);
+      _mm256_storeu_ps(orow + 8, acc[r][1]);
+    }
+  }
+}
+
+// values_tile_avx2 for rows 0 .. R - 1: tiles of 4 rows, then of the 1-3 left
+inline void values_avx2(const float* p, int64_t n, int64_t R, int64_t D, const void* const* v,
+                        const float* alpha, float* o) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= R; r0 += 4) values_tile_avx2<4>(p, n, r0, D, v, alpha, o);
+  switch (R - r0) {
+    case 3: return values_tile_avx2<3>(p, n, r0, D, v, alpha, o);
+    case 2: return values_tile_avx2<2>(p, n, r0, D, v, alpha, o);
+    case 1: return values_tile_avx2<1>(p, n, r0, D, v, alpha, o);
+    default: return;
+  }
+}
+
+// r[i] = row i of an 8 x 8 matrix -> r[j] = its column j
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {  // in each 128-bit half, rows 2i and 2i + 1 interleaved
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {  // u[4i + c]: rows 4i..4i+3 of columns c (low half), c + 4 (high)
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+#endif
+
 // ---- AMX steps (bfloat16, head_dim = 32, 64 or 128) ---------------------------------------------
 //
 // Both products of a key block on tiles (tmm0..3: A and B operands, tmm4..7: C), with the
@@ -797,8 +1000,9 @@ void values_amx(const uint32_t* pt, int64_t n, uint32_t* vp, const float* alpha,
 
 // ---- one work item ------------------------------------------------------------------------------
 
-// How a build runs the item's steps: plain loops, AVX-512 float32 (float32 caches, and bfloat16
-// ones widened), AVX-512 with bfloat16 dot products, or those with both products on AMX tiles.
+// How a build runs the item's steps: plain loops, float32 on AVX-512 or AVX2 (float32 caches, and
+// bfloat16 ones widened), AVX-512 with bfloat16 dot products, or those with both products on AMX
+// tiles.
 enum class Path { kPortable, kF32, kDpbf16, kAmx };
 
 #if defined(__AVX512F__)
@@ -847,6 +1051,10 @@ void pack_queries(const Layout& lay, const Item& it, const Tensors<T>& in, int64
   if constexpr (P != Path::kPortable) return pack_queries_avx512<T, P>(lay, it, in, R, w);
 #endif
   for (int64_t r = 0; r < R; ++r) {
+    if (r >= it.rows) {  // rows past the item's (AVX2): zero queries
+      for (int64_t d = 0; d < lay.head_dim; ++d) w.q[d * kRows + r] = 0.f;
+      continue;
+    }
     const T* src = query_row(lay, it, in.query, r);
     for (int64_t d = 0; d < lay.head_dim; ++d) w.q[d * kRows + r] = to_float(src[d]) * in.scale;
   }
@@ -938,6 +1146,16 @@ void key_block(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch&
     block_rows<T, kWiden>(v_head, offs, n, n, D, w.vf.data(), w.vrows.data());
     for (int64_t r = 0; r < R; r += RT)
       values_tile<RT, DV>(s + r, n, w.vrows.data(), w.alpha.data() + r, w.o.data() + r * D);
+#elif PREFIXGATE_AVX2_F32
+    const bool masked = k0 + n - 1 > w.pos[0];  // as above
+    const int64_t padded = (n + 3) / 4 * 4;
+    block_rows<T, kWiden>(k_head, offs, n, padded, D, w.kf.data(), w.krows.data());
+    for (int64_t r = 0; r < R; r += 16)
+      for (int64_t j = 0; j < padded; j += 4)
+        scores_avx2(w.q.data() + r, D, w.krows.data() + j, s + j * kRows + r);
+    softmax_avx2<MV>(s, n, k0, masked, w.pos.data(), w.m.data(), w.l.data(), w.alpha.data());
+    block_rows<T, kWiden>(v_head, offs, n, n, D, w.vf.data(), w.vrows.data());
+    values_avx2(s, n, R, D, w.vrows.data(), w.alpha.data(), w.o.data());
 #endif
   }
 }
@@ -979,7 +1197,7 @@ void key_blocks(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch
     key_block<T, P, MV, DV>(lay, it, in, w, k0, std::min(kKeys, to - k0), R);
 }
 
-// R = the rows computed: it.rows rounded up to whole vectors (16 * MV) on the AVX-512 paths
+// R = the rows computed: it.rows rounded up to whole vectors (16 * MV) on the vector paths
 template <typename T, Path P, int MV, int DV>
 void attend_item(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w) {
   const int64_t R = P == Path::kPortable ? it.rows : 16 * MV;
@@ -1168,6 +1386,120 @@ void attend_token_f32(const Layout& lay, const Item& it, const Tensors<T>& in, S
 }
 #endif
 
+#if PREFIXGATE_AVX2_F32
+// ---- one token's rows with the keys in the lanes (decodes; AVX2) --------------------------------
+//
+// token_block_f32 on 8 lanes: each 8 keys' rows transposed into vectors of one dim (the whole
+// block first, into kt), then each head's chain over dims from zero with its scaled query element
+// broadcast, for all the block's keys at once (NG = up to 8 independent chains, so that their
+// multiply-adds overlap); the softmax per head on the block's 64 keys in 8 vectors
+// (block_sum_lanes8), P written out as the rows' steps lay it out and multiplied by values_avx2.
+
+// ts[g * kKeys + 8 * c + k] = q_g . key 8c + k for heads g < rows and NG groups of 8 keys, whose
+// dims are kt[(c * D + d) * 8 + k]
+template <int NG>
+void token_scores_avx2(const float* q, int64_t rows, int64_t D, const float* kt, float* ts) {
+  for (int64_t g = 0; g < rows; ++g) {
+    const float* qg = q + g * D;
+    __m256 acc[NG];
+    for (int c = 0; c < NG; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 qd = _mm256_broadcast_ss(qg + d);
+      for (int c = 0; c < NG; ++c)
+        acc[c] = _mm256_fmadd_ps(qd, _mm256_load_ps(kt + (c * D + d) * 8), acc[c]);
+    }
+    for (int c = 0; c < NG; ++c) _mm256_store_ps(ts + g * kKeys + 8 * c, acc[c]);
+  }
+}
+
+template <typename T, int DV>
+void token_block_avx2(const T* k_head, const T* v_head, const int64_t* offs, int64_t n,
+                      int64_t rows, Scratch& w) {
+  constexpr int64_t D = 16 * DV;
+  alignas(32) float ts[kTokenRows * kKeys];  // ts[g * kKeys + j]: head g's score of key j
+  alignas(32) float kt[kKeys * D];           // kt[(j / 8 * D + d) * 8 + j % 8]: dim d of key j
+  const float* q = w.q.data();               // [rows][D], scaled
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    for (int64_t c0 = 0; c0 < D; c0 += 8) {
+      __m256 x[8];  // x[i] = dim c0 + i of the 8 keys (keys past n: zeros, masked below)
+      for (int k = 0; k < 8; ++k)
+        x[k] = j0 + k < n ? load8(k_head + offs[j0 + k] + c0) : _mm256_setzero_ps();
+      transpose8(x);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(kt + (j0 * D + (c0 + i) * 8), x[i]);
+    }
+  }
+  switch ((n + 7) / 8) {
+    case 1: token_scores_avx2<1>(q, rows, D, kt, ts); break;
+    case 2: token_scores_avx2<2>(q, rows, D, kt, ts); break;
+    case 3: token_scores_avx2<3>(q, rows, D, kt, ts); break;
+    case 4: token_scores_avx2<4>(q, rows, D, kt, ts); break;
+    case 5: token_scores_avx2<5>(q, rows, D, kt, ts); break;
+    case 6: token_scores_avx2<6>(q, rows, D, kt, ts); break;
+    case 7: token_scores_avx2<7>(q, rows, D, kt, ts); break;
+    default: token_scores_avx2<8>(q, rows, D, kt, ts); break;
+  }
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 vis[8];  // all ones for the keys below n
+  for (int b = 0; b < 8; ++b)
+    vis[b] = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n - 8 * b)), iota));
+  float* s = w.s.data();  // P[j * kRows + g], as softmax_avx2 leaves it
+  for (int64_t g = 0; g < rows; ++g) {
+    __m256 p[8];
+    __m256 mx = _mm256_set1_ps(w.m[g]);
+    for (int b = 0; b < 8; ++b) {
+      p[b] = 8 * b < n ? _mm256_load_ps(ts + g * kKeys + 8 * b) : _mm256_setzero_ps();
+      mx = _mm256_blendv_ps(mx, _mm256_max_ps(mx, p[b]), vis[b]);
+    }
+    mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 0x01));  // a max is exact in any order
+    mx = _mm256_max_ps(mx, _mm256_permute_ps(mx, 0x4E));
+    const __m256 m = _mm256_max_ps(mx, _mm256_permute_ps(mx, 0xB1));
+    for (int b = 0; b < 8; ++b) p[b] = _mm256_and_ps(exp2_8(_mm256_sub_ps(p[b], m)), vis[b]);
+    const float a = _mm256_cvtss_f32(exp2_8(_mm256_sub_ps(_mm256_set1_ps(w.m[g]), m)));
+    w.alpha[g] = a;
+    w.l[g] = std::fma(w.l[g], a, block_sum_lanes8(p));
+    w.m[g] = _mm256_cvtss_f32(m);
+    alignas(32) float pg[kKeys];
+    for (int b = 0; b < 8; ++b) _mm256_store_ps(pg + 8 * b, p[b]);
+    for (int64_t j = 0; j < n; ++j) s[j * kRows + g] = pg[j];
+  }
+  const void** vrows = w.vrows.data();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = v_head + offs[j];
+    if constexpr (std::is_same_v<T, float>) {
+      vrows[j] = src;
+    } else {
+      float* dst = w.vf.data() + j * D;
+      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
+      vrows[j] = dst;
+    }
+  }
+  values_avx2(s, n, rows, D, vrows, w.alpha.data(), w.o.data());
+}
+
+// attend_item for a token item on the AVX2 path: keys in the lanes (token_block_avx2)
+template <typename T, int DV>
+void attend_token_avx2(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch& w) {
+  constexpr int64_t D = 16 * DV;
+  const __m256 scale = _mm256_set1_ps(in.scale);
+  for (int64_t r = 0; r < it.rows; ++r) {  // as pack_queries scales them
+    const T* src = query_row(lay, it, in.query, r);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(w.q.data() + r * D + d, _mm256_mul_ps(load8(src + d), scale));
+  }
+  row_offsets(lay, in.table, it.seq, it.keys, w.offs.data());
+  std::fill(w.m.begin(), w.m.begin() + it.rows, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + it.rows, 0.f);
+  std::fill(w.o.begin(), w.o.begin() + it.rows * D, 0.f);
+  const T* k_head = in.cache + it.kvh * lay.c_head;
+  const T* v_head = k_head + lay.c_kv;
+  for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
+    token_block_avx2<T, DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0),
+                            it.rows, w);
+  store_rows<T, Path::kF32>(lay, it, in, w);
+}
+#endif
+
 // attend_token's instance for this head dim where the build runs the dot-product path (not the
 // AMX one, whose sums a token's rows would not match); else nullptr
 template <typename T>
@@ -1195,6 +1527,14 @@ ItemFn<T> token_fn(int64_t head_dim) {
       case 128: return &attend_token_f32<T, 8>;
       default: break;
     }
+  }
+#elif PREFIXGATE_AVX2_F32
+  switch (head_dim) {
+    case 16: return &attend_token_avx2<T, 1>;
+    case 32: return &attend_token_avx2<T, 2>;
+    case 64: return &attend_token_avx2<T, 4>;
+    case 128: return &attend_token_avx2<T, 8>;
+    default: break;
   }
 #endif
   (void)head_dim;
@@ -1249,6 +1589,14 @@ auto item_fn(int64_t head_dim, int64_t rows) {
     case 32: return by_rows<T, P, 2, kGroup>(rows);
     case 64: return by_rows<T, P, 4, kGroup>(rows);
     case 128: return by_rows<T, P, 8, kGroup>(rows);
+    default: break;
+  }
+#elif PREFIXGATE_AVX2_F32
+  switch (head_dim) {
+    case 16: return by_rows<T, Path::kF32, 1, kGroup>(rows);
+    case 32: return by_rows<T, Path::kF32, 2, kGroup>(rows);
+    case 64: return by_rows<T, Path::kF32, 4, kGroup>(rows);
+    case 128: return by_rows<T, Path::kF32, 8, kGroup>(rows);
     default: break;
   }
 #endif
@@ -1475,11 +1823,11 @@ void attend_all(const Layout& lay, const Tensors<T>& in, const Work& work) {
 
 namespace prefixgate {  // ops.h
 
-// True when this build runs prefills of this head dim with vector instructions. The plain loops
-// are correct but slower than PyTorch's SDPA (2-3x on an AVX2 CPU), so the backend keeps SDPA
-// where this is false.
+// True when this build runs prefills of this head dim with vector instructions (AVX-512, or AVX2
+// + FMA). The plain loops are correct but slower than PyTorch's SDPA (3-8x on an AVX2 CPU), so
+// the backend keeps SDPA where this is false.
 bool prefill_vectorized(int64_t head_dim) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || PREFIXGATE_AVX2_F32
   return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
 #else
   (void)head_dim;

@@ -97,8 +97,8 @@ def test_nan_in_unused_slots_never_reaches_the_output(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 24, 80])
 def test_head_dims(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
-    """16/32/64/128 take the vector path (with AVX-512; bfloat16 32/64/128 on AMX tiles where the
-    CPU has them), 24 and 80 the plain loops."""
+    """16/32/64/128 take the vector path (with AVX-512 or AVX2; bfloat16 32/64/128 on AMX tiles
+    where the CPU has them), 24 and 80 the plain loops."""
     query, cache, meta = make_step(MIXED, 16, 3, dtype=dtype, head_dim=head_dim, seed=3)
     out = run_kernel(query, cache, meta, head_dim**-0.5)
     tol = FP32_TOL if dtype == torch.float32 else BF16_STEP
@@ -210,8 +210,8 @@ def test_mixed_steps_through_the_backend(
     kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, group: int
 ) -> None:
     """paged_attention sends decode rows to the decode kernel and every prefill row to the
-    prefill kernel where it has vector code for SmolLM2's head dim (AVX-512), else to SDPA, and
-    matches the reference."""
+    prefill kernel where it has vector code for SmolLM2's head dim (AVX-512 or AVX2), else to
+    SDPA, and matches the reference."""
     if torch.ops.prefixgate_cpu.prefill_vectorized(64):
         monkeypatch.setattr(cpu_attention, "prefill_sdpa", refuse("SDPA"))
     else:
@@ -291,6 +291,48 @@ def test_a_token_is_bit_identical_however_its_rows_are_split(
             assert all(torch.equal(r, rows[0]) for r in rows), (block_size, length)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_a_token_is_bit_identical_beside_other_sequences(
+    kernel: object, head_dim: int, dtype: torch.dtype
+) -> None:
+    """Each sequence's last token in a step of others (ragged prompts, chunks over cached
+    context, decodes) gets the same bits as that token attended alone, as a decode."""
+    if not cpu_attention.prefill_kernel_serves(torch.empty(1, 1, 1, 1, head_dim, dtype=dtype)):
+        pytest.skip("the prefill kernel has no vector code here")
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    query, cache, meta = make_step(MIXED, 16, 3, dtype, head_dim, seed=12)
+    together = torch.zeros_like(query)
+    every = torch.arange(meta.num_seqs)
+    cpu_attention.paged_prefill(query, cache, meta, head_dim**-0.5, together, every)
+    starts, one = meta.query_start_loc_list, torch.tensor([0, 1], dtype=torch.int32)
+    for s in range(meta.num_seqs):
+        last = starts[s + 1] - 1
+        alone = torch.zeros_like(query[last : last + 1])
+        torch.ops.prefixgate_cpu.paged_prefill_attention(
+            alone, query[last : last + 1], cache, meta.block_tables[s : s + 1], one,
+            meta.seq_lens[s : s + 1], torch.tensor([0]), head_dim**-0.5,
+        )  # fmt: skip
+        assert torch.equal(alone[0].view(bits), together[last].view(bits)), s
+
+
+def float32_path_outputs() -> list[torch.Tensor]:
+    """The prefill kernel's output for every row of seeded mixed steps (decodes with their keys
+    in the lanes or, 20 heads, in the rows; whole prompts; chunks over cached context), float32
+    then bfloat16, head dims 16/32/64/128: the float32 path's bits (bfloat16 widened), which every
+    build of it (AVX-512, AVX2, the plain loops) must reproduce exactly."""
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_dim in (16, 32, 64, 128):
+            for block_size, group in ((16, 3), (4, 20)):
+                query, cache, meta = make_step(MIXED, block_size, group, dtype, head_dim, seed=3)
+                out = torch.zeros_like(query)
+                every = torch.arange(meta.num_seqs)
+                cpu_attention.paged_prefill(query, cache, meta, head_dim**-0.5, out, every)
+                outs.append(out)
+    return outs
+
+
 ISA_CHECK = """
 import sys
 from kernels.options import KernelOptions, configure
@@ -322,11 +364,18 @@ for head_dim in (16, 64, 24):  # decode: one query over a paged context of 6 tok
     torch.testing.assert_close(out[0], want)
 from tests.kernels.test_cpu_ops import fixed_linear_outputs
 torch.save(fixed_linear_outputs(), sys.argv[1] + "/fixed_linear.pt")
-from tests.kernels.test_cpu_prefill import test_a_token_is_bit_identical_however_its_rows_are_split
-if torch.ops.prefixgate_cpu.prefill_vectorized(64):  # a decode's bits, however its rows are split
-    for dtype in (torch.float32, torch.bfloat16):
-        for group in (3, 20):
-            test_a_token_is_bit_identical_however_its_rows_are_split(None, 64, group, dtype)
+from tests.kernels import test_cpu_prefill as t
+vectorized = [bool(torch.ops.prefixgate_cpu.prefill_vectorized(d)) for d in (16, 32, 64, 128, 24)]
+saved = {"vectorized": vectorized, "outputs": t.float32_path_outputs()}
+torch.save(saved, sys.argv[1] + "/prefill.pt")
+for head_dim, vector in zip((16, 32, 64, 128), vectorized):
+    if vector:  # a token's bits, however its rows are split and whatever is beside it
+        for dtype in (torch.float32, torch.bfloat16):
+            for group in (3, 20):
+                t.test_a_token_is_bit_identical_however_its_rows_are_split(
+                    None, head_dim, group, dtype
+                )
+            t.test_a_token_is_bit_identical_beside_other_sequences(None, head_dim, dtype)
 """
 
 
@@ -339,12 +388,41 @@ def _host_has(*flags: str) -> bool:
     return all(flag in words for flag in flags)
 
 
+PORTABLE = "-O3 -fopenmp"  # no -march: plain loops
+
+
+@pytest.fixture(scope="session")
+def isa_build(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Runs ISA_CHECK once per set of flags in this session (a fresh process building the library
+    with those flags only); returns the folder of its saved outputs."""
+    built: dict[str, Path] = {}
+
+    def build(flags: str) -> Path:
+        if flags not in built:
+            folder = tmp_path_factory.mktemp("isa")
+            env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
+            done = subprocess.run(
+                [sys.executable, "-c", ISA_CHECK, str(folder), flags],
+                cwd=Path(__file__).resolve().parents[2],
+                env=env,
+                text=True,
+                capture_output=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            built[flags] = folder
+        return built[flags]
+
+    return build
+
+
 @pytest.mark.parametrize(
-    "flags",
+    ("flags", "vectorized"),
     [
-        pytest.param("-O3 -fopenmp", id="portable"),  # no -march: plain loops
+        pytest.param(PORTABLE, False, id="portable"),
         pytest.param(
             "-O3 -march=skylake-avx512 -fopenmp",
+            True,
             id="avx512-no-bf16",  # the float32 path for bfloat16 too, as on Intel Skylake
             marks=pytest.mark.skipif(
                 not _host_has("avx512f", "avx512bw", "avx512vl", "avx512dq"),
@@ -353,6 +431,7 @@ def _host_has(*flags: str) -> bool:
         ),
         pytest.param(
             "-O3 -mavx2 -mfma -mf16c -mno-avx512f -fopenmp",
+            True,
             id="avx2",  # the AVX2 + FMA branches, never compiled by -march=native on AVX-512
             marks=pytest.mark.skipif(
                 not _host_has("avx2", "fma", "f16c"), reason="the CPU has no AVX2 + FMA"
@@ -360,24 +439,23 @@ def _host_has(*flags: str) -> bool:
         ),
     ],
 )
-def test_build_for_an_isa_matches_reference(kernel: object, tmp_path: Path, flags: str) -> None:
+def test_build_for_an_isa_matches_reference(
+    kernel: object, isa_build: Callable[[str], Path], flags: str, vectorized: bool
+) -> None:
     """The library built for one instruction set only, in a fresh process, against the
     reference: prefill over every dtype and head size above, grouped decodes against ungrouped,
-    a decode's bits however its rows are split (where the build has vector code), and the
-    fixed-order linear bit for bit against the native build."""
-    root = Path(__file__).resolve().parents[2]
-    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/local/bin:/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, "-c", ISA_CHECK, str(tmp_path), flags],
-        cwd=root,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    # the fixed-order linear: the same bits as this process's native build
+    a token's bits however its rows are split and beside other sequences (where the build has
+    vector code: head dims 16/32/64/128 with AVX-512 or AVX2), and bit for bit against the
+    native build: the fixed-order linear, and the prefill kernel's float32 path (float32 caches
+    here and in the plain-loop build; bfloat16 ones widened, against the plain loops')."""
+    folder = isa_build(flags)
     from tests.kernels.test_cpu_ops import fixed_linear_outputs
 
-    built = torch.load(tmp_path / "fixed_linear.pt")
+    built = torch.load(folder / "fixed_linear.pt")
     assert all(torch.equal(a, b) for a, b in zip(built, fixed_linear_outputs(), strict=True))
+    prefill = torch.load(folder / "prefill.pt")
+    assert prefill["vectorized"] == [vectorized] * 4 + [False]
+    native, plain = float32_path_outputs(), torch.load(isa_build(PORTABLE) / "prefill.pt")
+    for i, out in enumerate(prefill["outputs"]):
+        want = native[i] if out.dtype == torch.float32 else plain["outputs"][i]
+        assert torch.equal(out, want), (i, out.dtype)
