@@ -303,6 +303,19 @@ void values_portable(const float* p, int64_t n, int64_t R, int64_t D, const void
 // ---- AVX-512 steps: R = 16 * MV rows, head_dim = 16 * DV ---------------------------------------
 
 #if defined(__AVX512F__)
+// The K and V rows of keys offs[0 .. count) requested now (rows of row_bytes), so that they arrive
+// while the current block runs: the cache's blocks sit anywhere, so no hardware prefetcher
+// follows them.
+template <typename T>
+inline void prefetch_rows(const T* k_head, const T* v_head, const int64_t* offs, int64_t count,
+                          int64_t row_bytes) {
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(k_head + offs[j]) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v_head + offs[j]) + b, _MM_HINT_T0);
+    }
+}
+
 
 // exp2_nonpositive on 16 lanes (scalef multiplies by 2^k exactly, as the exponent bits do)
 inline __m512 exp2_16(__m512 t) {
@@ -575,15 +588,23 @@ constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
 
 // s[g * kKeys + j] = scale * q_g . k_j for the block's n keys (j < n rounded up to 16; the keys
 // past n score 0), q_g = q[g * D / 2 ..] as bfloat16 pairs
+// (and the K and V rows of the keys kPrefetchKeys on requested, 16 per 16 keys scored: `ahead`
+// keys follow offs[kPrefetchKeys - 1] in the item)
+constexpr int64_t kPrefetchKeys = 32;  // how far ahead a token's keys are requested
+
 template <int DV>
-void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head, const int64_t* offs,
-                  int64_t n, float scale, float* s) {
+void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head,
+                  const c10::BFloat16* v_head, const int64_t* offs, int64_t n, int64_t ahead,
+                  float scale, float* s) {
   alignas(64) static constexpr c10::BFloat16 kZeroKey[128] = {};
   constexpr int64_t kPairs = 8 * DV;  // dim pairs
   constexpr int64_t kChunk = kPairs < 16 ? kPairs : 16;
   const __mmask16 mask = static_cast<__mmask16>((1u << kChunk) - 1);
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    if (j0 < ahead)
+      prefetch_rows(head, v_head, offs + kPrefetchKeys + j0, std::min<int64_t>(16, ahead - j0),
+                    16 * DV * static_cast<int64_t>(sizeof(c10::BFloat16)));
     const c10::BFloat16* keys[16];
     for (int64_t k = 0; k < 16; ++k) keys[k] = j0 + k < n ? head + offs[j0 + k] : kZeroKey;
     for (int64_t c0 = 0; c0 < kPairs; c0 += 16) {
@@ -637,10 +658,11 @@ inline void token_values(const c10::BFloat16* v_head, const int64_t* offs, int64
 // dot-product path does it (pack_values, values_tile_dpbf16 on pairs of P laid out per row).
 template <int DV>
 void token_block(const c10::BFloat16* k_head, const c10::BFloat16* v_head, const int64_t* offs,
-                 int64_t n, int64_t rows, float scale, Scratch& w) {
+                 int64_t n, int64_t ahead, int64_t rows, float scale, Scratch& w) {
   constexpr int64_t D = 16 * DV, kPairsPerRow = kKeys / 2;
   float* s = w.s.data();
-  token_scores<DV>(reinterpret_cast<const uint32_t*>(w.q.data()), rows, k_head, offs, n, scale, s);
+  token_scores<DV>(reinterpret_cast<const uint32_t*>(w.q.data()), rows, k_head, v_head, offs, n,
+                   ahead, scale, s);
   for (int64_t g = 0; g < rows; ++g) {
     __m512 p[4];
     __mmask16 vis[4];
@@ -1098,13 +1120,8 @@ void key_block(const Layout& lay, const Item& it, const Tensors<T>& in, Scratch&
 #if PREFIXGATE_AMX_BF16
     if constexpr (P == Path::kAmx) {
       // the next block's K and V rows, requested now so that they arrive while this one runs
-      const int64_t ahead = std::min(kKeys, it.keys - k0 - n);
-      const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-      for (int64_t j = 0; j < ahead; ++j)
-        for (int64_t b = 0; b < row_bytes; b += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(k_head + offs[n + j]) + b, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(v_head + offs[n + j]) + b, _MM_HINT_T0);
-        }
+      prefetch_rows(k_head, v_head, offs + n, std::min(kKeys, it.keys - k0 - n),
+                    D * static_cast<int64_t>(sizeof(T)));
       const bool masked = k0 + n - 1 > w.pos[0];
       // key blocks start at multiples of 64: with blocks of 16k keys, 16 keys are one block's rows
       scores_amx<MV>(reinterpret_cast<const uint32_t*>(w.q.data()), D, k_head, offs, n,
@@ -1288,9 +1305,10 @@ void attend_token(const Layout& lay, const Item& it, const Tensors<c10::BFloat16
   std::fill(w.o.begin(), w.o.begin() + R * D, 0.f);
   const c10::BFloat16* k_head = in.cache + it.kvh * lay.c_head;
   const c10::BFloat16* v_head = k_head + lay.c_kv;
+  prefetch_rows(k_head, v_head, w.offs.data(), std::min(kPrefetchKeys, it.keys), 2 * D);
   for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
-    token_block<DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0), it.rows,
-                    in.scale, w);
+    token_block<DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0),
+                    std::max<int64_t>(0, it.keys - k0 - kPrefetchKeys), it.rows, in.scale, w);
   store_rows<c10::BFloat16, Path::kDpbf16>(lay, it, in, w);
 }
 #endif
