@@ -72,7 +72,7 @@ def llm(request: Any, tiny_dirs: dict[str, str]) -> LLM:
         configure(saved)
     kv = llm.engine.runner.kv_caches[0]
     if not (cpu_attention.load_kernel() is not None and cpu_attention.one_kernel_for_all_rows(kv)):
-        pytest.skip("needs the prefill kernel's AVX-512 code (docs/determinism.md)")
+        pytest.skip("needs the prefill kernel's vector code (docs/determinism.md)")
     model = llm.engine.runner.model
     if path == "stack" and model._stack is None:
         pytest.skip("no layer stack on this machine")

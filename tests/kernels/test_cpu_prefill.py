@@ -376,6 +376,10 @@ for head_dim, vector in zip((16, 32, 64, 128), vectorized):
                     None, head_dim, group, dtype
                 )
             t.test_a_token_is_bit_identical_beside_other_sequences(None, head_dim, dtype)
+if vectorized[2]:  # the engine's outputs, end to end on this build's kernels
+    import pytest
+    engine = "tests/engine/test_batch_invariance.py"
+    assert pytest.main(["-q", "-x", "-p", "no:cacheprovider", engine]) == 0, "not invariant"
 """
 
 
@@ -447,7 +451,8 @@ def test_build_for_an_isa_matches_reference(
     a token's bits however its rows are split and beside other sequences (where the build has
     vector code: head dims 16/32/64/128 with AVX-512 or AVX2), and bit for bit against the
     native build: the fixed-order linear, and the prefill kernel's float32 path (float32 caches
-    here and in the plain-loop build; bfloat16 ones widened, against the plain loops')."""
+    here and in the plain-loop build; bfloat16 ones widened, against the plain loops'). Where it
+    vectorizes, the engine's batch-invariance tests pass on its kernels too."""
     folder = isa_build(flags)
     from tests.kernels.test_cpu_ops import fixed_linear_outputs
 
