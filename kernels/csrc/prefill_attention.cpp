@@ -100,6 +100,23 @@ constexpr int64_t kRows = 64;  // rows of one item at most (4 vectors of 16); sc
 constexpr int64_t kKeys = 64;  // keys per online-softmax block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+#if defined(__AVX512F__) || PREFIXGATE_AVX2_F32
+constexpr int64_t kPrefetchKeys = 32;  // how far ahead a one-token item's keys are requested
+
+// The K and V rows of keys offs[0 .. count) requested now (rows of row_bytes), so that they arrive
+// while the current block runs: the cache's blocks sit anywhere, so no hardware prefetcher
+// follows them.
+template <typename T>
+inline void prefetch_rows(const T* k_head, const T* v_head, const int64_t* offs, int64_t count,
+                          int64_t row_bytes) {
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(k_head + offs[j]) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v_head + offs[j]) + b, _MM_HINT_T0);
+    }
+}
+#endif
+
 // ---- 2^t, for the softmax ----------------------------------------------------------------------
 //
 // Scores are kept in base-2 units (the scale is multiplied by log2(e) before the dot products), so
@@ -303,18 +320,6 @@ void values_portable(const float* p, int64_t n, int64_t R, int64_t D, const void
 // ---- AVX-512 steps: R = 16 * MV rows, head_dim = 16 * DV ---------------------------------------
 
 #if defined(__AVX512F__)
-// The K and V rows of keys offs[0 .. count) requested now (rows of row_bytes), so that they arrive
-// while the current block runs: the cache's blocks sit anywhere, so no hardware prefetcher
-// follows them.
-template <typename T>
-inline void prefetch_rows(const T* k_head, const T* v_head, const int64_t* offs, int64_t count,
-                          int64_t row_bytes) {
-  for (int64_t j = 0; j < count; ++j)
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(k_head + offs[j]) + b, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(v_head + offs[j]) + b, _MM_HINT_T0);
-    }
-}
 
 
 // exp2_nonpositive on 16 lanes (scalef multiplies by 2^k exactly, as the exponent bits do)
@@ -590,8 +595,6 @@ constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
 // past n score 0), q_g = q[g * D / 2 ..] as bfloat16 pairs
 // (and the K and V rows of the keys kPrefetchKeys on requested, 16 per 16 keys scored: `ahead`
 // keys follow offs[kPrefetchKeys - 1] in the item)
-constexpr int64_t kPrefetchKeys = 32;  // how far ahead a token's keys are requested
-
 template <int DV>
 void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head,
                   const c10::BFloat16* v_head, const int64_t* offs, int64_t n, int64_t ahead,
@@ -1305,7 +1308,8 @@ void attend_token(const Layout& lay, const Item& it, const Tensors<c10::BFloat16
   std::fill(w.o.begin(), w.o.begin() + R * D, 0.f);
   const c10::BFloat16* k_head = in.cache + it.kvh * lay.c_head;
   const c10::BFloat16* v_head = k_head + lay.c_kv;
-  prefetch_rows(k_head, v_head, w.offs.data(), std::min(kPrefetchKeys, it.keys), 2 * D);
+  prefetch_rows(k_head, v_head, w.offs.data(), std::min(kPrefetchKeys, it.keys),
+                D * static_cast<int64_t>(sizeof(c10::BFloat16)));
   for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
     token_block<DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0),
                     std::max<int64_t>(0, it.keys - k0 - kPrefetchKeys), it.rows, in.scale, w);
@@ -1324,11 +1328,14 @@ void attend_token(const Layout& lay, const Item& it, const Tensors<c10::BFloat16
 // a prefill's, at a fraction of their cost (its 3 heads no longer fill 16 lanes).
 template <typename T, int DV>
 void token_block_f32(const T* k_head, const T* v_head, const int64_t* offs, int64_t n,
-                     int64_t rows, Scratch& w) {
+                     int64_t ahead, int64_t rows, Scratch& w) {
   constexpr int64_t D = 16 * DV, RT = kValueRows<DV>;
   alignas(64) float ts[kTokenRows * kKeys];  // ts[g * kKeys + j]: head g's score of key j
   const float* q = w.q.data();               // [rows][D], scaled
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    if (j0 < ahead)  // as token_scores requests them
+      prefetch_rows(k_head, v_head, offs + kPrefetchKeys + j0, std::min<int64_t>(16, ahead - j0),
+                    D * static_cast<int64_t>(sizeof(T)));
     for (int64_t c0 = 0; c0 < D; c0 += 16) {
       __m512 x[16];  // x[i] = dim c0 + i of the 16 keys (keys past n: zeros, masked below)
       for (int k = 0; k < 16; ++k)
@@ -1397,9 +1404,11 @@ void attend_token_f32(const Layout& lay, const Item& it, const Tensors<T>& in, S
   std::fill(w.o.begin(), w.o.begin() + R * D, 0.f);
   const T* k_head = in.cache + it.kvh * lay.c_head;
   const T* v_head = k_head + lay.c_kv;
+  prefetch_rows(k_head, v_head, w.offs.data(), std::min(kPrefetchKeys, it.keys),
+                D * static_cast<int64_t>(sizeof(T)));
   for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
     token_block_f32<T, DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0),
-                           it.rows, w);
+                           std::max<int64_t>(0, it.keys - k0 - kPrefetchKeys), it.rows, w);
   store_rows<T, Path::kF32>(lay, it, in, w);
 }
 #endif
@@ -1430,14 +1439,18 @@ void token_scores_avx2(const float* q, int64_t rows, int64_t D, const float* kt,
   }
 }
 
+// (`ahead` keys follow offs[kPrefetchKeys - 1] in the item: requested 8 per 8 keys read)
 template <typename T, int DV>
 void token_block_avx2(const T* k_head, const T* v_head, const int64_t* offs, int64_t n,
-                      int64_t rows, Scratch& w) {
+                      int64_t ahead, int64_t rows, Scratch& w) {
   constexpr int64_t D = 16 * DV;
   alignas(32) float ts[kTokenRows * kKeys];  // ts[g * kKeys + j]: head g's score of key j
   alignas(32) float kt[kKeys * D];           // kt[(j / 8 * D + d) * 8 + j % 8]: dim d of key j
   const float* q = w.q.data();               // [rows][D], scaled
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    if (j0 < ahead)
+      prefetch_rows(k_head, v_head, offs + kPrefetchKeys + j0, std::min<int64_t>(8, ahead - j0),
+                    D * static_cast<int64_t>(sizeof(T)));
     for (int64_t c0 = 0; c0 < D; c0 += 8) {
       __m256 x[8];  // x[i] = dim c0 + i of the 8 keys (keys past n: zeros, masked below)
       for (int k = 0; k < 8; ++k)
@@ -1511,9 +1524,11 @@ void attend_token_avx2(const Layout& lay, const Item& it, const Tensors<T>& in, 
   std::fill(w.o.begin(), w.o.begin() + it.rows * D, 0.f);
   const T* k_head = in.cache + it.kvh * lay.c_head;
   const T* v_head = k_head + lay.c_kv;
+  prefetch_rows(k_head, v_head, w.offs.data(), std::min(kPrefetchKeys, it.keys),
+                D * static_cast<int64_t>(sizeof(T)));
   for (int64_t k0 = 0; k0 < it.keys; k0 += kKeys)
     token_block_avx2<T, DV>(k_head, v_head, w.offs.data() + k0, std::min(kKeys, it.keys - k0),
-                            it.rows, w);
+                            std::max<int64_t>(0, it.keys - k0 - kPrefetchKeys), it.rows, w);
   store_rows<T, Path::kF32>(lay, it, in, w);
 }
 #endif
