@@ -9,7 +9,9 @@ policy picks matters. One model load serves the three runs. Printed per policy:
     TTFT p50 / p99 from the common start;
   - Jain's index over the three tenants' weighted service in that window (the fair policy's
     charge: prompt tokens computed + 2 x tokens sampled, over the tenant's weight; 1.0 is equal);
-  - the prefix-cache hit rate and the total output throughput of the whole run.
+  - the prefix-cache hit rate and the total output throughput of the whole run;
+  - the engine step at which each of B's and C's requests got its first token (the order the
+    policy admitted them in, whatever the machine's speed).
 
 `priority` gives A priority 1 and B, C priority 0 (served first). Targets on a CPU (issue 17):
 Jain >= 0.95 under fair, total throughput >= 90% of fcfs's, the light tenants' TTFT p99 at
@@ -68,6 +70,7 @@ class Run:
     seconds: float = 0.0
     window_s: float = 0.0  # until the first tenant ran out of work
     ttft: dict[str, list[float]] = field(default_factory=dict)
+    first_steps: dict[str, list[int]] = field(default_factory=dict)  # steps of first tokens
     window_output: dict[str, int] = field(default_factory=dict)
     window_service: dict[str, float] = field(default_factory=dict)
     output_tokens: int = 0
@@ -80,6 +83,7 @@ class Run:
                 "output_tps_contended": self.window_output.get(t, 0) / self.window_s,
                 "ttft_p50_s": percentile(self.ttft[t], 50),
                 "ttft_p99_s": percentile(self.ttft[t], 99),
+                "first_token_steps": self.first_steps[t],
                 "weighted_service_contended": self.window_service.get(t, 0.0),
             }
             for t in TENANTS
@@ -117,19 +121,22 @@ def run_policy(policy: str, work: list[Work], loaded: Any, args: argparse.Namesp
             w.prompt, params, f"{w.tenant}-{i}", tenant=w.tenant, priority=PRIORITY[w.tenant]
         )
         requests[r.request_id] = r
-    run = Run(ttft={t: [] for t in TENANTS})
+    run = Run(ttft={t: [] for t in TENANTS}, first_steps={t: [] for t in TENANTS})
     unfinished = {t: sum(w.tenant == t for w in work) for t in TENANTS}
     contended = True
     ledger = engine.scheduler.ledger
     t0 = time.perf_counter()
+    steps = 0
     while engine.has_unfinished:
         deltas = engine.step()
+        steps += 1
         now = time.perf_counter() - t0
         for d in deltas:
             tenant = requests[d.request_id].tenant
             new = sum(len(x.token_ids) for x in d.deltas)
             if new and d.completion_tokens == new:  # the request's first tokens
                 run.ttft[tenant].append(now)
+                run.first_steps[tenant].append(steps)
             if contended:
                 run.window_output[tenant] = run.window_output.get(tenant, 0) + new
             if d.finished:
@@ -162,6 +169,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
                     f"{fig['total_output_tps']:>12.1f}"
                 )
             print(line)
+    for policy, fig in results.items():  # the order of admission, free of the machine's speed
+        light = {t: fig["tenants"][t]["first_token_steps"] for t in TENANTS[1:]}
+        print(f"{policy}: the light tenants' first tokens at engine steps {light}")
 
 
 def main() -> None:
