@@ -48,6 +48,9 @@ from tests.gateway.replicas.test_cluster import sse_events
 OPENAI_ERROR = {"message", "type", "param", "code"}
 MODEL = "tiny"
 STREAMS = 3  # with --max-num-seqs 1: one runs, two wait in the engine's queue
+# A replica's drain lasts as long as its streams, ~1.3 ms a token for the tiny model: 3 x 300
+# tokens ended it within ~1.2 s, so a gateway probing every 1 s could miss that it drained.
+REPLICA_STREAMS = 10
 MAX_TOKENS = 300
 
 
@@ -130,10 +133,10 @@ def stream_chat(url: str, results: list[Any], started: threading.Event) -> None:
         results.append(exc)
 
 
-def start_streams(url: str) -> tuple[list[Any], list[threading.Thread]]:
+def start_streams(url: str, count: int = STREAMS) -> tuple[list[Any], list[threading.Thread]]:
     results: list[Any] = []
     threads = []
-    for _ in range(STREAMS):
+    for _ in range(count):
         started = threading.Event()
         thread = threading.Thread(target=stream_chat, args=(url, results, started), daemon=True)
         thread.start()
@@ -145,7 +148,7 @@ def start_streams(url: str) -> tuple[list[Any], list[threading.Thread]]:
 def assert_streams_finished(results: list[Any], threads: list[threading.Thread]) -> None:
     for thread in threads:
         thread.join(timeout=120)
-    assert len(results) == STREAMS
+    assert len(results) == len(threads)
     for events in results:
         assert isinstance(events, list), events
         assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events[-2]
@@ -213,9 +216,9 @@ def test_sigterm_drains_an_engine_replica(replica: CliProcess, tiny_engine: Any)
         url = stack.enter_context(serve_gateway([replica.url], MODEL))
         other = stack.enter_context(serve_replica(tiny_engine, "in-process"))
         url_2, app_2 = stack.enter_context(gateway_app([replica.url, other]))
-        results, threads = start_streams(url)
-        # The gateway answers 200 before its call to the replica lands: wait for all three.
-        assert wait_until(lambda: in_engine(replica.url) == STREAMS)
+        results, threads = start_streams(url, REPLICA_STREAMS)
+        # The gateway answers 200 before its call to the replica lands: wait for all of them.
+        assert wait_until(lambda: in_engine(replica.url) == REPLICA_STREAMS)
         terminate(replica)
         body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
         refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
