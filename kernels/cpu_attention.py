@@ -10,7 +10,7 @@ softmax and accumulation.
     prefill rows (q_len > 1)    -> C++ prefill kernel, all prefills in one call (`paged_prefill`);
                                    `scaled_dot_product_attention` per sequence where that kernel
                                    has no vector code (`prefill_sdpa`, `prefill_kernel_serves`)
-    bfloat16 where the prefill  -> the prefill kernel for every row, decodes included
+    wherever the prefill        -> the prefill kernel for every row, decodes included
     kernel serves                  (`one_kernel_for_all_rows`: batch-invariant output); decodes
                                    that share leading blocks (`AttentionMetadata.prefix_groups`)
                                    attend those keys once per group (`SHARED_PREFIX`)
@@ -48,8 +48,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# cache dtypes of the prefill kernel; prefills of other dtypes (float16) run `prefill_sdpa`
-PREFILL_DTYPES = (torch.float32, torch.bfloat16)
+# cache dtypes of the prefill kernel (float16 runs its float32 path, widened)
+PREFILL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # False: decodes take the decode kernel again (not batch-invariant; for A/B benchmarks, see
 # bench/offline.py --invariance-ab)
 BATCH_INVARIANT = True
@@ -113,9 +113,9 @@ def paged_decode(
 
 def prefill_kernel_serves(kv_cache: torch.Tensor) -> bool:
     """True when the library is loaded and runs prefills over this cache faster than SDPA: a
-    float32 or bfloat16 CPU cache, and a head dim its vector code covers (AVX-512 or AVX2 + FMA:
-    16, 32, 64, 128). Its plain-loop fallback is exact but slower than SDPA, so the backend
-    avoids it."""
+    float32, bfloat16 or float16 CPU cache, and a head dim its vector code covers (AVX-512 or
+    AVX2 + FMA: 16, 32, 64, 128). Its plain-loop fallback is exact but slower than SDPA, so the
+    backend avoids it."""
     return (
         kv_cache.device.type == "cpu"
         and kv_cache.dtype in PREFILL_DTYPES
@@ -125,8 +125,8 @@ def prefill_kernel_serves(kv_cache: torch.Tensor) -> bool:
 
 
 def one_kernel_for_all_rows(kv_cache: torch.Tensor) -> bool:
-    """True when the prefill kernel attends every row of a step, decodes included: float32 and
-    bfloat16 caches where it serves (`prefill_kernel_serves`), unless `BATCH_INVARIANT` is off.
+    """True when the prefill kernel attends every row of a step, decodes included: caches of
+    every dtype where it serves (`prefill_kernel_serves`), unless `BATCH_INVARIANT` is off.
 
     Its rows come out bit-identical however the step is made up (a decode, a prompt's last
     token in a prefill, in a chunk over cached context, beside other sequences): fixed key
@@ -149,7 +149,7 @@ def paged_prefill(
     """Causal attention of the new tokens of sequences `seq_ids` over their paged contexts, with
     the C++ prefill kernel, written into their rows of `out` (the other rows are left untouched).
 
-    Needs `load_kernel()` to have succeeded and a float32 or bfloat16 cache (`PREFILL_DTYPES`).
+    Needs `load_kernel()` to have succeeded and a cache of `PREFILL_DTYPES`.
 
     Args:
         query: [T, H, D] in the cache dtype (the last dim contiguous), the whole step's rows.

@@ -9,9 +9,9 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
     silu_mul(gate_up)               SwiGLU's silu(gate) * up
     linear_bf16(x, panels, n, bias) bfloat16 matmul against a weight packed by `pack_panels`
                                     (AVX512-BF16), from one decode row to prefill batches
-    linear_fixed(x, panels, n, bias) float32 (or bfloat16 without AVX512-BF16) matmul against a
-                                    weight packed by `pack_fixed`, each output summed over K in
-                                    one order whatever the batch (csrc/linear_fixed.cpp)
+    linear_fixed(x, panels, n, bias) float32, float16 (and bfloat16 without AVX512-BF16) matmul
+                                    against a weight packed by `pack_fixed`, each output summed
+                                    over K in one order whatever the batch (csrc/linear_fixed.cpp)
     argmax_rows(x)                  x.max(dim=-1).indices (first maximum, NaN the largest) for
                                     greedy sampling, at memory speed
     mask_rows(x, bitmask, rows)     x[r, j] = -inf for r in rows where bit j of bitmask[r] is 0 (a
@@ -20,8 +20,9 @@ Each op does in one pass what eager PyTorch does in several, with the same bfloa
                                     (csrc/layer_stack.cpp): these ops and the attention
                                     kernels
 
-They run on CPU tensors of float32 or bfloat16 (`fused_available`). The model falls back to the
-eager ops elsewhere and when `KernelOptions.cpu_fused` is False (`PREFIXGATE_CPU_FUSED=0`).
+They run on CPU tensors of float32 or bfloat16 (`fused_available`), `linear_fixed` on float16 too.
+The model falls back to the eager ops elsewhere and when `KernelOptions.cpu_fused` is False
+(`PREFIXGATE_CPU_FUSED=0`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kernels.cpu_attention import StackAttention, load_kernel
 from kernels.options import options
 
 DTYPES = (torch.float32, torch.bfloat16)
+FIXED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of `linear_fixed`
 
 
 def fused_available(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -118,7 +120,7 @@ def linear_bf16(
 
 
 def pack_fixed(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] float32 or bfloat16 -> [ceil(N / 32), K, 32] for `linear_fixed`: for each
+    """weight [N, K] of `FIXED_DTYPES` -> [ceil(N / 32), K, 32] for `linear_fixed`: for each
     panel of 32 columns, each k's 32 weights contiguous (N zero padded)."""
     n, k = weight.shape
     padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=weight.dtype)
@@ -134,8 +136,8 @@ def linear_fixed(
     *,
     plain: bool = False,
 ) -> torch.Tensor:
-    """x [M, K] (rows contiguous) @ weight.T (+ bias) -> [M, out_features] in x's dtype (float32
-    or bfloat16), with `panels = pack_fixed(weight)`: each output one chain of fused
+    """x [M, K] (rows contiguous) @ weight.T (+ bias) -> [M, out_features] in x's dtype (one of
+    `FIXED_DTYPES`), with `panels = pack_fixed(weight)`: each output one chain of fused
     multiply-adds over k in order, so a row's result is the same bits whatever the batch, the
     build's instruction set, or `plain` (the portable loops) (csrc/linear_fixed.cpp)."""
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype)

@@ -1,4 +1,4 @@
-"""Matmuls against weights packed once at load, on CPU (bfloat16 and float32).
+"""Matmuls against weights packed once at load, on CPU (bfloat16, float32 and float16).
 
 `F.linear` on CPU re-lays out a bf16 weight for oneDNN's kernels on every call, and sends float32
 to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed at load:
@@ -19,6 +19,8 @@ to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed 
   CPUs' bfloat16) output does not depend on the batch either. On an Intel Xeon it runs float32
   at 0.9-1.0x oneDNN's packed GEMM (faster than MKL's `F.linear` up to 256 rows), and bfloat16
   at 2.4x oneDNN's where oneDNN has no AVX512-BF16 (csrc/linear_fixed.cpp).
+- float16: into the same fixed-order panels (widened to float32 exactly, each output rounded
+  once), in place of `F.linear`, for the same reason.
 - where the library is not built: oneDNN's packed weights
   (`torch.ops.mkldnn._reorder_linear_weight`), or `F.linear`.
 
@@ -67,7 +69,7 @@ def _pack_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
 def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
     """The weight [out, in] packed for `linear`, or None where packing does not apply."""
-    if weight.device.type == "cpu" and weight.dtype in cpu_ops.DTYPES:
+    if weight.device.type == "cpu" and weight.dtype in cpu_ops.FIXED_DTYPES:
         if weight.dtype == torch.bfloat16 and cpu_ops.linear_bf16_available():
             return PackedWeight(panels=cpu_ops.pack_panels(weight))
         if cpu_attention.load_kernel() is not None:

@@ -410,15 +410,6 @@ void values_avx512(const float* p, int64_t G, const T* head, const int64_t* offs
 // ---- AVX2 + FMA inner loops for head_dim = 8 * NC (no AVX-512) -------------------------------
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 // out[i] = sum of the 8 lanes of v[i], i = 0..7: two levels of horizontal adds leave, in each
 // 128-bit half, four partial sums of v[0..3] (u0) or v[4..7] (u1); adding the halves ends it.
 inline __m256 reduce8(const float* parts /* [8, 8] */) {

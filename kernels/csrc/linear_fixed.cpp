@@ -1,15 +1,15 @@
 // The fixed-order linear: out = x @ w.T (+ bias) with every output summed over K in one order that
 // no batch size, tile, thread count or instruction set changes, for float32 and for bfloat16 on CPUs
-// without AVX512-BF16 (where `linear_bf16` does not run).
+// without AVX512-BF16 (where `linear_bf16` does not run), and for float16.
 //
 //   linear_fixed(out, x, panels, bias?)   x [M, K], out [M, N], panels from `pack_fixed`, all of
-//                                         one dtype (float32 or bfloat16)
+//                                         one dtype (float32, bfloat16 or float16)
 //
 //   acc = 0;  for k = 0 .. K-1:  acc = fma(x[m, k], w[n, k], acc)     (one rounding per step)
 //   out[m, n] = rnd(acc + bias[n])                                    (rnd: to out's dtype)
 //
-// bfloat16 inputs widen to float32 exactly, so a bfloat16 output is its float32 result rounded
-// once. Each output is a single chain of fused multiply-adds in k order: the vector lanes hold
+// bfloat16 and float16 inputs widen to float32 exactly, so such an output is its float32 result
+// rounded once. Each output is a single chain of fused multiply-adds in k order: the vector lanes hold
 // different outputs (columns), never parts of one sum, so an AVX-512 build, an AVX2 build and the
 // plain loops (std::fma) give the same bits, one row or a thousand. That is what makes a token's
 // logits independent of the rows beside it in its step (docs/determinism.md); MKL's and oneDNN's
@@ -28,8 +28,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "ops.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -51,6 +53,7 @@ constexpr int64_t kRowPass = 192;  // rows per pass over the weights
 
 inline float widen(float v) { return v; }
 inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float widen(c10::Half v) { return static_cast<float>(v); }
 
 template <typename T>
 inline void store_row(const float* acc, const T* bias, int64_t cols, T* out) {
@@ -78,12 +81,6 @@ void panel_rows_plain(int64_t rows, const T* x, int64_t ldx, const T* panel, int
 
 #if defined(__AVX512F__)
 constexpr int kMR512 = 12;  // rows per tile: 24 accumulators of AVX-512's 32 registers
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 template <int MR, typename T>
 inline void panel_tile_512(const T* x, int64_t ldx, const T* panel, int64_t K,
@@ -124,12 +121,6 @@ void panel_rows(int64_t rows, const T* x, int64_t ldx, const T* panel, int64_t K
   }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
 template <int MR, typename T>
 inline void panel_tile_256(const T* x, int64_t ldx, const T* panel, int64_t K,
                            float (*acc)[kCols]) {
@@ -216,7 +207,7 @@ void linear_fixed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && panels.dim() == 3,
               "linear_fixed: expected x [M, K], out [M, N], panels [N / 32, K, 32]");
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "linear_fixed: unsupported dtype ", dtype);
   TORCH_CHECK(panels.scalar_type() == dtype && out.scalar_type() == dtype,
               "linear_fixed: x, panels and out must share a dtype");
@@ -234,6 +225,11 @@ void linear_fixed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
     const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
     return plain ? linear_fixed_plain_impl<float>(out, x, panels, b)
                  : linear_fixed_impl<float>(out, x, panels, b);
+  }
+  if (dtype == at::kHalf) {
+    const c10::Half* b = bias.has_value() ? bias->const_data_ptr<c10::Half>() : nullptr;
+    return plain ? linear_fixed_plain_impl<c10::Half>(out, x, panels, b)
+                 : linear_fixed_impl<c10::Half>(out, x, panels, b);
   }
   const c10::BFloat16* b = bias.has_value() ? bias->const_data_ptr<c10::BFloat16>() : nullptr;
   return plain ? linear_fixed_plain_impl<c10::BFloat16>(out, x, panels, b)

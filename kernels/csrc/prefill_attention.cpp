@@ -67,6 +67,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "ops.h"
 #include "paging.h"
@@ -249,6 +250,7 @@ const T* query_row(const Layout& lay, const Item& it, const T* query, int64_t r)
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
 // ---- the three steps of a key block as plain loops (any head_dim, any build) --------------------
 //
@@ -715,12 +717,6 @@ void token_block(const c10::BFloat16* k_head, const c10::BFloat16* v_head, const
 // decode: attend_token_avx2).
 
 #if PREFIXGATE_AVX2_F32
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
 
 // exp2_nonpositive on 8 lanes. The product p * 2^k is the last operation, rounded once (to a
 // denormal for k = -126 and p < 1), as p * pow2k and scalef do; the empty asm keeps GCC from
@@ -1882,7 +1878,7 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
              : paged_layout("paged_prefill_attention", out, query, kv_cache, block_tables,
                             {&query_start_loc, &seq_lens, &seq_ids});
   const auto dtype = kv_cache.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "paged_prefill_attention: unsupported dtype ", dtype);
   const int64_t num_seqs = seq_lens.size(0);
   TORCH_CHECK(block_tables.size(0) == num_seqs && query_start_loc.size(0) == num_seqs + 1,
@@ -1910,6 +1906,11 @@ void paged_prefill_attention(const at::Tensor& out, const at::Tensor& query,
     const Tensors<float> in{query.const_data_ptr<float>(), kv_cache.const_data_ptr<float>(),
                             block_tables.const_data_ptr(), out.mutable_data_ptr<float>(), s};
     attend_all<float>(lay, in, work);
+  } else if (dtype == at::kHalf) {  // the float32 path, widened
+    using H = c10::Half;
+    const Tensors<H> in{query.const_data_ptr<H>(), kv_cache.const_data_ptr<H>(),
+                        block_tables.const_data_ptr(), out.mutable_data_ptr<H>(), s};
+    attend_all<H>(lay, in, work);
   } else {
     using BF = c10::BFloat16;
     const Tensors<BF> in{query.const_data_ptr<BF>(), kv_cache.const_data_ptr<BF>(),

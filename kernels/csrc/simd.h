@@ -2,9 +2,10 @@
 // kernels of this library (internal linkage: each source file gets its own copy).
 //
 //   load16(p)       16 elements at p (float32, bfloat16 or float16) -> __m512
+//   load8(p)        8 elements at p -> __m256, where the build has AVX2 (float16 with F16C)
 //   to_bf16_bits(v) float32 -> bfloat16 bits, round to nearest even, NaN kept quiet (as
 //                   c10::BFloat16 does)
-//   store16(p, v)   16 float32 lanes -> p as float32 or bfloat16 (rounded as above)
+//   store16(p, v)   16 float32 lanes -> p as float32, bfloat16 (rounded as above) or float16
 //
 // And AMX: PREFIXGATE_AMX_BF16 is 1 where the build targets AMX tiles with bf16 products (and
 // AVX512-BF16), else 0. amx_permitted() asks Linux once for this process's tile data (false where
@@ -102,6 +103,31 @@ inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(c10::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits(v));
 }
+inline void store16(c10::Half* p, __m512 v) {  // round to nearest even, as c10::Half does
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+}  // namespace
+#endif
+
+#if defined(__AVX2__)
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#if defined(__F16C__)
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
 
 }  // namespace
 #endif

@@ -1,7 +1,7 @@
-"""Output is batch-invariant (docs/determinism.md), in bfloat16 and in float32: a request's tokens
-and logprobs are bit-identical whether it runs alone or inside a batch of others, however its
-prompt is split into prefill chunks, and whether its prefix came from the prefix cache. Greedy
-and seeded."""
+"""Output is batch-invariant (docs/determinism.md), in bfloat16, float32 and float16: a request's
+tokens and logprobs are bit-identical whether it runs alone or inside a batch of others, however
+its prompt is split into prefill chunks, and whether its prefix came from the prefix cache.
+Greedy and seeded."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def cases(draw: st.DrawFn) -> Case:
 
 # the layer paths a CPU engine can take: the one-call layer stack (bfloat16, the default), the
 # Python layers with the fused ops, the Python layers with eager PyTorch ops; qwen2 has q/k/v
-# biases. float32 has no layer stack.
+# biases. float32 has no layer stack; float16 has neither it nor the fused row ops (its Python
+# layers run eager row ops beside the fixed-order linear and the prefill kernel).
 PARAMS = [
     ("llama", "stack", "bfloat16"),
     ("qwen2", "stack", "bfloat16"),
@@ -56,6 +57,8 @@ PARAMS = [
     ("llama", "python", "float32"),
     ("qwen2", "python", "float32"),
     ("llama", "eager", "float32"),
+    ("llama", "python", "float16"),
+    ("qwen2", "python", "float16"),
 ]
 
 

@@ -13,6 +13,7 @@ from kernels import options as kernel_options
 from kernels.options import KernelOptions
 
 DTYPES = [torch.float32, torch.bfloat16]
+FIXED_DTYPES = [*DTYPES, torch.float16]  # linear_fixed's
 
 
 @pytest.fixture(scope="module")
@@ -250,14 +251,14 @@ def test_mask_rows_refuses_bad_input(cpu_ops) -> None:  # type: ignore[no-untype
 
 
 def fixed_linear_outputs() -> list[torch.Tensor]:
-    """`linear_fixed` on seeded inputs (ragged N and K, a bias, strided rows), float32 and
-    bfloat16: the bits every build of the library must reproduce (test_cpu_prefill's ISA
+    """`linear_fixed` on seeded inputs (ragged N and K, a bias, strided rows), float32, bfloat16
+    and float16: the bits every build of the library must reproduce (test_cpu_prefill's ISA
     builds compare theirs with the native build's)."""
     from kernels import cpu_ops
 
     g = gen(7)
     outs = []
-    for dtype in DTYPES:
+    for dtype in FIXED_DTYPES:
         w = torch.randn(70, 45, generator=g).to(dtype)
         wide = torch.randn(13, 50, generator=g).to(dtype)
         bias = torch.randn(70, generator=g).to(dtype)
@@ -265,12 +266,12 @@ def fixed_linear_outputs() -> list[torch.Tensor]:
     return outs
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FIXED_DTYPES)
 @pytest.mark.parametrize(("n", "k"), [(96, 64), (70, 45), (8, 576), (13, 1), (960, 576)])
 def test_linear_fixed_is_one_fma_chain_per_output(cpu_ops, dtype, n, k) -> None:  # type: ignore[no-untyped-def]
     """Every row's result is the same bits in a batch of 1 to 300 rows (the vector tiles and
     their ragged tails), in the portable loops, and against a float64 reference up to the
-    rounding of K fused multiply-adds (and of the output, in bfloat16)."""
+    rounding of K fused multiply-adds (and of the output, in bfloat16 and float16)."""
     g = gen(n * 7 + k)
     w = torch.randn(n, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
@@ -284,7 +285,7 @@ def test_linear_fixed_is_one_fma_chain_per_output(cpu_ops, dtype, n, k) -> None:
             assert torch.equal(cpu_ops.linear_fixed(x[start : start + rows], panels, n, b),
                                full[start : start + rows])  # fmt: skip
         want = x.double() @ w.double().T + (0 if b is None else b.double())
-        tol = 1e-6 * k if dtype == torch.float32 else 2**-7
+        tol = {torch.float32: 1e-6 * k, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
         torch.testing.assert_close(full.double(), want, rtol=tol, atol=tol)
 
 

@@ -94,7 +94,7 @@ def test_nan_in_unused_slots_never_reaches_the_output(
     torch.testing.assert_close(out[rows].float(), want[rows], atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 24, 80])
 def test_head_dims(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
     """16/32/64/128 take the vector path (with AVX-512 or AVX2; bfloat16 32/64/128 on AMX tiles
@@ -106,7 +106,7 @@ def test_head_dims(kernel: object, dtype: torch.dtype, head_dim: int) -> None:
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_prompts_of_every_length_class(kernel: object, dtype: torch.dtype) -> None:
     """Fresh prompts of 2..300 tokens: around the 16-row vectors, 64-row items and 64-key blocks,
     and long enough that one item spans several key blocks."""
@@ -117,7 +117,7 @@ def test_prompts_of_every_length_class(kernel: object, dtype: torch.dtype) -> No
     torch.testing.assert_close(out.float(), oracle(query, cache, meta, 0.125), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunked_prefills_over_cached_context(kernel: object, dtype: torch.dtype) -> None:
     """Chunks whose first new token is deep in the context: most key blocks are unmasked."""
     batch = [(1100, 64), (300, 7), (129, 128), (70, 69), (2000, 2)]
@@ -181,7 +181,7 @@ def test_float32_is_about_as_exact_as_the_float32_reference(
     assert kernel_err <= 2 * reference_err
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_same_result_on_any_thread_count(kernel: object, dtype: torch.dtype) -> None:
     """Each row is computed the same way whichever thread takes it and however the rows are
     split into items: results are bitwise equal on 1 and 2 threads."""
@@ -225,12 +225,13 @@ def test_mixed_steps_through_the_backend(
         torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float16, 64), (torch.float32, 24)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_prefills_the_kernel_does_not_vectorize_run_sdpa(
-    kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, head_dim: int
+    kernel: object, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
-    """float16 caches, and head dims without vector code (where the plain loops would be slower
-    than SDPA), keep the SDPA path."""
+    """Head dims without vector code (where the plain loops would be slower than SDPA) keep
+    the SDPA path."""
+    head_dim = 24
     monkeypatch.setattr(cpu_attention, "paged_prefill", refuse("the prefill kernel"))
     query, cache, meta = make_step(MIXED, 16, 3, dtype=dtype, head_dim=head_dim, seed=11)
     assert not cpu_attention.prefill_kernel_serves(cache)
@@ -258,10 +259,10 @@ def test_bad_inputs_are_refused(kernel: object) -> None:
     with pytest.raises(RuntimeError, match="share a dtype"):
         op(out, query.bfloat16(), cache, *args, ids, 0.1)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
-        op(out.half(), query.half(), cache.half(), *args, ids, 0.1)
+        op(out.double(), query.double(), cache.double(), *args, ids, 0.1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 7, 16, 20])
 def test_a_token_is_bit_identical_however_its_rows_are_split(
@@ -270,7 +271,7 @@ def test_a_token_is_bit_identical_however_its_rows_are_split(
     """The last token of a sequence gets the same bits as a decode (one new token: its keys in
     the lanes, up to 16 heads), as the last row of a whole prompt, and in chunks of 2-65 tokens
     over the cached rest (its heads among other rows in the lanes): the batch invariance of
-    docs/determinism.md, in float32 and bfloat16."""
+    docs/determinism.md, in float32, bfloat16 and float16."""
     if not cpu_attention.prefill_kernel_serves(torch.empty(1, 1, 1, 1, head_dim, dtype=dtype)):
         pytest.skip("the prefill kernel has no vector code here")
     bits = torch.int32 if dtype == torch.float32 else torch.int16
@@ -291,7 +292,7 @@ def test_a_token_is_bit_identical_however_its_rows_are_split(
             assert all(torch.equal(r, rows[0]) for r in rows), (block_size, length)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 def test_a_token_is_bit_identical_beside_other_sequences(
     kernel: object, head_dim: int, dtype: torch.dtype
@@ -318,11 +319,11 @@ def test_a_token_is_bit_identical_beside_other_sequences(
 
 def float32_path_outputs() -> list[torch.Tensor]:
     """The prefill kernel's output for every row of seeded mixed steps (decodes with their keys
-    in the lanes or, 20 heads, in the rows; whole prompts; chunks over cached context), float32
-    then bfloat16, head dims 16/32/64/128: the float32 path's bits (bfloat16 widened), which every
-    build of it (AVX-512, AVX2, the plain loops) must reproduce exactly."""
+    in the lanes or, 20 heads, in the rows; whole prompts; chunks over cached context), float32,
+    bfloat16 and float16, head dims 16/32/64/128: the float32 path's bits (bfloat16 and float16
+    widened), which every build of it (AVX-512, AVX2, the plain loops) must reproduce exactly."""
     outs = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for head_dim in (16, 32, 64, 128):
             for block_size, group in ((16, 3), (4, 20)):
                 query, cache, meta = make_step(MIXED, block_size, group, dtype, head_dim, seed=3)
@@ -342,7 +343,7 @@ from kernels import _build, cpu_attention, reference
 from tests.kernels.test_cpu_attention import make_step
 _build.FLAG_SETS = (sys.argv[2].split(),)  # one ISA, whatever the host has beyond it
 assert cpu_attention.load_kernel() is not None
-for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7), (torch.float16, 2**-9)):
     for head_dim in (16, 64, 24):
         batch = [(37, 1), (5, 5), (50, 13), (130, 129)]
         query, cache, meta = make_step(batch, 4, 3, dtype=dtype, head_dim=head_dim)
@@ -370,7 +371,7 @@ saved = {"vectorized": vectorized, "outputs": t.float32_path_outputs()}
 torch.save(saved, sys.argv[1] + "/prefill.pt")
 for head_dim, vector in zip((16, 32, 64, 128), vectorized):
     if vector:  # a token's bits, however its rows are split and whatever is beside it
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for group in (3, 20):
                 t.test_a_token_is_bit_identical_however_its_rows_are_split(
                     None, head_dim, group, dtype
@@ -450,8 +451,9 @@ def test_build_for_an_isa_matches_reference(
     reference: prefill over every dtype and head size above, grouped decodes against ungrouped,
     a token's bits however its rows are split and beside other sequences (where the build has
     vector code: head dims 16/32/64/128 with AVX-512 or AVX2), and bit for bit against the
-    native build: the fixed-order linear, and the prefill kernel's float32 path (float32 caches
-    here and in the plain-loop build; bfloat16 ones widened, against the plain loops'). Where it
+    native build: the fixed-order linear, and the prefill kernel's float32 path (float32 and
+    float16 caches here and in the plain-loop build; bfloat16 ones widened, against the plain
+    loops', as the native build may run bfloat16 on AMX tiles). Where it
     vectorizes, the engine's batch-invariance tests pass on its kernels too."""
     folder = isa_build(flags)
     from tests.kernels.test_cpu_ops import fixed_linear_outputs
@@ -462,5 +464,5 @@ def test_build_for_an_isa_matches_reference(
     assert prefill["vectorized"] == [vectorized] * 4 + [False]
     native, plain = float32_path_outputs(), torch.load(isa_build(PORTABLE) / "prefill.pt")
     for i, out in enumerate(prefill["outputs"]):
-        want = native[i] if out.dtype == torch.float32 else plain["outputs"][i]
+        want = plain["outputs"][i] if out.dtype == torch.bfloat16 else native[i]
         assert torch.equal(out, want), (i, out.dtype)
