@@ -6,9 +6,9 @@ This module imports Triton unconditionally: import it only through `kernels.trit
 Every kernel mirrors a function of `kernels.reference` (the oracle):
 
     _write_kv_kernel        reference.write_kv
-    _decode_kernel          reference._decode_attention        (+ split-K partials)
-    _merge_kernel           triton_attention.merge_partitions_reference
-    _prefill_kernel         reference._prefill_attention
+    _unified_kernel         reference.paged_attention          (every row: decodes, prefills)
+    _decode_kernel          reference._decode_attention        (+ split-K partials; not
+    _merge_kernel           triton_attention.merge_partitions_reference   batch-invariant)
 
 Shapes (one layer), as in `kernels.reference`:
 
@@ -269,13 +269,15 @@ def _merge_kernel(
 
 
 @triton.jit
-def _prefill_kernel(
+def _unified_kernel(
     out_ptr,  # [T, H, D]
     q_ptr,  # [T, H, D]
     cache_ptr,  # [2, num_blocks, block_size, KVH, D]
     block_tables_ptr,  # [S, max_blocks] int32
     seq_lens_ptr,  # [S] int32
     query_start_loc_ptr,  # [S + 1] int32
+    tiles_ptr,  # [2, num_tiles] int32: each program's sequence, then its first new token
+    num_tiles,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -290,38 +292,41 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # BLOCK_M // GROUP new tokens per program
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """Grid (S, cdiv(max_q_len * G, BLOCK_M), KVH): causal attention of a tile of query rows.
+    """Grid (num_tiles, KVH): causal attention of up to BLOCK_Q new tokens of one sequence, all G
+    query heads of one KV head, whatever the sequence is (a decode, a prefill, a chunk).
 
-    A sequence's q_len new tokens and a KV head's G query heads form q_len * G rows, ordered
-    token-major (row r = token r // G, head r % G), so one K/V tile serves the whole group:
+    Row r of the tile is token `first + r // G`, head `r % G`; rows past BLOCK_Q * G or past the
+    sequence's new tokens are padding (they repeat token `first` and are not stored):
 
-        rows  | t0h0 t0h1 .. t0h(G-1) t1h0 ... |   BLOCK_M of them per program
-        keys  | 0 ........ ctx-1 | ctx ... seq_len-1 |   new token i sees keys 0 .. ctx + i
+        rows  | t0h0 .. t0h(G-1) | t1h0 .. | ... | t(BLOCK_Q-1)h(G-1) | pad |   BLOCK_M rows
+        keys  | 0 .. BLOCK_N-1 | BLOCK_N .. | ... |   tiles aligned to position 0, up to the
+                                                      tile's last token; new token i of a
+                                                      sequence with ctx cached keys sees 0..ctx+i
 
-    where ctx = seq_len - q_len is the cached context. Keys are read from the paged cache
-    (`write_kv` already stored the new tokens). Sequences with q_len == 1 exit at once (the decode
-    kernel owns them), as do tiles past a sequence's rows.
+    Every program has the same shapes (BLOCK_M x BLOCK_D queries, BLOCK_N keys per step), reads
+    key tiles in the same order from position 0, and masks the keys past a row's position to
+    exact zeros: a tile past a row's position leaves its (m, l, acc) as they were (alpha = 1,
+    p = 0). So a token's output rows are the same bits whichever program computes them and
+    whatever else the step holds (docs/determinism.md).
     """
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kvh = tl.program_id(2)
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(tiles_ptr + tile)
+    first = tl.load(tiles_ptr + num_tiles + tile)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 1:
-        return
-    if tile * BLOCK_M >= q_len * GROUP:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    ctx = seq_len - q_len
+    ctx = tl.load(seq_lens_ptr + seq) - q_len
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len * GROUP
-    tok = tl.where(row_ok, rows // GROUP, q_len - 1)  # padding rows repeat the last token
-    heads = kvh * GROUP + rows % GROUP
+    r = tl.arange(0, BLOCK_M)
+    tok = first + r // GROUP  # [BLOCK_M] new token of each row, within the sequence
+    row_ok = (r < BLOCK_Q * GROUP) & (tok < q_len)
+    tok = tl.where(row_ok, tok, first)
+    heads = kvh * GROUP + r % GROUP
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
@@ -333,7 +338,7 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    end = tl.minimum(ctx + tl.max(tok, axis=0) + 1, seq_len)  # keys this tile needs
+    end = ctx + tl.minimum(first + BLOCK_Q, q_len)  # keys this tile needs
     for n0 in range(0, end, BLOCK_N):
         key = n0 + tl.arange(0, BLOCK_N)
         valid = key < end
