@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernels import get_attention_backend, reference
 from kernels.metadata import AttentionMetadata
+from tests.engine import invariance
 from tests.helpers import ToyBlockAllocator
 
 HAS_TRITON = find_spec("triton") is not None
@@ -474,6 +475,32 @@ def test_engine_greedy_matches_transformers(tmp_path_factory: pytest.TempPathFac
         with torch.inference_mode():
             ids = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
         assert out.outputs[0].token_ids == ids[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+def triton_llm(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny model's engine on the Triton backend (through the interpreter on CPU)."""
+    require_runnable_kernels()
+    from engine import LLM
+    from kernels import cpu_attention
+    from tests.helpers import make_tiny_model_dir
+
+    if DEVICE == "cuda":
+        pytest.skip("on CUDA the model's matmuls are cuBLAS's, whose kernels follow the batch")
+    if cpu_attention.load_kernel() is None:
+        pytest.skip("the CPU matmuls are fixed-order only in the C++ library")
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
+    return LLM(path, dtype=request.param, block_size=4, num_blocks=256, attention_backend="triton")
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=invariance.cases())
+def test_engine_output_does_not_depend_on_batch_chunks_or_cache(
+    triton_llm: Any, case: invariance.Case
+) -> None:
+    """docs/determinism.md's property on the Triton backend: a request's tokens and logprobs
+    are the same bits alone, in chunks, beside others and after its prefix was cached."""
+    invariance.assert_invariant(triton_llm, case)
 
 
 def test_kernels_in_fresh_process() -> None:
