@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 
 from kernels import triton_kernels as _k
 from kernels.triton_attention import WRITE_KV_ELEMENTS, tiling
+from kernels.triton_matmul import config_for
 
 __all__ = ["CompiledKernel", "compile_all"]
 
@@ -84,8 +85,8 @@ Variant = tuple[Any, str, int, dict[str, Any]]
 
 
 def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Variant]:
-    """(kernel, variant name, num_warps, constexprs) as `kernels.triton_attention` launches them
-    for 8 KV heads."""
+    """(kernel, variant name, num_warps, constexprs) as `kernels.triton_attention` (for 8 KV
+    heads) and `kernels.triton_matmul` launch them."""
     decode_cfg, unified_cfg = tiling(DTYPES[dtype])
     dot_f32 = dtype == "fp32"
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -123,8 +124,17 @@ def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Va
         BLOCK_N=unified_cfg.block_n,
         DOT_F32=dot_f32,
     )
+    matmul_cfg = config_for(DTYPES[dtype])
+    matmul = dict(
+        HAS_BIAS=True,
+        BLOCK_M=matmul_cfg.block_m,
+        BLOCK_N=matmul_cfg.block_n,
+        BLOCK_K=matmul_cfg.block_k,
+        DOT_F32=dot_f32,
+    )
     warps = decode_cfg.num_warps
     return [
+        (_k._linear_kernel, "", matmul_cfg.num_warps, matmul),
         (_k._write_kv_kernel, "", 4, write),
         (_k._unified_kernel, "", unified_cfg.num_warps, unified),
         (_k._decode_kernel, "direct", warps, dict(decode, SPLIT=False)),

@@ -1,14 +1,17 @@
-"""Triton kernels for paged attention; the host-side API is `kernels.triton_attention`.
+"""Triton kernels for paged attention (host side: `kernels.triton_attention`) and the matmul
+(`kernels.triton_matmul`).
 
 This module imports Triton unconditionally: import it only through `kernels.triton_attention`
-(or the "triton" backend), which turns a missing Triton into a clear error.
+(or the "triton" backend), which turns a missing Triton into a clear error, or
+`kernels.triton_matmul` (whose importers catch the ImportError).
 
-Every kernel mirrors a function of `kernels.reference` (the oracle):
+Every kernel mirrors a PyTorch function (`kernels.reference` is the attention's oracle):
 
     _write_kv_kernel        reference.write_kv
     _unified_kernel         reference.paged_attention          (every row: decodes, prefills)
     _decode_kernel          reference._decode_attention        (+ split-K partials; not
     _merge_kernel           triton_attention.merge_partitions_reference   batch-invariant)
+    _linear_kernel          triton_matmul.linear_reference     (batch-invariant matmul)
 
 Shapes (one layer), as in `kernels.reference`:
 
@@ -366,3 +369,46 @@ def _unified_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    b_ptr,  # [N] (HAS_BIAS)
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): out = x @ w.T (+ b) for one output tile.
+
+    K is reduced in BLOCK_K steps from 0, in order, into one float32 accumulator, then the bias is
+    added once: each output's sum has the same order whatever M and whichever tile holds its row
+    (rows past M and keys past K read as zeros). Mirrors `triton_matmul.linear_reference`.
+    """
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += _dot(a, b, DOT_F32)  # [BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

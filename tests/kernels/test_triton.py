@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -409,6 +410,31 @@ def reference_rows(seq: Sequence, length: int, block_size: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# the batch-invariant matmul
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_rows_do_not_depend_on_the_batch(dtype: torch.dtype, bias: bool) -> None:
+    """Rows of a batch of M are the same bits as the same rows in batches of other sizes (at
+    other offsets in their tiles), and close to `F.linear`. K and N are not multiples of the
+    tiles: masked keys and columns."""
+    require_runnable_kernels()
+    from kernels import triton_matmul
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(150, 200, generator=gen).to(dtype).to(DEVICE)
+    weight = (torch.randn(72, 200, generator=gen) / 14).to(dtype).to(DEVICE)
+    b = torch.randn(72, generator=gen).to(dtype).to(DEVICE) if bias else None
+    full = triton_matmul.linear(x, weight, b)
+    torch.testing.assert_close(full, triton_matmul.linear_reference(x, weight, b), **TOL[dtype])
+    torch.testing.assert_close(full.float(), F.linear(x, weight, b).float(), **TOL[dtype])
+    for start, rows in [(0, 1), (37, 1), (5, 3), (64, 64), (13, 65), (100, 50)]:
+        part = triton_matmul.linear(x[start : start + rows], weight, b)
+        assert torch.equal(part, full[start : start + rows]), (start, rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # backend table, errors
 
 
@@ -486,7 +512,9 @@ def triton_llm(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from tests.helpers import make_tiny_model_dir
 
     if DEVICE == "cuda":
-        pytest.skip("on CUDA the model's matmuls are cuBLAS's, whose kernels follow the batch")
+        # the matmuls run kernels.triton_matmul there, but RMSNorm and log_softmax are PyTorch's
+        # CUDA reductions, whose strategy may follow the number of rows: not yet made invariant
+        pytest.skip("the per-row PyTorch ops on CUDA are not known to be batch-invariant")
     if cpu_attention.load_kernel() is None:
         pytest.skip("the CPU matmuls are fixed-order only in the C++ library")
     path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
@@ -526,5 +554,6 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 10 and all("spills 0 B" in line for line in lines), done.stdout
+    assert len(lines) == 12 and all("spills 0 B" in line for line in lines), done.stdout
     assert sum("_unified_kernel" in line for line in lines) == 2, done.stdout
+    assert sum("_linear_kernel" in line for line in lines) == 2, done.stdout
