@@ -372,7 +372,7 @@ def load_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
 
     if device.type == "cuda":
         backend = get_attention_backend("triton", device)
-        print("tiling (decode, prefill):", *backend.tiling(dtype), "\n")
+        print("tiling (decode, unified):", *backend.tiling(dtype), "\n")
         return "triton", backend
     from kernels import cpu_attention
 

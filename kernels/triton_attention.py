@@ -3,18 +3,24 @@
     write_kv(key, value, kv_cache, slot_mapping)      reshape-and-cache into the paged blocks
     paged_attention(query, kv_cache, meta, scale)     a mixed batch: decodes and (chunked) prefills
 
-`paged_attention` launches at most three kernels over the whole batch (see `kernels.triton_kernels`
-for the kernels themselves):
+`paged_attention` is batch-invariant (docs/determinism.md): every row of a step, decodes included,
+goes to one kernel with one tiling (see `kernels.triton_kernels` for the kernels themselves):
 
-    decodes (q_len == 1)  _decode_kernel   grid (S, KVH, num_splits)  flash-decoding over context
-                          _merge_kernel    grid (S, H)                only when the context is split
-    prefills (q_len > 1)  _prefill_kernel  grid (S, cdiv(max_q_len * G, BLOCK_M), KVH)
-    write_kv              _write_kv_kernel grid (cdiv(T, BLOCK_T),)
+    every row             _unified_kernel   grid (num_tiles, KVH)     BLOCK_Q tokens of one sequence
+    write_kv              _write_kv_kernel  grid (cdiv(T, BLOCK_T),)
 
-Each kernel takes every sequence of the batch and skips at once the ones the other kernel owns, so
-the metadata is used as is: no index tensors are built or copied. The host only counts the decodes
-and their longest context, once per step (kept in `meta.derived["triton"]` for every layer), to
-size the split-K grid.
+A token's output is then the same bits whether it is a decode, the last token of a whole prompt or
+inside a chunk over cached context, and whatever else the step holds. The host lists each
+program's (sequence, first token) once per step (kept in `meta.derived["triton"]` for every
+layer).
+
+`BATCH_INVARIANT = False` (a module flag for A/B measurements, not a setting) sends decodes back
+to the split-K flash-decoding kernels instead, whose number of splits follows the batch and the
+GPU's SM count, so the sums' order, and the bits, depend on what else is batched:
+
+    decodes (q_len == 1)  _decode_kernel    grid (S, KVH, num_splits) flash-decoding over context
+                          _merge_kernel     grid (S, H)               only when the context is split
+    prefills (q_len > 1)  _unified_kernel   grid (num_prefill_tiles, KVH)
 
 Triton is optional (`pip install 'prefixgate[triton]'`): importing this module without it raises
 ImportError, which `kernels.get_attention_backend("triton")` turns into a clear error. The kernels
@@ -27,7 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,15 +49,20 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 __all__ = [
+    "BATCH_INVARIANT",
     "DecodeConfig",
-    "PrefillConfig",
+    "UnifiedConfig",
     "decode_attention",
     "merge_partitions_reference",
     "paged_attention",
-    "prefill_attention",
     "tiling",
+    "unified_attention",
     "write_kv",
 ]
+
+# False: decodes take the split-K decode kernel (faster for long contexts at small batches, not
+# batch-invariant; for A/B measurements, like `kernels.cpu_attention.BATCH_INVARIANT`)
+BATCH_INVARIANT = True
 
 
 def _is_pow2_at_least_16(n: int) -> bool:
@@ -60,7 +71,7 @@ def _is_pow2_at_least_16(n: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
-    """Tiling of the decode kernel.
+    """Tiling of the split-K decode kernel (only with `BATCH_INVARIANT` off).
 
     partition: context tokens per split (flash-decoding); a multiple of `block_n`.
     block_n: context tokens per K/V tile inside a split (a power of two, at least 16 for `tl.dot`).
@@ -82,11 +93,13 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillConfig:
-    """Tiling of the prefill kernel: `block_m` query rows (token x group head) per program against
-    `block_n` keys per step (powers of two, at least 16), on `num_warps` warps."""
+class UnifiedConfig:
+    """Tiling of the unified kernel: `block_m` query rows per program (`block_m // G` tokens x
+    the G query heads of one KV head) against `block_n` keys per step (powers of two, at least
+    16), on `num_warps` warps. One tiling for every program of every step: it is part of what
+    fixes the order of each row's sums."""
 
-    block_m: int = 64
+    block_m: int = 32
     block_n: int = 64
     num_warps: int = 4
 
@@ -94,22 +107,28 @@ class PrefillConfig:
         if not (_is_pow2_at_least_16(self.block_m) and _is_pow2_at_least_16(self.block_n)):
             raise ValueError("block_m and block_n must be powers of two >= 16")
 
+    def block_q(self, group: int) -> int:
+        """New tokens per program for `group` query heads per KV head."""
+        if group > self.block_m:
+            raise ValueError(f"block_m {self.block_m} is below the {group} query heads per KV head")
+        return self.block_m // group
+
 
 # No register spills for H=32, KVH=8, D=128 on sm_80 and sm_90, nor for SmolLM2's H=9, KVH=3,
-# D=64 (`python -m kernels.triton_compile --registers`). Half precision tuned on an H200 (bf16,
-# H=32 KVH=8 D=128, block_size 16; sweep of block_m 64/128 x block_n 32/64/128 x 4/8 warps): 4
-# prefill warps instead of 8 took the 4,096-token prefill 0.92 -> 0.49 ms and 16 x 64 new tokens
-# over 8k cached 1.00 -> 0.49 ms; the decode default was already within noise of the best.
-# float32 multiplies exactly (no tensor cores), so it needs smaller tiles.
+# D=64 (`python -m kernels.triton_compile --registers`). The decode tiling was tuned on an H200
+# (bf16, H=32 KVH=8 D=128, block_size 16), as was the prefill kernel the unified one replaced
+# (block_m 64, 4 warps). The unified kernel's block_m of 32 is a guess between a prefill's
+# (larger tiles reuse each K/V tile for more rows) and a decode's (a decode uses G of the rows):
+# not measured on a GPU. float32 multiplies exactly (no tensor cores), so it needs smaller tiles.
 _TILING = {
-    "half": (DecodeConfig(), PrefillConfig(num_warps=4)),
-    "float32": (DecodeConfig(block_n=32, num_warps=8), PrefillConfig(32, 32, num_warps=8)),
+    "half": (DecodeConfig(), UnifiedConfig()),
+    "float32": (DecodeConfig(block_n=32, num_warps=8), UnifiedConfig(32, 32, num_warps=8)),
 }
 WRITE_KV_ELEMENTS = 4096  # elements of K (and of V) per write_kv program
 
 
-def tiling(dtype: torch.dtype) -> tuple[DecodeConfig, PrefillConfig]:
-    """The default (decode, prefill) tiling for a cache dtype."""
+def tiling(dtype: torch.dtype) -> tuple[DecodeConfig, UnifiedConfig]:
+    """The default (decode, unified) tiling for a cache dtype."""
     return _TILING["float32" if dtype == torch.float32 else "half"]
 
 
@@ -188,8 +207,8 @@ def paged_attention(
     """Causal attention of every new token over its sequence's paged context.
 
     Same contract as `kernels.reference.paged_attention`: `write_kv` must already have stored this
-    step's keys and values. Decode rows and prefill rows of a mixed batch go to their own kernels,
-    which write disjoint rows of one output tensor.
+    step's keys and values. Every row goes to the unified kernel; with `BATCH_INVARIANT` off,
+    decode rows go to the split-K decode kernel instead (both write disjoint rows of one output).
 
     Args:
         query: [T, H, D] for the flattened batch described by `meta`.
@@ -203,10 +222,11 @@ def paged_attention(
     """
     out = torch.empty(query.shape, dtype=kv_cache.dtype, device=query.device)
     plan = _plan(meta)
-    if plan.num_decodes:
+    split_decodes = not BATCH_INVARIANT and plan.num_decodes > 0
+    if split_decodes:
         decode_attention(query, kv_cache, meta, scale, out=out, plan=plan)
-    if meta.max_query_len > 1:
-        prefill_attention(query, kv_cache, meta, scale, out=out)
+    if not split_decodes or meta.max_query_len > 1:
+        unified_attention(query, kv_cache, meta, scale, out=out, decodes=not split_decodes)
     return out
 
 
@@ -216,6 +236,27 @@ class _Plan:
 
     num_decodes: int  # sequences with q_len == 1
     max_decode_len: int  # their longest context (0 without decodes)
+    q_lens: list[int]  # new tokens of each sequence
+    # the unified kernel's programs, by (tokens per program, decodes included): [2, num_tiles]
+    # int32 on the metadata's device, each program's sequence then its first new token
+    tiles: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)
+
+    def tiles_for(self, meta: AttentionMetadata, block_q: int, decodes: bool) -> torch.Tensor:
+        """The programs covering every sequence's new tokens, `block_q` at a time, in sequence
+        order; without `decodes`, only the sequences with q_len > 1."""
+        tiles = self.tiles.get((block_q, decodes))
+        if tiles is None:
+            seqs: list[int] = []
+            firsts: list[int] = []
+            for seq, q_len in enumerate(self.q_lens):
+                if decodes or q_len > 1:
+                    starts = range(0, q_len, block_q)
+                    seqs += [seq] * len(starts)
+                    firsts += starts
+            host = torch.tensor([seqs, firsts], dtype=torch.int32).reshape(2, -1)
+            tiles = host.to(meta.query_start_loc.device, non_blocking=True)
+            self.tiles[(block_q, decodes)] = tiles
+        return tiles
 
 
 def _plan(meta: AttentionMetadata) -> _Plan:
@@ -224,7 +265,7 @@ def _plan(meta: AttentionMetadata) -> _Plan:
         starts, lens = meta.query_start_loc_list, meta.seq_lens_list
         q_lens = [b - a for a, b in itertools.pairwise(starts)]
         decode_lens = [n for n, q in zip(lens, q_lens, strict=True) if q == 1]
-        plan = _Plan(len(decode_lens), max(decode_lens, default=0))
+        plan = _Plan(len(decode_lens), max(decode_lens, default=0), q_lens)
         meta.derived["triton"] = plan
     return plan
 
@@ -268,7 +309,9 @@ def decode_attention(
     """Attention for the decode rows (q_len == 1) of `meta`'s batch; other rows are left as is.
 
     The context of each decode is cut into partitions (see `_num_splits`); a single partition
-    writes the output directly, several are merged by a second kernel (flash-decoding).
+    writes the output directly, several are merged by a second kernel (flash-decoding). The
+    number of partitions follows the batch and the GPU, so a decode's bits depend on what else
+    is batched: `paged_attention` takes this path only with `BATCH_INVARIANT` off.
 
     Args:
         query, kv_cache, meta, scale: as in `paged_attention`.
@@ -351,22 +394,24 @@ def decode_attention(
     return out
 
 
-def prefill_attention(
+def unified_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
     *,
     out: torch.Tensor | None = None,
-    config: PrefillConfig | None = None,
+    config: UnifiedConfig | None = None,
+    decodes: bool = True,
 ) -> torch.Tensor:
-    """Causal attention for the prefill rows (q_len > 1) of `meta`'s batch, over cached context
-    plus the new tokens; decode rows are left as is.
+    """Causal attention of `meta`'s rows over cached context plus the new tokens, every sequence
+    through the same kernel and tiling.
 
     Args:
         query, kv_cache, meta, scale: as in `paged_attention`.
         out: [T, H, D] output to fill (allocated in the cache dtype when None).
         config: tiling (default: `tiling(kv_cache.dtype)`).
+        decodes: also the decode rows (q_len == 1); False leaves them as they are in `out`.
 
     Returns:
         `out`.
@@ -378,14 +423,20 @@ def prefill_attention(
         config = tiling(kv_cache.dtype)[1]
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     group = query.shape[1] // kv_heads
-    tiles = -(-meta.max_query_len * group // config.block_m)
-    _k._prefill_kernel[(meta.num_seqs, tiles, kv_heads)](
+    block_q = config.block_q(group)
+    tiles = _plan(meta).tiles_for(meta, block_q, decodes)
+    num_tiles = tiles.shape[1]
+    if num_tiles == 0:
+        return out
+    _k._unified_kernel[(num_tiles, kv_heads)](
         out,
         query,
         kv_cache,
         meta.block_tables,
         meta.seq_lens,
         meta.query_start_loc,
+        tiles,
+        num_tiles,
         scale * _k.LOG2E,
         query.stride(0),
         query.stride(1),
@@ -397,6 +448,7 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m,
+        BLOCK_Q=block_q,
         BLOCK_D=_pow2(head_dim, 16),
         BLOCK_N=config.block_n,
         DOT_F32=_dot_f32(kv_cache.dtype),

@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 
 from kernels import triton_kernels as _k
 from kernels.triton_attention import WRITE_KV_ELEMENTS, tiling
+from kernels.triton_matmul import config_for
 
 __all__ = ["CompiledKernel", "compile_all"]
 
@@ -48,7 +49,7 @@ class CompiledKernel:
 
 def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str]:
     """Triton types from argument names: `*_ptr` are pointers (`part_*` float32 workspaces,
-    `block_tables`/`seq_lens`/`query_start_loc` int32, `slot` int64, the rest `dtype`),
+    `block_tables`/`seq_lens`/`query_start_loc`/`tiles` int32, `slot` int64, the rest `dtype`),
     `qk_scale` is float32, every other runtime argument int32."""
     special = {
         "part_out_ptr": "*fp32",
@@ -56,6 +57,7 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
         "block_tables_ptr": "*i32",
         "seq_lens_ptr": "*i32",
         "query_start_loc_ptr": "*i32",
+        "tiles_ptr": "*i32",
         "slot_ptr": "*i64",
     }
     sig = {}
@@ -83,9 +85,9 @@ Variant = tuple[Any, str, int, dict[str, Any]]
 
 
 def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Variant]:
-    """(kernel, variant name, num_warps, constexprs) as `kernels.triton_attention` launches them
-    for 8 KV heads."""
-    decode_cfg, prefill_cfg = tiling(DTYPES[dtype])
+    """(kernel, variant name, num_warps, constexprs) as `kernels.triton_attention` (for 8 KV
+    heads) and `kernels.triton_matmul` launch them."""
+    decode_cfg, unified_cfg = tiling(DTYPES[dtype])
     dot_f32 = dtype == "fp32"
     block_d = max(16, triton.next_power_of_2(head_dim))
     heads, hd = 8 * group, 8 * head_dim
@@ -112,22 +114,32 @@ def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Va
         BLOCK_SPLITS=decode_cfg.max_splits,
         BLOCK_D=block_d,
     )
-    prefill = dict(
+    unified = dict(
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
-        BLOCK_M=prefill_cfg.block_m,
+        BLOCK_M=unified_cfg.block_m,
+        BLOCK_Q=unified_cfg.block_q(group),
         BLOCK_D=block_d,
-        BLOCK_N=prefill_cfg.block_n,
+        BLOCK_N=unified_cfg.block_n,
+        DOT_F32=dot_f32,
+    )
+    matmul_cfg = config_for(DTYPES[dtype])
+    matmul = dict(
+        HAS_BIAS=True,
+        BLOCK_M=matmul_cfg.block_m,
+        BLOCK_N=matmul_cfg.block_n,
+        BLOCK_K=matmul_cfg.block_k,
         DOT_F32=dot_f32,
     )
     warps = decode_cfg.num_warps
     return [
+        (_k._linear_kernel, "", matmul_cfg.num_warps, matmul),
         (_k._write_kv_kernel, "", 4, write),
+        (_k._unified_kernel, "", unified_cfg.num_warps, unified),
         (_k._decode_kernel, "direct", warps, dict(decode, SPLIT=False)),
         (_k._decode_kernel, "split", warps, dict(decode, SPLIT=True)),
         (_k._merge_kernel, "", 4, merge),
-        (_k._prefill_kernel, "", prefill_cfg.num_warps, prefill),
     ]
 
 

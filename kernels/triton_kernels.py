@@ -1,14 +1,17 @@
-"""Triton kernels for paged attention; the host-side API is `kernels.triton_attention`.
+"""Triton kernels for paged attention (host side: `kernels.triton_attention`) and the matmul
+(`kernels.triton_matmul`).
 
 This module imports Triton unconditionally: import it only through `kernels.triton_attention`
-(or the "triton" backend), which turns a missing Triton into a clear error.
+(or the "triton" backend), which turns a missing Triton into a clear error, or
+`kernels.triton_matmul` (whose importers catch the ImportError).
 
-Every kernel mirrors a function of `kernels.reference` (the oracle):
+Every kernel mirrors a PyTorch function (`kernels.reference` is the attention's oracle):
 
     _write_kv_kernel        reference.write_kv
-    _decode_kernel          reference._decode_attention        (+ split-K partials)
-    _merge_kernel           triton_attention.merge_partitions_reference
-    _prefill_kernel         reference._prefill_attention
+    _unified_kernel         reference.paged_attention          (every row: decodes, prefills)
+    _decode_kernel          reference._decode_attention        (+ split-K partials; not
+    _merge_kernel           triton_attention.merge_partitions_reference   batch-invariant)
+    _linear_kernel          triton_matmul.linear_reference     (batch-invariant matmul)
 
 Shapes (one layer), as in `kernels.reference`:
 
@@ -269,13 +272,15 @@ def _merge_kernel(
 
 
 @triton.jit
-def _prefill_kernel(
+def _unified_kernel(
     out_ptr,  # [T, H, D]
     q_ptr,  # [T, H, D]
     cache_ptr,  # [2, num_blocks, block_size, KVH, D]
     block_tables_ptr,  # [S, max_blocks] int32
     seq_lens_ptr,  # [S] int32
     query_start_loc_ptr,  # [S + 1] int32
+    tiles_ptr,  # [2, num_tiles] int32: each program's sequence, then its first new token
+    num_tiles,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -290,38 +295,41 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,  # BLOCK_M // GROUP new tokens per program
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    """Grid (S, cdiv(max_q_len * G, BLOCK_M), KVH): causal attention of a tile of query rows.
+    """Grid (num_tiles, KVH): causal attention of up to BLOCK_Q new tokens of one sequence, all G
+    query heads of one KV head, whatever the sequence is (a decode, a prefill, a chunk).
 
-    A sequence's q_len new tokens and a KV head's G query heads form q_len * G rows, ordered
-    token-major (row r = token r // G, head r % G), so one K/V tile serves the whole group:
+    Row r of the tile is token `first + r // G`, head `r % G`; rows past BLOCK_Q * G or past the
+    sequence's new tokens are padding (they repeat token `first` and are not stored):
 
-        rows  | t0h0 t0h1 .. t0h(G-1) t1h0 ... |   BLOCK_M of them per program
-        keys  | 0 ........ ctx-1 | ctx ... seq_len-1 |   new token i sees keys 0 .. ctx + i
+        rows  | t0h0 .. t0h(G-1) | t1h0 .. | ... | t(BLOCK_Q-1)h(G-1) | pad |   BLOCK_M rows
+        keys  | 0 .. BLOCK_N-1 | BLOCK_N .. | ... |   tiles aligned to position 0, up to the
+                                                      tile's last token; new token i of a
+                                                      sequence with ctx cached keys sees 0..ctx+i
 
-    where ctx = seq_len - q_len is the cached context. Keys are read from the paged cache
-    (`write_kv` already stored the new tokens). Sequences with q_len == 1 exit at once (the decode
-    kernel owns them), as do tiles past a sequence's rows.
+    Every program has the same shapes (BLOCK_M x BLOCK_D queries, BLOCK_N keys per step), reads
+    key tiles in the same order from position 0, and masks the keys past a row's position to
+    exact zeros: a tile past a row's position leaves its (m, l, acc) as they were (alpha = 1,
+    p = 0). So a token's output rows are the same bits whichever program computes them and
+    whatever else the step holds (docs/determinism.md).
     """
-    seq = tl.program_id(0)
-    tile = tl.program_id(1)
-    kvh = tl.program_id(2)
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.load(tiles_ptr + tile)
+    first = tl.load(tiles_ptr + num_tiles + tile)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 1:
-        return
-    if tile * BLOCK_M >= q_len * GROUP:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    ctx = seq_len - q_len
+    ctx = tl.load(seq_lens_ptr + seq) - q_len
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len * GROUP
-    tok = tl.where(row_ok, rows // GROUP, q_len - 1)  # padding rows repeat the last token
-    heads = kvh * GROUP + rows % GROUP
+    r = tl.arange(0, BLOCK_M)
+    tok = first + r // GROUP  # [BLOCK_M] new token of each row, within the sequence
+    row_ok = (r < BLOCK_Q * GROUP) & (tok < q_len)
+    tok = tl.where(row_ok, tok, first)
+    heads = kvh * GROUP + r % GROUP
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + heads[:, None] * stride_qh
@@ -333,7 +341,7 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    end = tl.minimum(ctx + tl.max(tok, axis=0) + 1, seq_len)  # keys this tile needs
+    end = ctx + tl.minimum(first + BLOCK_Q, q_len)  # keys this tile needs
     for n0 in range(0, end, BLOCK_N):
         key = n0 + tl.arange(0, BLOCK_N)
         valid = key < end
@@ -361,3 +369,46 @@ def _prefill_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    b_ptr,  # [N] (HAS_BIAS)
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)): out = x @ w.T (+ b) for one output tile.
+
+    K is reduced in BLOCK_K steps from 0, in order, into one float32 accumulator, then the bias is
+    added once: each output's sum has the same order whatever M and whichever tile holds its row
+    (rows past M and keys past K read as zeros). Mirrors `triton_matmul.linear_reference`.
+    """
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        k_ok = k < K
+        a = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_cols + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += _dot(a, b, DOT_F32)  # [BLOCK_M, BLOCK_K] @ [BLOCK_K, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -24,11 +24,18 @@ to MKL, whose small-batch SGEMMs are slow on AMD CPUs. So each weight is packed 
 - where the library is not built: oneDNN's packed weights
   (`torch.ops.mkldnn._reorder_linear_weight`), or `F.linear`.
 
+On CUDA, with Triton installed, every matmul runs `kernels.triton_matmul.linear`: one tiling for
+every batch size and K summed in one order, where cuBLAS picks its kernel by the batch
+(docs/determinism.md). Not measured on a GPU; `TRITON_MATMUL = False` gives cuBLAS back for A/B
+runs.
+
 Results differ from `F.linear` by float32 summation order only.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +44,18 @@ import torch.nn.functional as F
 from kernels import cpu_attention, cpu_ops
 
 PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows
+# False: CUDA matmuls take cuBLAS's `F.linear` (not batch-invariant; for A/B measurements)
+TRITON_MATMUL = True
+
+
+@functools.cache
+def _triton_linear() -> Callable[..., torch.Tensor] | None:
+    """`kernels.triton_matmul.linear`, or None without Triton."""
+    try:
+        from kernels import triton_matmul
+    except ImportError:
+        return None
+    return triton_matmul.linear
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +103,12 @@ def linear(
     bias: torch.Tensor | None = None,
     packed: PackedWeight | None = None,
 ) -> torch.Tensor:
-    """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one."""
+    """x [T, in] @ weight.T (+ bias) -> [T, out], through the packed weight when there is one,
+    through the batch-invariant Triton matmul for CUDA tensors."""
+    if x.device.type == "cuda" and TRITON_MATMUL and x.dtype == weight.dtype and x.dim() == 2:
+        triton_linear = _triton_linear()
+        if triton_linear is not None:
+            return triton_linear(x, weight, bias)
     if packed is None or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
     if packed.panels is not None:

@@ -5,45 +5,15 @@ Greedy and seeded."""
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from engine import LLM, SamplingParams
+from engine import LLM
 from kernels import cpu_attention
 from kernels.options import configure, options
-
-Tokens = list[int]
-prompts = st.lists(st.integers(5, 3000), min_size=1, max_size=24)
-
-
-@dataclass(frozen=True)
-class Case:
-    prompt: Tokens
-    max_tokens: int
-    seed: int | None  # None: greedy
-    others: list[tuple[Tokens, int]]  # the batch around it: (prompt, max_tokens)
-    budgets: tuple[int, int, int]  # step token budgets of the three runs (chunked prefill)
-    cut: int  # the cached prefix: prompt[:cut] runs first, with another tail
-
-
-@st.composite
-def cases(draw: st.DrawFn) -> Case:
-    prompt = draw(prompts)
-    others = draw(st.lists(st.tuples(prompts, st.integers(1, 6)), min_size=1, max_size=4))
-    return Case(
-        prompt,
-        draw(st.integers(1, 6)),
-        draw(st.none() | st.integers(0, 2**20)),
-        others,
-        draw(st.tuples(*[st.integers(2, 32)] * 3)),
-        draw(st.integers(1, len(prompt))),
-    )
-
+from tests.engine.invariance import Case, assert_invariant, cases
 
 # the layer paths a CPU engine can take: the one-call layer stack (bfloat16, the default), the
 # Python layers with the fused ops, the Python layers with eager PyTorch ops; qwen2 has q/k/v
@@ -84,37 +54,7 @@ def llm(request: Any, tiny_dirs: dict[str, str]) -> LLM:
     return llm
 
 
-def run(llm: LLM, batch: list[tuple[Tokens, SamplingParams]], budget: int, ns: str) -> list[Any]:
-    """Every request of `batch` to completion in one engine, `budget` tokens per step; each
-    result as (token ids, logprobs)."""
-    llm.engine.scheduler.config.max_num_batched_tokens = budget
-    outs = llm.generate([p for p, _ in batch], [s for _, s in batch], namespaces=[ns] * len(batch))
-    return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.num_cached_tokens) for o in outs]
-
-
-def result(out: tuple[Tokens, Any, int]) -> tuple[Tokens, Any]:
-    return out[0], out[1]
-
-
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_output_does_not_depend_on_batch_chunks_or_cache(llm: LLM, case: Case) -> None:
-    mine = SamplingParams(
-        temperature=0.0 if case.seed is None else 0.8, seed=case.seed, max_tokens=case.max_tokens,
-        ignore_eos=True, logprobs=2,
-    )  # fmt: skip
-    others = [
-        (p, SamplingParams(temperature=0.7, max_tokens=m, ignore_eos=True)) for p, m in case.others
-    ]
-    target = (case.prompt, mine)
-    small, mixed, cached = case.budgets
-    alone = result(run(llm, [target], 4096, uuid.uuid4().hex)[0])  # the prompt in one step
-    assert result(run(llm, [target], small, uuid.uuid4().hex)[0]) == alone  # in chunks
-    batched = run(llm, [*others[:1], target, *others[1:]], mixed, uuid.uuid4().hex)
-    assert result(batched[1]) == alone
-    ns = uuid.uuid4().hex  # a namespace whose cache holds the prompt's first `cut` tokens
-    run(llm, [([*case.prompt[: case.cut], 7, 7, 7, 7], mine), *others], cached, ns)
-    hit = run(llm, [target, *others], cached, ns)[0]
-    assert result(hit) == alone
-    if case.cut >= 4 and len(case.prompt) > 4:  # a whole block of 4 tokens was cached
-        assert hit[2] >= 4
+    assert_invariant(llm, case)

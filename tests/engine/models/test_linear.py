@@ -11,7 +11,6 @@ from engine.models.linear import PACK_BATCH_HINT, PackedWeight, linear, pack_wei
 
 
 def test_other_dtypes_are_never_packed() -> None:
-    assert pack_weight(torch.randn(8, 4, dtype=torch.float16)) is None
     assert pack_weight(torch.randn(8, 4, dtype=torch.float64)) is None
 
 
@@ -62,12 +61,12 @@ def test_packed_bf16_matches_f_linear(rows: int) -> None:
         torch.testing.assert_close(linear(x, w, b, packed).float(), ref, rtol=2**-7, atol=0.05)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_batch_of_a_weight_takes_one_kernel(dtype: torch.dtype) -> None:
-    """float32 (and bfloat16 where the AVX512-BF16 panels do not run) packs for the fixed-order
-    kernel, which then serves every batch size: a row's result is the same bits alone or
-    among 300 (MKL and oneDNN, which float32 used to take beyond 16 rows, pick their blockings
-    by batch size)."""
+    """float32 and float16 (and bfloat16 where the AVX512-BF16 panels do not run) pack for the
+    fixed-order kernel, which then serves every batch size: a row's result is the same bits
+    alone or among 300 (MKL and oneDNN, which float32 used to take beyond 16 rows, pick their
+    blockings by batch size)."""
     from kernels import cpu_attention, cpu_ops
 
     if cpu_attention.load_kernel() is None:
