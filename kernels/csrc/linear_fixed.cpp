@@ -38,6 +38,8 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -65,8 +67,8 @@ inline void store_row(const float* acc, const T* bias, int64_t cols, T* out) {
 
 // acc[r][0:32] = the chains of rows r < rows of x against one panel: the portable form, and the
 // definition the vector forms below reproduce bit for bit.
-template <typename T>
-void panel_rows_plain(int64_t rows, const T* x, int64_t ldx, const T* panel, int64_t K,
+template <typename X, typename T>
+void panel_rows_plain(int64_t rows, const X* x, int64_t ldx, const T* panel, int64_t K,
                       float (*acc)[kCols]) {
   for (int64_t r = 0; r < rows; ++r) {
     float a[kCols] = {};
@@ -82,8 +84,8 @@ void panel_rows_plain(int64_t rows, const T* x, int64_t ldx, const T* panel, int
 #if defined(__AVX512F__)
 constexpr int kMR512 = 12;  // rows per tile: 24 accumulators of AVX-512's 32 registers
 
-template <int MR, typename T>
-inline void panel_tile_512(const T* x, int64_t ldx, const T* panel, int64_t K,
+template <int MR, typename X, typename T>
+inline void panel_tile_512(const X* x, int64_t ldx, const T* panel, int64_t K,
                            float (*acc)[kCols]) {
   __m512 a0[MR], a1[MR];
   for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
@@ -101,13 +103,13 @@ inline void panel_tile_512(const T* x, int64_t ldx, const T* panel, int64_t K,
   }
 }
 
-template <typename T>
-void panel_rows(int64_t rows, const T* x, int64_t ldx, const T* panel, int64_t K,
+template <typename X, typename T>
+void panel_rows(int64_t rows, const X* x, int64_t ldx, const T* panel, int64_t K,
                 float (*acc)[kCols]) {
   int64_t r = 0;
   for (; r + kMR512 <= rows; r += kMR512)
     panel_tile_512<kMR512>(x + r * ldx, ldx, panel, K, acc + r);
-  const T* xr = x + r * ldx;
+  const X* xr = x + r * ldx;
   switch (rows - r) {
 #define PREFIXGATE_TAIL(n) \
   case n:                  \
@@ -121,8 +123,8 @@ void panel_rows(int64_t rows, const T* x, int64_t ldx, const T* panel, int64_t K
   }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-template <int MR, typename T>
-inline void panel_tile_256(const T* x, int64_t ldx, const T* panel, int64_t K,
+template <int MR, typename X, typename T>
+inline void panel_tile_256(const X* x, int64_t ldx, const T* panel, int64_t K,
                            float (*acc)[kCols]) {
   __m256 a[MR][4];
   for (int r = 0; r < MR; ++r)
@@ -139,8 +141,8 @@ inline void panel_tile_256(const T* x, int64_t ldx, const T* panel, int64_t K,
     for (int j = 0; j < 4; ++j) _mm256_storeu_ps(acc[r] + 8 * j, a[r][j]);
 }
 
-template <typename T>
-void panel_rows(int64_t rows, const T* x, int64_t ldx, const T* panel, int64_t K,
+template <typename X, typename T>
+void panel_rows(int64_t rows, const X* x, int64_t ldx, const T* panel, int64_t K,
                 float (*acc)[kCols]) {
   int64_t r = 0;
   for (; r + 3 <= rows; r += 3) panel_tile_256<3>(x + r * ldx, ldx, panel, K, acc + r);
@@ -148,8 +150,8 @@ void panel_rows(int64_t rows, const T* x, int64_t ldx, const T* panel, int64_t K
   if (rows - r == 1) panel_tile_256<1>(x + r * ldx, ldx, panel, K, acc + r);
 }
 #else
-template <typename T>
-void panel_rows(int64_t rows, const T* x, int64_t ldx, const T* panel, int64_t K,
+template <typename X, typename T>
+void panel_rows(int64_t rows, const X* x, int64_t ldx, const T* panel, int64_t K,
                 float (*acc)[kCols]) {
   panel_rows_plain(rows, x, ldx, panel, K, acc);
 }
@@ -163,13 +165,29 @@ void linear_fixed_impl(const at::Tensor& out, const at::Tensor& x, const at::Ten
   T* op = static_cast<T*>(out.mutable_data_ptr());
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
   const int64_t ldx = x.stride(0), ldo = out.stride(0), num_panels = panels.size(0);
+  // A pass's rows of x widened to float32 once (exact), not once per panel: the tiles then
+  // broadcast x[m, k] straight from memory, as for float32, instead of converting it in the
+  // loop beside the multiply-adds (Intel Xeon, 64 rows of 1,536 x 576: float16 0.705 -> 0.360
+  // ms, bfloat16 0.573 -> 0.346; float32 0.30).
+  std::vector<float> wide;
+  if constexpr (!std::is_same_v<T, float>) wide.resize(std::min(kRowPass, M) * K);
   for (int64_t m0 = 0; m0 < M; m0 += kRowPass) {
     const int64_t rows = std::min(kRowPass, M - m0);
+    const float* xf = nullptr;
+    int64_t ldf = ldx;
+    if constexpr (std::is_same_v<T, float>) {
+      xf = xp + m0 * ldx;
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < K; ++k) wide[r * K + k] = widen(xp[(m0 + r) * ldx + k]);
+      xf = wide.data();
+      ldf = K;
+    }
     at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
       float acc[kRowPass][kCols];
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n0 = p * kCols, cols = std::min(kCols, N - n0);
-        panel_rows(rows, xp + m0 * ldx, ldx, pp + p * K * kCols, K, acc);
+        panel_rows(rows, xf, ldf, pp + p * K * kCols, K, acc);
         for (int64_t r = 0; r < rows; ++r)
           store_row(acc[r], bias != nullptr ? bias + n0 : nullptr, cols,
                     op + (m0 + r) * ldo + n0);
