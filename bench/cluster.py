@@ -4,12 +4,12 @@ compared in one run: prefix-aware vs round-robin vs least-loaded.
     python bench/cluster.py                              # bundled SmolLM2, 8 tenants
     python bench/cluster.py --tenants 12 --requests 96 --rate 2
 
-Starts two `prefixgate engine` processes pinned to cores 0 and 1 (`taskset`, OMP_NUM_THREADS=1),
-then for each policy a `prefixgate serve --engine-urls ... --routing <policy>` gateway, and sends
+For each policy, starts two `prefixgate engine` processes pinned to cores 0 and 1 (`taskset`,
+OMP_NUM_THREADS=1) and a `prefixgate serve --engine-urls ... --routing <policy>` gateway, and sends
 `--requests` streamed completions with Poisson arrivals (`--rate` per second): each from one of
 `--tenants` tenants, whose distinct system prompt (`--system-tokens` random token ids) precedes a
-fresh question. Each policy gets its own system prompts, so no policy starts from another's
-cache. Each replica's KV pool holds `--cache-fraction` (default 0.6) of one set of the
+fresh question. Each policy gets its own system prompts and fresh replicas, so no policy starts
+from another's cache. Each replica's KV pool holds `--cache-fraction` (default 0.6) of one set of the
 tenants' system prompts, plus room for the requests in flight (`--num-blocks` sets it
 outright): the platform case prefix routing is for, where the tenants' prompts together are
 more than one replica caches. Routed by prefix, each replica needs only the prompts of the
@@ -116,18 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     model = ["--model", args.model] if args.model else []
     cli = [sys.executable, "-m", "gateway.cli"]
-    engines, urls = [], []
-    try:
-        for core in (0, 1):
-            port = args.port + 1 + core
-            argv_ = ["taskset", "-c", str(core), *cli, "engine", "--port", str(port),
-                     "--num-blocks", str(blocks), *model]  # fmt: skip
-            engines.append(start(argv_, log, env))
-            urls.append(f"http://127.0.0.1:{port}")
-        for proc, url in zip(engines, urls, strict=True):
-            wait_ready(proc, url, log)
-        rows = []
-        for i, policy in enumerate(POLICIES):
+    rows = []
+    for i, policy in enumerate(POLICIES):
+        # fresh replicas for each policy: no policy's cache starts with another's prompts
+        engines, urls = [], []
+        try:
+            for core in (0, 1):
+                port = args.port + 1 + core
+                argv_ = ["taskset", "-c", str(core), *cli, "engine", "--port", str(port),
+                         "--num-blocks", str(blocks), *model]  # fmt: skip
+                engines.append(start(argv_, log, env))
+                urls.append(f"http://127.0.0.1:{port}")
+            for proc, url in zip(engines, urls, strict=True):
+                wait_ready(proc, url, log)
             argv_ = [*cli, "serve", "--port", str(args.port), "--engine-urls", ",".join(urls),
                      "--routing", policy, "--no-access-log", *model]  # fmt: skip
             gateway = start(argv_, log, env)
@@ -138,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 gateway.terminate()
                 gateway.wait(timeout=60)
-            rows.append(row)
-            print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    finally:
-        for proc in engines:
-            proc.terminate()
-            proc.wait(timeout=60)
+        finally:
+            for proc in engines:
+                proc.terminate()
+                proc.wait(timeout=60)
+        rows.append(row)
+        print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     workload = {k: getattr(args, k) for k in ("tenants", "system_tokens", "requests", "rate",
                                                "max_tokens", "cache_fraction")} | {
         "num_blocks": blocks}  # fmt: skip
