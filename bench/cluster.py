@@ -8,9 +8,9 @@ For each policy, starts two `prefixgate engine` processes pinned to cores 0 and 
 OMP_NUM_THREADS=1) and a `prefixgate serve --engine-urls ... --routing <policy>` gateway, and sends
 `--requests` streamed completions with Poisson arrivals (`--rate` per second): each from one of
 `--tenants` tenants, whose distinct system prompt (`--system-tokens` random token ids) precedes a
-fresh question. Each policy gets its own system prompts and fresh replicas, so no policy starts
-from another's cache. Each replica's KV pool holds `--cache-fraction` (default 0.6) of one set of the
-tenants' system prompts, plus room for the requests in flight (`--num-blocks` sets it
+fresh question. Each policy gets its own system prompts and fresh replicas, so no policy
+starts from another's cache. Each replica's KV pool holds `--cache-fraction` (default 0.6) of
+one set of the tenants' system prompts, plus room for the requests in flight (`--num-blocks` sets it
 outright): the platform case prefix routing is for, where the tenants' prompts together are
 more than one replica caches. Routed by prefix, each replica needs only the prompts of the
 tenants sent to it (about half of them); spread over both, every replica needs all of them
