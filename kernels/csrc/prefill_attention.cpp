@@ -1081,6 +1081,18 @@ void pack_queries(const Layout& lay, const Item& it, const Tensors<T>& in, int64
   }
 }
 
+// dst[0 .. D) = src's row in float32 (exact; 16 or 8 lanes at a time where the build has them)
+template <typename T>
+inline void widen_row(const T* src, float* dst, int64_t D) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+#elif PREFIXGATE_AVX2_F32
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
+#endif
+  for (; d < D; ++d) dst[d] = to_float(src[d]);
+}
+
 // rows[j] = the block's key/value row j as the steps read it: in the cache (float32, or bfloat16
 // pairs), else widened into buf. Rows j in [n, KT-padded n) repeat row 0: they are scored (and
 // then masked, being past every row's position) but never summed.
@@ -1091,8 +1103,7 @@ void block_rows(const T* head, const int64_t* offs, int64_t n, int64_t padded, i
     const T* src = head + offs[j < n ? j : 0];
     if constexpr (kWiden) {
       float* dst = buf + j * D;
-      if (j < n)
-        for (int64_t d = 0; d < D; ++d) dst[d] = to_float(src[d]);
+      if (j < n) widen_row(src, dst, D);
       rows[j] = j < n ? dst : buf;
     } else {
       rows[j] = src;
@@ -1374,7 +1385,7 @@ void token_block_f32(const T* k_head, const T* v_head, const int64_t* offs, int6
       vrows[j] = src;
     } else {
       float* dst = w.vf.data() + j * D;
-      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+      widen_row(src, dst, D);
       vrows[j] = dst;
     }
   }
@@ -1497,7 +1508,7 @@ void token_block_avx2(const T* k_head, const T* v_head, const int64_t* offs, int
       vrows[j] = src;
     } else {
       float* dst = w.vf.data() + j * D;
-      for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
+      widen_row(src, dst, D);
       vrows[j] = dst;
     }
   }
