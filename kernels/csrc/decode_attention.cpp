@@ -44,32 +44,6 @@
 
 namespace {
 
-// ---- rows of the cache dtype -> float32 -------------------------------------------------------
-
-inline void widen(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
-
-inline void widen(const c10::BFloat16* src, float* dst, int64_t n) {
-  // bfloat16 is the high half of a float32: shift its 16 bits up.
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(dst + i, &wide, sizeof(float));
-  }
-}
-
-inline void widen(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
 // ---- float32 vector helpers --------------------------------------------------------------------
 
 #if defined(__AVX2__)
@@ -512,7 +486,7 @@ template <typename T>
 void scores_portable(const float* q, int64_t G, int64_t D, const T* head, const int64_t* offs,
                      int64_t len, float* scores, float* row) {
   for (int64_t t = 0; t < len; ++t) {
-    widen(head + offs[t], row, D);
+    widen_row(head + offs[t], row, D);
     for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(q + g * D, row, D);
   }
 }
@@ -522,7 +496,7 @@ void values_portable(const float* p, int64_t G, int64_t D, const T* head, const 
                      int64_t len, float* acc, float* row) {
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t t = 0; t < len; ++t) {
-    widen(head + offs[t], row, D);
+    widen_row(head + offs[t], row, D);
     for (int64_t g = 0; g < G; ++g) axpy(p[g * len + t], row, acc + g * D, D);
   }
 }
@@ -622,7 +596,7 @@ void attend_one(const Layout& l, int64_t s, int64_t kvh, int64_t len, const T* q
   }
   const T* q = query + s * l.q_row + kvh * G * l.q_head;
   for (int64_t g = 0; g < G; ++g) {
-    widen(q + g * l.q_head, w.q.data() + g * D, D);
+    widen_row(q + g * l.q_head, w.q.data() + g * D, D);
     for (int64_t d = 0; d < D; ++d) w.q[g * D + d] *= static_cast<float>(scale);
   }
   int64_t* offs = w.offs.data();

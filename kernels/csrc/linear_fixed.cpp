@@ -178,8 +178,7 @@ void linear_fixed_impl(const at::Tensor& out, const at::Tensor& x, const at::Ten
     if constexpr (std::is_same_v<T, float>) {
       xf = xp + m0 * ldx;
     } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t k = 0; k < K; ++k) wide[r * K + k] = widen(xp[(m0 + r) * ldx + k]);
+      for (int64_t r = 0; r < rows; ++r) widen_row(xp + (m0 + r) * ldx, wide.data() + r * K, K);
       xf = wide.data();
       ldf = K;
     }

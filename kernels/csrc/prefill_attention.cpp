@@ -1081,18 +1081,6 @@ void pack_queries(const Layout& lay, const Item& it, const Tensors<T>& in, int64
   }
 }
 
-// dst[0 .. D) = src's row in float32 (exact; 16 or 8 lanes at a time where the build has them)
-template <typename T>
-inline void widen_row(const T* src, float* dst, int64_t D) {
-  int64_t d = 0;
-#if defined(__AVX512F__)
-  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
-#elif PREFIXGATE_AVX2_F32
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + d, load8(src + d));
-#endif
-  for (; d < D; ++d) dst[d] = to_float(src[d]);
-}
-
 // rows[j] = the block's key/value row j as the steps read it: in the cache (float32, or bfloat16
 // pairs), else widened into buf. Rows j in [n, KT-padded n) repeat row 0: they are scored (and
 // then masked, being past every row's position) but never summed.

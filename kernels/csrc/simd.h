@@ -3,6 +3,8 @@
 //
 //   load16(p)       16 elements at p (float32, bfloat16 or float16) -> __m512
 //   load8(p)        8 elements at p -> __m256, where the build has AVX2 (float16 with F16C)
+//   widen_row(src, dst, n)  n elements of float32, bfloat16 or float16 -> float32 (exact), 16 or
+//                   8 lanes at a time where the build has them
 //   to_bf16_bits(v) float32 -> bfloat16 bits, round to nearest even, NaN kept quiet (as
 //                   c10::BFloat16 does)
 //   store16(p, v)   16 float32 lanes -> p as float32, bfloat16 (rounded as above) or float16
@@ -135,8 +137,21 @@ inline __m256 load8(const c10::Half* p) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 namespace {
+
+template <typename T>
+inline void widen_row(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#elif defined(__AVX2__) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
 #if defined(__AVX512F__)
