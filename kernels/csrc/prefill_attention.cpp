@@ -593,19 +593,58 @@ constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
 // bfloat16, the chain over key pairs from o * alpha), so a token's output is bit-identical whether
 // it is computed here or among the rows of a prefill.
 
+// The chains of token_scores for RH heads and NQ groups of 16 keys at once: RH * NQ independent
+// accumulators (one chain each would wait on the multiply-add's latency at every pair), each the
+// chain over dim pairs from zero that scores_dpbf16 runs, then times the scale.
+template <int DV, int NQ, int RH>
+inline void token_chains(const uint32_t* q, const float* kt, float scale, float* s) {
+  constexpr int64_t kPairs = 8 * DV;
+  __m512 acc[RH][NQ];
+  for (int r = 0; r < RH; ++r)
+    for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < kPairs; ++i) {
+    __m512bh x[NQ];
+    for (int g = 0; g < NQ; ++g) x[g] = (__m512bh)_mm512_loadu_ps(kt + i * kKeys + 16 * g);
+    for (int r = 0; r < RH; ++r) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(q[r * kPairs + i]));
+      for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], x[g], w);
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int r = 0; r < RH; ++r)
+    for (int g = 0; g < NQ; ++g)
+      _mm512_storeu_ps(s + r * kKeys + 16 * g, _mm512_mul_ps(acc[r][g], vscale));
+}
+
+// token_chains for every head, four at a time
+template <int DV, int NQ>
+void token_heads(const uint32_t* q, int64_t rows, const float* kt, float scale, float* s) {
+  constexpr int64_t kPairs = 8 * DV;
+  for (int64_t g0 = 0; g0 < rows; g0 += 4) {
+    const uint32_t* qg = q + g0 * kPairs;
+    float* sg = s + g0 * kKeys;
+    switch (std::min<int64_t>(4, rows - g0)) {
+      case 1: token_chains<DV, NQ, 1>(qg, kt, scale, sg); break;
+      case 2: token_chains<DV, NQ, 2>(qg, kt, scale, sg); break;
+      case 3: token_chains<DV, NQ, 3>(qg, kt, scale, sg); break;
+      default: token_chains<DV, NQ, 4>(qg, kt, scale, sg); break;
+    }
+  }
+}
+
 // s[g * kKeys + j] = scale * q_g . k_j for the block's n keys (j < n rounded up to 16; the keys
-// past n score 0), q_g = q[g * D / 2 ..] as bfloat16 pairs
-// (and the K and V rows of the keys kPrefetchKeys on requested, 16 per 16 keys scored: `ahead`
-// keys follow offs[kPrefetchKeys - 1] in the item)
+// past n score 0), q_g = q[g * D / 2 ..] as bfloat16 pairs: each 16 keys' rows transposed into
+// kt ([D / 2][kKeys]: dim pair i of key j at kt[i * kKeys + j]), then every head's chains
+// (and the K and V rows of the keys kPrefetchKeys on requested, 16 per 16 keys transposed:
+// `ahead` keys follow offs[kPrefetchKeys - 1] in the item)
 template <int DV>
 void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head,
                   const c10::BFloat16* v_head, const int64_t* offs, int64_t n, int64_t ahead,
-                  float scale, float* s) {
+                  float scale, float* kt, float* s) {
   alignas(64) static constexpr c10::BFloat16 kZeroKey[128] = {};
   constexpr int64_t kPairs = 8 * DV;  // dim pairs
   constexpr int64_t kChunk = kPairs < 16 ? kPairs : 16;
   const __mmask16 mask = static_cast<__mmask16>((1u << kChunk) - 1);
-  const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     if (j0 < ahead)
       prefetch_rows(head, v_head, offs + kPrefetchKeys + j0, std::min<int64_t>(16, ahead - j0),
@@ -617,16 +656,14 @@ void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head,
       for (int k = 0; k < 16; ++k)
         x[k] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mask, keys[k] + 2 * c0));
       transpose16(x);
-      for (int64_t g = 0; g < rows; ++g) {
-        float* sg = s + g * kKeys + j0;
-        __m512 acc = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sg);
-        const uint32_t* qg = q + g * kPairs + c0;
-        for (int64_t i = 0; i < kChunk; ++i)
-          acc = _mm512_dpbf16_ps(acc, (__m512bh)x[i],
-                                 (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(qg[i])));
-        _mm512_storeu_ps(sg, c0 + 16 >= kPairs ? _mm512_mul_ps(acc, vscale) : acc);
-      }
+      for (int64_t i = 0; i < kChunk; ++i) _mm512_storeu_ps(kt + (c0 + i) * kKeys + j0, x[i]);
     }
+  }
+  switch ((n + 15) / 16) {
+    case 1: return token_heads<DV, 1>(q, rows, kt, scale, s);
+    case 2: return token_heads<DV, 2>(q, rows, kt, scale, s);
+    case 3: return token_heads<DV, 3>(q, rows, kt, scale, s);
+    default: return token_heads<DV, 4>(q, rows, kt, scale, s);
   }
 }
 
@@ -667,7 +704,7 @@ void token_block(const c10::BFloat16* k_head, const c10::BFloat16* v_head, const
   constexpr int64_t D = 16 * DV, kPairsPerRow = kKeys / 2;
   float* s = w.s.data();
   token_scores<DV>(reinterpret_cast<const uint32_t*>(w.q.data()), rows, k_head, v_head, offs, n,
-                   ahead, scale, s);
+                   ahead, scale, w.kf.data(), s);
   for (int64_t g = 0; g < rows; ++g) {
     __m512 p[4];
     __mmask16 vis[4];
