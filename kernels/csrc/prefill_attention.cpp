@@ -582,6 +582,70 @@ constexpr int kValueRows = DV == 1 ? 16 : DV == 2 ? 8 : DV == 4 ? 4 : 2;
 template <int MV>
 constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
 
+// The chains of a token's scores (token_scores, token_block_f32) for RH heads and NQ groups of 16
+// keys at once, from kt ([len][kKeys]: step i of key j at kt[i * kKeys + j]): RH * NQ independent
+// accumulators, each the chain over the steps from zero that the rows' steps run for that head and
+// key (one chain at a time would wait on the multiply-add's latency at every step). kBf16: steps
+// are dim pairs, q the heads' bfloat16 pairs, scores_dpbf16's dot products, then times the
+// scale; else steps are dims, q the heads' scaled float32 queries, scores_f32's multiply-adds.
+template <bool kBf16, int NQ, int RH>
+inline void token_chains(const void* q, int64_t len, const float* kt, float scale, float* s) {
+  __m512 acc[RH][NQ];
+  for (int r = 0; r < RH; ++r)
+    for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; ++i) {
+    __m512 x[NQ];
+    for (int g = 0; g < NQ; ++g) x[g] = _mm512_loadu_ps(kt + i * kKeys + 16 * g);
+    for (int r = 0; r < RH; ++r) {
+#if defined(__AVX512BF16__)
+      if constexpr (kBf16) {
+        const int32_t pair = static_cast<const int32_t*>(q)[r * len + i];
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(pair);
+        for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], (__m512bh)x[g], w);
+        continue;
+      }
+#endif
+      const __m512 w = _mm512_set1_ps(static_cast<const float*>(q)[r * len + i]);
+      for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_fmadd_ps(w, x[g], acc[r][g]);
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int r = 0; r < RH; ++r)
+    for (int g = 0; g < NQ; ++g) {
+      const __m512 v = kBf16 ? _mm512_mul_ps(acc[r][g], vscale) : acc[r][g];
+      _mm512_storeu_ps(s + r * kKeys + 16 * g, v);
+    }
+}
+
+// token_chains for the rows' heads, four at a time (q: len steps of 4 bytes per head: a pair, or a
+// float), over NQ groups of 16 keys
+template <bool kBf16, int NQ>
+void token_heads(const void* q, int64_t rows, int64_t len, const float* kt, float scale,
+                 float* s) {
+  for (int64_t g0 = 0; g0 < rows; g0 += 4) {
+    const void* qg = static_cast<const float*>(q) + g0 * len;
+    float* sg = s + g0 * kKeys;
+    switch (std::min<int64_t>(4, rows - g0)) {
+      case 1: token_chains<kBf16, NQ, 1>(qg, len, kt, scale, sg); break;
+      case 2: token_chains<kBf16, NQ, 2>(qg, len, kt, scale, sg); break;
+      case 3: token_chains<kBf16, NQ, 3>(qg, len, kt, scale, sg); break;
+      default: token_chains<kBf16, NQ, 4>(qg, len, kt, scale, sg); break;
+    }
+  }
+}
+
+// token_heads over the block's n keys
+template <bool kBf16>
+void token_heads(const void* q, int64_t rows, int64_t len, int64_t n, const float* kt, float scale,
+                 float* s) {
+  switch ((n + 15) / 16) {
+    case 1: return token_heads<kBf16, 1>(q, rows, len, kt, scale, s);
+    case 2: return token_heads<kBf16, 2>(q, rows, len, kt, scale, s);
+    case 3: return token_heads<kBf16, 3>(q, rows, len, kt, scale, s);
+    default: return token_heads<kBf16, 4>(q, rows, len, kt, scale, s);
+  }
+}
+
 #if defined(__AVX512BF16__)
 // ---- one token's rows with the keys in the lanes (decodes; bfloat16 dot products) ---------------
 //
@@ -592,45 +656,6 @@ constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
 // chain over dim pairs from zero, exp2_16, the block's sum as block_sum_rows adds it, P rounded to
 // bfloat16, the chain over key pairs from o * alpha), so a token's output is bit-identical whether
 // it is computed here or among the rows of a prefill.
-
-// The chains of token_scores for RH heads and NQ groups of 16 keys at once: RH * NQ independent
-// accumulators (one chain each would wait on the multiply-add's latency at every pair), each the
-// chain over dim pairs from zero that scores_dpbf16 runs, then times the scale.
-template <int DV, int NQ, int RH>
-inline void token_chains(const uint32_t* q, const float* kt, float scale, float* s) {
-  constexpr int64_t kPairs = 8 * DV;
-  __m512 acc[RH][NQ];
-  for (int r = 0; r < RH; ++r)
-    for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < kPairs; ++i) {
-    __m512bh x[NQ];
-    for (int g = 0; g < NQ; ++g) x[g] = (__m512bh)_mm512_loadu_ps(kt + i * kKeys + 16 * g);
-    for (int r = 0; r < RH; ++r) {
-      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(q[r * kPairs + i]));
-      for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], x[g], w);
-    }
-  }
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int r = 0; r < RH; ++r)
-    for (int g = 0; g < NQ; ++g)
-      _mm512_storeu_ps(s + r * kKeys + 16 * g, _mm512_mul_ps(acc[r][g], vscale));
-}
-
-// token_chains for every head, four at a time
-template <int DV, int NQ>
-void token_heads(const uint32_t* q, int64_t rows, const float* kt, float scale, float* s) {
-  constexpr int64_t kPairs = 8 * DV;
-  for (int64_t g0 = 0; g0 < rows; g0 += 4) {
-    const uint32_t* qg = q + g0 * kPairs;
-    float* sg = s + g0 * kKeys;
-    switch (std::min<int64_t>(4, rows - g0)) {
-      case 1: token_chains<DV, NQ, 1>(qg, kt, scale, sg); break;
-      case 2: token_chains<DV, NQ, 2>(qg, kt, scale, sg); break;
-      case 3: token_chains<DV, NQ, 3>(qg, kt, scale, sg); break;
-      default: token_chains<DV, NQ, 4>(qg, kt, scale, sg); break;
-    }
-  }
-}
 
 // s[g * kKeys + j] = scale * q_g . k_j for the block's n keys (j < n rounded up to 16; the keys
 // past n score 0), q_g = q[g * D / 2 ..] as bfloat16 pairs: each 16 keys' rows transposed into
@@ -659,12 +684,7 @@ void token_scores(const uint32_t* q, int64_t rows, const c10::BFloat16* head,
       for (int64_t i = 0; i < kChunk; ++i) _mm512_storeu_ps(kt + (c0 + i) * kKeys + j0, x[i]);
     }
   }
-  switch ((n + 15) / 16) {
-    case 1: return token_heads<DV, 1>(q, rows, kt, scale, s);
-    case 2: return token_heads<DV, 2>(q, rows, kt, scale, s);
-    case 3: return token_heads<DV, 3>(q, rows, kt, scale, s);
-    default: return token_heads<DV, 4>(q, rows, kt, scale, s);
-  }
+  token_heads<true>(q, rows, kPairs, n, kt, scale, s);
 }
 
 // P @ V of a token's R heads (R <= 4) for one key block, as pack_values and values_tile_dpbf16
@@ -1364,6 +1384,7 @@ void token_block_f32(const T* k_head, const T* v_head, const int64_t* offs, int6
   constexpr int64_t D = 16 * DV, RT = kValueRows<DV>;
   alignas(64) float ts[kTokenRows * kKeys];  // ts[g * kKeys + j]: head g's score of key j
   const float* q = w.q.data();               // [rows][D], scaled
+  float* kt = w.kf.data();                   // kt[d * kKeys + j]: dim d of key j
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     if (j0 < ahead)  // as token_scores requests them
       prefetch_rows(k_head, v_head, offs + kPrefetchKeys + j0, std::min<int64_t>(16, ahead - j0),
@@ -1373,15 +1394,10 @@ void token_block_f32(const T* k_head, const T* v_head, const int64_t* offs, int6
       for (int k = 0; k < 16; ++k)
         x[k] = j0 + k < n ? load16(k_head + offs[j0 + k] + c0) : _mm512_setzero_ps();
       transpose16(x);
-      for (int64_t g = 0; g < rows; ++g) {
-        float* sg = ts + g * kKeys + j0;
-        __m512 acc = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sg);
-        const float* qg = q + g * D + c0;
-        for (int i = 0; i < 16; ++i) acc = _mm512_fmadd_ps(_mm512_set1_ps(qg[i]), x[i], acc);
-        _mm512_storeu_ps(sg, acc);
-      }
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c0 + i) * kKeys + j0, x[i]);
     }
   }
+  token_heads<false>(q, rows, D, n, kt, 1.f, ts);
   float* s = w.s.data();  // P[j * kRows + g], as softmax_avx512 leaves it
   for (int64_t g = 0; g < rows; ++g) {
     __m512 p[4];
