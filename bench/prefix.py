@@ -116,7 +116,11 @@ class Bench:
         self.model = ""
 
     async def run(self) -> ModeResult:
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        # idle connections dropped before the server's keep-alive timeout (5 s): else a request
+        # can be written into a connection the server is closing (httpx.ReadError)
+        limits = httpx.Limits(
+            max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0
+        )
         async with httpx.AsyncClient(base_url=self.url, timeout=600, limits=limits) as http:
             self.http = http
             keys = await self.setup()

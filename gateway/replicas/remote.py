@@ -37,7 +37,7 @@ from engine.sampling_params import SamplingParams
 from engine.service import protocol
 from engine.service.protocol import ReplicaInfo, ReplicaStats
 from engine.validation import validate_request
-from gateway.replicas.wire import StreamClient
+from gateway.replicas.wire import IDLE_S, StreamClient
 
 logger = logging.getLogger("prefixgate.replicas")
 
@@ -407,7 +407,12 @@ def load_tokenizer(files: dict[str, str]) -> Any:
 
 
 def _client(url: str, timeouts: Timeouts) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    # idle connections dropped before the replica's uvicorn closes them (5 s): httpx's default
+    # expiry is the same 5 s, so a control call could be written into a closing connection and
+    # fail as a lost replica
+    limits = httpx.Limits(
+        max_connections=None, max_keepalive_connections=64, keepalive_expiry=IDLE_S
+    )
     return httpx.AsyncClient(base_url=url, timeout=timeouts.call(), limits=limits)
 
 
