@@ -44,6 +44,38 @@ if HAS_TRITON:
     interpreted = triton_kernels.INTERPRETED and type(tl.max).__name__ == "InterpretedFunction"
     STALE = DEVICE == "cpu" and not interpreted
 
+
+
+def _dot_in_order(
+    self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any
+) -> Any:
+    """`tl.dot` for the interpreter with every output element summed over K in order, then
+    added to d (as the interpreter's own adds it), whatever its row's place in the tile. The
+    interpreter's own hands the tile to numpy's matmul, whose BLAS kernels on some CPUs (AMD Zen
+    5's OpenBLAS) sum a row in an order that depends on its position in the tile: a row's bits
+    would then change with the batch around it, a property of the emulator that a GPU's MMA
+    does not have, and the invariance tests below would test numpy. A kernel that splits K or
+    changes its tiling with the batch still fails them. Float operands only (the kernels widen
+    bfloat16 to float32 when interpreted)."""
+    import numpy as np
+
+    if a.data.dtype.kind != "f" or b.data.dtype.kind != "f" or a.dtype.primitive_bitwidth == 8:
+        return _NUMPY_DOT(self, a, b, d, input_precision, max_num_imprecise_acc)
+    dt = d.data.dtype
+    x, y = a.data.astype(dt), b.data.astype(dt)
+    out = np.zeros(np.broadcast_shapes(x.shape[:-1] + (1,), y.shape[:-2] + (1, y.shape[-1])), dt)
+    for k in range(x.shape[-1]):
+        out += x[..., k : k + 1] * y[..., k : k + 1, :]
+    return type(d)(out + d.data, d.dtype.scalar)
+
+
+_NUMPY_DOT: Any = None
+if HAS_TRITON and DEVICE == "cpu" and not STALE:
+    from triton.runtime import interpreter
+
+    _NUMPY_DOT = interpreter.InterpreterBuilder.create_dot
+    interpreter.InterpreterBuilder.create_dot = _dot_in_order  # type: ignore[method-assign]
+
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
