@@ -45,7 +45,6 @@ if HAS_TRITON:
     STALE = DEVICE == "cpu" and not interpreted
 
 
-
 def _dot_in_order(
     self: Any, a: Any, b: Any, d: Any, input_precision: Any, max_num_imprecise_acc: Any
 ) -> Any:
@@ -63,7 +62,8 @@ def _dot_in_order(
         return _NUMPY_DOT(self, a, b, d, input_precision, max_num_imprecise_acc)
     dt = d.data.dtype
     x, y = a.data.astype(dt), b.data.astype(dt)
-    out = np.zeros(np.broadcast_shapes(x.shape[:-1] + (1,), y.shape[:-2] + (1, y.shape[-1])), dt)
+    shape = np.broadcast_shapes((*x.shape[:-1], 1), (*y.shape[:-2], 1, y.shape[-1]))
+    out = np.zeros(shape, dt)
     for k in range(x.shape[-1]):
         out += x[..., k : k + 1] * y[..., k : k + 1, :]
     return type(d)(out + d.data, d.dtype.scalar)
