@@ -590,6 +590,9 @@ constexpr int kScoreKeys = MV == 1 ? 16 : MV == 2 ? 8 : MV == 3 ? 8 : 4;
 // scale; else steps are dims, q the heads' scaled float32 queries, scores_f32's multiply-adds.
 template <bool kBf16, int NQ, int RH>
 inline void token_chains(const void* q, int64_t len, const float* kt, float scale, float* s) {
+#if !defined(__AVX512BF16__)
+  static_assert(!kBf16, "bfloat16 pairs need the AVX512-BF16 dot product");
+#endif
   __m512 acc[RH][NQ];
   for (int r = 0; r < RH; ++r)
     for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_setzero_ps();

@@ -58,7 +58,7 @@ def _dot_in_order(
     bfloat16 to float32 when interpreted)."""
     import numpy as np
 
-    if a.data.dtype.kind != "f" or b.data.dtype.kind != "f" or a.dtype.primitive_bitwidth == 8:
+    if a.data.dtype.kind != "f" or b.data.dtype.kind != "f":  # integers, and fp8 (held as bytes)
         return _NUMPY_DOT(self, a, b, d, input_precision, max_num_imprecise_acc)
     dt = d.data.dtype
     x, y = a.data.astype(dt), b.data.astype(dt)
