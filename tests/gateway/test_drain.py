@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -134,14 +135,15 @@ def stream_chat(url: str, results: list[Any], started: threading.Event) -> None:
 
 
 def start_streams(url: str, count: int = STREAMS) -> tuple[list[Any], list[threading.Thread]]:
+    """`count` streams sent at once (one after another, each waiting for its 200, gave the first
+    time to finish before the last one was sent on a slow machine)."""
     results: list[Any] = []
-    threads = []
-    for _ in range(count):
-        started = threading.Event()
-        thread = threading.Thread(target=stream_chat, args=(url, results, started), daemon=True)
+    threads, started = [], [threading.Event() for _ in range(count)]
+    for event in started:
+        thread = threading.Thread(target=stream_chat, args=(url, results, event), daemon=True)
         thread.start()
         threads.append(thread)
-        assert started.wait(timeout=120)
+    assert all(event.wait(timeout=120) for event in started)
     return results, threads
 
 
@@ -191,10 +193,20 @@ def replica(engine_args: list[str]) -> Iterator[CliProcess]:
         yield process
 
 
-def in_engine(replica_url: str) -> int:
-    """Requests running or waiting in the replica's engine."""
-    stats = httpx.get(f"{replica_url}{protocol.STATS}", timeout=30).json()
-    return int(stats["num_running"]) + int(stats["num_waiting"])
+def all_in_engine(replica_url: str, results: list[Any]) -> bool:
+    """Whether every stream is running or waiting in the replica's engine. Polled on one
+    connection, 20 ms apart: a client (and its TLS context) per call every 10 ms took most of a
+    core from the processes under test. A stream that failed fails the test; one that already
+    finished is counted, so that the wait cannot last forever, and `terminate` then fails."""
+    with httpx.Client(timeout=30) as client:
+        while True:
+            assert not [r for r in results if isinstance(r, Exception)], results
+            stats = client.get(f"{replica_url}{protocol.STATS}").json()
+            if int(stats["num_running"]) + int(stats["num_waiting"]) == REPLICA_STREAMS:
+                return True
+            if len(results) == REPLICA_STREAMS:
+                return False
+            time.sleep(0.02)
 
 
 @contextmanager
@@ -218,7 +230,7 @@ def test_sigterm_drains_an_engine_replica(replica: CliProcess, tiny_engine: Any)
         url_2, app_2 = stack.enter_context(gateway_app([replica.url, other]))
         results, threads = start_streams(url, REPLICA_STREAMS)
         # The gateway answers 200 before its call to the replica lands: wait for all of them.
-        assert wait_until(lambda: in_engine(replica.url) == REPLICA_STREAMS)
+        assert all_in_engine(replica.url, results)
         terminate(replica)
         body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
         refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
