@@ -43,6 +43,10 @@
 // PyTorch's own vectorized exp (SLEEF, linked into libtorch_cpu): silu then rounds like eager
 // PyTorch's. Weak, so that a libtorch without it falls back to `exp16` below.
 extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+#elif defined(__AVX2__)
+// Its AVX2 one (SLEEF's dispatcher, which eager silu calls on CPUs without AVX-512); weak too:
+// without it every element takes std::exp.
+extern "C" __m256 Sleef_expf8_u10(__m256) __attribute__((weak));
 #endif
 
 namespace {
@@ -230,12 +234,12 @@ const void* silu_bf16_table() {
 }
 #endif
 
-// As PyTorch's vectorized loop: pairs of vectors through SLEEF, the last n % 32 with std::exp.
+// As PyTorch's vectorized loop: pairs of vectors through SLEEF, the rest with std::exp.
 template <typename T>
 void silu_mul_row(T* out, const T* g, const T* u, int64_t n) {
   int64_t i = 0;
-  const int64_t vector_end = n - n % 32;
 #if defined(__AVX512F__)
+  const int64_t vector_end = n - n % 32;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const void* table = silu_bf16_table();
     for (; i < vector_end; i += 16) {
@@ -249,6 +253,21 @@ void silu_mul_row(T* out, const T* g, const T* u, int64_t n) {
     for (; i < vector_end; i += 32) {
       store16(out + i, silu_mul16<T>(load16(g + i), load16(u + i)));
       store16(out + i + 16, silu_mul16<T>(load16(g + i + 16), load16(u + i + 16)));
+    }
+  }
+#elif defined(__AVX2__)
+  // PyTorch's AVX2 loop takes two vectors at a time: 16 floats, or 32 bfloat16 (a vector holds
+  // 16, widened to two of 8 floats); each 8 through SLEEF as x / (1 + exp(-x)), -x by the sign
+  // bit. Without this, std::exp differed from eager silu by an ulp on AVX2-only CPUs.
+  if (Sleef_expf8_u10 != nullptr) {
+    const int64_t pair = std::is_same_v<T, float> ? 16 : 32;
+    alignas(32) float x8[8], silu8[8];
+    for (; i < n - n % pair; i += 8) {
+      for (int j = 0; j < 8; ++j) x8[j] = to_f(g[i + j]);
+      const __m256 x = _mm256_load_ps(x8);
+      const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(_mm256_set1_ps(-0.f), x));
+      _mm256_store_ps(silu8, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+      for (int j = 0; j < 8; ++j) out[i + j] = from_f<T>(rnd<T>(silu8[j]) * to_f(u[i + j]));
     }
   }
 #endif
