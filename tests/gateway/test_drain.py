@@ -194,10 +194,10 @@ def replica(engine_args: list[str]) -> Iterator[CliProcess]:
 
 
 def all_in_engine(replica_url: str, results: list[Any]) -> bool:
-    """Whether every stream is running or waiting in the replica's engine. Polled on one
-    connection, 20 ms apart: a client (and its TLS context) per call every 10 ms took most of a
-    core from the processes under test. A stream that failed fails the test; one that already
-    finished is counted, so that the wait cannot last forever, and `terminate` then fails."""
+    """Whether every stream was seen running or waiting in the replica's engine at once. Polled
+    on one connection, 20 ms apart: a client (and its TLS context) per call every 10 ms took
+    most of a core from the processes under test. A stream that failed fails the test; all of
+    them finished before they were seen together returns False rather than waiting forever."""
     with httpx.Client(timeout=30) as client:
         while True:
             assert not [r for r in results if isinstance(r, Exception)], results
