@@ -177,7 +177,7 @@ class Settings(EngineEnv):
         default=2.0,
         ge=0,
         description="prefix routing: score = cached fraction of the prompt - weight x "
-        "max(0, load - mean load) / (mean load + 1), load = the replica's running + waiting "
+        "max(0, load - mean load) / (mean load + 4), load = the replica's running + waiting "
         "requests (docs/deployment.md)",
     )
     engine_timeout_s: float = Field(

@@ -8,17 +8,26 @@ the run of leading blocks it holds.
 
 Prefix rule (`PrefixAware`), for each live replica r:
 
-    hit(r)    = cached_blocks(r) / prompt_blocks                  (0..1)
-    excess(r) = max(0, load(r) - mean_load) / (mean_load + 1)     (0 at or below the mean)
+    hit(r)    = cached_blocks(r) / prompt_blocks                          (0..1)
+    excess(r) = max(0, load(r) - mean_load) / (mean_load + LOAD_SLACK)   (0 at or below the mean)
     score(r)  = hit(r) - weight * excess(r)
 
 where load(r) is r's running + waiting requests (its last report, or this gateway's open streams
-on it when more), mean_load their mean over live replicas, and `weight` is
-`PREFIXGATE_ROUTING_LOAD_WEIGHT` (default 2). The highest score wins; ties go to the replica with
-more cached blocks, then the lower load, then in turn. Only replicas above the mean pay, so at
-low load (and with load reports a heartbeat old) the cache decides; with weight 2 a replica
-holding the whole prompt keeps it against one with 2 requests until it carries about 8 (at 9 the
-other wins). A larger weight balances sooner; weight 0 is pure cache affinity.
+on it when more), mean_load their mean over live replicas, `weight` is
+`PREFIXGATE_ROUTING_LOAD_WEIGHT` (default 2) and `LOAD_SLACK` = 4 requests. The highest score
+wins; ties go to the replica with more cached blocks, then the lower load, then in turn.
+
+Only replicas above the mean pay, and the slack keeps a handful of requests from counting as
+busy: a miss recomputes the whole prompt (a 512-token prompt is about the work of 512 decoded
+tokens), while each request more in a batch adds one token to its steps. Between two replicas
+with loads a >= b, one holding the whole prompt keeps it while (weight > 1; at 1 or less it
+always keeps it)
+
+    a <= b * (weight + 1) / (weight - 1) + 2 * LOAD_SLACK / (weight - 1)
+
+i.e. with weight 2 until it runs 3 b + 8 (against an idle replica, 8; against one running 2,
+14). The weight sets the imbalance tolerated under load (a 3:1 ratio at 2, 2:1 at 3), the slack
+the load below which the cache alone decides; weight 0 is pure cache affinity.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from typing import ClassVar, Protocol
 
 from engine.block_manager import chain_hashes
 from engine.service.discovery import HASH_BYTES
+
+LOAD_SLACK = 4.0  # requests: the module docstring's rule
 
 
 def prompt_chain(
@@ -148,7 +159,7 @@ class PrefixAware:
 
     def score(self, c: Candidate, prompt_blocks: int, mean_load: float) -> float:
         hit = c.cached_blocks / prompt_blocks if prompt_blocks else 0.0
-        excess = max(0.0, c.load - mean_load) / (mean_load + 1)
+        excess = max(0.0, c.load - mean_load) / (mean_load + LOAD_SLACK)
         return hit - self.load_weight * excess
 
     def pick(self, candidates: Sequence[Candidate], prompt_blocks: int) -> Candidate:

@@ -41,14 +41,29 @@ def test_index_counts_leading_blocks_per_replica() -> None:
 
 
 def test_prefix_policy_prefers_cached_blocks_until_load_outweighs_them() -> None:
-    policy = PrefixAware()  # weight 2
-    other = Candidate("b", load=2, cached_blocks=0)
-    for load in (0, 1, 4, 8):  # at 8: 1 - 2 * 3/6 = 0 against 0, more cached blocks win
-        holder = Candidate("a", load=load, cached_blocks=10)
-        assert policy.pick([holder, other], prompt_blocks=10).replica_id == "a", load
-    busy = Candidate("a", load=9, cached_blocks=10)  # 1 - 2 * 3.5/6.5 < 0
-    assert policy.pick([busy, other], prompt_blocks=10).replica_id == "b"
-    assert PrefixAware(0.0).pick([busy, other], 10).replica_id == "a"  # weight 0: affinity only
+    policy = PrefixAware()  # weight 2: the holder keeps a whole hit while its load <= 3 b + 8
+    for other_load, keeps_until in ((0, 8), (2, 14), (10, 38)):
+        other = Candidate("b", load=other_load, cached_blocks=0)
+        for load in range(keeps_until + 1):  # at the bound: a score of 0 against 0, cache wins
+            holder = Candidate("a", load=load, cached_blocks=10)
+            assert policy.pick([holder, other], prompt_blocks=10).replica_id == "a", load
+        busy = Candidate("a", load=keeps_until + 1, cached_blocks=10)
+        assert policy.pick([busy, other], prompt_blocks=10).replica_id == "b", other_load
+        assert PrefixAware(0.0).pick([busy, other], 10).replica_id == "a"  # affinity only
+
+    # Weight 3 tolerates 2:1 (a <= 2 b + 4); weight 1 never diverts a whole hit between two.
+    def winner(weight: float, holder_load: int, other_load: int) -> str:
+        pair = [Candidate("a", holder_load, 10), Candidate("b", other_load, 0)]
+        return PrefixAware(weight).pick(pair, prompt_blocks=10).replica_id
+
+    assert (winner(3.0, 24, 10), winner(3.0, 25, 10), winner(1.0, 500, 0)) == ("a", "b", "a")
+    # A half hit goes to the idle replica sooner: 0.5 - 2 * (a/2) / (a/2 + 4) < 0 from a = 3.
+    half = Candidate("b", 0, 0)
+    assert PrefixAware().pick([Candidate("a", 2, 5), half], 10).replica_id == "a"
+    assert PrefixAware().pick([Candidate("a", 3, 5), half], 10).replica_id == "b"
+    # Among more replicas the mean is over all of them: an idle third pulls it down.
+    three = [Candidate("a", 6, 10), Candidate("b", 0, 0), Candidate("c", 0, 0)]
+    assert policy.pick(three, 10).replica_id != "a"  # 1 - 2 * 4/6 < 0
     # A stale report of one request does not outweigh two thirds of the prompt cached.
     stale = [Candidate("a", load=1, cached_blocks=2), Candidate("b", 0, 0)]
     assert policy.pick(stale, prompt_blocks=3).replica_id == "a"
