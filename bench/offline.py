@@ -343,7 +343,7 @@ def invariance_ab(llm: LLM, rounds: int) -> dict[str, Any]:
 
 
 # K groups x G sequences decoding on P-token prefixes that each group shares (issue #18)
-SHARED_CASES = ((4, 16, 800), (1, 64, 800))
+SHARED_CASES = ((4, 16, 800), (1, 64, 800), (1, 32, 800), (4, 4, 800), (1, 8, 512))
 AB_STEPS = 4  # decode steps per A/B sample
 
 
@@ -414,10 +414,11 @@ def attention_step(llm: LLM, grouped: bool, reps: int = 3) -> tuple[float, int]:
 
 
 def shared_ab(llm: LLM, rounds: int) -> dict[str, Any]:
-    """Shared-prefix decodes (`SHARED_CASES`), grouped (`cpu_attention.SHARED_PREFIX`, the
-    default) vs ungrouped, interleaved (ABBA...) on the same running sequences: per step, the
-    attention kernel's time over every layer and the K/V bytes it reads, and the whole engine
-    step's time; medians of `rounds` samples of each."""
+    """Shared-prefix decodes (`SHARED_CASES`), grouped (`cpu_attention.GROUP_ALWAYS`) vs
+    ungrouped (`SHARED_PREFIX` off), interleaved (ABBA...) on the same running sequences: per
+    step, the attention kernel's time over every layer and the K/V bytes it reads, and the whole
+    engine step's time; medians of `rounds` samples of each; and which of the two the engine
+    picks by default (`cpu_attention.groups_that_pay`)."""
     from kernels import cpu_attention
 
     engine = llm.engine
@@ -429,20 +430,25 @@ def shared_ab(llm: LLM, rounds: int) -> dict[str, Any]:
             for mode in ("grouped", "ungrouped") if r % 2 == 0 else ("ungrouped", "grouped"):
                 grouped = mode == "grouped"
                 cpu_attention.SHARED_PREFIX = grouped
+                cpu_attention.GROUP_ALWAYS = grouped  # whether the rule would group or not
                 try:
                     t0 = time.perf_counter()
                     for _ in range(AB_STEPS):
                         engine.step()
                     step = (time.perf_counter() - t0) / AB_STEPS
                 finally:
-                    cpu_attention.SHARED_PREFIX = True
+                    cpu_attention.SHARED_PREFIX, cpu_attention.GROUP_ALWAYS = True, False
                 attn, kv = attention_step(llm, grouped)
                 for key, v in (("step_ms", 1000 * step), ("attention_ms", 1000 * attn),
                                ("kv_mb", kv / 1e6)):  # fmt: skip
                     runs[mode].setdefault(key, []).append(v)
+        rule = rule_groups(llm)
         for rid in list(engine.scheduler.requests):
             engine.abort(rid)
-        case = {m: {k: statistics.median(v) for k, v in runs[m].items()} for m in runs}
+        case: dict[str, Any] = {
+            m: {k: statistics.median(v) for k, v in runs[m].items()} for m in runs
+        }
+        case["rule_groups"] = rule
         figures[f"{groups}x{size} on {prefix}"] = case
         g, u = case["grouped"], case["ungrouped"]
         seqs, attn = groups * size, g["attention_ms"] / u["attention_ms"] - 1
@@ -452,9 +458,23 @@ def shared_ab(llm: LLM, rounds: int) -> dict[str, Any]:
             f" K/V read {g['kv_mb']:.0f} vs {u['kv_mb']:.0f} MB; step {g['step_ms']:.1f} vs "
             f"{u['step_ms']:.1f} ms = {seqs / g['step_ms'] * 1000:.0f} vs "
             f"{seqs / u['step_ms'] * 1000:.0f} output tok/s (grouped vs ungrouped, medians of "
-            f"{rounds} interleaved)"
+            f"{rounds} interleaved); by default {'grouped' if rule else 'ungrouped'}"
         )
     return figures
+
+
+def rule_groups(llm: LLM) -> bool:
+    """Whether the engine groups the running decodes' step (`cpu_attention.groups_that_pay`)."""
+    from kernels import cpu_attention
+    from kernels.metadata import prefix_groups
+
+    engine = llm.engine
+    running = engine.scheduler.running
+    tables = [engine.block_manager.block_ids(s.seq_id) for s in running]
+    lens = [s.num_computed_tokens + 1 for s in running]
+    groups = prefix_groups(tables, [1] * len(lens), lens, engine.block_manager.block_size)
+    cache = engine.runner.kv_caches[0]
+    return groups is not None and cpu_attention.groups_that_pay(groups, cache) is not None
 
 
 def single_stream_itl(llm: LLM, tokens: int = 64) -> float:

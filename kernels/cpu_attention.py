@@ -13,7 +13,8 @@ softmax and accumulation.
     wherever the prefill        -> the prefill kernel for every row, decodes included
     kernel serves                  (`one_kernel_for_all_rows`: batch-invariant output); decodes
                                    that share leading blocks (`AttentionMetadata.prefix_groups`)
-                                   attend those keys once per group (`SHARED_PREFIX`)
+                                   attend those keys once per group where it pays
+                                   (`groups_that_pay`, `SHARED_PREFIX`)
     write_kv                    -> reference
 
 The library is compiled on first use (`kernels._build`). When it cannot be built (no compiler, no
@@ -23,6 +24,7 @@ ninja) one warning is logged and the reference runs instead. `KernelOptions.cpu_
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -56,6 +58,14 @@ BATCH_INVARIANT = True
 # False: decodes sharing leading blocks are attended one by one, as if no block were shared (the
 # output is the same bits either way; for A/B benchmarks and tests, see bench/offline.py --shared)
 SHARED_PREFIX = True
+# True: group every decode that shares a whole key block, where it pays or not
+# (`groups_that_pay`; for A/B benchmarks and tests)
+GROUP_ALWAYS = False
+
+# Where a group's shared keys run as vectors, not tiles (no AMX, or a float32 cache), grouping
+# pays only for many decodes on long prefixes: see `groups_that_pay`.
+VECTOR_GROUP_MIN_KEYS = 768
+VECTOR_GROUP_MIN_DECODES_PER_THREAD = 16
 
 Kernel = Callable[..., None]  # (out, query, kv_cache, block_tables, seq_lens, scale) -> None
 
@@ -135,6 +145,51 @@ def one_kernel_for_all_rows(kv_cache: torch.Tensor) -> bool:
     token's output would change with the way its step was made up (docs/determinism.md).
     """
     return BATCH_INVARIANT and prefill_kernel_serves(kv_cache)
+
+
+@functools.cache
+def _amx() -> bool:
+    """True when the prefill kernel runs bfloat16 items on AMX tiles (its `uses_amx`)."""
+    return bool(torch.ops.prefixgate_cpu.has_linear_amx())
+
+
+def groups_that_pay(groups: PrefixGroups, kv_cache: torch.Tensor) -> PrefixGroups | None:
+    """The step's decode groups the prefill kernel should attend grouped; None: none of them.
+
+    Grouping changes no bit of the output (`csrc/prefill_attention.cpp`, "Grouped items"), only
+    the time. A grouped item runs its shared keys as rows of whole 16-row vectors or tiles,
+    while an ungrouped decode runs with its keys in the lanes. On AMX tiles (bfloat16 caches)
+    the ungrouped decode is a 16-row tile of its 3 heads too, so grouping always pays. On the
+    vector paths the ungrouped decode is memory-bound and fast, the grouped item compute-bound,
+    and the items are few (one per KV head per 21 decodes): measured on AMD Zen 5 (AVX512-BF16,
+    2 threads, `bench/offline.py --shared-ab`), grouping took 4-79% more attention time for 3 to
+    16 decodes per group on 512-1024-token prefixes and 8 on 2048, and 9-19% less only with 32
+    or more decodes on 768+ shared keys. So on those paths a group needs at least
+    `VECTOR_GROUP_MIN_KEYS` shared keys and the step at least
+    `VECTOR_GROUP_MIN_DECODES_PER_THREAD` decodes in such groups per thread (few large items
+    leave a thread idle); otherwise every decode runs ungrouped.
+    """
+    head_dim = kv_cache.shape[-1]
+    tiles = kv_cache.dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 128
+    if GROUP_ALWAYS or (tiles and _amx()):
+        return groups
+    of = groups.group_of.tolist()
+    sizes = [of.count(g) for g in range(len(groups.shared_keys))]
+    keep = [
+        g
+        for g, keys in enumerate(groups.shared_keys.tolist())
+        if keys >= VECTOR_GROUP_MIN_KEYS and sizes[g] > 1
+    ]
+    decodes = sum(sizes[g] for g in keep)
+    if decodes < VECTOR_GROUP_MIN_DECODES_PER_THREAD * torch.get_num_threads():
+        return None
+    if len(keep) == len(sizes):
+        return groups
+    new = {g: i for i, g in enumerate(keep)}
+    return PrefixGroups(
+        torch.tensor([new.get(g, -1) for g in of], dtype=torch.int32),
+        groups.shared_keys[keep],
+    )
 
 
 def paged_prefill(
@@ -294,7 +349,9 @@ def _plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
 def _make_plan(meta: AttentionMetadata, kv_cache: torch.Tensor) -> _Plan:
     kernel = load_kernel() if kv_cache.device.type == "cpu" and kernel_available() else None
     if kernel is not None and one_kernel_for_all_rows(kv_cache):
-        groups = meta.prefix_groups if SHARED_PREFIX else None
+        groups = None
+        if SHARED_PREFIX and meta.prefix_groups is not None:
+            groups = groups_that_pay(meta.prefix_groups, kv_cache)
         return _Plan(kernel, None, meta.block_tables, None, torch.arange(meta.num_seqs), groups)
     starts = meta.query_start_loc_list
     decodes = [s for s in range(meta.num_seqs) if starts[s + 1] - starts[s] == 1]

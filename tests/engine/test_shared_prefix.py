@@ -37,6 +37,7 @@ def llm(request: Any, tmp_path_factory: pytest.TempPathFactory) -> LLM:
 
 def run(llm: LLM, prompts: list[list[int]], shared: bool, monkeypatch: Any) -> list[Any]:
     monkeypatch.setattr(cpu_attention, "SHARED_PREFIX", shared)
+    monkeypatch.setattr(cpu_attention, "GROUP_ALWAYS", shared)  # small groups too, on any CPU
     params = [
         SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0.9, seed=7, max_tokens=40, ignore_eos=True, n=2, logprobs=1),

@@ -168,6 +168,7 @@ def test_layer_plan_passes_groups(kernel: object, monkeypatch: pytest.MonkeyPatc
         real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(cpu_attention, "paged_prefill", spy)
+    monkeypatch.setattr(cpu_attention, "GROUP_ALWAYS", True)  # 3 decodes: grouped on any CPU
     grouped = cpu_attention.paged_attention(step.query, step.cache, step.meta, 0.125)
     monkeypatch.setattr(cpu_attention, "SHARED_PREFIX", False)
     step.meta.derived.clear()
@@ -228,3 +229,40 @@ def test_prefix_groups_save_the_most_reads() -> None:
     assert prefix_groups([[*a[:3], 1], [*a[:3], 2]], [1, 1], [60, 60], bs) is None
     assert prefix_groups([a, b], [1, 1], [200, 200], bs) is not None  # public's 64 keys
     assert prefix_groups([a], [1], [200], bs) is None
+
+
+def groups_of(sizes: list[int], keys: list[int], lone: int = 0) -> PrefixGroups:
+    """Groups of these sizes sharing these keys, then `lone` ungrouped decodes."""
+    of = [g for g, n in enumerate(sizes) for _ in range(n)] + [-1] * lone
+    return PrefixGroups(torch.tensor(of, dtype=torch.int32), torch.tensor(keys, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groups_pay_on_the_vector_paths_only_when_many_share_long_prefixes(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without tiles, a step groups only the groups on `VECTOR_GROUP_MIN_KEYS` keys or more, and
+    only with `VECTOR_GROUP_MIN_DECODES_PER_THREAD` such decodes per thread; on AMX tiles
+    (bfloat16) every group, and with `GROUP_ALWAYS` every group on any path."""
+    monkeypatch.setattr(cpu_attention, "_amx", lambda: False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cache = torch.empty(2, 1, 16, KV_HEADS, 64, dtype=dtype)
+    pay = cpu_attention.groups_that_pay
+    assert pay(groups_of([8], [512]), cache) is None  # a tenant's 8 decodes on 512 keys
+    assert pay(groups_of([4, 4, 4], [768] * 3), cache) is None  # 12 decodes: too few
+    assert pay(groups_of([31], [1024]), cache) is None  # one short of 16 per thread
+    big = groups_of([16, 16], [768, 1024], lone=3)
+    assert pay(big, cache) is big
+    # the groups on short prefixes are dropped, the others renumbered
+    mixed = pay(groups_of([5, 32, 6], [512, 768, 64], lone=1), cache)
+    assert mixed is not None
+    assert mixed.group_of.tolist() == [-1] * 5 + [0] * 32 + [-1] * 7
+    assert mixed.shared_keys.tolist() == [768]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert pay(big, cache) is None  # 32 decodes on 4 threads
+    small = groups_of([3], [64])
+    monkeypatch.setattr(cpu_attention, "_amx", lambda: True)
+    assert (pay(small, cache) is small) == (dtype == torch.bfloat16)  # tiles: bfloat16 only
+    monkeypatch.setattr(cpu_attention, "_amx", lambda: False)
+    monkeypatch.setattr(cpu_attention, "GROUP_ALWAYS", True)
+    assert pay(small, cache) is small
