@@ -185,7 +185,10 @@ def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> d
     the attention's share of the model phase (the kernel alone over every layer's cache)."""
     engine = llm.engine
     rng = random.Random(batch)
-    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    # Long enough that none finishes before the timed steps: the first prompts decode while
+    # the last ones are prefilled (chunked), for as many steps as the prefill takes.
+    max_tokens = engine.max_model_len - prompt_len
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for _ in range(batch):
         engine.add_request([rng.randrange(100, 40000) for _ in range(prompt_len)], params)
     while (
@@ -193,6 +196,8 @@ def step_split(llm: LLM, batch: int, prompt_len: int = 160, steps: int = 8) -> d
     ):
         engine.step()
     engine.step()  # warm
+    if len(engine.scheduler.running) != batch:
+        raise RuntimeError(f"{len(engine.scheduler.running)} sequences running, not {batch}")
     mc = engine.model_config
     kv_row = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * engine.dtype.itemsize
     contexts = sum(s.num_computed_tokens for s in engine.scheduler.running) + batch * steps / 2
@@ -263,8 +268,13 @@ def roofline(llm: LLM) -> dict[str, Any]:
         split = step_split(llm, batch)
         rate = batch / (split["total"] / 1000)
         parts = " ".join(f"{k} {v:.1f}" for k, v in split.items() if k not in ("total", "kv_bytes"))
+        attention_gbps = None
         if "attention" in split:  # part of the model's time: its share printed beside
-            parts += f" = {split['attention'] / split['model']:.0%} of model"
+            attention_gbps = split["kv_bytes"] / (split["attention"] / 1000) / 1e9
+            parts += (
+                f" = {split['attention'] / split['model']:.0%} of model, K/V read at "
+                f"{attention_gbps:.1f} GB/s"
+            )
         floor_ms = (weight_bytes + split["kv_bytes"]) / (gbps * 1e9) * 1000
         print(
             f"  decode batch {batch:>2}: step {split['total']:.1f} ms ({parts}) -> "
@@ -278,6 +288,7 @@ def roofline(llm: LLM) -> dict[str, Any]:
             "of_gemm_limit": rate / decode_limit,
             "memory_floor_ms": floor_ms,
             "of_memory_floor": floor_ms / split["total"],
+            "attention_kv_gbps": attention_gbps,
         }
     return figures
 
