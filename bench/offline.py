@@ -424,6 +424,81 @@ def attention_step(llm: LLM, grouped: bool, reps: int = 3) -> tuple[float, int]:
     return best, keys * kv_row
 
 
+def shared_split(llm: LLM, rounds: int) -> dict[str, Any]:
+    """Where the served shared-prefix workload's time goes, in one process: bench/serve.py's
+    `--shared-prefixes 4 --shared-prefix-tokens 640` shape (64 requests, each one of 4 shared
+    640-token prefixes and 160 tokens of its own, 32-128 output tokens, 16 at a time; fresh
+    prefixes each round), every step counted as one with prompt tokens (a prefill chunk, with the
+    decodes beside it) or a decode-only step: their number, wall time, tokens and ms per step."""
+    engine = llm.engine
+    sched = engine.scheduler
+    rng = random.Random(640)
+    schedule = sched.schedule
+    batched: list[tuple[int, int]] = []  # (tokens, sequences) of the step being run
+
+    def counted() -> Any:
+        out = schedule()
+        batched.append((out.num_batched_tokens, len(out.seqs)))
+        return out
+
+    saved = sched.config.max_num_seqs
+    sched.config.max_num_seqs = 16
+    sched.schedule = counted  # type: ignore[method-assign]
+    runs = []
+    try:
+        for r in range(rounds + 1):  # the first warms up
+            prefixes = [[rng.randrange(100, 40000) for _ in range(640)] for _ in range(4)]
+            work = [
+                (prefixes[i % 4] + [rng.randrange(100, 40000) for _ in range(160)],
+                 rng.randint(32, 128))
+                for i in range(64)
+            ]  # fmt: skip
+            for prompt, n in work:
+                engine.add_request(
+                    prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                )
+            kinds: dict[str, list[float]] = {"prompt": [0, 0.0, 0], "decode": [0, 0.0, 0]}
+            t0 = time.perf_counter()
+            while engine.has_unfinished:
+                t = time.perf_counter()
+                engine.step()
+                tokens, seqs = batched.pop()
+                kind = kinds["prompt" if tokens > seqs else "decode"]
+                kind[0] += 1
+                kind[1] += time.perf_counter() - t
+                kind[2] += tokens
+            wall = time.perf_counter() - t0
+            run: dict[str, Any] = {
+                "wall_s": wall,
+                "total_tps": sum(len(p) + n for p, n in work) / wall,
+                "output_tps": sum(n for _, n in work) / wall,
+            }
+            for name, (count, secs, computed) in kinds.items():
+                run[name] = {
+                    "steps": int(count),
+                    "share_of_wall": secs / wall,
+                    "ms_per_step": 1000 * secs / max(count, 1),
+                    "tokens_per_step": computed / max(count, 1),
+                }
+            if r == 0:
+                continue
+            runs.append(run)
+            print(
+                f"shared-prefix workload, round {r}: total {run['total_tps']:.0f} tok/s, output "
+                f"{run['output_tps']:.0f} tok/s; "
+                + "; ".join(
+                    f"{name} steps {k['steps']} ({k['share_of_wall']:.0%} of the time, "
+                    f"{k['ms_per_step']:.1f} ms, {k['tokens_per_step']:.0f} tokens each)"
+                    for name in ("prompt", "decode")
+                    for k in [run[name]]
+                )
+            )
+    finally:
+        sched.schedule = schedule  # type: ignore[method-assign]
+        sched.config.max_num_seqs = saved
+    return {"rounds": runs}
+
+
 def shared_ab(llm: LLM, rounds: int) -> dict[str, Any]:
     """Shared-prefix decodes (`SHARED_CASES`), grouped (`cpu_attention.GROUP_ALWAYS`) vs
     ungrouped (`SHARED_PREFIX` off), interleaved (ABBA...) on the same running sequences: per
@@ -531,6 +606,13 @@ def main() -> None:
         metavar="ROUNDS",
         help="only shared-prefix decodes, grouped vs ungrouped: ROUNDS interleaved A/B samples",
     )
+    ap.add_argument(
+        "--shared-split",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only the served shared-prefix workload: steps with prompt tokens vs decode-only",
+    )
     _record.add_arguments(ap)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -568,6 +650,9 @@ def measure(
         return
     if args.shared_ab:
         figures["shared_ab"] = shared_ab(llm, args.shared_ab)
+        return
+    if args.shared_split:
+        figures["shared_split"] = shared_split(llm, args.shared_split)
         return
     figures["single_request_itl_ms"] = single_stream_itl(llm)
     figures["peer_workload"] = {c: peer_workload(llm, c) for c in (16, 64)}
