@@ -15,7 +15,7 @@ blocks that decodes append one at a time, interleaved with the other sequences')
 passes are a few lines of C++ built here with `torch.utils.cpp_extension` (not the engine's
 kernels), vectorized loads and adds on the OpenMP threads; they bound what any kernel that reads
 the rows in that order can reach. Printed as K/V GB/s (bytes of the keys read / time, medians of
-`--reps` interleaved rounds).
+calls made round-robin for `--budget-s`, bench/attention.py's `time_interleaved`).
 
 Usage: python bench/kv_read.py [--seqs 64] [--tokens 420] [--kv-heads 3] [--head-dim 64]
 """
@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import tempfile
-import time
 from collections.abc import Callable
 
 import _record
 import torch
+from attention import make_metadata, time_interleaved
 
 from kernels import cpu_attention
 from kernels.metadata import AttentionMetadata
@@ -81,7 +79,8 @@ int64_t read_kv(const at::Tensor& cache, const at::Tensor& tables, int64_t keys,
 """
 
 
-def build() -> Callable[..., float]:
+def build() -> Callable[..., int]:
+    """`read_kv`, built once into PyTorch's extension cache (again only when SOURCE changes)."""
     from torch.utils.cpp_extension import load_inline
 
     module = load_inline(
@@ -89,23 +88,8 @@ def build() -> Callable[..., float]:
         cpp_sources=SOURCE,
         functions=["read_kv"],
         extra_cflags=["-O3", "-mavx2", "-fopenmp"],
-        build_directory=tempfile.mkdtemp(prefix="prefixgate-kv-read-"),
     )
     return module.read_kv  # type: ignore[no-any-return]
-
-
-def interleaved(reps: int, runs: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """The median time of each run over `reps` rounds, one call of each per round (the machine
-    is shared and its memory rate drifts: interleaving puts every run under the same drift)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm
-    for _ in range(reps):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -117,7 +101,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--reps", type=int, default=7, help="interleaved rounds (medians)")
+    p.add_argument("--budget-s", type=float, default=3.0, help="timing per layout (medians)")
     p.add_argument("--seed", type=int, default=0)
     _record.add_arguments(p)
     args = p.parse_args()
@@ -130,8 +114,6 @@ def main() -> None:
     caches = [torch.randn(2, blocks, bs, args.kv_heads, d).to(dtype) for _ in range(args.layers)]
     kv_bytes = args.seqs * args.tokens * args.layers * args.kv_heads * d * 2 * dtype.itemsize
     flat = torch.ones(kv_bytes // 4, dtype=torch.float32)
-    lens = [args.tokens] * args.seqs
-    starts = list(range(args.seqs + 1))
     query = torch.randn(args.seqs, args.heads, d).to(dtype)
     out = torch.empty_like(query)
     ids = torch.arange(args.seqs)
@@ -145,17 +127,8 @@ def main() -> None:
         if layout == "shuffled":
             random.Random(args.seed).shuffle(order)
         rows = [order[s * per_seq : (s + 1) * per_seq] for s in range(args.seqs)]
-        tables = torch.tensor(rows, dtype=torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=torch.zeros(args.seqs, dtype=torch.long),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(lens, dtype=torch.int32),
-            block_tables=tables,
-            max_query_len=1,
-            max_seq_len=args.tokens,
-            query_start_loc_list=starts,
-            seq_lens_list=lens,
-        )
+        meta = make_metadata(rows, [(args.tokens, 1)] * args.seqs, bs, query.device)
+        tables = meta.block_tables
 
         def attention(meta: AttentionMetadata = meta) -> None:
             for cache in caches:
@@ -166,10 +139,10 @@ def main() -> None:
                 read_kv(cache, tables, args.tokens, order)
 
         runs = {"attention": attention, "rows": lambda: read(0), "stripes": lambda: read(1)}
-        times = interleaved(args.reps, runs | {"stream": flat.sum})
-        figures[layout] = {name: kv_bytes / t / 1e9 for name, t in times.items()}
+        ms = time_interleaved(runs | {"stream": flat.sum}, args.budget_s)
+        figures[layout] = {name: kv_bytes / t / 1e6 for name, t in ms.items()}
         line = "  ".join(
-            f"{name} {t * 1000:.1f} ms = {kv_bytes / t / 1e9:.1f} GB/s" for name, t in times.items()
+            f"{name} {t:.1f} ms = {kv_bytes / t / 1e6:.1f} GB/s" for name, t in ms.items()
         )
         print(f"blocks {layout:8s}: {line}")
     _record.write(args, __file__, {"kv_bytes": kv_bytes, "gbps": figures})

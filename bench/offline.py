@@ -473,25 +473,24 @@ def shared_split(llm: LLM, rounds: int) -> dict[str, Any]:
                 "total_tps": sum(len(p) + n for p, n in work) / wall,
                 "output_tps": sum(n for _, n in work) / wall,
             }
+            parts = []
             for name, (count, secs, computed) in kinds.items():
-                run[name] = {
+                k = run[name] = {
                     "steps": int(count),
                     "share_of_wall": secs / wall,
                     "ms_per_step": 1000 * secs / max(count, 1),
                     "tokens_per_step": computed / max(count, 1),
                 }
+                parts.append(
+                    f"{name} steps {k['steps']} ({k['share_of_wall']:.0%} of the time, "
+                    f"{k['ms_per_step']:.1f} ms, {k['tokens_per_step']:.0f} tokens each)"
+                )
             if r == 0:
                 continue
             runs.append(run)
             print(
                 f"shared-prefix workload, round {r}: total {run['total_tps']:.0f} tok/s, output "
-                f"{run['output_tps']:.0f} tok/s; "
-                + "; ".join(
-                    f"{name} steps {k['steps']} ({k['share_of_wall']:.0%} of the time, "
-                    f"{k['ms_per_step']:.1f} ms, {k['tokens_per_step']:.0f} tokens each)"
-                    for name in ("prompt", "decode")
-                    for k in [run[name]]
-                )
+                f"{run['output_tps']:.0f} tok/s; " + "; ".join(parts)
             )
     finally:
         sched.schedule = schedule  # type: ignore[method-assign]

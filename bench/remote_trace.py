@@ -42,7 +42,7 @@ from _server import wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (mode, point): the points in path order; the gateway's also hold the replica's
+# Each mode's points in path order, named `process.point` as the processes stamp them
 POINTS = {
     "remote": [
         "client.send",
@@ -77,7 +77,9 @@ def child(tag: str, events: Path, cli_args: list[str]) -> None:
     def stamp(point: str) -> None:
         out.write(f"{time.monotonic_ns()} {tag}.{point}\n")
 
-    def before(owner: Any, name: str, point: str) -> None:
+    def before(owner: Any, name: str, point: str, after: str | None = None) -> None:
+        """Stamp `point` when `owner.name` is called (and `after` when a plain function
+        returns)."""
         original = getattr(owner, name)
         if inspect.iscoroutinefunction(original):
 
@@ -93,8 +95,8 @@ def child(tag: str, events: Path, cli_args: list[str]) -> None:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 stamp(point)
                 result = original(*args, **kwargs)
-                if name == "step":
-                    stamp("step_end")
+                if after is not None:
+                    stamp(after)
                 return result
 
             setattr(owner, name, wrapper)
@@ -104,7 +106,7 @@ def child(tag: str, events: Path, cli_args: list[str]) -> None:
     from gateway import cli
     from gateway.replicas import remote
 
-    before(llm_engine.LLMEngine, "step", "step")
+    before(llm_engine.LLMEngine, "step", "step", after="step_end")
     before(async_engine.AsyncEngine, "add_request", "add_request")
     before(service.EngineService, "add", "handler")
     before(remote.RemoteEngine, "add_request", "add_request")
