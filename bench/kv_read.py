@@ -8,6 +8,8 @@ cache (30 layers of `[2, blocks, 16, KV heads, head_dim]`, SmolLM2's shapes by d
 - `rows`: a read-only pass in the kernel's order: per (sequence, KV head), each key's K and V row
   (128 bytes each at head_dim 64, a KV head's slice of every token's row);
 - `stripes`: a read-only pass per sequence over whole token rows (every KV head's slice at once);
+- `attention hm`, `rows hm`: the same two over the cache stored head-major, as the engine stores
+  it (`[2, blocks, KV heads, 16, head_dim]`: a KV head's 16 rows of a block are one 2 KB run);
 - `stream`: a plain sum over the same number of contiguous bytes (`torch.sum`, PyTorch's threads).
 
 each with the sequences' blocks in order (a prompt's blocks, allocated together) and shuffled (the
@@ -46,6 +48,8 @@ int64_t read_kv(const at::Tensor& cache, const at::Tensor& tables, int64_t keys,
   const int64_t seqs = tables.size(0), width = tables.size(1), block = cache.size(2);
   const int64_t kv_heads = cache.size(3), dim = cache.size(4);
   const int64_t c_kv = cache.stride(0), c_block = cache.stride(1), c_token = cache.stride(2);
+  const int64_t c_head = cache.stride(3);
+  TORCH_CHECK(order == 0 || c_head == dim, "whole token rows need a token-major cache");
   const auto* base = reinterpret_cast<const c10::BFloat16*>(cache.const_data_ptr());
   const int32_t* table = tables.const_data_ptr<int32_t>();
   const int64_t items = order == 0 ? seqs * kv_heads : seqs;
@@ -56,7 +60,7 @@ int64_t read_kv(const at::Tensor& cache, const at::Tensor& tables, int64_t keys,
       const int64_t s = order == 0 ? it / kv_heads : it, h = order == 0 ? it % kv_heads : 0;
       __m256i acc = _mm256_setzero_si256();
       for (int64_t j0 = 0; j0 < keys; j0 += block) {
-        const c10::BFloat16* first = base + table[s * width + j0 / block] * c_block + h * dim;
+        const c10::BFloat16* first = base + table[s * width + j0 / block] * c_block + h * c_head;
         for (int64_t j = 0; j < block && j0 + j < keys; ++j) {
           const c10::BFloat16* k = first + j * c_token;
           for (int64_t x = 0; x < span; x += 16) {
@@ -112,6 +116,7 @@ def main() -> None:
     per_seq = -(-args.tokens // bs)
     blocks = per_seq * args.seqs + 1
     caches = [torch.randn(2, blocks, bs, args.kv_heads, d).to(dtype) for _ in range(args.layers)]
+    head_major = [c.transpose(2, 3).contiguous().transpose(2, 3) for c in caches]
     kv_bytes = args.seqs * args.tokens * args.layers * args.kv_heads * d * 2 * dtype.itemsize
     flat = torch.ones(kv_bytes // 4, dtype=torch.float32)
     query = torch.randn(args.seqs, args.heads, d).to(dtype)
@@ -130,15 +135,21 @@ def main() -> None:
         meta = make_metadata(rows, [(args.tokens, 1)] * args.seqs, bs, query.device)
         tables = meta.block_tables
 
-        def attention(meta: AttentionMetadata = meta) -> None:
-            for cache in caches:
+        def attention(layers: list[torch.Tensor], meta: AttentionMetadata = meta) -> None:
+            for cache in layers:
                 cpu_attention.paged_prefill(query, cache, meta, d**-0.5, out, ids, None)
 
-        def read(order: int, tables: torch.Tensor = tables) -> None:
-            for cache in caches:
+        def read(layers: list[torch.Tensor], order: int, tables: torch.Tensor = tables) -> None:
+            for cache in layers:
                 read_kv(cache, tables, args.tokens, order)
 
-        runs = {"attention": attention, "rows": lambda: read(0), "stripes": lambda: read(1)}
+        runs = {
+            "attention": lambda: attention(caches),
+            "rows": lambda: read(caches, 0),
+            "stripes": lambda: read(caches, 1),
+            "attention hm": lambda: attention(head_major),
+            "rows hm": lambda: read(head_major, 0),
+        }
         ms = time_interleaved(runs | {"stream": flat.sum}, args.budget_s)
         figures[layout] = {name: kv_bytes / t / 1e6 for name, t in ms.items()}
         line = "  ".join(

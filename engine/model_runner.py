@@ -96,16 +96,20 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.device = device
+        # [layers, 2, num_blocks, block_size, KVH, D] as the kernels take it, stored head-major:
+        # a KV head's rows of a block are one contiguous run (block_size x D), so the attention
+        # kernels, which read one KV head at a time, stream whole runs instead of a 128-byte
+        # slice of every token row (docs/kernels.md). The kernels follow the strides.
         self.kv_cache = torch.zeros(
             config.num_layers,
             2,
             num_blocks,
-            block_size,
             config.num_kv_heads,
+            block_size,
             config.head_dim,
             dtype=dtype,
             device=device,
-        )
+        ).transpose(3, 4)
         self.kv_caches = list(self.kv_cache.unbind(0))  # per-layer views
         self.sampler = Sampler(config.vocab_size, config.eos_token_ids, seed, device)
 

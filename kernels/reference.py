@@ -29,12 +29,17 @@ def write_kv(
 
     Args:
         key, value: [T, KVH, D] for the T new tokens.
-        kv_cache: [2, num_blocks, block_size, KVH, D] for one layer (contiguous).
-        slot_mapping: [T] int64, `block_id * block_size + offset` of each token.
+        kv_cache: [2, num_blocks, block_size, KVH, D] for one layer (any strides).
+        slot_mapping: [T] int64, `block_id * block_size + offset` of each token; a negative
+            slot is skipped (as the Triton kernel does).
     """
-    kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    kv_cache[1].view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kv_cache[0, blocks, offsets] = key.to(kv_cache.dtype)
+    kv_cache[1, blocks, offsets] = value.to(kv_cache.dtype)
 
 
 def paged_attention(
@@ -154,10 +159,9 @@ def _decode_attention(
     num_seqs, num_heads, head_dim = query.shape
     kv_heads = kv_cache.shape[3]
     group = num_heads // kv_heads
-    # Gather whole blocks as contiguous rows, [2, S * n, bs * KVH * D] -> [2, S, L, KVH, D] with
-    # L = n * bs (padded past each seq_len); the matmuls read K, V through permuted views.
-    kv = kv_cache.flatten(2).index_select(1, plan.blocks)
-    kv = kv.view(2, num_seqs, -1, kv_heads, head_dim)
+    # Gather whole blocks into a new token-major tensor, [2, S * n, bs, KVH, D] -> [2, S, L, KVH,
+    # D] with L = n * bs (padded past each seq_len); the matmuls read K, V through permuted views.
+    kv = kv_cache.index_select(1, plan.blocks).reshape(2, num_seqs, -1, kv_heads, head_dim)
     q = query.view(num_seqs, kv_heads, group, head_dim)  # [S, KVH, G, D]
     scores = torch.matmul(q, kv[0].permute(0, 2, 3, 1)).float()  # [S, KVH, G, L]
     scores.mul_(scale).masked_fill_(plan.pad, float("-inf"))
@@ -174,7 +178,7 @@ def _prefill_attention(
     kv_heads = kv_cache.shape[3]
     group = num_heads // kv_heads
     # [2, n, bs, KVH, D] -> K, V as [KVH, L, D], L = seq_len
-    kv = kv_cache[:, plan.blocks].view(2, -1, kv_heads, head_dim)[:, : plan.seq_len]
+    kv = kv_cache.index_select(1, plan.blocks).reshape(2, -1, kv_heads, head_dim)[:, : plan.seq_len]
     kv = kv.transpose(1, 2)
     # [Q, KVH, G, D] -> [KVH, G*Q, D]: the group's queries share one matmul against their K
     q = query.view(q_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)

@@ -4,7 +4,9 @@
 //
 //   query        [R, H, D]                             cache dtype, last dim contiguous
 //   out          [R, H, D]                             cache dtype, last dim contiguous
-//   kv_cache     [2, num_blocks, block_size, KVH, D]   index 0 = K, 1 = V, last dim contiguous
+//   kv_cache     [2, num_blocks, block_size, KVH, D]   index 0 = K, 1 = V, last dim contiguous,
+//                                                      other strides free (the engine stores
+//                                                      it head-major: [2, blocks, KVH, bs, D])
 //   block_tables [S, max_blocks]  int32 or int64       token t of s is in block table[s, t / bs]
 //
 // R is the query rows of the call: one per sequence for decodes, one per new token for prefills.

@@ -220,6 +220,18 @@ def test_write_kv_casts_and_skips_negative_slots() -> None:
     assert cache.count_nonzero() == 2 * 3 * 3 * 5  # token 1 was not written
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_major_cache_gives_the_same_bits(dtype: torch.dtype) -> None:
+    """The engine stores the cache head-major (engine/model_runner.py): write_kv and attention
+    follow the strides to the token-major layout's bits."""
+    token_major = Step(BATCHES["mixed"], 4, 3, dtype).to(DEVICE)
+    head_major = Step(BATCHES["mixed"], 4, 3, dtype).to(DEVICE)
+    head_major.cache = head_major.cache.transpose(2, 3).contiguous().transpose(2, 3)
+    want = token_major.attend()
+    assert torch.equal(head_major.attend(), want)
+    assert torch.equal(head_major.cache, token_major.cache)
+
+
 # ---------------------------------------------------------------------------------------------
 # paged attention: decode, prefill and mixed batches
 
