@@ -1,0 +1,130 @@
+"""bench/fairness.py's backlogged workload on the scheduler alone: the order a policy admits in,
+measured in engine steps, in seconds of CPU instead of minutes.
+
+The real `Scheduler` and `BlockManager` (no model: every scheduled sample appends a random token),
+three tenants with their own `--system-tokens` system prompts and 10-40-token questions,
+`--min-tokens` to `--max-tokens` output tokens; tenant A keeps `--heavy-ratio` times B's and C's
+`--light-inflight` requests outstanding and every tenant sends a new request the moment one
+finishes. After `--warmup-steps`, per tenant: TTFT p50 / p99 in steps (from the step a request
+was sent to the step of its first token, as bench/fairness.py counts them), output tokens, and
+Jain's index over the weighted service. The same figures in steps as bench/fairness.py's on the
+engine (AMD Zen 4 and 5: fair 13 / 24-26, fcfs 120 / 127-134), so a policy change can be tried
+here first.
+
+Usage: python bench/fairness_sim.py [--policies fcfs,fair] [--seeds 3] [--allowance 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+from _stats import percentile
+
+from engine.block_manager import BlockManager
+from engine.config import SchedulerConfig
+from engine.request import Request, TenantShare
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+TENANTS = ("A", "B", "C")
+
+
+def simulate(policy: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """One policy, one seed: per tenant TTFT p50 / p99 (steps), output tokens, service."""
+    rng = random.Random(seed)
+    config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens,
+        policy=policy,  # type: ignore[arg-type]
+        fair_allowance=args.allowance,
+    )
+    sched = Scheduler(config, BlockManager(args.num_blocks, args.block_size))
+    systems = {t: [rng.randrange(3000, 60000) for _ in range(args.system_tokens)] for t in TENANTS}
+    sent: dict[str, int] = {}
+    ttft: dict[str, list[float]] = {t: [] for t in TENANTS}
+    output = dict.fromkeys(TENANTS, 0)
+    service = dict.fromkeys(TENANTS, 0.0)
+
+    def send(tenant: str, step: int) -> None:
+        question = [rng.randrange(3000, 60000) for _ in range(rng.randint(10, 40))]
+        max_tokens = rng.randint(args.min_tokens, args.max_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        request_id = f"{tenant}-{len(sent)}"
+        share = TenantShare(weight=1)
+        prompt = systems[tenant] + question
+        request = Request(request_id, prompt, params, max_tokens, tenant=tenant, share=share)
+        sched.add_request(request)
+        sent[request_id] = step
+
+    inflight = {"A": args.heavy_ratio * args.light_inflight, "B": args.light_inflight}
+    inflight["C"] = args.light_inflight
+    for tenant in TENANTS:
+        for _ in range(inflight[tenant]):
+            send(tenant, 0)
+    for step in range(1, args.warmup_steps + args.steps + 1):
+        out = sched.schedule()
+        measuring = step > args.warmup_steps
+        for s in out.seqs if measuring else ():
+            request = sched.seqs[s.seq_id].request
+            end = s.start_pos + len(s.token_ids)
+            prompt_tokens = max(0, min(end, request.num_prompt_tokens) - s.start_pos)
+            service[request.tenant] += config.prefill_weight * prompt_tokens
+        for spec in out.samples:
+            seq = sched.seqs[spec.seq_id]
+            seq.token_ids.append(rng.randrange(1000, 2000))
+            tenant = seq.request.tenant
+            if measuring:
+                output[tenant] += 1
+                service[tenant] += config.decode_weight
+                if seq.num_output_tokens == 1:
+                    ttft[tenant].append(float(step - sent[seq.request.request_id]))
+            if seq.num_output_tokens >= seq.request.max_tokens:
+                sched.finish(seq, "length")
+                send(tenant, step)
+    return {
+        t: {
+            "p50": percentile(ttft[t], 50),
+            "p99": percentile(ttft[t], 99),
+            "output": output[t],
+            "service": service[t],
+        }
+        for t in TENANTS
+    }
+
+
+def jain(xs: list[float]) -> float:
+    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if any(xs) else 1.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--policies", default="fcfs,fair")
+    p.add_argument("--seeds", type=int, default=3, help="runs per policy, seeds 0..N-1")
+    p.add_argument("--steps", type=int, default=4000, help="steps measured")
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--allowance", type=float, default=256.0, help="fair_allowance")
+    p.add_argument("--light-inflight", type=int, default=4)
+    p.add_argument("--heavy-ratio", type=int, default=10)
+    p.add_argument("--system-tokens", type=int, default=500)
+    p.add_argument("--min-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--num-blocks", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=16)
+    args = p.parse_args()
+    print("policy  seed  " + "  ".join(f"{t}: TTFT p50/p99 steps, out" for t in TENANTS) + "  Jain")
+    for policy in args.policies.split(","):
+        for seed in range(args.seeds):
+            r = simulate(policy, seed, args)
+            cells = "  ".join(
+                f"{r[t]['p50']:5.0f} / {r[t]['p99']:5.1f}, {r[t]['output']:6.0f}" for t in TENANTS
+            )
+            print(
+                f"{policy:6s}  {seed:4d}  {cells}  {jain([r[t]['service'] for t in TENANTS]):.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
