@@ -38,12 +38,12 @@ from typing import Any
 
 import _record
 from _stats import percentile
+from fairness_sim import TENANTS, add_workload_arguments, jain
 from offline import make_text as text  # the same vocabulary as the engine benchmark
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import LLMEngine
 
-TENANTS = ("A", "B", "C")
 PRIORITY = {"A": 1, "B": 0, "C": 0}
 
 
@@ -107,10 +107,6 @@ class Run:
             "prefix_cache_hit_rate": self.hit_rate,
             "preemptions": self.preemptions,
         }
-
-
-def jain(xs: list[float]) -> float:
-    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if any(xs) else 1.0
 
 
 def run_policy(policy: str, source: Source, loaded: Any, args: argparse.Namespace) -> Run:
@@ -240,19 +236,10 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mode", choices=("backlogged", "burst"), default="backlogged")
     p.add_argument("--policies", default="fcfs,priority,fair")
-    p.add_argument(
-        "--light-inflight", type=int, default=4, help="backlogged: requests B and C keep sent"
-    )
     p.add_argument("--warmup", type=float, default=5.0, help="backlogged: seconds not measured")
     p.add_argument("--duration", type=float, default=40.0, help="backlogged: seconds measured")
     p.add_argument("--light-requests", type=int, default=6, help="burst: requests of B and of C")
-    p.add_argument("--heavy-ratio", type=int, default=10, help="A's load over B's (and C's)")
-    p.add_argument("--system-tokens", type=int, default=500)
-    p.add_argument("--min-tokens", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--max-batched-tokens", type=int, default=512)
-    p.add_argument("--num-blocks", type=int, default=512)
+    add_workload_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     _record.add_arguments(p)
     args = p.parse_args()

@@ -93,6 +93,20 @@ def simulate(policy: str, seed: int, args: argparse.Namespace) -> dict[str, dict
     }
 
 
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The workload's and the engine's shape, the same in bench/fairness.py."""
+    p.add_argument(
+        "--light-inflight", type=int, default=4, help="backlogged: requests B and C keep sent"
+    )
+    p.add_argument("--heavy-ratio", type=int, default=10, help="A's load over B's (and C's)")
+    p.add_argument("--system-tokens", type=int, default=500)
+    p.add_argument("--min-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-batched-tokens", type=int, default=512)
+    p.add_argument("--num-blocks", type=int, default=512)
+
+
 def jain(xs: list[float]) -> float:
     return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if any(xs) else 1.0
 
@@ -104,14 +118,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4000, help="steps measured")
     p.add_argument("--warmup-steps", type=int, default=300)
     p.add_argument("--allowance", type=float, default=256.0, help="fair_allowance")
-    p.add_argument("--light-inflight", type=int, default=4)
-    p.add_argument("--heavy-ratio", type=int, default=10)
-    p.add_argument("--system-tokens", type=int, default=500)
-    p.add_argument("--min-tokens", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--max-batched-tokens", type=int, default=512)
-    p.add_argument("--num-blocks", type=int, default=512)
+    add_workload_arguments(p)
     p.add_argument("--block-size", type=int, default=16)
     args = p.parse_args()
     print("policy  seed  " + "  ".join(f"{t}: TTFT p50/p99 steps, out" for t in TENANTS) + "  Jain")
