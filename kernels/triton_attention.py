@@ -9,6 +9,12 @@ goes to one kernel with one tiling (see `kernels.triton_kernels` for the kernels
     every row             _unified_kernel   grid (num_tiles, KVH)     BLOCK_Q tokens of one sequence
     write_kv              _write_kv_kernel  grid (cdiv(T, BLOCK_T),)
 
+Decodes sharing a prefix's blocks (`meta.prefix_groups`), where it saves enough reads
+(`shared_prefix_plan`), first attend the shared keys together, and the unified kernel goes on from
+each row's state there; the output is the same bits as without:
+
+    shared keys           _shared_prefix_kernel  grid (num_programs, KVH)  block_m // G decodes
+
 A token's output is then the same bits whether it is a decode, the last token of a whole prompt or
 inside a chunk over cached context, and whatever else the step holds. The host lists each
 program's (sequence, first token) once per step (kept in `meta.derived["triton"]` for every
@@ -50,11 +56,16 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "BATCH_INVARIANT",
+    "GROUP_MIN_SAVED_BYTES",
+    "SHARED_PREFIX",
     "DecodeConfig",
+    "SharedPrefixPlan",
     "UnifiedConfig",
     "decode_attention",
     "merge_partitions_reference",
     "paged_attention",
+    "shared_prefix_attention",
+    "shared_prefix_plan",
     "tiling",
     "unified_attention",
     "write_kv",
@@ -63,6 +74,15 @@ __all__ = [
 # False: decodes take the split-K decode kernel (faster for long contexts at small batches, not
 # batch-invariant; for A/B measurements, like `kernels.cpu_attention.BATCH_INVARIANT`)
 BATCH_INVARIANT = True
+# Decodes whose block tables start with the same blocks (`AttentionMetadata.prefix_groups`) read
+# those keys once per program of a group (`_shared_prefix_kernel`) where that saves at least
+# GROUP_MIN_SAVED_BYTES of K/V reads in the step's layer (see `shared_prefix_plan`). The output
+# is the same bits either way; False reads them per decode (for A/B measurements and tests).
+SHARED_PREFIX = True
+# The second launch costs ~0.03-0.04 ms a layer on an H200 (4 December, `bench/attention.py
+# --triton-shared`, docs/kernels.md): grouping lost wherever it saved under 92 MB (0.34-0.78x)
+# and paid in 6 of the 8 cases saving 179 MB or more (1.56-5.53x; 0.52x and 0.90x in the others).
+GROUP_MIN_SAVED_BYTES = 160 * 10**6
 
 
 def _is_pow2_at_least_16(n: int) -> bool:
@@ -226,8 +246,132 @@ def paged_attention(
     if split_decodes:
         decode_attention(query, kv_cache, meta, scale, out=out, plan=plan)
     if not split_decodes or meta.max_query_len > 1:
-        unified_attention(query, kv_cache, meta, scale, out=out, decodes=not split_decodes)
+        shared = None
+        if not split_decodes and SHARED_PREFIX:
+            shared = shared_prefix_attention(query, kv_cache, meta, scale)
+        unified_attention(
+            query, kv_cache, meta, scale, out=out, decodes=not split_decodes, shared=shared
+        )
     return out
+
+
+@dataclass(slots=True)
+class SharedPrefixPlan:
+    """The grouped decodes of a step, as `_shared_prefix_kernel` takes them.
+
+    programs: [3, num_programs] int32: each program's first index into `members`, its number of
+        members (at most block_m // G) and their shared keys (a multiple of block_n).
+    members: int32, the grouped decodes' sequence indices, program after program.
+    resume: [S] int32, the shared keys of each sequence's group, 0 for a sequence in none.
+    state: [S, H, D + 2] float32 rows (acc, m, l) that the kernel fills once per layer for the
+        unified kernel to go on from (allocated at the first layer, reused by the others).
+    """
+
+    programs: torch.Tensor
+    members: torch.Tensor
+    resume: torch.Tensor
+    state: torch.Tensor | None = None
+
+
+def shared_prefix_plan(
+    meta: AttentionMetadata, group: int, config: UnifiedConfig, key_bytes: int
+) -> SharedPrefixPlan | None:
+    """The step's decode groups cut into programs of at most `config.block_m // group` members
+    (a larger group is split evenly), each group's shared keys rounded down to whole key tiles;
+    None when that saves less than GROUP_MIN_SAVED_BYTES of reads, at `key_bytes` (K and V, all
+    KV heads) a key: (members - programs) x shared keys, summed over the groups."""
+    groups = meta.prefix_groups
+    if groups is None:
+        return None
+    plan = _plan(meta)
+    key = (group, config.block_m, config.block_n)
+    if key in plan.shared:
+        return plan.shared[key]
+    by_group: dict[int, list[int]] = {}
+    for seq, g in enumerate(groups.group_of.tolist()):
+        if g >= 0:
+            by_group.setdefault(g, []).append(seq)
+    per = config.block_m // group
+    shared_keys = groups.shared_keys.tolist()
+    programs: list[tuple[int, int, int]] = []
+    members: list[int] = []
+    resume = [0] * meta.num_seqs
+    saved = 0
+    for g, seqs in by_group.items():
+        shared = shared_keys[g] // config.block_n * config.block_n
+        if len(seqs) < 2 or shared == 0:
+            continue
+        parts = -(-len(seqs) // per)
+        saved += (len(seqs) - parts) * shared
+        for i in range(parts):
+            chunk = seqs[i * len(seqs) // parts : (i + 1) * len(seqs) // parts]
+            programs.append((len(members), len(chunk), shared))
+            members += chunk
+        for seq in seqs:
+            resume[seq] = shared
+    found = None
+    if programs and saved * key_bytes >= GROUP_MIN_SAVED_BYTES:
+        device = meta.query_start_loc.device
+        found = SharedPrefixPlan(
+            torch.tensor(programs, dtype=torch.int32).T.contiguous().to(device),
+            torch.tensor(members, dtype=torch.int32).to(device),
+            torch.tensor(resume, dtype=torch.int32).to(device),
+        )
+    plan.shared[key] = found
+    return found
+
+
+def shared_prefix_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    config: UnifiedConfig | None = None,
+) -> SharedPrefixPlan | None:
+    """Attend each decode group's shared keys once for all its members' query rows, leaving
+    each row's running softmax state in the returned plan's `state` for `unified_attention`
+    (its `shared` argument) to finish; None (nothing launched) when the step has no group
+    worth it (`shared_prefix_plan`)."""
+    _check_device(query)
+    if config is None:
+        config = tiling(kv_cache.dtype)[1]
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    num_heads = query.shape[1]
+    group = num_heads // kv_heads
+    key_bytes = 2 * kv_heads * head_dim * kv_cache.element_size()
+    shared = shared_prefix_plan(meta, group, config, key_bytes)
+    if shared is None:
+        return None
+    if shared.state is None:
+        shape = (meta.num_seqs, num_heads, head_dim + 2)
+        shared.state = torch.empty(shape, dtype=torch.float32, device=query.device)
+    num_programs = shared.programs.shape[1]
+    _k._shared_prefix_kernel[(num_programs, kv_heads)](
+        shared.state,
+        query,
+        kv_cache,
+        meta.block_tables,
+        meta.query_start_loc,
+        shared.programs,
+        shared.members,
+        num_programs,
+        scale * _k.LOG2E,
+        shared.state.stride(0),
+        query.stride(0),
+        query.stride(1),
+        *_cache_strides(kv_cache),
+        meta.block_tables.stride(0),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_D=_pow2(head_dim, 16),
+        BLOCK_N=config.block_n,
+        DOT_F32=_dot_f32(kv_cache.dtype),
+        num_warps=config.num_warps,
+    )
+    return shared
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +384,8 @@ class _Plan:
     # the unified kernel's programs, by (tokens per program, decodes included): [2, num_tiles]
     # int32 on the metadata's device, each program's sequence then its first new token
     tiles: dict[tuple[int, bool], torch.Tensor] = field(default_factory=dict)
+    # grouped decodes by (G, block_m, block_n) (`shared_prefix_plan`)
+    shared: dict[tuple[int, int, int], SharedPrefixPlan | None] = field(default_factory=dict)
 
     def tiles_for(self, meta: AttentionMetadata, block_q: int, decodes: bool) -> torch.Tensor:
         """The programs covering every sequence's new tokens, `block_q` at a time, in sequence
@@ -403,6 +549,7 @@ def unified_attention(
     out: torch.Tensor | None = None,
     config: UnifiedConfig | None = None,
     decodes: bool = True,
+    shared: SharedPrefixPlan | None = None,
 ) -> torch.Tensor:
     """Causal attention of `meta`'s rows over cached context plus the new tokens, every sequence
     through the same kernel and tiling.
@@ -412,6 +559,8 @@ def unified_attention(
         out: [T, H, D] output to fill (allocated in the cache dtype when None).
         config: tiling (default: `tiling(kv_cache.dtype)`).
         decodes: also the decode rows (q_len == 1); False leaves them as they are in `out`.
+        shared: what `shared_prefix_attention` (with the same config) did for this layer: its
+            decodes go on from their groups' state instead of key 0.
 
     Returns:
         `out`.
@@ -428,6 +577,7 @@ def unified_attention(
     num_tiles = tiles.shape[1]
     if num_tiles == 0:
         return out
+    state = shared.state if shared is not None else None
     _k._unified_kernel[(num_tiles, kv_heads)](
         out,
         query,
@@ -436,8 +586,11 @@ def unified_attention(
         meta.seq_lens,
         meta.query_start_loc,
         tiles,
+        out if state is None else state,  # placeholders: not read without RESUME
+        tiles if shared is None else shared.resume,
         num_tiles,
         scale * _k.LOG2E,
+        0 if state is None else state.stride(0),
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -452,6 +605,7 @@ def unified_attention(
         BLOCK_D=_pow2(head_dim, 16),
         BLOCK_N=config.block_n,
         DOT_F32=_dot_f32(kv_cache.dtype),
+        RESUME=state is not None,
         num_warps=config.num_warps,
     )
     return out

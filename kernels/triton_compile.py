@@ -48,8 +48,9 @@ class CompiledKernel:
 
 
 def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str]:
-    """Triton types from argument names: `*_ptr` are pointers (`part_*` float32 workspaces,
-    `block_tables`/`seq_lens`/`query_start_loc`/`tiles` int32, `slot` int64, the rest `dtype`),
+    """Triton types from argument names: `*_ptr` are pointers (`part_*` and `state` float32
+    workspaces, `block_tables`/`seq_lens`/`query_start_loc`/`tiles`/`resume`/`groups`/`members`
+    int32, `slot` int64, the rest `dtype`),
     `qk_scale` is float32, every other runtime argument int32."""
     special = {
         "part_out_ptr": "*fp32",
@@ -58,6 +59,10 @@ def _signature(fn: Any, dtype: str, constexprs: dict[str, Any]) -> dict[str, str
         "seq_lens_ptr": "*i32",
         "query_start_loc_ptr": "*i32",
         "tiles_ptr": "*i32",
+        "state_ptr": "*fp32",
+        "resume_ptr": "*i32",
+        "groups_ptr": "*i32",
+        "members_ptr": "*i32",
         "slot_ptr": "*i64",
     }
     sig = {}
@@ -114,16 +119,16 @@ def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Va
         BLOCK_SPLITS=decode_cfg.max_splits,
         BLOCK_D=block_d,
     )
-    unified = dict(
+    shared = dict(
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_M=unified_cfg.block_m,
-        BLOCK_Q=unified_cfg.block_q(group),
         BLOCK_D=block_d,
         BLOCK_N=unified_cfg.block_n,
         DOT_F32=dot_f32,
     )
+    unified = dict(shared, BLOCK_Q=unified_cfg.block_q(group))
     matmul_cfg = config_for(DTYPES[dtype])
     matmul = dict(
         HAS_BIAS=True,
@@ -136,7 +141,9 @@ def _variants(dtype: str, group: int, head_dim: int, block_size: int) -> list[Va
     return [
         (_k._linear_kernel, "", matmul_cfg.num_warps, matmul),
         (_k._write_kv_kernel, "", 4, write),
-        (_k._unified_kernel, "", unified_cfg.num_warps, unified),
+        (_k._unified_kernel, "", unified_cfg.num_warps, dict(unified, RESUME=False)),
+        (_k._unified_kernel, "resume", unified_cfg.num_warps, dict(unified, RESUME=True)),
+        (_k._shared_prefix_kernel, "", unified_cfg.num_warps, shared),
         (_k._decode_kernel, "direct", warps, dict(decode, SPLIT=False)),
         (_k._decode_kernel, "split", warps, dict(decode, SPLIT=True)),
         (_k._merge_kernel, "", 4, merge),
@@ -204,7 +211,7 @@ def main() -> None:
         args.arch, tuple(args.dtypes), args.group, args.head_dim, args.block_size, args.registers
     )
     for k in kernels:
-        line = f"{k.name:<18}{k.dtype:<6}{k.variant:<8}warps {k.num_warps}  "
+        line = f"{k.name:<22}{k.dtype:<6}{k.variant:<8}warps {k.num_warps}  "
         line += f"smem {k.shared_bytes:>7} B  {k.seconds:5.1f}s"
         if k.registers is not None:
             line += f"  regs {k.registers:>3}  spills {k.spill_bytes} B"

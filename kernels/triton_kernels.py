@@ -9,6 +9,7 @@ Every kernel mirrors a PyTorch function (`kernels.reference` is the attention's 
 
     _write_kv_kernel        reference.write_kv
     _unified_kernel         reference.paged_attention          (every row: decodes, prefills)
+    _shared_prefix_kernel   (the same, for decodes' shared keys: `_unified_kernel` goes on from it)
     _decode_kernel          reference._decode_attention        (+ split-K partials; not
     _merge_kernel           triton_attention.merge_partitions_reference   batch-invariant)
     _linear_kernel          triton_matmul.linear_reference     (batch-invariant matmul)
@@ -94,6 +95,56 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_F32: tl.
     # like the reference, probabilities are rounded to the cache dtype before p @ V
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_keys(
+    q,
+    m_i,
+    l_i,
+    acc,
+    cache_ptr,
+    table,  # this sequence's row of block_tables
+    kvh,
+    start,  # first key, a multiple of BLOCK_N
+    end,  # keys start..end-1 are read
+    last_key,  # [M] the last key each row may see
+    d,
+    qk_scale,
+    stride_kv,
+    stride_block,
+    stride_tok,
+    stride_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Fold keys start..end-1, BLOCK_N at a time from `start`, into the rows' (m, l, acc).
+
+    Both attention kernels run a row's keys through this one loop, so a row's state after a
+    tile is the same whichever of them folds it in (`_shared_prefix_kernel` the shared keys,
+    `_unified_kernel` the rest)."""
+    for n0 in range(start, end, BLOCK_N):
+        key = n0 + tl.arange(0, BLOCK_N)
+        valid = key < end
+        k, v = _load_kv_tile(
+            cache_ptr,
+            table,
+            kvh,
+            key,
+            valid,
+            d,
+            stride_kv,
+            stride_block,
+            stride_tok,
+            stride_head,
+            HEAD_DIM,
+            BLOCK_SIZE,
+        )
+        allowed = key[None, :] <= last_key[:, None]  # [M, BLOCK_N] causal
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_F32)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -280,8 +331,11 @@ def _unified_kernel(
     seq_lens_ptr,  # [S] int32
     query_start_loc_ptr,  # [S + 1] int32
     tiles_ptr,  # [2, num_tiles] int32: each program's sequence, then its first new token
+    state_ptr,  # [S, H, HEAD_DIM + 2] float32 (RESUME): `_shared_prefix_kernel`'s rows
+    resume_ptr,  # [S] int32 (RESUME): keys a sequence's state already holds, 0 for none
     num_tiles,
     qk_scale,
+    state_stride,  # elements per sequence in state (RESUME)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -299,6 +353,7 @@ def _unified_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    RESUME: tl.constexpr,  # some decodes start from a shared prefix's state
 ):
     """Grid (num_tiles, KVH): causal attention of up to BLOCK_Q new tokens of one sequence, all G
     query heads of one KV head, whatever the sequence is (a decode, a prefill, a chunk).
@@ -316,6 +371,11 @@ def _unified_kernel(
     exact zeros: a tile past a row's position leaves its (m, l, acc) as they were (alpha = 1,
     p = 0). So a token's output rows are the same bits whichever program computes them and
     whatever else the step holds (docs/determinism.md).
+
+    With RESUME, a sequence whose `resume` is k > 0 (a decode of a group, k a multiple of
+    BLOCK_N) starts from the (m, l, acc) that `_shared_prefix_kernel` left for its rows after
+    keys 0..k-1, read exactly as float32, and runs its key tiles from k: the same tiles in the
+    same order as without it.
     """
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -342,26 +402,36 @@ def _unified_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     end = ctx + tl.minimum(first + BLOCK_Q, q_len)  # keys this tile needs
-    for n0 in range(0, end, BLOCK_N):
-        key = n0 + tl.arange(0, BLOCK_N)
-        valid = key < end
-        k, v = _load_kv_tile(
-            cache_ptr,
-            table,
-            kvh,
-            key,
-            valid,
-            d,
-            stride_kv,
-            stride_block,
-            stride_tok,
-            stride_head,
-            HEAD_DIM,
-            BLOCK_SIZE,
-        )
-        allowed = key[None, :] <= last_key[:, None]  # [BLOCK_M, BLOCK_N] causal
-        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, DOT_F32)
-
+    start = 0
+    if RESUME:
+        start = tl.load(resume_ptr + seq)
+        rows = state_ptr + seq.to(tl.int64) * state_stride + heads * (HEAD_DIM + 2)  # [BLOCK_M]
+        held = (start + tl.zeros([BLOCK_M], tl.int32)) > 0  # [BLOCK_M]
+        acc = tl.load(rows[:, None] + d[None, :], mask=held[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.load(rows + HEAD_DIM, mask=held, other=float("-inf"))
+        l_i = tl.load(rows + HEAD_DIM + 1, mask=held, other=0.0)
+    m_i, l_i, acc = _attend_keys(
+        q,
+        m_i,
+        l_i,
+        acc,
+        cache_ptr,
+        table,
+        kvh,
+        start,
+        end,
+        last_key,
+        d,
+        qk_scale,
+        stride_kv,
+        stride_block,
+        stride_tok,
+        stride_head,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        DOT_F32,
+    )
     acc = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh
     tl.store(
@@ -369,6 +439,101 @@ def _unified_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
+
+
+@triton.jit
+def _shared_prefix_kernel(
+    state_ptr,  # [S, H, HEAD_DIM + 2] float32: each row's acc, then m and l
+    q_ptr,  # [T, H, D]
+    cache_ptr,  # [2, num_blocks, block_size, KVH, D]
+    block_tables_ptr,  # [S, max_blocks] int32
+    query_start_loc_ptr,  # [S + 1] int32
+    groups_ptr,  # [3, num_groups] int32: each program's first member, members, shared keys
+    members_ptr,  # [decodes in groups] int32: their sequences, program after program
+    num_groups,
+    qk_scale,
+    state_stride,
+    stride_qt,
+    stride_qh,
+    stride_kv,
+    stride_block,
+    stride_tok,
+    stride_head,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Grid (num_groups, KVH): the shared keys of up to BLOCK_M // G decodes whose block tables
+    start with the same blocks, read once for all their query rows.
+
+    Row r is member r // G, head r % G (rows past the members repeat member 0 and are not
+    stored). Keys 0..shared-1 (a multiple of BLOCK_N) come from the first member's table, which
+    names the same blocks as the others'; every member's position is past them, so every (row,
+    key) pair may attend. The program leaves each row's running (m, l, acc) in `state` for
+    `_unified_kernel` (RESUME) to go on from: the tiles, their shapes and order, the masks and
+    the online-softmax steps are the ones that kernel would run for the row, and a row of a
+    tile's products does not depend on the tile's other rows, so the output is the same bits as
+    without grouping.
+    """
+    program = tl.program_id(0)
+    kvh = tl.program_id(1)
+    first = tl.load(groups_ptr + program)
+    count = tl.load(groups_ptr + num_groups + program)
+    shared = tl.load(groups_ptr + 2 * num_groups + program)
+
+    r = tl.arange(0, BLOCK_M)
+    member = r // GROUP
+    row_ok = member < count
+    seq = tl.load(members_ptr + first + tl.where(row_ok, member, 0))  # [BLOCK_M]
+    heads = kvh * GROUP + r % GROUP
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_row = tl.load(query_start_loc_ptr + seq).to(tl.int64)  # a decode's one new token
+    q_off = q_row[:, None] * stride_qt + heads[:, None] * stride_qh
+    q = tl.load(q_ptr + q_off + d[None, :], mask=d_ok[None, :], other=0.0)
+    q = q.to(cache_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + tl.load(members_ptr + first).to(tl.int64) * stride_bt
+    # every pair may attend (every member is past the shared keys), as a mask from run-time
+    # values like `_unified_kernel`'s: one the compiler could fold away would let it fuse the
+    # scaling into exp2 and round differently
+    last_key = shared - 1 + r * 0
+    m_i, l_i, acc = _attend_keys(
+        q,
+        m_i,
+        l_i,
+        acc,
+        cache_ptr,
+        table,
+        kvh,
+        0,
+        shared,
+        last_key,
+        d,
+        qk_scale,
+        stride_kv,
+        stride_block,
+        stride_tok,
+        stride_head,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        DOT_F32,
+    )
+
+    seq = tl.load(members_ptr + first + tl.where(row_ok, member, 0))  # not kept over the loop
+    rows = state_ptr + seq.to(tl.int64) * state_stride + heads * (HEAD_DIM + 2)  # [BLOCK_M]
+    tl.store(rows[:, None] + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(rows + HEAD_DIM, m_i, mask=row_ok)
+    tl.store(rows + HEAD_DIM + 1, l_i, mask=row_ok)
 
 
 @triton.jit

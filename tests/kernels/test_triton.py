@@ -29,6 +29,7 @@ from kernels import get_attention_backend, reference
 from kernels.metadata import AttentionMetadata
 from tests.engine import invariance
 from tests.helpers import ToyBlockAllocator
+from tests.kernels import sharing
 
 HAS_TRITON = find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,6 +119,7 @@ def meta_to(meta: AttentionMetadata, device: str) -> AttentionMetadata:
         meta.max_seq_len,
         meta.query_start_loc_list,
         meta.seq_lens_list,
+        meta.prefix_groups,
     )
 
 
@@ -482,6 +484,101 @@ def test_matmul_rows_do_not_depend_on_the_batch(dtype: torch.dtype, bias: bool) 
 # backend table, errors
 
 
+# ---------------------------------------------------------------------------------------------
+# decodes sharing leading blocks: `_shared_prefix_kernel`, then `_unified_kernel` from its state
+
+
+def group_everything(monkeypatch: pytest.MonkeyPatch, on: bool = True) -> None:
+    monkeypatch.setattr(ta, "SHARED_PREFIX", on)
+    monkeypatch.setattr(ta, "GROUP_MIN_SAVED_BYTES", 0)
+
+
+def attend_shared(step: sharing.Step, monkeypatch: pytest.MonkeyPatch, on: bool) -> torch.Tensor:
+    group_everything(monkeypatch, on)
+    meta = meta_to(step.meta, DEVICE)
+    query, cache = step.query.to(DEVICE), step.cache.to(DEVICE)
+    if on:
+        config = ta.tiling(cache.dtype)[1]
+        assert ta.shared_prefix_plan(meta, query.shape[1] // cache.shape[3], config, 1)
+    return ta.paged_attention(query, cache, meta, 0.125).cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_shared_prefix_decodes_are_bit_identical(
+    dtype: torch.dtype, group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random sharing patterns (prefixes ending mid-block and mid-tile, groups larger than a
+    program holds) beside a prefill, a chunk and a lone decode: every row of the grouped call
+    is the ungrouped call's bits, and both are the reference's values."""
+    require_runnable_kernels()
+    rng = random.Random(group)
+    step = sharing.shared_step(
+        [(rng.randint(64, 200), [rng.randint(0, 40) for _ in range(n)]) for n in (2, 12)],
+        [(rng.randint(2, 100), rng.randint(2, 20)), (70, 1)],
+        rng.choice([4, 16]), group, dtype, seed=group,
+    )  # fmt: skip
+    step.meta.prefix_groups = sharing.found(step)
+    plain = attend_shared(step, monkeypatch, False)
+    grouped = attend_shared(step, monkeypatch, True)
+    assert torch.equal(sharing.bits(grouped), sharing.bits(plain))
+    want = reference.paged_attention(step.query, step.cache, step.meta, 0.125)
+    torch.testing.assert_close(grouped.float(), want.float(), **TOL[dtype])
+
+
+def test_shared_prefix_head_dim_not_a_power_of_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """head_dim 24 leaves padded lanes in every tile and in the state the kernels pass on."""
+    require_runnable_kernels()
+    step = sharing.shared_step([(130, [3, 0, 60])], [(20, 1)], 16, 3, torch.bfloat16, 24)
+    step.meta.prefix_groups = sharing.found(step)
+    plain = attend_shared(step, monkeypatch, False)
+    grouped = attend_shared(step, monkeypatch, True)
+    assert torch.equal(sharing.bits(grouped), sharing.bits(plain))
+
+
+def test_grouped_decodes_leave_the_shared_keys_to_the_shared_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The unified kernel reads none of a group's shared keys after `shared_prefix_attention`:
+    with them overwritten by NaNs in between, the decodes' rows are still the ungrouped bits."""
+    require_runnable_kernels()
+    step = sharing.shared_step([(130, [3, 0, 60])], [], 16, 3, torch.float32)
+    step.meta.prefix_groups = sharing.found(step)
+    plain = attend_shared(step, monkeypatch, False)
+    group_everything(monkeypatch)
+    meta = meta_to(step.meta, DEVICE)
+    query, cache = step.query.to(DEVICE), step.cache.to(DEVICE)
+    shared = ta.shared_prefix_attention(query, cache, meta, 0.125)
+    assert shared is not None and shared.resume.tolist() == [128] * 3
+    cache[:, step.tables[0][: 128 // 16]] = float("nan")
+    out = ta.unified_attention(query, cache, meta, 0.125, shared=shared)
+    assert torch.equal(sharing.bits(out.cpu()), sharing.bits(plain))
+
+
+def test_shared_prefix_plan_splits_groups_into_programs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group larger than block_m // G decodes is split evenly; shared keys round down to
+    whole key tiles; a step saving less than GROUP_MIN_SAVED_BYTES is left ungrouped."""
+    from kernels.metadata import PrefixGroups
+
+    lens = [400] * 25 + [50]
+    meta = meta_to(Step([(n, 1) for n in lens], 16, 3).meta, "cpu")
+    of = [0] * 23 + [1, 1, -1]
+    meta.prefix_groups = PrefixGroups(
+        torch.tensor(of, dtype=torch.int32), torch.tensor([320, 64], dtype=torch.int32)
+    )
+    config = ta.UnifiedConfig(block_m=32, block_n=128)
+    # 23 decodes in 3 programs on 256 keys: 20 x 256 keys' reads saved
+    monkeypatch.setattr(ta, "GROUP_MIN_SAVED_BYTES", 20 * 256 * 100)
+    plan = ta.shared_prefix_plan(meta, 3, config, 100)
+    assert plan is not None
+    # 23 decodes at 10 per program: 7 + 8 + 8 on 256 keys; the pair's 64 keys are no whole tile
+    assert plan.programs.tolist() == [[0, 7, 15], [7, 8, 8], [256, 256, 256]]
+    assert plan.members.tolist() == list(range(23))
+    assert plan.resume.tolist() == [256] * 23 + [0, 0, 0]
+    meta.derived.clear()
+    assert ta.shared_prefix_plan(meta, 3, config, 99) is None
+
+
 def test_backend_table_has_triton() -> None:
     assert get_attention_backend("triton", "cpu") is ta
     assert get_attention_backend("auto", "cuda") is ta
@@ -547,9 +644,9 @@ def test_engine_greedy_matches_transformers(tmp_path_factory: pytest.TempPathFac
         assert out.outputs[0].token_ids == ids[0, len(prompt) :].tolist()
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float32"])
-def triton_llm(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A tiny model's engine on the Triton backend (through the interpreter on CPU)."""
+def tiny_triton_llm(tmp_path_factory: pytest.TempPathFactory, **kwargs: Any) -> Any:
+    """A tiny model's engine on the Triton backend (through the interpreter on CPU), for the
+    engine-level bit-identity tests: skipped where the rest of the model is not invariant."""
     require_runnable_kernels()
     from engine import LLM
     from kernels import cpu_attention
@@ -562,7 +659,12 @@ def triton_llm(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     if cpu_attention.load_kernel() is None:
         pytest.skip("the CPU matmuls are fixed-order only in the C++ library")
     path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
-    return LLM(path, dtype=request.param, block_size=4, num_blocks=256, attention_backend="triton")
+    return LLM(path, attention_backend="triton", **kwargs)
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+def triton_llm(request: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return tiny_triton_llm(tmp_path_factory, dtype=request.param, block_size=4, num_blocks=256)
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -573,6 +675,52 @@ def test_engine_output_does_not_depend_on_batch_chunks_or_cache(
     """docs/determinism.md's property on the Triton backend: a request's tokens and logprobs
     are the same bits alone, in chunks, beside others and after its prefix was cached."""
     invariance.assert_invariant(triton_llm, case)
+
+
+def test_engine_grouped_and_ungrouped_outputs_are_identical(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the engine on the Triton backend: requests on one system prompt (prefix-cache
+    hits), greedy and sampled with n = 2 forks, in a KV pool small enough to preempt: the same
+    tokens and logprobs with grouped decodes as without, and groups were attended."""
+    from engine import SamplingParams
+
+    llm = tiny_triton_llm(
+        tmp_path_factory,
+        dtype="bfloat16",
+        block_size=16,
+        num_blocks=14,  # 5 blocks of system prompt, ~2 of each request's own: preempts
+        max_num_seqs=6,
+    )
+    rng = random.Random(0)
+    system = [rng.randrange(3, 49000) for _ in range(70)]  # one whole tile of 64 keys, and more
+    prompts = [system + [rng.randrange(3, 49000) for _ in range(rng.randint(1, 12))]
+               for _ in range(4)]  # fmt: skip
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.9, seed=7, max_tokens=14, ignore_eos=True, n=2, logprobs=1),
+    ]
+    launched: list[bool] = []
+    real = ta.shared_prefix_attention
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        plan = real(*args, **kwargs)
+        launched.append(plan is not None)
+        return plan
+
+    def run(on: bool) -> list[Any]:
+        group_everything(monkeypatch, on)
+        outs = llm.generate(prompts, [params[i % 2] for i in range(len(prompts))])
+        return [[(c.token_ids, c.logprobs) for c in o.outputs] for o in outs]
+
+    monkeypatch.setattr(ta, "shared_prefix_attention", spy)
+    scheduler, bm = llm.engine.scheduler, llm.engine.block_manager
+    grouped = run(True)
+    assert any(launched), "no step grouped its decodes"
+    assert run(False) == grouped
+    assert scheduler.num_preemptions > 0
+    assert bm.stats().prefix_hits_tokens > 0
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 def test_kernels_in_fresh_process() -> None:
@@ -598,6 +746,7 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 12 and all("spills 0 B" in line for line in lines), done.stdout
-    assert sum("_unified_kernel" in line for line in lines) == 2, done.stdout
+    assert len(lines) == 16 and all("spills 0 B" in line for line in lines), done.stdout
+    assert sum("_unified_kernel" in line for line in lines) == 4, done.stdout
+    assert sum("_shared_prefix_kernel" in line for line in lines) == 2, done.stdout
     assert sum("_linear_kernel" in line for line in lines) == 2, done.stdout
