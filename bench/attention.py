@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -366,6 +367,109 @@ def main_cpu_decode(shape: Shape, figures: dict[str, dict[str, float]]) -> None:
         report(bench_cpu_decode(case, shape), case.name, figures)
 
 
+def shared_cases(quick: bool) -> list[tuple[int, int, int]]:
+    """(groups, decodes per group, shared prefix tokens) for `--triton-shared`."""
+    if quick:
+        return [(1, 8, 256), (2, 12, 512)]
+    return [
+        (4, 16, 800), (1, 64, 800), (1, 32, 800), (4, 4, 800), (1, 8, 512),
+        (1, 64, 4096), (8, 32, 2048), (2, 128, 8192),
+    ]  # fmt: skip
+
+
+def make_shared_inputs(
+    groups: int, members: int, prefix: int, shape: Shape, seed: int = 0
+) -> dict[str, Any]:
+    """Decodes in `groups` groups whose block tables start with the same blocks (the prefix's
+    whole blocks), each with 0-64 tokens of its own after the prefix, on a random paged cache."""
+    from kernels.metadata import prefix_groups
+
+    gen = torch.Generator().manual_seed(seed)
+    bs, dev = shape.block_size, shape.device
+    lens = [prefix + int(t) + 1 for t in torch.randint(0, 65, (groups * members,), generator=gen)]
+    whole = prefix // bs
+    per_seq = [-(-n // bs) - whole for n in lens]
+    num_blocks = groups * whole + sum(per_seq) + 1
+    pool = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # block 0 stays unused
+    tables = []
+    for g in range(groups):
+        common = [pool.pop() for _ in range(whole)]
+        for i in range(g * members, (g + 1) * members):
+            tables.append(common + [pool.pop() for _ in range(per_seq[i])])
+    cache = torch.randn(
+        2, num_blocks, bs, shape.kv_heads, shape.head_dim, generator=gen, dtype=torch.float32
+    ).to(dev, shape.dtype)
+    batch = [(n, 1) for n in lens]
+    meta = make_metadata(tables, batch, bs, dev)
+    meta.prefix_groups = prefix_groups(tables, [1] * len(lens), lens, bs)
+    query = torch.randn(len(lens), shape.heads, shape.head_dim, generator=gen)
+    return {"cache": cache, "meta": meta, "query": query.to(dev, shape.dtype), "batch": batch}
+
+
+def bench_triton_shared(groups: int, members: int, prefix: int, shape: Shape) -> Row:
+    """Triton's paged attention for one step of grouped decodes, their shared keys read once
+    per program (`_shared_prefix_kernel`) vs once per decode; the bits must agree."""
+    from kernels import triton_attention as ta
+
+    inputs = make_shared_inputs(groups, members, prefix, shape)
+    cache, query, scale = inputs["cache"], inputs["query"], shape.head_dim**-0.5
+    group = shape.heads // shape.kv_heads
+    config = ta.tiling(shape.dtype)[1]
+    elem = torch.empty((), dtype=shape.dtype).element_size()
+    per_token = 2 * shape.kv_heads * shape.head_dim * elem
+    fresh = dataclasses.replace(inputs["meta"], derived={})
+    picked = ta.shared_prefix_plan(fresh, group, config, per_token) is not None  # the rule
+    saved = ta.SHARED_PREFIX, ta.GROUP_MIN_SAVED_BYTES
+    ta.GROUP_MIN_SAVED_BYTES = 0
+    outs, ms = {}, {}
+    try:
+        for name, on in (("grouped", True), ("ungrouped", False)):
+            ta.SHARED_PREFIX = on
+            meta = dataclasses.replace(inputs["meta"], derived={})
+
+            def call(meta: AttentionMetadata = meta) -> torch.Tensor:
+                return ta.paged_attention(query, cache, meta, scale)
+
+            outs[name] = call()
+            ms[name] = time_ms(call, shape.device)
+        plan = ta.shared_prefix_plan(meta, group, config, per_token)
+    finally:
+        ta.SHARED_PREFIX, ta.GROUP_MIN_SAVED_BYTES = saved
+    if not torch.equal(outs["grouped"], outs["ungrouped"]):
+        raise AssertionError(f"{groups}x{members} on {prefix}: grouped bits differ")
+    lens = [n for n, _ in inputs["batch"]]
+    plain = sum(lens) * per_token
+    shared = 0 if plan is None else sum(plan.programs[2].tolist()) * per_token
+    resumed = 0 if plan is None else sum(plan.resume.tolist()) * per_token
+    grouped = plain - resumed + shared
+    name = f"{groups} x {members} on {prefix}"
+    line = (
+        f"{name:<22}{ms['grouped']:>10.3f}{ms['ungrouped']:>10.3f}"
+        f"{ms['ungrouped'] / ms['grouped']:>9.2f}x{grouped / 1e6:>10.1f}{plain / 1e6:>10.1f}"
+        f"{'grouped' if picked else 'ungrouped':>11}"
+    )
+    figures = {
+        "grouped_ms": ms["grouped"],
+        "ungrouped_ms": ms["ungrouped"],
+        "grouped_kv_mb": grouped / 1e6,
+        "ungrouped_kv_mb": plain / 1e6,
+        "rule_groups": float(picked),
+    }
+    return line, figures
+
+
+def main_triton_shared(shape: Shape, quick: bool, figures: dict[str, dict[str, float]]) -> None:
+    if shape.device.type == "cuda":
+        load_backend(shape.device, shape.dtype)
+    else:  # Triton's interpreter: set before kernels.triton_* is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    print(f"{'decodes':<22}{'grouped':>10}{'ungrouped':>10}{'speedup':>10}"
+          f"{'KV MB':>10}{'KV MB':>10}{'rule':>11}")  # fmt: skip
+    for groups, members, prefix in shared_cases(quick):
+        row = bench_triton_shared(groups, members, prefix, shape)
+        report(row, f"{groups}x{members} on {prefix}", figures)
+
+
 def load_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
     """("triton", backend) on CUDA, ("cpu", backend) on CPU when the C++ kernel builds."""
     from kernels import get_attention_backend
@@ -409,6 +513,12 @@ def main() -> None:
         help="CPU: report each implementation's fastest call (best-of-N), not the median; on a "
         "machine shared with other work the median also measures the neighbours",
     )
+    ap.add_argument(
+        "--triton-shared",
+        action="store_true",
+        help="Triton (CUDA, or the interpreter with --quick): decodes sharing a prefix, grouped "
+        "vs ungrouped",
+    )
     _record.add_arguments(ap)
     args = ap.parse_args()
     global BEST
@@ -443,6 +553,9 @@ def main() -> None:
     elif args.cpu_decode:
         kernel = "cpu decode"
         main_cpu_decode(shape, figures)
+    elif args.triton_shared:
+        kernel = "triton shared prefix"
+        main_triton_shared(shape, quick, figures)
     else:
         kernel = main_attention(shape, quick, figures)
     record = {"shape": dataclasses.asdict(shape), "kernel": kernel, "cases": figures}
