@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.metadata import AttentionMetadata
+from kernels.metadata import KEY_BLOCK, AttentionMetadata
 
 try:
     import triton
@@ -279,7 +279,14 @@ def shared_prefix_plan(
     """The step's decode groups cut into programs of at most `config.block_m // group` members
     (a larger group is split evenly), each group's shared keys rounded down to whole key tiles;
     None when that saves less than GROUP_MIN_SAVED_BYTES of reads, at `key_bytes` (K and V, all
-    KV heads) a key: (members - programs) x shared keys, summed over the groups."""
+    KV heads) a key: (members - programs) x shared keys, summed over the groups.
+
+    Raises:
+        ValueError: groups that `kernels.metadata.prefix_groups` would not make (a member that is
+            not a decode, shared keys past a member's own or not whole KEY_BLOCKs, a group index
+            out of range). That members' tables name the same blocks is not checked here: the
+            tables may be on the GPU.
+    """
     groups = meta.prefix_groups
     if groups is None:
         return None
@@ -287,12 +294,21 @@ def shared_prefix_plan(
     key = (group, config.block_m, config.block_n)
     if key in plan.shared:
         return plan.shared[key]
+    shared_keys = groups.shared_keys.tolist()
     by_group: dict[int, list[int]] = {}
     for seq, g in enumerate(groups.group_of.tolist()):
-        if g >= 0:
-            by_group.setdefault(g, []).append(seq)
+        if g >= len(shared_keys):
+            raise ValueError(f"sequence {seq}'s group {g} is out of range")
+        if g < 0:
+            continue
+        if plan.q_lens[seq] != 1:
+            raise ValueError(f"grouped sequence {seq} has {plan.q_lens[seq]} new tokens, not 1")
+        if shared_keys[g] >= meta.seq_lens_list[seq]:
+            raise ValueError(f"group {g} shares {shared_keys[g]} keys, past sequence {seq}'s own")
+        by_group.setdefault(g, []).append(seq)
+    if any(keys <= 0 or keys % KEY_BLOCK for keys in shared_keys):
+        raise ValueError(f"shared keys {shared_keys} are not all positive multiples of {KEY_BLOCK}")
     per = config.block_m // group
-    shared_keys = groups.shared_keys.tolist()
     programs: list[tuple[int, int, int]] = []
     members: list[int] = []
     resume = [0] * meta.num_seqs

@@ -536,6 +536,32 @@ def test_shared_prefix_head_dim_not_a_power_of_two(monkeypatch: pytest.MonkeyPat
     assert torch.equal(sharing.bits(grouped), sharing.bits(plain))
 
 
+def test_bad_groups_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups `prefix_groups` would not make raise before any kernel runs (the C++ kernel's
+    checks, but the blocks' equality: the tables may be on the GPU)."""
+    from kernels.metadata import KEY_BLOCK, PrefixGroups
+
+    step = sharing.shared_step([(128, [70, 80])], [(20, 20)], 16, 3, torch.float32)
+    good = sharing.found(step)
+    group_everything(monkeypatch)
+    config = ta.tiling(torch.float32)[1]
+
+    def plan(group_of: torch.Tensor, keys: torch.Tensor) -> Any:
+        step.meta.derived.clear()
+        step.meta.prefix_groups = PrefixGroups(group_of, keys)
+        return ta.shared_prefix_plan(step.meta, 3, config, 1)
+
+    assert plan(good.group_of, good.shared_keys) is not None
+    with pytest.raises(ValueError, match="not all positive multiples"):
+        plan(good.group_of, good.shared_keys - 1)
+    with pytest.raises(ValueError, match="past sequence"):
+        plan(good.group_of, good.shared_keys + 2 * KEY_BLOCK)
+    with pytest.raises(ValueError, match="new tokens, not 1"):
+        plan(torch.zeros_like(good.group_of), good.shared_keys)  # the prefill too
+    with pytest.raises(ValueError, match="out of range"):
+        plan(good.group_of + 1, good.shared_keys)
+
+
 def test_grouped_decodes_leave_the_shared_keys_to_the_shared_kernel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
