@@ -143,7 +143,9 @@ class RedisReplicas:
     def _update(self, replica_id: str, record: dict[str, Any]) -> None:
         engine = self.pool.replicas.get(replica_id)
         if engine is not None and engine.url == record["url"].rstrip("/"):
-            engine.seen(protocol.STATS_ADAPTER.validate_python(record["stats"]))
+            beat = record.get("time")
+            stats = protocol.STATS_ADAPTER.validate_python(record["stats"])
+            engine.seen(stats, None if beat is None else float(beat))
             return
         if replica_id not in self._joining:
             task = asyncio.get_running_loop().create_task(self._join(replica_id, record["url"]))
@@ -156,6 +158,7 @@ class RedisReplicas:
         try:
             try:
                 engine = await RemoteEngine.connect(url, self.timeouts, self.pool.tokenizer)
+                engine.clock = self.clock  # the heartbeats' clock
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 logger.warning(json.dumps({"event": "replica_unreachable", "replica": replica_id,
                                            "url": url, "error": repr(exc)}))  # fmt: skip

@@ -6,11 +6,12 @@ Every call has a deadline (`Timeouts`): connecting, control calls, warm-ups. The
 deadline between lines (a long queue wait is normal); a dead replica ends it instead: its
 connection resets, or the liveness probe (or the Redis heartbeat, in a pool) stops answering for
 `ttl_s`, and then every stream still open on it ends with `ReplicaLostError`. A connection that
-is refused or breaks takes the replica out of rotation at once, until it answers again, so the
-requests that follow go to other replicas rather than wait for the probe. A request is never
-sent twice: once its POST may have reached the replica, it may have produced tokens, so a
-failure is reported, not retried. A stream closed early is aborted with an abort call, sent
-after its POST is answered so that it cannot overtake it.
+is refused or breaks takes the replica out of rotation at once, until it answers again (or, in
+a pool, writes a heartbeat after that: a killed replica's last one stays in Redis until its
+TTL), so the requests that follow go to other replicas rather than wait for the probe. A
+request is never sent twice: once its POST may have reached the replica, it may have produced
+tokens, so a failure is reported, not retried. A stream closed early is aborted with an abort
+call, sent after its POST is answered so that it cannot overtake it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,10 @@ class RemoteEngine:
         self.last_stats: ReplicaStats = ReplicaStats(0, 0, 0, 0, 0.0, 0, 0, 0)
         self.last_seen = time.monotonic()
         self.lost: BaseException | None = None
+        # when it was taken out of rotation, on `clock` (epoch seconds; a pool's discovery sets
+        # its own, the one heartbeats are written with)
+        self.clock: Callable[[], float] = time.time
+        self._lost_at = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._channel: asyncio.Task[None] | None = None
         self._channel_id: asyncio.Future[str] | None = None
@@ -192,6 +198,7 @@ class RemoteEngine:
         if self.lost is None:
             logger.warning(json.dumps({"event": "replica_lost", "replica": self.replica_id,
                                        "reason": reason}))  # fmt: skip
+            self._lost_at = self.clock()
         self.lost = ReplicaLostError(f"replica {self.replica_id} lost: {reason}")
         self.fail_streams(self.lost)
         self._close_channel()
@@ -204,11 +211,18 @@ class RemoteEngine:
             logger.warning(json.dumps({"event": "replica_unreachable", "replica": self.replica_id,
                                        "reason": reason}))  # fmt: skip
             self.lost = ReplicaLostError(f"replica {self.replica_id} unreachable: {reason}")
+            self._lost_at = self.clock()
 
-    def seen(self, stats: ReplicaStats) -> None:
+    def seen(self, stats: ReplicaStats, beat: float | None = None) -> None:
+        """The replica's load, from the replica itself (`beat` None: it answered, so it is back
+        in rotation) or from its heartbeat record (`beat`: when the replica wrote it, on
+        `clock`). A record puts a replica that was taken out of rotation back only if written
+        after that: a killed replica's last record stays readable until its TTL, and read
+        again at each sync it would put the dead replica back, to take the next request."""
         self.last_stats = stats
         self.last_seen = time.monotonic()
-        self.lost = None
+        if beat is None or beat > self._lost_at:
+            self.lost = None
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -112,14 +113,18 @@ def test_two_replicas_two_gateways(cluster: tuple[dict[str, Any], list[Any]]) ->
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
         procs[holder].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
         rest = "\n\n".join(line for line in lines if line)
     events = sse_events(rest)
     assert events[-1] == "[DONE]" and "error" in events[-2]
     assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
 
     # The gateway whose stream broke routes at once to the other replica, even the requests
-    # whose prefix the dead one held (no wait for the heartbeat TTL).
+    # whose prefix the dead one held (no wait for the heartbeat TTL), also once its discovery
+    # has read the dead replica's last heartbeat record again (still there until the TTL).
     [other] = [r for r in procs if r != holder]
+    replicas_b = pool_of(app_b).replicas
+    assert wait_until(lambda: holder not in replicas_b or replicas_b[holder].last_seen > killed_at)
     before_other = pool_of(app_b).routed.get(other, 0)
     r = chat(url_b, key, "Which planet is smallest?", prefix="solar")
     assert r.status_code == 200, r.text

@@ -181,6 +181,27 @@ async def test_a_lost_replica_ends_its_streams_and_refuses_new_ones(
     assert await collect(remote.add_request([5, 6], SamplingParams(max_tokens=2))) != []
 
 
+async def test_only_a_newer_heartbeat_puts_an_unreachable_replica_back(
+    remote: RemoteEngine,
+) -> None:
+    """A killed replica's last heartbeat record stays readable until its TTL: read again after
+    its connection failed, it must not put the replica back in rotation (the next request would
+    go to it and fail); a record written after the failure, or an answer from the replica
+    itself, does."""
+    remote.clock = lambda: 100.0
+    stats = remote.last_stats
+    remote.seen(stats, beat=99.5)
+    remote.out_of_rotation("connection refused")  # at 100.0
+    remote.seen(stats, beat=99.5)  # the record it wrote before, read again
+    with pytest.raises(ReplicaLostError):
+        remote.add_request([5, 6], SamplingParams())
+    remote.seen(stats, beat=100.5)  # it beat since
+    assert remote.lost is None
+    remote.out_of_rotation("connection reset")
+    await remote.fetch_stats()  # it answered
+    assert remote.lost is None
+
+
 async def test_remote_and_in_process_give_identical_greedy_outputs(tiny_engine: Any) -> None:
     prompts = [
         tiny_engine.tokenizer.encode(f"Question {i}: how far is the moon?") for i in range(4)
