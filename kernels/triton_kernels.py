@@ -503,8 +503,8 @@ def _shared_prefix_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + tl.load(members_ptr + first).to(tl.int64) * stride_bt
     # every pair may attend (every member is past the shared keys), as a mask from run-time
-    # values like `_unified_kernel`'s: one the compiler could fold away would let it fuse the
-    # scaling into exp2 and round differently
+    # values like `_unified_kernel`'s: a constant one compiled to other code (fp32: 255 registers
+    # and spills), which may also fuse the scaling into exp2 and round differently
     last_key = shared - 1 + r * 0
     m_i, l_i, acc = _attend_keys(
         q,
