@@ -529,7 +529,6 @@ def _shared_prefix_kernel(
         DOT_F32,
     )
 
-    seq = tl.load(members_ptr + first + tl.where(row_ok, member, 0))  # not kept over the loop
     rows = state_ptr + seq.to(tl.int64) * state_stride + heads * (HEAD_DIM + 2)  # [BLOCK_M]
     tl.store(rows[:, None] + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(rows + HEAD_DIM, m_i, mask=row_ok)
