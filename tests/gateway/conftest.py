@@ -18,7 +18,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.limits import RequestLimits
+from gateway.replicas.service import replica_server_config
 from gateway.server import uvicorn_config
 from gateway.settings import Settings
 from gateway.state import GatewayState
@@ -93,8 +93,11 @@ def running_server(app: Starlette) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     state: GatewayState | None = getattr(app.state, "gateway", None)  # None: an engine replica
-    limits = state.limits if state is not None else RequestLimits()
-    config = uvicorn_config(app, limits, log_level="warning", access_log=False, lifespan="on")
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on"}
+    if state is None:  # as `prefixgate engine` serves it
+        config = replica_server_config(app, **options)
+    else:
+        config = uvicorn_config(app, state.limits, access_log=False, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
