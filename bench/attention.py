@@ -15,7 +15,9 @@ cached ones, a 1920-token step of twelve 160-token prompts and one of eight 256-
 `--cpu-decode` compares, on CPU, the prefill kernel's one-token items (what decodes run where every
 row goes to that kernel, `cpu_attention.one_kernel_for_all_rows`) with the decode kernel, for 16
 and 64 decodes over ~300 tokens, each over 30 layers' caches (a step's worth, read from
-memory). `--build-flags` builds the library with other compiler flags than
+memory). `--cpu-tenants` times, on CPU, 8 such decodes behind one system prompt against three
+(interleaved or sorted by prompt), as bench/fairness.py's fcfs and fair batches read them.
+`--build-flags` builds the library with other compiler flags than
 the host's (`kernels._build.FLAG_SETS`), e.g. "-O3 -mavx2 -mfma -mf16c -mno-avx512f -fopenmp" to
 measure the AVX2 code on an AVX-512 machine (with ATEN_CPU_CAPABILITY=avx2
 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 in the environment, so that SDPA runs its AVX2
@@ -23,6 +25,7 @@ code too). `--best` reports best-of-N instead of medians, for machines shared wi
 
 Usage: python bench/attention.py [--dtype bfloat16] [--heads 32] [--kv-heads 8] [--head-dim 128]
                                [--block-size 16] [--quick] [--cpu-prefill] [--cpu-decode]
+                               [--cpu-tenants]
                                [--build-flags FLAGS] [--best]
 """
 
@@ -338,6 +341,71 @@ def bench_cpu_decode(case: Case, shape: Shape) -> Row:
     return line, {"decode_ms": ms["decode"], "token_items_ms": ms["tokens"]}
 
 
+def main_cpu_tenants(shape: Shape, figures: dict[str, dict[str, float]]) -> None:
+    """8 decodes over SmolLM2's 30 layers, each behind a system prompt: one prompt for all (one
+    tenant's batch, as fcfs makes it in bench/fairness.py) against three prompts (three tenants',
+    as fair makes it), their rows interleaved or sorted by prompt. Same rows, same lengths: only
+    the number of distinct prompt blocks read per layer differs."""
+    from kernels import cpu_attention
+
+    if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
+        raise SystemExit("the CPU prefill kernel is unavailable for this dtype or build")
+    print(f"CPU decodes behind system prompts, {torch.get_num_threads()} threads, "
+          f"{DECODE_LAYERS} layers (ms per step)")  # fmt: skip
+    print(f"{'prompt tokens':<16}{'one prompt':>12}{'3 interleaved':>15}{'3 sorted':>10}")
+    for prompt_tokens in (304, 512):
+        ms = bench_cpu_tenants(prompt_tokens, shape)
+        print(f"{prompt_tokens:<16}{ms['one']:>12.3f}{ms['interleaved']:>15.3f}"
+              f"{ms['sorted']:>10.3f}")  # fmt: skip
+        figures[f"8 decodes, {prompt_tokens}-token prompts"] = {
+            "one_prompt_ms": ms["one"],
+            "three_interleaved_ms": ms["interleaved"],
+            "three_sorted_ms": ms["sorted"],
+        }
+
+
+def bench_cpu_tenants(prompt_tokens: int, shape: Shape, rows: int = 8) -> dict[str, float]:
+    """ms per step of `rows` decodes behind one prompt, and behind three (interleaved, sorted)."""
+    from kernels import cpu_attention
+
+    bs, blocks = shape.block_size, prompt_tokens // shape.block_size
+    gen = torch.Generator().manual_seed(prompt_tokens)
+    tails = [-(-int(torch.randint(20, 60, (1,), generator=gen)) // bs) for _ in range(rows)]
+    lens = [blocks * bs + t * bs - 1 for t in tails]
+    layouts = {"one": [0] * rows, "interleaved": [r % 3 for r in range(rows)]}
+    layouts["sorted"] = sorted(layouts["interleaved"])
+    first_tail = 1 + 3 * blocks  # block 0 unused, then the three prompts' blocks
+    tail_starts = [first_tail + sum(tails[:r]) for r in range(rows)]
+
+    def table(prompt: int, row: int) -> list[int]:
+        tail = tail_starts[row]
+        return [
+            *range(1 + prompt * blocks, 1 + (prompt + 1) * blocks),
+            *range(tail, tail + tails[row]),
+        ]
+
+    batch = [(n, 1) for n in lens]
+    metas = {
+        name: make_metadata([table(p, r) for r, p in enumerate(prompts)], batch, bs, shape.device)
+        for name, prompts in layouts.items()
+    }
+    size = (2, first_tail + sum(tails), bs, shape.kv_heads, shape.head_dim)
+    caches = [torch.randn(size, generator=gen).to(shape.dtype) for _ in range(DECODE_LAYERS)]
+    query = torch.randn(rows, shape.heads, shape.head_dim, generator=gen).to(shape.dtype)
+    scale, ids = shape.head_dim**-0.5, torch.arange(rows)
+
+    def step(meta: AttentionMetadata) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            out = torch.empty_like(query)
+            for cache in caches:
+                cpu_attention.paged_prefill(query, cache, meta, scale, out, ids)
+            return out
+
+        return run
+
+    return time_interleaved({name: step(meta) for name, meta in metas.items()})
+
+
 def report(row: Row, name: str, figures: dict[str, dict[str, float]]) -> None:
     """Print the row's line and keep its figures under the case's name."""
     line, figures[name] = row
@@ -505,6 +573,11 @@ def main() -> None:
         help="the CPU prefill kernel's one-token items vs the decode kernel",
     )
     ap.add_argument(
+        "--cpu-tenants",
+        action="store_true",
+        help="decodes behind one system prompt vs three (bench/fairness.py's fcfs vs fair)",
+    )
+    ap.add_argument(
         "--build-flags", help="compiler flags for the C++ library instead of the host's"
     )
     ap.add_argument(
@@ -527,7 +600,7 @@ def main() -> None:
         from kernels import _build
 
         _build.FLAG_SETS = (args.build_flags.split(),)
-    on_cpu = args.cpu_prefill or args.cpu_decode
+    on_cpu = args.cpu_prefill or args.cpu_decode or args.cpu_tenants
     device = torch.device("cpu" if on_cpu or not torch.cuda.is_available() else "cuda")
     defaults = (32, 8, 128) if device.type == "cuda" else (9, 3, 64)
     heads, kv_heads, head_dim = (
@@ -553,6 +626,9 @@ def main() -> None:
     elif args.cpu_decode:
         kernel = "cpu decode"
         main_cpu_decode(shape, figures)
+    elif args.cpu_tenants:
+        kernel = "cpu prefill (decodes behind system prompts)"
+        main_cpu_tenants(shape, figures)
     elif args.triton_shared:
         kernel = "triton shared prefix"
         main_triton_shared(shape, quick, figures)
