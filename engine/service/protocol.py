@@ -64,13 +64,6 @@ STATS = "/engine/stats"
 INFO = "/engine/info"
 TOKENIZER = "/engine/tokenizer"
 
-# A replica keeps an idle connection open this long (uvicorn's default is 5 s); a gateway reuses
-# its idle connections for up to REUSE_S, well inside that, so that it never writes a request
-# into one the replica is closing. A new connection after an idle spell cost the next request
-# ~0.45 ms of its first token on a 2-core AMD Zen 5 (bench/remote_trace.py --gap-ms 5000).
-KEEP_ALIVE_S = 75.0
-REUSE_S = 60.0
-
 DELTA = TypeAdapter(RequestDelta)
 PARAMS = TypeAdapter(SamplingParams)
 PREFIX_STATE = TypeAdapter(PrefixState)

@@ -39,7 +39,7 @@ from engine.sampling_params import SamplingParams
 from engine.service import protocol
 from engine.service.protocol import ReplicaInfo, ReplicaStats
 from engine.validation import validate_request
-from gateway.replicas.wire import StreamClient
+from gateway.replicas.wire import IDLE_S, StreamClient
 
 logger = logging.getLogger("prefixgate.replicas")
 
@@ -133,7 +133,7 @@ class RemoteEngine:
         self.block_size = info.block_size
         self.timeouts = timeouts or Timeouts()
         self.http = _client(self.url, self.timeouts)  # control calls
-        self.wire = StreamClient(self.url, self.timeouts.connect_s, protocol.REUSE_S)  # streams
+        self.wire = StreamClient(self.url, self.timeouts.connect_s)  # streams
         self.streams: dict[str, RemoteStream] = {}
         self.last_stats: ReplicaStats = ReplicaStats(0, 0, 0, 0, 0.0, 0, 0, 0)
         self.last_seen = time.monotonic()
@@ -421,11 +421,11 @@ def load_tokenizer(files: dict[str, str]) -> Any:
 
 
 def _client(url: str, timeouts: Timeouts) -> httpx.AsyncClient:
-    # idle connections dropped before the replica closes them (protocol.KEEP_ALIVE_S): with
-    # expiries alike, a control call could be written into a closing connection and fail as a
-    # lost replica
+    # idle connections dropped before the replica's uvicorn closes them (5 s): httpx's default
+    # expiry is the same 5 s, so a control call could be written into a closing connection and
+    # fail as a lost replica
     limits = httpx.Limits(
-        max_connections=None, max_keepalive_connections=64, keepalive_expiry=protocol.REUSE_S
+        max_connections=None, max_keepalive_connections=64, keepalive_expiry=IDLE_S
     )
     return httpx.AsyncClient(base_url=url, timeout=timeouts.call(), limits=limits)
 

@@ -38,11 +38,9 @@ def _answered_draining(path: str) -> bool:
 
 
 def replica_server_config(app: Any, **options: Any) -> uvicorn.Config:
-    """uvicorn's config for a replica's app (`options` are uvicorn's): idle connections kept
-    open for `protocol.KEEP_ALIVE_S`, so that gateways seldom open new ones."""
-    return uvicorn.Config(
-        app, access_log=False, timeout_keep_alive=int(protocol.KEEP_ALIVE_S), **options
-    )
+    """uvicorn's config for a replica's app (`options` are uvicorn's): no access log (the
+    gateways log each request)."""
+    return uvicorn.Config(app, access_log=False, **options)
 
 
 def serve_engine(settings: Settings) -> int:

@@ -17,9 +17,8 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator
 
-# A kept-alive connection idle for longer than this is not reused (unless told otherwise): uvicorn
-# closes them after 5 s by default, and a request written into one the server is closing would
-# be lost (and is never re-sent).
+# A kept-alive connection idle for longer than this is not reused: uvicorn closes them after 5 s,
+# and a request written into one the server is closing would be lost (and is never re-sent).
 IDLE_S = 4.0
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -89,17 +88,14 @@ class StreamClient:
     Args:
         url: `http://host:port` (or https).
         connect_timeout_s: deadline of a new connection (a TimeoutError past it).
-        idle_s: how long a kept-alive connection may stay idle and still be reused: less than
-            the server keeps it open.
     """
 
-    def __init__(self, url: str, connect_timeout_s: float = 2.0, idle_s: float = IDLE_S) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = 2.0) -> None:
         parts = urllib.parse.urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
         self.connect_timeout_s = connect_timeout_s
-        self.idle_s = idle_s
         self._idle: list[tuple[float, asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     @contextlib.asynccontextmanager
@@ -158,7 +154,7 @@ class StreamClient:
         now = time.monotonic()
         while self._idle:
             since, reader, writer = self._idle.pop()
-            if now - since < self.idle_s and not reader.at_eof():
+            if now - since < IDLE_S and not reader.at_eof():
                 return reader, writer
             writer.close()
         return None

@@ -76,29 +76,6 @@ async def test_finished_streams_hand_their_connection_to_the_next(remote: Remote
         assert len(remote.wire._idle) == 1  # read to its end and kept: one connection for all
 
 
-async def test_an_idle_connection_is_reused_past_uvicorns_default_keep_alive(
-    remote: RemoteEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """uvicorn closes a connection idle for 5 s by default; the replica keeps it open longer
-    and the gateway reuses it, so a request after a quiet spell opens no new connection."""
-    params = SamplingParams(max_tokens=2, temperature=0)
-    assert len(await collect(remote.add_request([5, 6, 7], params))) == 2
-    await asyncio.sleep(0.01)  # the receiving task reads the body's end
-    assert len(remote.wire._idle) == 1
-    connect = remote.wire._connect
-    opened = 0
-
-    async def counting_connect() -> Any:
-        nonlocal opened
-        opened += 1
-        return await connect()
-
-    monkeypatch.setattr(remote.wire, "_connect", counting_connect)
-    await asyncio.sleep(5.5)
-    assert len(await collect(remote.add_request([5, 6, 7], params))) == 2
-    assert opened == 0
-
-
 async def test_engine_errors_cross_as_the_same_classes(
     remote: RemoteEngine, fake: FakeEngine
 ) -> None:
