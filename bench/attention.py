@@ -341,15 +341,20 @@ def bench_cpu_decode(case: Case, shape: Shape) -> Row:
     return line, {"decode_ms": ms["decode"], "token_items_ms": ms["tokens"]}
 
 
+def require_cpu_prefill(shape: Shape) -> None:
+    """Exit unless the C++ prefill kernel is built and serves `shape.dtype`."""
+    from kernels import cpu_attention
+
+    if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
+        raise SystemExit("the CPU prefill kernel is unavailable for this dtype or build")
+
+
 def main_cpu_tenants(shape: Shape, figures: dict[str, dict[str, float]]) -> None:
     """8 decodes over SmolLM2's 30 layers, each behind a system prompt: one prompt for all (one
     tenant's batch, as fcfs makes it in bench/fairness.py) against three prompts (three tenants',
     as fair makes it), their rows interleaved or sorted by prompt. Same rows, same lengths: only
     the number of distinct prompt blocks read per layer differs."""
-    from kernels import cpu_attention
-
-    if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
-        raise SystemExit("the CPU prefill kernel is unavailable for this dtype or build")
+    require_cpu_prefill(shape)
     print(f"CPU decodes behind system prompts, {torch.get_num_threads()} threads, "
           f"{DECODE_LAYERS} layers (ms per step)")  # fmt: skip
     print(f"{'prompt tokens':<16}{'one prompt':>12}{'3 interleaved':>15}{'3 sorted':>10}")
@@ -389,8 +394,12 @@ def bench_cpu_tenants(prompt_tokens: int, shape: Shape, rows: int = 8) -> dict[s
         name: make_metadata([table(p, r) for r, p in enumerate(prompts)], batch, bs, shape.device)
         for name, prompts in layouts.items()
     }
-    size = (2, first_tail + sum(tails), bs, shape.kv_heads, shape.head_dim)
-    caches = [torch.randn(size, generator=gen).to(shape.dtype) for _ in range(DECODE_LAYERS)]
+    # stored head-major, as the engine allocates its cache (engine/model_runner.py)
+    size = (2, first_tail + sum(tails), shape.kv_heads, bs, shape.head_dim)
+    caches = [
+        torch.randn(size, generator=gen).to(shape.dtype).transpose(2, 3)
+        for _ in range(DECODE_LAYERS)
+    ]
     query = torch.randn(rows, shape.heads, shape.head_dim, generator=gen).to(shape.dtype)
     scale, ids = shape.head_dim**-0.5, torch.arange(rows)
 
@@ -413,10 +422,7 @@ def report(row: Row, name: str, figures: dict[str, dict[str, float]]) -> None:
 
 
 def main_cpu_prefill(shape: Shape, figures: dict[str, dict[str, float]]) -> None:
-    from kernels import cpu_attention
-
-    if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
-        raise SystemExit("the CPU prefill kernel is unavailable for this dtype or build")
+    require_cpu_prefill(shape)
     print(f"CPU prefill, {torch.get_num_threads()} threads")
     print(f"{'case':<32}{'sdpa ms':>10}{'kernel ms':>10}{'sdpa/ker':>10}{'GFLOP/s':>9}")
     for case in cpu_prefill_cases():
@@ -424,10 +430,7 @@ def main_cpu_prefill(shape: Shape, figures: dict[str, dict[str, float]]) -> None
 
 
 def main_cpu_decode(shape: Shape, figures: dict[str, dict[str, float]]) -> None:
-    from kernels import cpu_attention
-
-    if shape.dtype not in cpu_attention.PREFILL_DTYPES or not cpu_attention.kernel_available():
-        raise SystemExit("the CPU prefill kernel is unavailable for this dtype or build")
+    require_cpu_prefill(shape)
     print(f"CPU decodes, {torch.get_num_threads()} threads")
     print(f"over {DECODE_LAYERS} layers' caches (ms per step)")
     print(f"{'case':<32}{'decode ms':>10}{'items ms':>10}{'item/dec':>10}")
