@@ -1,5 +1,9 @@
 """One engine replica as an HTTP service: the routes of `engine.service.protocol` over an engine.
 
+A gateway's requests and aborts arrive as lines of its channel's request body and their deltas
+leave as lines of the channel's response (`Channel`): adding a request runs no HTTP request of
+its own on either side.
+
 The engine is anything with the gateway's `EngineClient` shape (the in-process `AsyncEngine` in
 `prefixgate engine`; the tests' fake engine too), already started; the app never owns it.
 """
@@ -11,7 +15,7 @@ import contextlib
 import json
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from engine.errors import EngineDeadError, InvalidRequestError
+from engine.errors import EngineOverloadedError, InvalidRequestError
 from engine.service import protocol
 from engine.service.protocol import KwargsCodec, ReplicaInfo
 
@@ -43,7 +47,6 @@ class EngineService:
         self.engine = engine
         self.draining = draining
         self.track = track
-        self.channels: dict[str, Channel] = {}
         self.info = ReplicaInfo(
             replica_id=replica_id,
             model_name=model_name or engine.model_name,
@@ -59,8 +62,6 @@ class EngineService:
     def routes(self) -> list[Route]:
         return [
             Route(protocol.CHANNEL, self.channel, methods=["POST"]),
-            Route(protocol.ADD, self.add, methods=["POST"]),
-            Route(protocol.ABORT, self.abort, methods=["POST"]),
             Route(protocol.WARM, self.warm, methods=["POST"]),
             Route(protocol.UNPIN, self.unpin, methods=["POST"]),
             Route(protocol.EXTEND, self.extend, methods=["POST"]),
@@ -72,33 +73,49 @@ class EngineService:
         ]
 
     async def channel(self, request: Request) -> Response:
-        channel = Channel(self.track)
-        self.channels[channel.id] = channel
-        return ChannelResponse(channel, lambda: self.channels.pop(channel.id, None))
+        return ChannelResponse(Channel(self.track), self.command)
 
-    async def add(self, request: Request) -> Response:
+    def command(self, channel: Channel, line: bytes) -> None:
+        """One line of a channel's request body: `{"op": "add", ...}` or `{"op": "abort",
+        "request_id"}` (`engine.service.protocol`). An add that fails ends its request with an
+        error line on the channel; a line that names no request is answered with an error
+        line without one."""
+        request_id = None
         try:
-            body = await _json(request)
-            params = protocol.PARAMS.validate_python(body["params"])
-            prompt = [int(t) for t in body["prompt_token_ids"]]
-            kwargs = self.add_kwargs.decode(body.get("kwargs") or {})
-            if params.grammar is not None:  # in a worker thread, not on this event loop
-                await self.engine.compile_grammar(params.grammar)
-            # Looked up after the last await: a channel closed meanwhile takes no request.
-            channel = self.channels.get(str(body.get("channel")))
-            if channel is None:
-                raise EngineDeadError(f"no channel {body.get('channel')!r} on this replica")
-            stream = self.engine.add_request(
-                prompt, params, request_id=body.get("request_id"), **kwargs
-            )
+            body = json.loads(line)
+            if not isinstance(body, dict):
+                raise InvalidRequestError("a channel line must be a JSON object")
+            request_id = body.get("request_id")
+            if not isinstance(request_id, str):
+                raise InvalidRequestError("a channel line needs its request_id")
+            if body.get("op") == "abort":
+                channel.cancel_pending(request_id)
+                self.engine.abort(request_id)
+            elif body.get("op") == "add":
+                self.add(channel, request_id, body)
+            else:
+                raise InvalidRequestError(f"unknown channel op {body.get('op')!r}")
         except Exception as exc:
-            return error_response(exc)
-        channel.attach(stream)
-        return _ok({})
+            channel.error(request_id, _as_engine_error(exc))
 
-    async def abort(self, request: Request) -> Response:
-        self.engine.abort(request.path_params["request_id"])
-        return Response(status_code=204)
+    def add(self, channel: Channel, request_id: str, body: Mapping[str, Any]) -> None:
+        """Add one request whose deltas go to `channel` (raises what refuses it)."""
+        if self.draining():
+            raise EngineOverloadedError(f"replica {self.info.replica_id} is shutting down")
+        params = protocol.PARAMS.validate_python(body["params"])
+        prompt = [int(t) for t in body["prompt_token_ids"]]
+        kwargs = self.add_kwargs.decode(body.get("kwargs") or {})
+
+        def start() -> None:
+            stream = self.engine.add_request(prompt, params, request_id=request_id, **kwargs)
+            channel.attach(stream)
+
+        if params.grammar is None:
+            start()
+            return
+        # compiled in a worker thread, not on this event loop; the lines after this one are
+        # read meanwhile (an abort of this request cancels it)
+        channel.defer(request_id, self.engine.compile_grammar(params.grammar), start)
 
     async def warm(self, request: Request) -> Response:
         try:
@@ -183,7 +200,7 @@ def create_engine_app(
 
 
 class Channel:
-    """The deltas of the requests a gateway added with this channel, every request's line of an
+    """The deltas of the requests a gateway added on this channel, every request's line of an
     engine step written together (one write per step, not one per request and token).
 
     Args:
@@ -194,8 +211,35 @@ class Channel:
         self.id = uuid.uuid4().hex
         self.track = track
         self.streams: dict[str, Any] = {}
+        self.pending: dict[str, asyncio.Task[None]] = {}  # adds waiting for their grammar
         self._lines: list[bytes] = []
         self._ready = asyncio.Event()
+
+    def error(self, request_id: str | None, exc: BaseException) -> None:
+        """End request `request_id` with `exc` (an error line; `request_id` None: a line that
+        named no request)."""
+        self._write(protocol.encode(protocol.error_body(exc) | {"request_id": request_id}))
+
+    def defer(self, request_id: str, ready: Awaitable[None], start: Callable[[], None]) -> None:
+        """Run `start` once `ready` is done (its error, or `start`'s, ends the request)."""
+
+        async def wait() -> None:
+            try:
+                await ready
+                start()
+            except Exception as exc:
+                self.error(request_id, _as_engine_error(exc))
+            finally:
+                self.pending.pop(request_id, None)
+                self.track(-1)
+
+        self.track(1)  # a drain waits for it too
+        self.pending[request_id] = asyncio.get_running_loop().create_task(wait())
+
+    def cancel_pending(self, request_id: str) -> None:
+        task = self.pending.pop(request_id, None)
+        if task is not None:
+            task.cancel()
 
     def attach(self, stream: Any) -> None:
         """Send `stream`'s deltas (or its error) on this channel from now on."""
@@ -204,18 +248,20 @@ class Channel:
         self.track(1)
 
         def sink(item: Any) -> None:
-            if isinstance(item, BaseException):
-                line = protocol.encode(protocol.error_body(item) | {"request_id": request_id})
-            else:
-                line = protocol.encode(item)
             if (isinstance(item, BaseException) or item.finished) and self.streams.pop(
                 request_id, None
             ):
                 self.track(-1)
-            self._lines.append(line)
-            self._ready.set()
+            if isinstance(item, BaseException):
+                self.error(request_id, item)
+            else:
+                self._write(protocol.encode(item))
 
         stream.push_to(sink)
+
+    def _write(self, line: bytes) -> None:
+        self._lines.append(line)
+        self._ready.set()
 
     async def pump(self, send: Send) -> None:
         """Write what has arrived, whenever something has (until cancelled)."""
@@ -227,7 +273,10 @@ class Channel:
             await send({"type": "http.response.body", "body": b"\n".join(lines), "more_body": True})
 
     async def close(self) -> None:
-        """Abort every request still running (the gateway went away)."""
+        """Abort every request still running or waiting for its grammar (the gateway went
+        away)."""
+        for task in self.pending.values():
+            task.cancel()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             await stream.aclose()
@@ -235,13 +284,15 @@ class Channel:
 
 
 class ChannelResponse(Response):
-    """A channel's lines: first `{"channel": id}`, then its requests' deltas. The gateway
-    closing the connection aborts every request still running on it, at once."""
+    """A channel: its request body's lines are the gateway's commands (`command(channel,
+    line)`), read as they arrive; its response's lines are first `{"channel": id}`, then the
+    deltas. The gateway closing the connection aborts every request still running on it, at
+    once."""
 
-    def __init__(self, channel: Channel, forget: Callable[[], object]) -> None:
+    def __init__(self, channel: Channel, command: Callable[[Channel, bytes], None]) -> None:
         super().__init__(status_code=200, media_type=NDJSON.decode())
         self.channel = channel
-        self.forget = forget
+        self.command = command
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", NDJSON)]
@@ -249,18 +300,24 @@ class ChannelResponse(Response):
         try:
             async with anyio.create_task_group() as tg:
 
-                async def watch() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
+                async def read() -> None:
+                    rest = b""
+                    while (message := await receive())["type"] != "http.disconnect":
+                        *lines, rest = (rest + message.get("body", b"")).split(b"\n")
+                        if not message.get("more_body", False):
+                            lines.append(rest)  # the body ended: its last line too
+                            rest = b""
+                        for line in lines:
+                            if line.strip():
+                                self.command(self.channel, line)
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(watch)
+                tg.start_soon(read)
                 with contextlib.suppress(OSError):  # the gateway left: aborted below
                     first = protocol.encode({"channel": self.channel.id}) + b"\n"
                     await send({"type": "http.response.body", "body": first, "more_body": True})
                     await self.channel.pump(send)
         finally:
-            self.forget()
             with anyio.CancelScope(shield=True):
                 await self.channel.close()
 
@@ -286,12 +343,17 @@ def _ok(value: Any) -> Response:
     return Response(protocol.encode(value), media_type="application/json")
 
 
+def _as_engine_error(exc: Exception) -> Exception:
+    """A malformed request's KeyError, TypeError or ValueError as the InvalidRequestError it is."""
+    if isinstance(exc, KeyError | TypeError | ValueError) and not protocol.is_engine_error(exc):
+        return InvalidRequestError(f"malformed engine request: {exc!r}")
+    return exc
+
+
 def error_response(exc: Exception) -> Response:
     """`exc` in the protocol's error shape, with its status (also what a draining replica
     answers: `gateway.drain`)."""
-    if isinstance(exc, KeyError | TypeError | ValueError) and not protocol.is_engine_error(exc):
-        exc = InvalidRequestError(f"malformed engine request: {exc!r}")
-    body = protocol.error_body(exc)
+    body = protocol.error_body(_as_engine_error(exc))
     return Response(
         protocol.encode(body),
         status_code=protocol.error_status(body),

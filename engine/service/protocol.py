@@ -1,20 +1,24 @@
 """The wire protocol between a gateway and an engine replica (`prefixgate engine`).
 
-HTTP/1.1 with JSON bodies. A gateway opens one channel per replica, a chunked response that
-carries the deltas of all the requests it adds there, one JSON line each (NDJSON), every line of
-an engine step in one write: per streamed token the replica wakes no task and makes no write of
-its own, and the gateway reads one socket. docs/deployment.md says why this transport
-(measured against the embedded engine).
+HTTP/1.1 with JSON bodies. A gateway opens one channel per replica: a POST whose chunked
+request body stays open and carries the gateway's commands, one JSON line each, and whose
+chunked response carries the deltas of all the requests added there, one JSON line each
+(NDJSON), every line of an engine step in one write. Adding a request is one line written on a
+connection already open (no HTTP request of its own: the replica parses no head and starts no
+task for it), and an abort written after it can never overtake it. Per streamed token the
+replica wakes no task and makes no write of its own, and the gateway reads one socket.
+docs/deployment.md says why this transport (measured against the embedded engine).
 
 ```
-POST /engine/channels              -> 200, then NDJSON: {"channel": id}, then one line per
-                                      RequestDelta of the requests added with this channel,
-                                      or {"error": {...}, "request_id"} ending one of them.
+POST /engine/channels              request body, NDJSON, written as the gateway goes:
+                                     {"op": "add", "request_id", "prompt_token_ids", "params",
+                                      "kwargs"}
+                                     {"op": "abort", "request_id"}   (idempotent)
+                                   -> 200, then NDJSON: {"channel": id}, then one line per
+                                      RequestDelta of the requests added on this channel,
+                                      or {"error": {...}, "request_id"} ending one of them
+                                      (an add refused: invalid, too long, replica draining).
                                       Closing the connection aborts all of its requests.
-POST /engine/requests              {"prompt_token_ids", "params", "request_id", "kwargs",
-                                    "channel"} -> 200 {} (its deltas go to the channel), or
-                                      an error found before it started: a 4xx/503 body.
-POST /engine/requests/{id}/abort   -> 204 (idempotent)
 POST /engine/prefixes/warm         {"token_ids", "kwargs"} -> PrefixState
 POST /engine/prefixes/unpin        {"key"} -> {"ok": bool}
 POST /engine/prefixes/extend       {"key", "expires_at"} -> {"ok": bool}
@@ -55,8 +59,6 @@ from engine.outputs import PrefixState, RequestDelta
 from engine.sampling_params import SamplingParams
 
 CHANNEL = "/engine/channels"
-ADD = "/engine/requests"
-ABORT = "/engine/requests/{request_id}/abort"
 WARM = "/engine/prefixes/warm"
 UNPIN = "/engine/prefixes/unpin"
 EXTEND = "/engine/prefixes/extend"

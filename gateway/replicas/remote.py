@@ -1,17 +1,18 @@
 """`RemoteEngine`: the gateway's `EngineClient` over one engine replica (`prefixgate engine`).
 
-Requests go to the replica as short POSTs and their deltas come back on one channel per
-replica (`engine.service.protocol`), read by a lean HTTP/1.1 client (`gateway.replicas.wire`).
-Every call has a deadline (`Timeouts`): connecting, control calls, warm-ups. The channel has no
-deadline between lines (a long queue wait is normal); a dead replica ends it instead: its
-connection resets, or the liveness probe (or the Redis heartbeat, in a pool) stops answering for
-`ttl_s`, and then every stream still open on it ends with `ReplicaLostError`. A connection that
-is refused or breaks takes the replica out of rotation at once, until it answers again (or, in
-a pool, writes a heartbeat after that: a killed replica's last one stays in Redis until its
-TTL), so the requests that follow go to other replicas rather than wait for the probe. A
-request is never sent twice: once its POST may have reached the replica, it may have produced
-tokens, so a failure is reported, not retried. A stream closed early is aborted with an abort
-call, sent after its POST is answered so that it cannot overtake it.
+Everything a generation needs crosses one channel per replica (`engine.service.protocol`), a
+POST held open by a lean HTTP/1.1 client (`gateway.replicas.wire`): its request body carries
+the adds and aborts, one line each, its response the deltas. Every call has a deadline
+(`Timeouts`): connecting, control calls, warm-ups. The channel has no deadline between lines (a
+long queue wait is normal); a dead replica ends it instead: its connection resets, or the
+liveness probe (or the Redis heartbeat, in a pool) stops answering for `ttl_s`, and then every
+stream still open on it ends with `ReplicaLostError`. A connection that is refused or breaks
+takes the replica out of rotation at once, until it answers again (or, in a pool, writes a
+heartbeat after that: a killed replica's last one stays in Redis until its TTL), so the
+requests that follow go to other replicas rather than wait for the probe. A request is never
+sent twice: once its line may have reached the replica, it may have produced tokens, so a
+failure is reported, not retried. A stream closed early is aborted with an abort line, which
+the channel delivers after its add.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from gateway.replicas.wire import IDLE_S, StreamClient
 
 logger = logging.getLogger("prefixgate.replicas")
 
+Write = Callable[[bytes], None]  # sends one chunk of a channel's body
+
 
 class ReplicaLostError(EngineDeadError):
     """The replica serving a request went away (connection lost, no heartbeat)."""
@@ -63,8 +66,8 @@ class Timeouts:
 
 
 class RemoteStream(DeltaStream):
-    """Async iterator over one remote request's deltas (the `RequestStream` protocol): added with
-    a POST, its deltas arrive on its replica's channel (`RemoteEngine`)."""
+    """Async iterator over one remote request's deltas (the `RequestStream` protocol): added
+    with a line on its replica's channel, where its deltas arrive too (`RemoteEngine`)."""
 
     def __init__(self, engine: RemoteEngine, request_id: str, fields: dict[str, Any]) -> None:
         super().__init__(request_id)
@@ -82,29 +85,23 @@ class RemoteStream(DeltaStream):
             return
         self.finished = True
         self._engine.streams.pop(self.request_id, None)
-        if not self._posted:
+        if self._posted:
+            self._engine.abort(self.request_id)  # on the channel, behind its add
+        else:
             self._task.cancel()  # nothing sent yet
-        elif self._task.done():
-            self._engine.abort(self.request_id)
-        # else: `_add` aborts it once its POST is answered (an abort sent now could overtake it)
 
     async def _add(self, fields: dict[str, Any]) -> None:
+        """Write the add on the channel (opened first if it is not) once the handler that made
+        this stream yields: the rest of the handler runs before the replica's first step, not
+        during it (docs/deployment.md)."""
         engine = self._engine
         try:
-            channel = await engine.channel()
+            write = await engine.channel()
             self._posted = True
-            body = protocol.encode(fields | {"channel": channel})
-            async with engine.wire.post(protocol.ADD, body) as response:
-                answer = await response.read()
-            if response.status != 200:
-                self._end(protocol.decode_error(_loads(answer)))
-            elif self.finished:
-                engine.abort(self.request_id)  # aborted while the POST was in flight
+            write(protocol.encode(fields | {"op": "add"}) + b"\n")
         except ReplicaLostError as exc:  # its channel could not open
             self._end(exc)
-        except TimeoutError as exc:  # no connection in time: nothing was sent
-            self._end(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
-        except (OSError, asyncio.IncompleteReadError) as exc:  # refused, reset, cut short
+        except OSError as exc:  # the channel's connection is closing
             engine.out_of_rotation(f"a request's connection failed: {exc!r}")
             self._end(ReplicaLostError(f"replica {engine.replica_id} lost: {exc!r}"))
 
@@ -144,7 +141,7 @@ class RemoteEngine:
         self._lost_at = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._channel: asyncio.Task[None] | None = None
-        self._channel_id: asyncio.Future[str] | None = None
+        self._opened: asyncio.Future[Write] | None = None  # the open channel's `write`
         self._background: set[asyncio.Task[Any]] = set()
 
     @classmethod
@@ -257,33 +254,32 @@ class RemoteEngine:
         return stream
 
     # ---- the channel ----------------------------------------------------------------------------
-    async def channel(self) -> str:
-        """The id of this gateway's channel on the replica, opened if none is.
+    async def channel(self) -> Write:
+        """The `write` of this gateway's channel on the replica, opened if none is: each call
+        sends one chunk of the channel's body (`wire.StreamClient.duplex`).
 
         Raises:
             ReplicaLostError: it could not be opened.
         """
         if self._channel is None or self._channel.done():
-            self._channel_id = asyncio.get_running_loop().create_future()
-            self._channel = asyncio.get_running_loop().create_task(
-                self._run_channel(self._channel_id)
-            )
-        assert self._channel_id is not None
-        return await asyncio.shield(self._channel_id)
+            self._opened = asyncio.get_running_loop().create_future()
+            self._channel = asyncio.get_running_loop().create_task(self._run_channel(self._opened))
+        assert self._opened is not None
+        return await asyncio.shield(self._opened)
 
-    async def _run_channel(self, opened: asyncio.Future[str]) -> None:
+    async def _run_channel(self, opened: asyncio.Future[Write]) -> None:
         """Read the channel: its id, then every delta, each handed to its stream. Its end, for
         whatever reason, ends every stream still open on this replica."""
         reason = "it closed the channel"
         try:
-            async with self.wire.post(protocol.CHANNEL, b"{}") as response:
+            async with self.wire.duplex(protocol.CHANNEL) as (response, write):
                 if response.status != 200:
                     raise protocol.decode_error(_loads(await response.read()))
                 async for line in response.lines():
                     if opened.done():
                         self._on_line(line)
-                    elif line:
-                        opened.set_result(str(_loads(line)["channel"]))
+                    elif line:  # its id: open
+                        opened.set_result(write)
         except TimeoutError as exc:
             reason = repr(exc)
         except (OSError, asyncio.IncompleteReadError) as exc:  # refused, reset, cut short
@@ -299,7 +295,7 @@ class RemoteEngine:
             if not opened.done():
                 opened.set_exception(lost)
                 opened.exception()  # retrieved: no warning when no request waited for it
-            if self._channel_id is opened:
+            if self._opened is opened:
                 self.fail_streams(lost)
 
     def _on_line(self, line: bytes) -> None:
@@ -326,8 +322,13 @@ class RemoteEngine:
         await check_grammar(spec)
 
     def abort(self, request_id: str) -> None:
-        path = protocol.ABORT.format(request_id=request_id)
-        self._spawn(self._post(path, b"", self.timeouts.call_s))
+        """Abort on the open channel (no channel open: the replica aborted every request of the
+        last one when it closed)."""
+        opened = self._opened
+        if opened is None or not opened.done() or opened.cancelled() or opened.exception():
+            return
+        with contextlib.suppress(OSError):  # closing: its end aborts the request
+            opened.result()(protocol.encode({"op": "abort", "request_id": request_id}) + b"\n")
 
     async def warm_prefix(self, token_ids: list[int], **kwargs: Any) -> PrefixState:
         body = {"token_ids": token_ids, "kwargs": kwargs}

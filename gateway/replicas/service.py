@@ -33,8 +33,9 @@ def replica_identity(settings: Settings) -> tuple[str, str]:
 
 
 def _answered_draining(path: str) -> bool:
-    """A draining replica refuses new work only."""
-    return path not in (protocol.ADD, protocol.WARM)
+    """A draining replica refuses new work only (its channels refuse new requests:
+    `EngineService.add`)."""
+    return path != protocol.WARM
 
 
 def replica_server_config(app: Any, **options: Any) -> uvicorn.Config:

@@ -1,11 +1,13 @@
-"""A lean HTTP/1.1 client for streamed POSTs: a replica's deltas, and the bench's load.
+"""A lean HTTP/1.1 client for streamed POSTs: a replica's channel, and the bench's load.
 
 A generation's deltas arrive as one chunk per engine step; httpx (h11 in pure Python, anyio,
 httpcore's pool) spent ~0.17 ms of the gateway's CPU per chunk, taken on a 2-core machine from the
 model's threads. This reads the chunked body straight off an asyncio stream: a status line, the
 headers, then `size CRLF data CRLF` until the empty chunk. It speaks only what the replica's
 uvicorn answers (a fixed-length body or a chunked one) and keeps connections alive between
-requests; closing a response's connection before its end aborts the request on the server.
+requests; closing a response's connection before its end aborts the request on the server. A
+channel (`duplex`) keeps its own request's chunked body open and writes each command into it as
+one chunk while the answer streams back.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 # A kept-alive connection idle for longer than this is not reused: uvicorn closes them after 5 s,
 # and a request written into one the server is closing would be lost (and is never re-sent).
@@ -123,6 +125,37 @@ class StreamClient:
                 self._idle.append((time.monotonic(), reader, writer))
             else:
                 writer.close()
+
+    @contextlib.asynccontextmanager
+    async def duplex(
+        self, path: str, content_type: str = "application/x-ndjson"
+    ) -> AsyncIterator[tuple[StreamResponse, Callable[[bytes], None]]]:
+        """POST with a chunked body that stays open: yield the response once its head has
+        arrived, and `write(data)`, which sends `data` as the body's next chunk at once (the
+        server reads it while it answers). Leaving the block closes the connection.
+
+        Raises:
+            TimeoutError: no connection within the deadline.
+            ConnectionError, asyncio.IncompleteReadError: the connection was refused or broke
+                (`write` raises ConnectionResetError once it is closing).
+        """
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode("latin-1")
+        reader, writer, head = await self._send(request)
+
+        def write(data: bytes) -> None:
+            if writer.is_closing():
+                raise ConnectionResetError("the connection is closed")
+            writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+        try:
+            yield StreamResponse(reader, head), write
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):  # gone: the server sees it close either way
+                await asyncio.wait_for(writer.wait_closed(), self.connect_timeout_s)
 
     async def _send(
         self, request: bytes

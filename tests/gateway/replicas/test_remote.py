@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,11 +21,13 @@ from engine.errors import (
 )
 from engine.grammar import GrammarSpec
 from engine.sampling_params import SamplingParams
+from engine.service import protocol
 from engine.service.app import create_engine_app
 from engine.structured import Grammars
 from gateway.app import create_app
 from gateway.replicas.pool import ReplicaPool
 from gateway.replicas.remote import RemoteEngine, ReplicaLostError
+from gateway.replicas.wire import StreamClient
 from tests.gateway.conftest import make_settings, running_server
 from tests.gateway.fake_engine import FakeEngine
 from tests.gateway.replicas.helpers import serve_remote, serve_replica
@@ -66,14 +69,27 @@ async def test_a_request_streams_back_with_its_arguments(
     assert sent_params == params
 
 
-async def test_finished_streams_hand_their_connection_to_the_next(remote: RemoteEngine) -> None:
+async def test_every_request_and_abort_rides_the_one_channel_connection(
+    remote: RemoteEngine, fake: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connects = 0
+    connect = remote.wire._connect
+
+    async def counted() -> Any:
+        nonlocal connects
+        connects += 1
+        return await connect()
+
+    monkeypatch.setattr(remote.wire, "_connect", counted)
     params = SamplingParams(max_tokens=3, temperature=0)
     for _ in range(3):
-        stream = remote.add_request([5, 6, 7], params)
-        assert len(await collect(stream)) == 3
-        await asyncio.sleep(0)  # the receiving task reads the body's end
+        assert len(await collect(remote.add_request([5, 6, 7], params))) == 3
+    held = remote.add_request([5, 6], SamplingParams(max_tokens=400, ignore_eos=True))
+    await held.__anext__()
+    await held.aclose()
+    while held.request_id not in fake.aborted:
         await asyncio.sleep(0.01)
-        assert len(remote.wire._idle) == 1  # read to its end and kept: one connection for all
+    assert connects == 1 and len(fake.requests) == 4
 
 
 async def test_engine_errors_cross_as_the_same_classes(
@@ -125,15 +141,65 @@ async def test_a_stream_closed_before_or_while_it_is_added(
 ) -> None:
     params = SamplingParams(max_tokens=400, ignore_eos=True)
     early = remote.add_request([5, 6], params)
-    await early.aclose()  # before its POST: never sent
+    await early.aclose()  # before its add was written: never sent
     racing = remote.add_request([5, 7], params)
     while not racing._posted:
         await asyncio.sleep(0)
-    await racing.aclose()  # its POST in flight: aborted once it is answered
+    await racing.aclose()  # its add written: the abort follows it on the channel
     while racing.request_id not in fake.aborted:
         await asyncio.sleep(0.01)
     assert [r[0] for r in fake.requests] == [racing.request_id]
     assert fake.stats().num_running == 0 and not remote.streams
+
+
+async def test_an_abort_behind_an_add_waiting_for_its_grammar_cancels_it(
+    remote: RemoteEngine, fake: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica compiles a grammar off its channel's reader: an abort read meanwhile must
+    cancel the add, or the request would run with nobody to stream to."""
+    gate = threading.Event()
+    compile_grammar = fake.compile_grammar
+
+    async def gated(spec: GrammarSpec) -> None:
+        await compile_grammar(spec)
+        await asyncio.to_thread(gate.wait)
+
+    monkeypatch.setattr(fake, "compile_grammar", gated)
+    grammar = GrammarSpec.json_schema({"type": "object"})
+    params = SamplingParams(max_tokens=3, grammar=grammar)
+    dropped = remote.add_request([5, 6], params)
+    while not fake.grammars:
+        await asyncio.sleep(0.01)
+    await dropped.aclose()  # its add was written: the abort follows on the channel
+    kept = remote.add_request([5, 7], params)
+    while len(fake.grammars) < 2:
+        await asyncio.sleep(0.01)
+    gate.set()
+    assert len(await collect(kept)) == 3
+    assert [r[0] for r in fake.requests] == [kept.request_id]
+
+
+async def test_a_channel_answers_bad_lines_with_error_lines(fake: FakeEngine) -> None:
+    """A line that is not a command gets an error line (with its request id when it has
+    one), and the channel goes on serving."""
+    with serve_replica(fake) as url:
+        wire = StreamClient(url)
+        async with wire.duplex(protocol.CHANNEL) as (response, write):
+            lines = response.lines()
+            assert "channel" in json.loads(await anext(lines))
+            bad = [(b"[1, 2]", None), (b'{"op": "add"}', None),
+                   (b'{"op": "stop", "request_id": "a"}', "a"),
+                   (b'{"op": "add", "request_id": "b", "params": {}}', "b")]  # fmt: skip
+            for line, request_id in bad:
+                write(line + b"\n")
+                error = json.loads(await anext(lines))
+                assert error["error"]["type"] == "InvalidRequestError", error
+                assert error["request_id"] == request_id, error
+            params = protocol.jsonable(SamplingParams(max_tokens=2, temperature=0))
+            add = {"op": "add", "request_id": "c", "prompt_token_ids": [5, 6], "params": params}
+            write(protocol.encode(add) + b"\n")
+            deltas = [json.loads(await anext(lines)) for _ in range(2)]
+            assert [d["request_id"] for d in deltas] == ["c", "c"] and deltas[-1]["finished"]
 
 
 async def test_a_gateway_leaving_aborts_every_request_of_its_channel(
