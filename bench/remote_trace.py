@@ -11,7 +11,8 @@ tokens, greedy) to the gateway and to the embedded server alternately (ABBA), on
 (every process stamps `time.monotonic_ns()`, one clock for all), the first token's time in each
 mode and their paired difference. The points:
 
-    client POST -> gateway `add_request` -> add POST written (task started) -> replica handler
+    client POST -> gateway `add_request` -> the add written on the channel (its task started)
+    -> the replica has its line
     -> engine `add_request` -> step begins -> step ends -> replica writes the channel line
     -> gateway reads it -> client has the first token
 
