@@ -79,7 +79,8 @@ class EngineService:
         """One line of a channel's request body: `{"op": "add", ...}` or `{"op": "abort",
         "request_id"}` (`engine.service.protocol`). An add that fails ends its request with an
         error line on the channel; a line that names no request is answered with an error
-        line without one."""
+        line without one. A channel aborts only requests added on it (an abort of another
+        gateway's request, or of a finished one, does nothing)."""
         request_id = None
         try:
             body = json.loads(line)
@@ -88,9 +89,10 @@ class EngineService:
             request_id = body.get("request_id")
             if not isinstance(request_id, str):
                 raise InvalidRequestError("a channel line needs its request_id")
-            if body.get("op") == "abort":
+            if body.get("op") == "abort":  # only this channel's own requests
                 channel.cancel_pending(request_id)
-                self.engine.abort(request_id)
+                if request_id in channel.streams:
+                    self.engine.abort(request_id)
             elif body.get("op") == "add":
                 self.add(channel, request_id, body)
             else:

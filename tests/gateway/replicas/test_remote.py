@@ -181,7 +181,7 @@ async def test_an_abort_behind_an_add_waiting_for_its_grammar_cancels_it(
 
 async def test_a_channel_answers_bad_lines_with_error_lines(fake: FakeEngine) -> None:
     """A line that is not a command gets an error line (with its request id when it has
-    one), and the channel goes on serving."""
+    one), and the channel goes on serving; another channel cannot abort its requests."""
     with serve_replica(fake) as url:
         wire = StreamClient(url)
         async with wire.duplex(protocol.CHANNEL) as (response, write):
@@ -195,11 +195,17 @@ async def test_a_channel_answers_bad_lines_with_error_lines(fake: FakeEngine) ->
                 error = json.loads(await anext(lines))
                 assert error["error"]["type"] == "InvalidRequestError", error
                 assert error["request_id"] == request_id, error
-            params = protocol.jsonable(SamplingParams(max_tokens=2, temperature=0))
+            params = protocol.jsonable(SamplingParams(max_tokens=20, ignore_eos=True))
             add = {"op": "add", "request_id": "c", "prompt_token_ids": [5, 6], "params": params}
             write(protocol.encode(add) + b"\n")
-            deltas = [json.loads(await anext(lines)) for _ in range(2)]
-            assert [d["request_id"] for d in deltas] == ["c", "c"] and deltas[-1]["finished"]
+            deltas = [json.loads(await anext(lines))]
+            async with wire.duplex(protocol.CHANNEL) as (other, write_other):
+                assert "channel" in json.loads(await anext(other.lines()))
+                write_other(b'{"op": "abort", "request_id": "c"}\n')  # not its request
+                while not deltas[-1]["finished"]:
+                    deltas.append(json.loads(await anext(lines)))
+            assert {d["request_id"] for d in deltas} == {"c"} and fake.aborted == []
+            assert deltas[-1]["deltas"][0]["finish_reason"] == "length"
 
 
 async def test_a_gateway_leaving_aborts_every_request_of_its_channel(
