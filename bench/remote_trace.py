@@ -17,17 +17,22 @@ mode and their paired difference. The points:
     -> gateway reads it -> client has the first token
 
 and for the embedded server: client POST -> `add_request` -> step begins -> step ends -> first
-token. docs/deployment.md has a run's figures.
+token. It also times each add the gateway writes on its channel and each SSE head the gateway
+and the embedded server send: wall time, the thread's CPU time, and whether an involuntary
+context switch happened meanwhile (the woken reader preempting the writer on its core).
+docs/deployment.md has a run's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import itertools
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -123,7 +128,71 @@ def child(tag: str, events: Path, cli_args: list[str]) -> None:
         await pump(self, traced_send)
 
     service.Channel.pump = traced_pump  # type: ignore[method-assign]
+    if tag == "gateway":
+        time_channel_writes(events.with_suffix(".gateway-writes").open("a", buffering=1))
+    if tag in ("gateway", "embedded"):
+        time_sse_heads(events.with_suffix(f".{tag}-heads").open("a", buffering=1))
     sys.exit(cli.main(cli_args))
+
+
+def timed(out: Any) -> Callable[[], Callable[[], None]]:
+    """`start()` returns `stop()`, which logs the wall time, the thread's CPU time and the
+    involuntary context switches between the two calls (a woken reader preempting the writer
+    on its core shows as wall time without CPU time, and a switch: docs/deployment.md)."""
+
+    def start() -> Callable[[], None]:
+        switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+        wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
+
+        def stop() -> None:
+            now = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+            out.write(f"{time.perf_counter_ns() - wall} {time.thread_time_ns() - cpu}"
+                      f" {now - switches}\n")  # fmt: skip
+
+        return stop
+
+    return start
+
+
+def time_channel_writes(out: Any) -> None:
+    """Time each write on a gateway's channel (an add)."""
+    from gateway.replicas import wire
+
+    start = timed(out)
+    duplex = wire.StreamClient.duplex
+
+    @contextlib.asynccontextmanager
+    async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        async with duplex(self, *args, **kwargs) as (response, write):
+
+            def timed_write(data: bytes) -> None:
+                stop = start()
+                write(data)
+                stop()
+
+            yield response, timed_write
+
+    wire.StreamClient.duplex = traced  # type: ignore[method-assign]
+
+
+def time_sse_heads(out: Any) -> None:
+    """Time each streamed response's head, sent before its first token."""
+    from gateway.openai import responses
+
+    start = timed(out)
+    call = responses.StreamingGenerationResponse.__call__
+
+    async def traced(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        async def timed_send(message: Any) -> None:
+            if message["type"] != "http.response.start":
+                return await send(message)
+            stop = start()
+            await send(message)
+            stop()
+
+        await call(self, scope, receive, timed_send)
+
+    responses.StreamingGenerationResponse.__call__ = traced  # type: ignore[method-assign]
 
 
 # ---- the parent: processes, probes, figures ---------------------------------------------------
@@ -175,7 +244,24 @@ def figures(events: Path, warmup: int) -> dict[str, Any]:
         out[mode] = {"gaps_ms": gaps, "first_token_p50_ms": statistics.median(firsts[mode])}
     pairs = zip(firsts["remote"], firsts["embedded"], strict=False)
     out["paired_difference_p50_ms"] = statistics.median(r - e for r, e in pairs)
+    for name in ("gateway-writes", "gateway-heads", "embedded-heads"):
+        log = events.with_suffix(f".{name}")
+        lines = log.read_text().splitlines() if log.exists() else []
+        rows = [[int(v) for v in line.split()] for line in lines]
+        if rows[warmup:]:
+            out[name.replace("-", "_")] = write_figures(rows[warmup:])
     return out
+
+
+def write_figures(rows: list[list[int]]) -> dict[str, Any]:
+    """Medians of timed writes (`timed`'s lines: wall ns, CPU ns, involuntary switches)."""
+    return {
+        "count": len(rows),
+        "wall_ms_p50": statistics.median(r[0] for r in rows) / 1e6,
+        "cpu_ms_p50": statistics.median(r[1] for r in rows) / 1e6,
+        "over_0_3_ms": sum(1 for r in rows if r[0] > 300_000),
+        "preempted": sum(1 for r in rows if r[2] > 0),
+    }
 
 
 def main() -> None:
@@ -226,6 +312,19 @@ def main() -> None:
         for point, gap in result[mode]["gaps_ms"].items():
             print(f"  +{gap:6.2f} ms  {point}")
     print(f"remote - embedded, paired, p50: {result['paired_difference_p50_ms']:+.2f} ms")
+    what = {
+        "gateway_writes": "gateway's adds on its channel",
+        "gateway_heads": "gateway's SSE heads",
+        "embedded_heads": "embedded's SSE heads",
+    }
+    for key, label in what.items():
+        if key in result:
+            w = result[key]
+            print(
+                f"{label}: {w['count']} writes, wall p50 {w['wall_ms_p50']:.3f} ms, CPU p50"
+                f" {w['cpu_ms_p50']:.3f} ms; {w['over_0_3_ms']} over 0.3 ms, {w['preempted']}"
+                " with an involuntary context switch"
+            )
     _record.write(args, __file__, result)
 
 
