@@ -117,7 +117,7 @@ class EngineService:
             return
         # compiled in a worker thread, not on this event loop; the lines after this one are
         # read meanwhile (an abort of this request cancels it)
-        channel.defer(request_id, self.engine.compile_grammar(params.grammar), start)
+        channel.defer(request_id, lambda: self.engine.compile_grammar(params.grammar), start)
 
     async def warm(self, request: Request) -> Response:
         try:
@@ -222,21 +222,29 @@ class Channel:
         named no request)."""
         self._write(protocol.encode(protocol.error_body(exc) | {"request_id": request_id}))
 
-    def defer(self, request_id: str, ready: Awaitable[None], start: Callable[[], None]) -> None:
-        """Run `start` once `ready` is done (its error, or `start`'s, ends the request)."""
+    def defer(
+        self, request_id: str, ready: Callable[[], Awaitable[None]], start: Callable[[], None]
+    ) -> None:
+        """Run `start` once `ready()` is done (its error, or `start`'s, ends the request). A
+        drain waits for it too; its count is released when its task ends in any way, even
+        cancelled before it first ran (an abort in the same read as the add)."""
 
         async def wait() -> None:
             try:
-                await ready
+                await ready()
                 start()
             except Exception as exc:
                 self.error(request_id, _as_engine_error(exc))
-            finally:
-                self.pending.pop(request_id, None)
-                self.track(-1)
 
-        self.track(1)  # a drain waits for it too
-        self.pending[request_id] = asyncio.get_running_loop().create_task(wait())
+        def done(task: asyncio.Task[None]) -> None:
+            if self.pending.get(request_id) is task:
+                del self.pending[request_id]
+            self.track(-1)
+
+        self.track(1)
+        task = asyncio.get_running_loop().create_task(wait())
+        task.add_done_callback(done)
+        self.pending[request_id] = task
 
     def cancel_pending(self, request_id: str) -> None:
         task = self.pending.pop(request_id, None)

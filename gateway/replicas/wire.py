@@ -111,10 +111,7 @@ class StreamClient:
             TimeoutError: no connection within the deadline (nothing was sent).
             ConnectionError, asyncio.IncompleteReadError: the connection was refused or broke.
         """
-        request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n\r\n"
-        ).encode("latin-1") + payload
+        request = self._head(path, content_type, f"Content-Length: {len(payload)}") + payload
         reader, writer, head = await self._send(request)
         response = None
         try:
@@ -139,10 +136,7 @@ class StreamClient:
             ConnectionError, asyncio.IncompleteReadError: the connection was refused or broke
                 (`write` raises ConnectionResetError once it is closing).
         """
-        request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ).encode("latin-1")
+        request = self._head(path, content_type, "Transfer-Encoding: chunked")
         reader, writer, head = await self._send(request)
 
         def write(data: bytes) -> None:
@@ -156,6 +150,13 @@ class StreamClient:
             writer.close()
             with contextlib.suppress(Exception):  # gone: the server sees it close either way
                 await asyncio.wait_for(writer.wait_closed(), self.connect_timeout_s)
+
+    def _head(self, path: str, content_type: str, framing: str) -> bytes:
+        """A POST's head; `framing` is its body's Content-Length or chunked Transfer-Encoding."""
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: {content_type}\r\n{framing}\r\n\r\n"
+        ).encode("latin-1")
 
     async def _send(
         self, request: bytes

@@ -179,6 +179,25 @@ async def test_an_abort_behind_an_add_waiting_for_its_grammar_cancels_it(
     assert [r[0] for r in fake.requests] == [kept.request_id]
 
 
+async def test_an_add_and_its_abort_in_one_read_leave_nothing_held(fake: FakeEngine) -> None:
+    """An add waiting for its grammar, aborted in the same chunk (its task cancelled before it
+    first ran), is never added and releases its hold on the replica's drain."""
+    held: list[int] = []
+    app = create_engine_app(fake, replica_id="r0", track=held.append)
+    params = protocol.jsonable(SamplingParams(max_tokens=3, grammar=GrammarSpec.json_schema({})))
+    add = {"op": "add", "request_id": "g", "prompt_token_ids": [5, 6], "params": params}
+    with running_server(app) as url:
+        async with StreamClient(url).duplex(protocol.CHANNEL) as (response, write):
+            lines = response.lines()
+            assert "channel" in json.loads(await anext(lines))
+            write(protocol.encode(add) + b'\n{"op": "abort", "request_id": "g"}\n')
+            for _ in range(500):  # 5 s at most
+                if len(held) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+    assert held == [1, -1] and fake.requests == [] and fake.grammars == []
+
+
 async def test_a_channel_answers_bad_lines_with_error_lines(fake: FakeEngine) -> None:
     """A line that is not a command gets an error line (with its request id when it has
     one), and the channel goes on serving; another channel cannot abort its requests."""
