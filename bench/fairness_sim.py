@@ -11,7 +11,13 @@ Jain's index over the weighted service. The same figures in steps as bench/fairn
 engine (AMD Zen 4 and 5: fair 13 / 24-26, fcfs 120 / 127-134), so a policy change can be tried
 here first.
 
+With `--reference` it also prints what a light tenant's TTFT would be if it got exactly its
+share of the service as a fluid, with no batch slots: `pacing_reference` below. That wait is
+what the share itself sets (through the spread of the tenant's own request sizes), whatever the
+order; the fair policy's figures are read against it in docs/fairness.md.
+
 Usage: python bench/fairness_sim.py [--policies fcfs,fair] [--seeds 3] [--allowance 256]
+                                    [--reference]
 """
 
 from __future__ import annotations
@@ -93,6 +99,47 @@ def simulate(policy: str, seed: int, args: argparse.Namespace) -> dict[str, dict
     }
 
 
+def pacing_reference(seed: int, args: argparse.Namespace, n: int = 200_000) -> tuple[float, float]:
+    """TTFT p50 / p99 in steps of a light tenant paced exactly at its share, as a fluid.
+
+    The tenant keeps `--light-inflight` requests outstanding and gets a third of the service
+    (`--max-num-seqs` / 3 slots' worth, all weights 1): its requests run in order, request j
+    starting the moment its cumulative charge (prompt tokens computed x prefill_weight + output
+    tokens x decode_weight, as the fair policy charges) fits in the service it has been due,
+    i.e. at (charge of requests 0..j-1) / r, where r is its share's service per step, and never
+    before it is sent, when request j - inflight ends (a tenant with nothing waiting is lifted
+    to the present, as the policy lifts it: no banked credit). A request of n output tokens runs
+    n steps (the first token is sampled by its prefill's step). So the wait is set by the share
+    and by the spread of request sizes alone: no batch slots (one frees every few steps in the
+    engine), no other tenant's timing. TTFT counts from the step it was sent to the step of its
+    first token, as `simulate` does: the wait plus one."""
+    rng = random.Random(seed)
+    config = SchedulerConfig()
+    uncached_system = args.system_tokens % args.block_size  # its last block holds the question
+    sizes = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(n)]
+    charges = [
+        config.prefill_weight * (uncached_system + rng.randint(10, 40))
+        + config.decode_weight * size
+        for size in sizes
+    ]
+    slots = args.max_num_seqs / len(TENANTS)
+    rate = sum(charges) / sum(sizes) * slots  # the share's charge served per step
+    starts: list[float] = []
+    due = 0.0
+    ttft = []
+    for j in range(n):
+        sent = (
+            starts[j - args.light_inflight] + sizes[j - args.light_inflight]
+            if j >= args.light_inflight
+            else 0.0
+        )
+        starts.append(max(sent, due / rate))
+        due = starts[j] * rate + charges[j]  # an idle tenant banks no credit
+        if j >= n // 100:  # past the start-up
+            ttft.append(starts[j] - sent + 1)
+    return percentile(ttft, 50), percentile(ttft, 99)
+
+
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     """The workload's and the engine's shape, the same in bench/fairness.py."""
     p.add_argument(
@@ -120,6 +167,11 @@ def main() -> None:
     p.add_argument("--allowance", type=float, default=256.0, help="fair_allowance")
     add_workload_arguments(p)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also print a light tenant's TTFT paced exactly at its share (no slots)",
+    )
     args = p.parse_args()
     print("policy  seed  " + "  ".join(f"{t}: TTFT p50/p99 steps, out" for t in TENANTS) + "  Jain")
     for policy in args.policies.split(","):
@@ -131,6 +183,11 @@ def main() -> None:
             print(
                 f"{policy:6s}  {seed:4d}  {cells}  {jain([r[t]['service'] for t in TENANTS]):.3f}"
             )
+    for seed in range(args.seeds if args.reference else 0):
+        p50, p99 = pacing_reference(seed, args)
+        print(
+            f"paced at its share, no slots, seed {seed}: light TTFT p50 / p99 {p50:.1f} / {p99:.1f}"
+        )
 
 
 if __name__ == "__main__":
