@@ -8,8 +8,8 @@ three tenants with their own `--system-tokens` system prompts and 10-40-token qu
 finishes. After `--warmup-steps`, per tenant: TTFT p50 / p99 in steps (from the step a request
 was sent to the step of its first token, as bench/fairness.py counts them), output tokens, and
 Jain's index over the weighted service. The same figures in steps as bench/fairness.py's on the
-engine (AMD Zen 4 and 5: fair 13 / 24-26, fcfs 120 / 127-134), so a policy change can be tried
-here first.
+engine (AMD Zen 4 and 5, Intel: fair 13 / 24-27 before the tie band, 13 / 23-24 with it; fcfs
+120 / 127-135), so a policy change can be tried here first.
 
 With `--reference` it also prints what a light tenant's TTFT would be if it got exactly its
 share of the service as a fluid, with no batch slots: `pacing_reference` below. That wait is
@@ -17,7 +17,7 @@ what the share itself sets (through the spread of the tenant's own request sizes
 order; the fair policy's figures are read against it in docs/fairness.md.
 
 Usage: python bench/fairness_sim.py [--policies fcfs,fair] [--seeds 3] [--allowance 256]
-                                    [--reference]
+                                    [--tie-band 64] [--reference]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def simulate(policy: str, seed: int, args: argparse.Namespace) -> dict[str, dict
         max_num_batched_tokens=args.max_batched_tokens,
         policy=policy,  # type: ignore[arg-type]
         fair_allowance=args.allowance,
+        fair_tie_band=args.tie_band,
     )
     sched = Scheduler(config, BlockManager(args.num_blocks, args.block_size))
     systems = {t: [rng.randrange(3000, 60000) for _ in range(args.system_tokens)] for t in TENANTS}
@@ -152,6 +153,8 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--max-batched-tokens", type=int, default=512)
     p.add_argument("--num-blocks", type=int, default=512)
+    band = SchedulerConfig().fair_tie_band
+    p.add_argument("--tie-band", type=float, default=band, help="the fair policy's fair_tie_band")
 
 
 def jain(xs: list[float]) -> float:

@@ -111,10 +111,13 @@ class SchedulerConfig:
     max_waiting: int = 1024  # queue bound; past it add_request raises EngineOverloadedError
     # The fair policy (engine/fairness.py): a tenant's service is prefill tokens that missed the
     # cache times `prefill_weight` plus generated tokens times `decode_weight`, over its weight;
-    # tenants within `fair_allowance` of the least served may run their longest cached prefix.
+    # tenants within `fair_allowance` of the least served may run their longest cached prefix;
+    # among those tied on it, counters within `fair_tie_band` of the least count as level and
+    # the request waiting longest goes first (0: strictly least served first).
     prefill_weight: float = 1.0
     decode_weight: float = 2.0
     fair_allowance: float = 256.0
+    fair_tie_band: float = 64.0
     # While requests wait, the prefills already in progress compute at most this many tokens of
     # a step together, and the rest of the budget admits them: a short request (a cached
     # prompt's few new tokens) starts within a step instead of behind a long prompt's every
@@ -137,6 +140,8 @@ class SchedulerConfig:
             )
         if not self.fair_allowance >= 0:
             raise ValueError(f"fair_allowance must be at least 0: {self.fair_allowance!r}")
+        if not self.fair_tie_band >= 0:
+            raise ValueError(f"fair_tie_band must be at least 0: {self.fair_tie_band!r}")
         if self.long_prefill_tokens < 0:
             raise ValueError(f"long_prefill_tokens must be at least 0: {self.long_prefill_tokens}")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 from collections import deque
 from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
@@ -156,22 +157,35 @@ class PriorityQueue:
         return max(reversed(ranked), key=lambda s: (s.request.priority, s.request.arrival_time))
 
 
+_first = operator.itemgetter(0)
+_first_two = operator.itemgetter(0, 1)
+
+
 class FairQueue:
     """Tenants share the engine by weight; within that, the longest cached prefix goes first.
 
     Waiting sequences sit in one FIFO per tenant (preempted ones at its front). `peek` looks at
     the tenants whose counter (`TenantLedger`) is within `fair_allowance` of the least counter
-    among the tenants with waiting sequences, and among the first `window` sequences of each
-    picks the one with the most cached leading blocks; ties go to the tenant least served, then
-    to queue order. With no cache hits this is VTC (least served first); with an unbounded
-    allowance it is longest-prefix-match.
+    among the tenants with waiting sequences; each offers the first of its first `window`
+    sequences with the most cached leading blocks, and the offers with the most cached blocks
+    of all compete. Among those, the tenants within `fair_tie_band` of the least served of them
+    count as level, and the offer that has waited longest goes first. With no cache hits and no
+    band this is VTC (least served first); with an unbounded allowance it is
+    longest-prefix-match.
+
+    The band is for waiting times: at the moment a batch slot frees, a counter a few tokens
+    above another's is noise (it moves with how many requests each tenant has running that
+    step), and giving the slot to the least served alone left a light tenant's request waiting
+    for the next slot to free; the band (default 64 weighted tokens, under one typical request's
+    charge) gives it to the oldest request of the tenants so nearly level instead.
 
     Fairness (docs/fairness.md): a tenant is admitted only while within the allowance `Q` of
-    every tenant with waiting sequences, and after its last admission its running requests can
-    add at most their remaining cost. So for two tenants i, j that keep sequences waiting,
-    `c_i - c_j <= Q + K * C` at every step, where `K` is `max_num_seqs` and `C` the largest
-    weighted cost of one request (`(prefill_weight * prompt + decode_weight * max_tokens) /
-    weight`); over any window their weighted service differs by at most twice that.
+    every tenant with waiting sequences (the band only chooses among those), and after its last
+    admission its running requests can add at most their remaining cost. So for two tenants
+    i, j that keep sequences waiting, `c_i - c_j <= Q + K * C` at every step, where `K` is
+    `max_num_seqs` and `C` the largest weighted cost of one request (`(prefill_weight * prompt
+    + decode_weight * max_tokens) / weight`); over any window their weighted service differs
+    by at most twice that.
     """
 
     window = 16  # sequences looked at per tenant (bounds the work of one `peek`)
@@ -194,17 +208,20 @@ class FairQueue:
         counters = {t: ledger.counter(t) for t in self._queues if t not in skip}
         if not counters:
             return None
-        limit = min(counters.values()) + self.ctx.config.fair_allowance
-        best: tuple[int, float, int] | None = None
-        chosen: Sequence | None = None
+        config = self.ctx.config
+        limit = min(counters.values()) + config.fair_allowance
+        offers: list[tuple[int, float, Sequence]] = []  # (cached blocks, counter, sequence)
         for tenant, counter in counters.items():
             if counter > limit:
                 continue
-            for i, seq in enumerate(itertools.islice(self._queues[tenant], self.window)):
-                key = (-self.ctx.cached_blocks(seq), counter, i)
-                if best is None or key < best:
-                    best, chosen = key, seq
-        return chosen
+            window = itertools.islice(self._queues[tenant], self.window)
+            cached, seq = max(((self.ctx.cached_blocks(s), s) for s in window), key=_first)
+            offers.append((cached, counter, seq))
+        most = max(cached for cached, _, _ in offers)
+        level = [(counter, seq) for cached, counter, seq in offers if cached == most]
+        band = min(counter for counter, _ in level) + config.fair_tie_band
+        waited = [(seq.request.arrival_time, counter, seq) for counter, seq in level]
+        return min((w for w in waited if w[1] <= band), key=_first_two)[2]
 
     def pop(self, seq: Sequence) -> None:
         self.remove(seq)

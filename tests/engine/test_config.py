@@ -32,6 +32,8 @@ def test_defaults_are_valid() -> None:
         (SchedulerConfig, "max_num_batched_tokens", -1),
         (SchedulerConfig, "max_model_len", 0),
         (SchedulerConfig, "max_waiting", 0),
+        (SchedulerConfig, "fair_allowance", -1.0),
+        (SchedulerConfig, "fair_tie_band", -1.0),
         (EngineConfig, "num_threads", 0),
     ],
 )

@@ -250,6 +250,20 @@ def test_fair_prefers_the_longest_cached_prefix_within_the_allowance() -> None:
     assert s.waiting.peek() is cold.seqs[0]
 
 
+@pytest.mark.parametrize("band", [64.0, 0.0])
+def test_fair_gives_the_oldest_request_of_nearly_level_tenants_the_slot(band: float) -> None:
+    """Counters within `fair_tie_band` of the least served count as level: the request waiting
+    longest goes first. Past the band (or with none) the least served goes first."""
+    sim = make_sim(0, "fair", fair_tie_band=band)
+    older = sim.add("b", list(range(900, 933)), 1)
+    newer = sim.add("a", list(range(100, 133)), 1)
+    s = sim.s
+    s.ledger.charge("b", 30, 0)  # b ahead of a by 30: within a band of 64
+    assert s.waiting.peek() is (older if band else newer).seqs[0]
+    s.ledger.charge("b", 40, 0)  # ahead by 70: past the band, still within the allowance
+    assert s.waiting.peek() is newer.seqs[0]
+
+
 def test_greedy_outputs_do_not_depend_on_the_policy(tiny_dirs) -> None:
     """Three tenants with shared prefixes, small batches and a pool small enough to preempt:
     each policy orders the work its own way, and every output still equals transformers'
