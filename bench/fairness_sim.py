@@ -34,6 +34,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
 TENANTS = ("A", "B", "C")
+QUESTION_TOKENS = (10, 40)  # each request's own tokens after its tenant's system prompt
 
 
 def simulate(policy: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -54,7 +55,7 @@ def simulate(policy: str, seed: int, args: argparse.Namespace) -> dict[str, dict
     service = dict.fromkeys(TENANTS, 0.0)
 
     def send(tenant: str, step: int) -> None:
-        question = [rng.randrange(3000, 60000) for _ in range(rng.randint(10, 40))]
+        question = [rng.randrange(3000, 60000) for _ in range(rng.randint(*QUESTION_TOKENS))]
         max_tokens = rng.randint(args.min_tokens, args.max_tokens)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         request_id = f"{tenant}-{len(sent)}"
@@ -119,7 +120,7 @@ def pacing_reference(seed: int, args: argparse.Namespace, n: int = 200_000) -> t
     uncached_system = args.system_tokens % args.block_size  # its last block holds the question
     sizes = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(n)]
     charges = [
-        config.prefill_weight * (uncached_system + rng.randint(10, 40))
+        config.prefill_weight * (uncached_system + rng.randint(*QUESTION_TOKENS))
         + config.decode_weight * size
         for size in sizes
     ]

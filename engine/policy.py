@@ -158,7 +158,10 @@ class PriorityQueue:
 
 
 _first = operator.itemgetter(0)
-_first_two = operator.itemgetter(0, 1)
+
+
+def _arrival(seq: Sequence) -> float:
+    return seq.request.arrival_time
 
 
 class FairQueue:
@@ -220,8 +223,7 @@ class FairQueue:
         most = max(cached for cached, _, _ in offers)
         level = [(counter, seq) for cached, counter, seq in offers if cached == most]
         band = min(counter for counter, _ in level) + config.fair_tie_band
-        waited = [(seq.request.arrival_time, counter, seq) for counter, seq in level]
-        return min((w for w in waited if w[1] <= band), key=_first_two)[2]
+        return min((seq for counter, seq in level if counter <= band), key=_arrival)
 
     def pop(self, seq: Sequence) -> None:
         self.remove(seq)
