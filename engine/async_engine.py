@@ -25,6 +25,7 @@ from engine.errors import EngineDeadError, EngineOverloadedError
 from engine.grammar import GrammarSpec
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import PrefixState, RequestDelta
+from engine.priority import lower_this_thread
 from engine.request import Request, TenantShare
 from engine.sampling_params import SamplingParams
 
@@ -199,6 +200,7 @@ class AsyncEngine:
         box: queue.SimpleQueue[AsyncEngine | BaseException] = queue.SimpleQueue()
 
         def build_then_run() -> None:
+            lower_this_thread(config.compute_nice)  # before the model's first op
             try:
                 built = cls(LLMEngine(config))
             except BaseException as exc:  # handed to the caller, which raises it
@@ -226,7 +228,9 @@ class AsyncEngine:
         self._stopping = False
         self._dead = None
         if self._thread is None:  # else from_config's thread, waiting for the go
-            self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run_lowered, name="engine-loop", daemon=True
+            )
             self._thread.start()
         self._go.set()
         # A daemon thread still inside a torch op while the interpreter finalizes can crash
@@ -384,6 +388,10 @@ class AsyncEngine:
         return self.engine.stats()
 
     # ---- engine thread ---------------------------------------------------------------------
+    def _run_lowered(self) -> None:
+        lower_this_thread(self.engine.config.compute_nice)  # before its first op
+        self._run()
+
     def _run(self) -> None:
         try:
             while not self._stopping:

@@ -156,6 +156,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "cpu" | "torch" | "triton"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads for the model; None: all cores
+    # nice increment of the serving engine's step thread and its OpenMP workers over the
+    # process's (`AsyncEngine`; Linux): the server's I/O threads, and other processes at normal
+    # priority, preempt the step at once on a shared machine. 0: the same priority
+    compute_nice: int = 5
     # converted models (GGUF) and the compiled CPU kernels; None: ~/.cache/prefixgate
     cache_dir: str | None = None
     cpu_attention: bool = True  # False: the PyTorch reference attention on CPU, not C++ kernels
@@ -165,6 +169,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "num_threads")
+        if not 0 <= self.compute_nice <= 19:
+            raise ValueError(f"compute_nice must be in [0, 19]: {self.compute_nice!r}")
 
 
 def _check_positive(config: object, *names: str) -> None:

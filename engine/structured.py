@@ -27,9 +27,8 @@ of CPU logits 0.8 ms; compiling the schema took 56 ms (llguidance 14 ms), paid o
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import json
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ import xgrammar as xgr
 
 from engine.errors import InvalidRequestError
 from engine.grammar import GrammarSpec
+from engine.priority import lower_this_thread
 from kernels import cpu_ops
 
 
@@ -111,7 +111,9 @@ class Grammars:
         with self._compiler_lock:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="grammar", initializer=_lowest_priority
+                    max_workers=1,
+                    thread_name_prefix="grammar",
+                    initializer=functools.partial(lower_this_thread, 19),
                 )
             worker = self._worker
         await asyncio.get_running_loop().run_in_executor(worker, self.compile, spec)
@@ -145,13 +147,6 @@ class Grammars:
                 # Our LRU is the cache; xgrammar's own would keep every schema ever seen.
                 self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
             return self._compiler
-
-
-def _lowest_priority() -> None:
-    """Nice 19 for the calling thread (Linux keeps a nice value per thread); elsewhere, or
-    where the platform refuses, the thread keeps its priority."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def check(spec: GrammarSpec) -> xgr.Grammar:

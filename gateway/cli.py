@@ -95,6 +95,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         choices=get_args(SchedulingPolicy),
         help="fcfs (default), priority (tenant quota `priority`) or fair (tenant quota `weight`)",
     )
+    add("--compute-nice", type=int, help="nice increment of the engine's step threads (default 5)")
     add("--max-n", type=int, help="largest `n` accepted (default 16)")
     add("--log-level", choices=("debug", "info", "warning", "error"), help="default info")
     add("--drain-timeout-s", type=float,

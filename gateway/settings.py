@@ -92,6 +92,15 @@ class Settings(EngineEnv):
     max_queue: int = Field(
         default=1024, ge=1, description="waiting requests at most; past it: 503 and retry-after"
     )
+    compute_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="nice increment of the engine's step thread and its OpenMP workers over the "
+        "server's own threads (Linux): on cores that the server, its clients or other replicas "
+        "share, their work preempts the step at once instead of waiting for it "
+        "(docs/deployment.md); 0: the same priority",
+    )
     scheduling_policy: SchedulingPolicy = Field(
         default="fcfs",
         description="order of waiting requests: fcfs, priority (the tenant's quota `priority`, "
@@ -266,6 +275,7 @@ class Settings(EngineEnv):
                 device=self.device,
                 attention_backend=self.attention_backend,
                 seed=self.seed,
+                compute_nice=self.compute_nice,
                 cache=CacheConfig(
                     block_size=self.block_size,
                     num_blocks=self.num_blocks,

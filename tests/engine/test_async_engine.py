@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 
 import pytest
@@ -212,6 +214,41 @@ async def test_from_config_loads_and_steps_on_one_thread(tiny_dirs, monkeypatch)
         eng.shutdown()
     assert len(seen["init"]) == 1 and seen["init"] == seen["step"]
     assert threading.get_ident() not in seen["init"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a nice value per thread is Linux's")
+@pytest.mark.parametrize("build", ["from_config", "start"])
+async def test_the_step_runs_at_the_configured_nice_above_the_process(
+    tiny_dirs, monkeypatch, build: str
+) -> None:
+    """The step's thread (and so the OpenMP workers it creates) runs `compute_nice` above the
+    process's nice value, set once however the engine was built; the caller's thread keeps its
+    own."""
+    nice: list[int] = []
+    real_step = LLMEngine.step
+
+    def step(self):
+        nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real_step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", step)
+    base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    if base > 16:
+        pytest.skip("the process already runs at nice > 16")
+    config = EngineConfig(model=tiny_dirs["llama"], dtype="float32", compute_nice=3)
+    if build == "from_config":
+        eng = await asyncio.to_thread(AsyncEngine.from_config, config)
+    else:
+        eng = AsyncEngine(LLMEngine(config))
+    eng.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        async for _ in eng.generate([5, 6, 7], params):
+            pass
+    finally:
+        eng.shutdown()
+    assert nice and set(nice) == {base + 3}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
 def test_from_config_raises_the_load_error(tmp_path) -> None:

@@ -35,6 +35,8 @@ def test_defaults_are_valid() -> None:
         (SchedulerConfig, "fair_allowance", -1.0),
         (SchedulerConfig, "fair_tie_band", -1.0),
         (EngineConfig, "num_threads", 0),
+        (EngineConfig, "compute_nice", -1),
+        (EngineConfig, "compute_nice", 20),
     ],
 )
 def test_invalid_value_names_the_field(cls: type, field: str, value: object) -> None:

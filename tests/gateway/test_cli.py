@@ -33,6 +33,7 @@ def test_serve_flags() -> None:
     assert parse("serve", "--attention-backend", "torch").attention_backend == "torch"
     assert (s.num_blocks, s.block_size, s.max_num_seqs, s.max_batched_tokens) == (64, 32, 8, 512)
     assert s.access_log is False and s.model_name() == "tiny"
+    assert parse("engine", "--compute-nice", "0").engine_config().compute_nice == 0
 
 
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.redis_url is None and s.admin_key is None
     config = s.engine_config()
     assert config.model is None and config.cache.num_blocks is None
+    assert config.compute_nice == 5
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,6 +23,7 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFIXGATE_PORT", "9000")
     monkeypatch.setenv("PREFIXGATE_NUM_BLOCKS", "128")
     monkeypatch.setenv("PREFIXGATE_MAX_QUEUE", "7")
+    monkeypatch.setenv("PREFIXGATE_COMPUTE_NICE", "0")
     monkeypatch.setenv("PREFIXGATE_ADMIN_KEY", "secret")
     s = Settings()
     assert s.port == 9000 and s.model_name() == "Qwen2-0.5B"
@@ -30,6 +32,7 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     config = s.engine_config()
     assert config.model == "/models/Qwen2-0.5B/"
     assert config.cache.num_blocks == 128 and config.scheduler.max_waiting == 7
+    assert config.compute_nice == 0
     monkeypatch.setenv("PREFIXGATE_SERVED_MODEL_NAME", "qwen")
     assert Settings().model_name() == "qwen"
 
