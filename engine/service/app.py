@@ -216,11 +216,18 @@ class Channel:
         self.pending: dict[str, asyncio.Task[None]] = {}  # adds waiting for their grammar
         self._lines: list[bytes] = []
         self._ready = asyncio.Event()
+        self._ending = False
 
     def error(self, request_id: str | None, exc: BaseException) -> None:
         """End request `request_id` with `exc` (an error line; `request_id` None: a line that
         named no request)."""
         self._write(protocol.encode(protocol.error_body(exc) | {"request_id": request_id}))
+
+    def end(self, exc: BaseException) -> None:
+        """End the channel: an error line without a request id after the lines already queued,
+        then `pump` returns."""
+        self.error(None, exc)
+        self._ending = True
 
     def defer(
         self, request_id: str, ready: Callable[[], Awaitable[None]], start: Callable[[], None]
@@ -274,13 +281,15 @@ class Channel:
         self._ready.set()
 
     async def pump(self, send: Send) -> None:
-        """Write what has arrived, whenever something has (until cancelled)."""
+        """Write what has arrived, whenever something has (until cancelled, or `end`)."""
         while True:
             await self._ready.wait()
             self._ready.clear()
             lines, self._lines = self._lines, []
             lines.append(b"")
             await send({"type": "http.response.body", "body": b"\n".join(lines), "more_body": True})
+            if self._ending:
+                return
 
     async def close(self) -> None:
         """Abort every request still running or waiting for its grammar (the gateway went
@@ -311,15 +320,28 @@ class ChannelResponse(Response):
             async with anyio.create_task_group() as tg:
 
                 async def read() -> None:
-                    rest = b""
+                    partial: list[bytes] = []  # a line's pieces until its newline arrives
+                    size = 0
                     while (message := await receive())["type"] != "http.disconnect":
-                        *lines, rest = (rest + message.get("body", b"")).split(b"\n")
-                        if not message.get("more_body", False):
-                            lines.append(rest)  # the body ended: its last line too
-                            rest = b""
-                        for line in lines:
-                            if line.strip():
-                                self.command(self.channel, line)
+                        body, more = message.get("body", b""), message.get("more_body", False)
+                        if more and b"\n" not in body:
+                            partial.append(body)
+                            size += len(body)
+                        else:
+                            *lines, rest = b"".join([*partial, body]).split(b"\n")
+                            if not more:
+                                lines.append(rest)  # the body ended: its last line too
+                                rest = b""
+                            for line in lines:
+                                if line.strip():
+                                    self.command(self.channel, line)
+                            partial, size = [rest], len(rest)
+                        if size > protocol.MAX_LINE_BYTES:
+                            limit = protocol.MAX_LINE_BYTES
+                            self.channel.end(
+                                InvalidRequestError(f"a channel line is longer than {limit} bytes")
+                            )
+                            return  # read no more: the answer ends, its requests are aborted
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(read)
@@ -327,6 +349,7 @@ class ChannelResponse(Response):
                     first = protocol.encode({"channel": self.channel.id}) + b"\n"
                     await send({"type": "http.response.body", "body": first, "more_body": True})
                     await self.channel.pump(send)
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with anyio.CancelScope(shield=True):
                 await self.channel.close()

@@ -18,7 +18,9 @@ POST /engine/channels              request body, NDJSON, written as the gateway 
                                       RequestDelta of the requests added on this channel,
                                       or {"error": {...}, "request_id"} ending one of them
                                       (an add refused: invalid, too long, replica draining).
-                                      Closing the connection aborts all of its requests.
+                                      Closing the connection aborts all of its requests;
+                                      a line past MAX_LINE_BYTES ends the channel (an error
+                                      line without request_id, then the answer's end).
 POST /engine/prefixes/warm         {"token_ids", "kwargs"} -> PrefixState
 POST /engine/prefixes/unpin        {"key"} -> {"ok": bool}
 POST /engine/prefixes/extend       {"key", "expires_at"} -> {"ok": bool}
@@ -65,6 +67,10 @@ EXTEND = "/engine/prefixes/extend"
 STATS = "/engine/stats"
 INFO = "/engine/info"
 TOKENIZER = "/engine/tokenizer"
+# A channel line longer than this ends the channel (an error line, then the end of the answer,
+# which aborts its requests) instead of being buffered on: an add carries at most the context
+# length in token ids (~7 bytes each), so 16 MiB holds a 2M-token prompt.
+MAX_LINE_BYTES = 16 * 1024 * 1024
 
 DELTA = TypeAdapter(RequestDelta)
 PARAMS = TypeAdapter(SamplingParams)

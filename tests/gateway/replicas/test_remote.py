@@ -227,6 +227,32 @@ async def test_a_channel_answers_bad_lines_with_error_lines(fake: FakeEngine) ->
             assert deltas[-1]["deltas"][0]["finish_reason"] == "length"
 
 
+async def test_a_channel_line_past_the_cap_ends_the_channel(
+    fake: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line that grows past `MAX_LINE_BYTES` without its newline is not buffered on: the
+    replica answers an error line, ends the answer and aborts the channel's requests; lines
+    before it in the same chunk still count."""
+    monkeypatch.setattr(protocol, "MAX_LINE_BYTES", 1024)
+    params = protocol.jsonable(SamplingParams(max_tokens=400, ignore_eos=True))
+    add = {"op": "add", "request_id": "c", "prompt_token_ids": [5, 6], "params": params}
+    with serve_replica(fake) as url:
+        async with StreamClient(url).duplex(protocol.CHANNEL) as (response, write):
+            lines = response.lines()
+            assert "channel" in json.loads(await anext(lines))
+            write(protocol.encode(add) + b"\n" + b"x" * 600)
+            write(b"x" * 600)  # 1,200 bytes and no newline yet
+            async with asyncio.timeout(10):  # before: buffered on, waiting for the newline
+                answers = [json.loads(line) async for line in lines if line]
+    errors = [a for a in answers if "error" in a]
+    assert len(errors) == 1 and errors[0]["request_id"] is None, answers
+    assert "longer than 1024 bytes" in errors[0]["error"]["message"]
+    assert response.complete  # the answer ended, its connection was not just cut
+    while fake.stats().num_running:
+        await asyncio.sleep(0.01)
+    assert fake.aborted == ["c"]
+
+
 async def test_a_gateway_leaving_aborts_every_request_of_its_channel(
     remote: RemoteEngine, fake: FakeEngine
 ) -> None:
