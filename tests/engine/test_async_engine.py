@@ -186,6 +186,17 @@ async def test_bounded_queue_refuses_past_max_waiting(tiny_dirs) -> None:
     assert eng.engine.block_manager.num_free_blocks == 64  # nothing allocated for refusals
 
 
+async def run_once(eng: AsyncEngine, max_tokens: int) -> None:
+    """Start `eng`, run one greedy request to its end, shut it down."""
+    eng.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        async for _ in eng.generate([5, 6, 7], params):
+            pass
+    finally:
+        eng.shutdown()
+
+
 async def test_from_config_loads_and_steps_on_one_thread(tiny_dirs, monkeypatch) -> None:
     """All of the engine's torch work starts on the loop thread (one OpenMP team, see
     `AsyncEngine.from_config`): the model is built there, not on the caller's thread."""
@@ -204,14 +215,8 @@ async def test_from_config_loads_and_steps_on_one_thread(tiny_dirs, monkeypatch)
     monkeypatch.setattr(LLMEngine, "step", step)
     config = EngineConfig(model=tiny_dirs["llama"], dtype="float32")
     eng = await asyncio.to_thread(AsyncEngine.from_config, config)
-    eng.start()
-    eng.start()  # idempotent
-    try:
-        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        async for _ in eng.generate([5, 6, 7], params):
-            pass
-    finally:
-        eng.shutdown()
+    eng.start()  # again in run_once: idempotent
+    await run_once(eng, max_tokens=4)
     assert len(seen["init"]) == 1 and seen["init"] == seen["step"]
     assert threading.get_ident() not in seen["init"]
 
@@ -240,13 +245,7 @@ async def test_the_step_runs_at_the_configured_nice_above_the_process(
         eng = await asyncio.to_thread(AsyncEngine.from_config, config)
     else:
         eng = AsyncEngine(LLMEngine(config))
-    eng.start()
-    try:
-        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-        async for _ in eng.generate([5, 6, 7], params):
-            pass
-    finally:
-        eng.shutdown()
+    await run_once(eng, max_tokens=3)
     assert nice and set(nice) == {base + 3}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
