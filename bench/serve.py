@@ -15,7 +15,9 @@ them to `/v1/completions` with `stream: true` from this process while the server
 process (as in production); the engine mode adds the same requests to an in-process `AsyncEngine`
 with the same configuration. The two modes alternate for `--rounds` rounds in ABBA order
 (machine load that drifts hits both alike), each round with fresh prompts that both modes run
-(a repeated round would be served from the prefix cache), and each mode's rounds are pooled.
+(a repeated round would be served from the prefix cache), and each mode's rounds are pooled;
+the throughput overhead is also printed round by round (a round's two modes ran the same
+requests back to back): their spread shows what one run can resolve.
 Printed: requests/s, output tokens/s, time to first token and inter-token latency percentiles
 per mode, and the HTTP overhead (targets: under 5% of throughput, under 2 ms of TTFT p50), also
 as CPU time per output token (server process vs engine alone; it includes OpenMP workers
@@ -38,6 +40,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +88,7 @@ class Run:
     wall: float = 0.0
     timings: list[Timing] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds in the run
+    round_rates: list[float] = field(default_factory=list)  # merged: each round's output tok/s
 
     def summary(self) -> dict[str, float]:
         ttfts = [t.ttft for t in self.timings]
@@ -359,6 +363,17 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
             f"{what} overhead under load: throughput {loss:+.1f}% lost (target < {target}), TTFT "
             f"p50 {ttft:+.1f} ms (queueing behind other prefills: see the probe for the gateway's)"
         )
+        http_rates, direct_rates = (r.round_rates for r in load)
+        if len(http_rates) > 1 and len(http_rates) == len(direct_rates):
+            # a round's two modes ran the same requests back to back: each round's loss is free
+            # of the drift between rounds, and their spread shows what one run resolves
+            by_round = zip(http_rates, direct_rates, strict=True)
+            losses = [100 * (1 - h / d) for h, d in by_round]
+            out["overhead"]["throughput_loss_pct_by_round"] = losses
+            print(
+                f"  by round: {', '.join(f'{x:+.1f}%' for x in losses)} "
+                f"(median {statistics.median(losses):+.1f}%)"
+            )
         if "cpu_ms_per_token_replica" in http and "cpu_ms_per_token_server" in direct:
             remote = http["cpu_ms_per_token_server"] + http["cpu_ms_per_token_replica"]
             extra = remote - direct["cpu_ms_per_token_server"]
@@ -367,6 +382,17 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
                 f"CPU per output token: gateway {http['cpu_ms_per_token_server']:.2f} ms + replica "
                 f"{http['cpu_ms_per_token_replica']:.2f} ms, embedded "
                 f"{direct['cpu_ms_per_token_server']:.2f} ms: the remote path adds {extra:+.2f} ms"
+            )
+            # an engine's OpenMP workers spin between parallel regions: its process keeps the
+            # cores busy whatever the work, so its CPU per token follows its throughput
+            replica_cores, embedded_cores = (
+                run["cpu_ms_per_token_" + name] * run["output_tokens_per_s"] / 1000
+                for run, name in ((http, "replica"), (direct, "server"))
+            )
+            out["overhead"]["cores_busy"] = {"replica": replica_cores, "embedded": embedded_cores}
+            print(
+                f"  cores busy: replica {replica_cores:.2f}, embedded server {embedded_cores:.2f} "
+                "(an engine's OpenMP threads spin between its parallel regions)"
             )
         if "cpu_ms_per_token_server" in http and "cpu_ms_per_token_engine" in direct:
             extra = http["cpu_ms_per_token_server"] - direct["cpu_ms_per_token_engine"]
@@ -446,7 +472,8 @@ def merge(runs: list[Run]) -> Run:
     """All rounds of one mode as one run: summed wall and CPU time, pooled latencies."""
     cpu = {k: sum(r.cpu[k] for r in runs) for k in runs[0].cpu}
     timings = [t for r in runs for t in r.timings]
-    return Run(runs[0].name, sum(r.wall for r in runs), timings, cpu)
+    rates = [r.summary()["output_tokens_per_s"] for r in runs]
+    return Run(runs[0].name, sum(r.wall for r in runs), timings, cpu, rates)
 
 
 async def bench(
