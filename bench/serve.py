@@ -40,7 +40,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -372,7 +371,7 @@ def report(args: argparse.Namespace, runs: list[Run]) -> dict[str, Any]:
             out["overhead"]["throughput_loss_pct_by_round"] = losses
             print(
                 f"  by round: {', '.join(f'{x:+.1f}%' for x in losses)} "
-                f"(median {statistics.median(losses):+.1f}%)"
+                f"(median {percentile(losses, 50):+.1f}%)"
             )
         if "cpu_ms_per_token_replica" in http and "cpu_ms_per_token_server" in direct:
             remote = http["cpu_ms_per_token_server"] + http["cpu_ms_per_token_replica"]

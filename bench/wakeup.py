@@ -1,7 +1,7 @@
 """What one process hop costs on this machine when it is idle: a write to a loopback TCP socket
 until its reader, another process blocked in `recv`, runs.
 
-    python bench/wakeup.py [--probes 200] [--gap-ms 100] [--work-us 200]
+    python bench/wakeup.py [--probes 200] [--gap-ms 100] [--work-us 200]      (Linux)
 
 Each probe the writer sends one byte and then keeps its core busy for `--work-us` (the rest of a
 handler after its write); the reader stamps `time.monotonic_ns()` as `recv` returns and answers
@@ -27,11 +27,11 @@ import os
 import resource
 import signal
 import socket
-import statistics
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import _record
+from _stats import percentile
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -56,7 +56,7 @@ def reader(port: int, cpu: int | None) -> None:
         conn.sendall(f"{stamp} {current_cpu()}\n".encode())
 
 
-def probe(conn: socket.socket, work_us: float) -> tuple[float, bool, bool]:
+def probe(conn: socket.socket, replies: BinaryIO, work_us: float) -> tuple[float, bool, bool]:
     """(wake-up latency in ms, the reader ran on the writer's CPU, the writer was preempted)"""
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
     cpu = current_cpu()
@@ -64,12 +64,13 @@ def probe(conn: socket.socket, work_us: float) -> tuple[float, bool, bool]:
     conn.send(b"x")
     spin_us(work_us)
     preempted = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw > before
-    stamp, reader_cpu = conn.recv(64).decode().split()
+    stamp, reader_cpu = replies.readline().split()
     return (int(stamp) - sent) / 1e6, int(reader_cpu) == cpu, preempted
 
 
-def start_reader(cpu: int | None) -> tuple[socket.socket, int]:
-    """A forked reader (pinned to `cpu` if given) and the writer's end of its connection."""
+def start_reader(cpu: int | None) -> tuple[socket.socket, BinaryIO, int]:
+    """A forked reader (pinned to `cpu` if given), the writer's end of its connection and the
+    reader's replies (one line each)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = int(listener.getsockname()[1])
     pid = os.fork()
@@ -82,16 +83,15 @@ def start_reader(cpu: int | None) -> tuple[socket.socket, int]:
     conn, _ = listener.accept()
     listener.close()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn, pid
+    return conn, conn.makefile("rb"), pid
 
 
 def summary(samples: list[tuple[float, bool, bool]]) -> dict[str, Any]:
-    latencies = sorted(s[0] for s in samples)
-    n = len(samples)
+    latencies = [s[0] for s in samples]
     return {
-        "probes": n,
-        "wake_ms_p50": statistics.median(latencies),
-        "wake_ms_p90": latencies[min(n - 1, int(n * 0.9))],
+        "probes": len(samples),
+        "wake_ms_p50": percentile(latencies, 50),
+        "wake_ms_p90": percentile(latencies, 90),
         "on_writers_cpu": sum(s[1] for s in samples),
         "writer_preempted": sum(s[2] for s in samples),
     }
@@ -119,10 +119,12 @@ def main() -> None:
             for name, (writer_cpu, _) in placements.items():
                 os.sched_setaffinity(0, mask if writer_cpu is None else {writer_cpu})
                 time.sleep(args.gap_ms / 1000)
-                samples[name].append(probe(readers[name][0], args.work_us))
+                conn, replies, _ = readers[name]
+                samples[name].append(probe(conn, replies, args.work_us))
     finally:
         os.sched_setaffinity(0, mask)
-        for conn, pid in readers.values():  # each reader also holds the others' sockets
+        for conn, replies, pid in readers.values():  # each reader holds the others' sockets too
+            replies.close()
             conn.close()
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
