@@ -297,9 +297,7 @@ class LLMEngine:
                     if seq.logprobs is None:
                         seq.logprobs = []
                     seq.logprobs.append(token.logprob)
-            stop = self.output_processor.check_stop(seq, token.token_id)
-            if stop is None and token.grammar_done:  # its grammar allows nothing more
-                stop = ("stop", token.token_id)
+            stop = self.output_processor.check_stop(seq, token.token_id, token.grammar_done)
             if stop is not None:
                 self.scheduler.finish(seq, *stop)
             touched[seq.request.request_id] = seq.request

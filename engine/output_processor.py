@@ -1,9 +1,11 @@
 """Per-token output handling: incremental detokenization, stop checks, streaming deltas.
 
 Text is decoded with the tokenizer's incremental `DecodeStream`, which returns nothing until a
-token completes a UTF-8 character, so deltas never split a multibyte character. While a stop string
-could still be forming, its possible prefix is held back from the client; once it matches, the
-text is cut before it and never sent.
+token completes a UTF-8 character, so deltas never split a multibyte character. When a sequence
+ends on such an incomplete character (length, a stop token, a finished grammar), the held-back
+tokens are decoded as they stand, so the final text equals the tokenizer's decode of the output
+tokens, replacement characters included. While a stop string could still be forming, its possible
+prefix is held back from the client; once it matches, the text is cut before it and never sent.
 """
 
 from __future__ import annotations
@@ -17,6 +19,36 @@ from engine.outputs import Delta, TokenLogprob
 from engine.request import Sequence
 
 
+class TextStream:
+    """`DecodeStream` plus the tokens it holds back, so a finished sequence can flush them."""
+
+    CONTEXT = 4  # tokens decoded before the held-back ones, for decoders that read neighbours
+
+    def __init__(self, skip_special_tokens: bool) -> None:
+        self.skip_special_tokens = skip_special_tokens
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.context: list[int] = []  # the last tokens that produced text
+        self.pending: list[int] = []  # tokens fed since text was last produced
+
+    def step(self, backend: Any, token_id: int) -> str:
+        piece = self.stream.step(backend, token_id)
+        self.pending.append(token_id)
+        if piece:
+            self.context = (self.context + self.pending)[-self.CONTEXT :]
+            self.pending = []
+        return piece or ""
+
+    def flush(self, backend: Any) -> str:
+        """The text of the held-back tokens, incomplete characters decoded as U+FFFD."""
+        if not self.pending:
+            return ""
+        skip = self.skip_special_tokens
+        base = backend.decode(self.context, skip_special_tokens=skip)
+        text: str = backend.decode(self.context + self.pending, skip_special_tokens=skip)
+        self.context, self.pending = (self.context + self.pending)[-self.CONTEXT :], []
+        return text[len(base) :]
+
+
 class OutputProcessor:
     """Appends sampled tokens' text to sequences and decides when they stop."""
 
@@ -24,8 +56,20 @@ class OutputProcessor:
         self.backend = getattr(tokenizer, "_tokenizer", None) or tokenizer.backend_tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
 
-    def check_stop(self, seq: Sequence, token_id: int) -> tuple[str, int | str | None] | None:
-        """Account for `token_id` (already appended to `seq`); return (reason, stop) if done."""
+    def check_stop(
+        self, seq: Sequence, token_id: int, grammar_done: bool = False
+    ) -> tuple[str, int | str | None] | None:
+        """Account for `token_id` (already appended to `seq`); return (reason, stop) if done.
+
+        `grammar_done`: the request's grammar allows nothing after this token."""
+        stop = self._check_stop(seq, token_id)
+        if stop is None and grammar_done:
+            stop = ("stop", token_id)
+        if stop is not None and not isinstance(stop[1], str):  # not cut at a stop string
+            self._flush(seq)
+        return stop
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> tuple[str, int | str | None] | None:
         request = seq.request
         params = request.params
         if seq.num_output_tokens > params.min_tokens or params.min_tokens == 0:
@@ -42,15 +86,20 @@ class OutputProcessor:
             return "length", None
         return None
 
-    def _detokenize(self, seq: Sequence, token_id: int) -> None:
+    @staticmethod
+    def _stream(seq: Sequence) -> TextStream:
         stream = seq.detok_state
         if stream is None:
-            stream = DecodeStream(skip_special_tokens=seq.request.params.skip_special_tokens)
+            stream = TextStream(seq.request.params.skip_special_tokens)
             seq.detok_state = stream
-        assert isinstance(stream, DecodeStream)
-        piece = stream.step(self.backend, token_id)
-        if piece:
-            seq.text += piece
+        assert isinstance(stream, TextStream)
+        return stream
+
+    def _detokenize(self, seq: Sequence, token_id: int) -> None:
+        seq.text += self._stream(seq).step(self.backend, token_id)
+
+    def _flush(self, seq: Sequence) -> None:
+        seq.text += self._stream(seq).flush(self.backend)
 
     @staticmethod
     def _find_stop(seq: Sequence, stops: list[str]) -> str | None:

@@ -60,16 +60,23 @@ class Run:
         return self.deltas[-1]
 
 
-def run(tok: Tokenizer, ids: list[int], params: SamplingParams, eos: int | None = None) -> Run:
-    """Feed `ids` one per step, as `LLMEngine.step` does, until the processor stops them."""
+def run(
+    tok: Tokenizer,
+    ids: list[int],
+    params: SamplingParams,
+    eos: int | None = None,
+    grammar_done_at: int | None = None,
+) -> Run:
+    """Feed `ids` one per step, as `LLMEngine.step` does, until the processor stops them
+    (a grammar, when given, allows nothing after the token at index `grammar_done_at`)."""
     op = OutputProcessor(Tok(tok), [] if eos is None else [eos])
     request = Request("r", [1, 2], params, params.max_tokens or len(ids))
     seq = request.seqs[0]
     deltas: list[Delta] = []
     sent: list[str] = []
-    for token in ids:
+    for i, token in enumerate(ids):
         seq.token_ids.append(token)
-        stop = op.check_stop(seq, token)
+        stop = op.check_stop(seq, token, grammar_done=i == grammar_done_at)
         if stop is not None:  # what Scheduler.finish records
             seq.status = SeqStatus.FINISHED
             seq.finish_reason, seq.stop_reason = stop
@@ -249,3 +256,45 @@ def test_abort_before_the_first_token_with_logprobs(tok: Tokenizer) -> None:
     plain.token_ids.append(5)
     delta = op.take_delta(plain, with_logprobs=False)
     assert delta is not None and delta.logprobs is None
+
+
+def cut_mid_character(tok: Tokenizer) -> list[int]:
+    """The longest token prefix of a text the vocabulary splits across characters whose decode
+    ends in an incomplete character (shown as U+FFFD), as a model's output can end. Its last
+    token completes one character and starts the next ("¥æ"), which holds both back."""
+    ids = tok.encode("naïve café 語日本 ok").ids
+    cuts = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the vocabulary splits no character across tokens"
+    return ids[: cuts[-1]]
+
+
+def test_length_on_an_incomplete_character_flushes_it(tok: Tokenizer) -> None:
+    """The final text is the tokenizer's decode of the output tokens, whatever they end on:
+    the held-back bytes come out (as U+FFFD) with the finishing delta, not dropped."""
+    ids = cut_mid_character(tok)
+    r = run(tok, ids, SamplingParams(max_tokens=len(ids)))
+    assert r.last.finish_reason == "length"
+    assert r.streamed == r.seq.text == tok.decode(ids)
+    assert r.last.text.endswith("\ufffd")  # only the last delta carries the broken character
+    assert all("\ufffd" not in d.text for d in r.deltas[:-1])
+
+
+@pytest.mark.parametrize("how", ["eos", "stop_token", "grammar"])
+def test_other_token_stops_flush_too(tok: Tokenizer, eos: int, how: str) -> None:
+    ids = cut_mid_character(tok)
+    params = SamplingParams(max_tokens=99)
+    if how == "eos":
+        r = run(tok, [*ids, eos], params, eos=eos)
+    elif how == "stop_token":
+        r = run(tok, [*ids, eos], SamplingParams(max_tokens=99, stop_token_ids=[eos]))
+    else:
+        r = run(tok, [*ids, *ids], params, grammar_done_at=len(ids) - 1)
+    assert r.last.finish_reason == "stop"
+    assert r.streamed == tok.decode(ids)
+
+
+def test_a_stop_string_cut_does_not_flush(tok: Tokenizer) -> None:
+    """Text after a matched stop string is never sent, held-back bytes included."""
+    ids = cut_mid_character(tok)
+    r = run(tok, ids, SamplingParams(max_tokens=99, stop=["caf"]))
+    assert (r.last.stop_reason, r.streamed) == ("caf", "naïve ")
