@@ -27,25 +27,26 @@ class TextStream:
     def __init__(self, skip_special_tokens: bool) -> None:
         self.skip_special_tokens = skip_special_tokens
         self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        self.context: list[int] = []  # the last tokens that produced text
-        self.pending: list[int] = []  # tokens fed since text was last produced
+        self.fed: list[int] = []  # every token decoded
+        self.done = 0  # how many of them have produced their text
 
     def step(self, backend: Any, token_id: int) -> str:
-        piece = self.stream.step(backend, token_id)
-        self.pending.append(token_id)
+        self.fed.append(token_id)
+        piece: str | None = self.stream.step(backend, token_id)
         if piece:
-            self.context = (self.context + self.pending)[-self.CONTEXT :]
-            self.pending = []
-        return piece or ""
+            self.done = len(self.fed)
+            return piece
+        return ""
 
     def flush(self, backend: Any) -> str:
         """The text of the held-back tokens, incomplete characters decoded as U+FFFD."""
-        if not self.pending:
+        if self.done == len(self.fed):
             return ""
         skip = self.skip_special_tokens
-        base = backend.decode(self.context, skip_special_tokens=skip)
-        text: str = backend.decode(self.context + self.pending, skip_special_tokens=skip)
-        self.context, self.pending = (self.context + self.pending)[-self.CONTEXT :], []
+        context = self.fed[max(0, self.done - self.CONTEXT) : self.done]
+        base: str = backend.decode(context, skip_special_tokens=skip)
+        text: str = backend.decode(context + self.fed[self.done :], skip_special_tokens=skip)
+        self.done = len(self.fed)
         return text[len(base) :]
 
 
