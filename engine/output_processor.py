@@ -20,33 +20,37 @@ from engine.request import Sequence
 
 
 class TextStream:
-    """`DecodeStream` plus the tokens it holds back, so a finished sequence can flush them."""
+    """`DecodeStream` plus a count of the tokens it holds back, so a finished sequence can
+    flush them. The tokens fed are always the first `fed` of the sequence's outputs: a token is
+    fed unless it stops the sequence, and nothing is fed after that."""
 
     CONTEXT = 4  # tokens decoded before the held-back ones, for decoders that read neighbours
 
     def __init__(self, skip_special_tokens: bool) -> None:
         self.skip_special_tokens = skip_special_tokens
         self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        self.fed: list[int] = []  # every token decoded
+        self.fed = 0  # output tokens decoded
         self.done = 0  # how many of them have produced their text
 
     def step(self, backend: Any, token_id: int) -> str:
-        self.fed.append(token_id)
+        self.fed += 1
         piece: str | None = self.stream.step(backend, token_id)
         if piece:
-            self.done = len(self.fed)
+            self.done = self.fed
             return piece
         return ""
 
-    def flush(self, backend: Any) -> str:
+    def flush(self, backend: Any, outputs: list[int]) -> str:
         """The text of the held-back tokens, incomplete characters decoded as U+FFFD."""
-        if self.done == len(self.fed):
+        if self.done == self.fed:
             return ""
         skip = self.skip_special_tokens
-        context = self.fed[max(0, self.done - self.CONTEXT) : self.done]
+        context = outputs[max(0, self.done - self.CONTEXT) : self.done]
         base: str = backend.decode(context, skip_special_tokens=skip)
-        text: str = backend.decode(context + self.fed[self.done :], skip_special_tokens=skip)
-        self.done = len(self.fed)
+        text: str = backend.decode(
+            context + outputs[self.done : self.fed], skip_special_tokens=skip
+        )
+        self.done = self.fed
         return text[len(base) :]
 
 
@@ -100,7 +104,7 @@ class OutputProcessor:
         seq.text += self._stream(seq).step(self.backend, token_id)
 
     def _flush(self, seq: Sequence) -> None:
-        seq.text += self._stream(seq).flush(self.backend)
+        seq.text += self._stream(seq).flush(self.backend, seq.output_token_ids)
 
     @staticmethod
     def _find_stop(seq: Sequence, stops: list[str]) -> str | None:

@@ -285,8 +285,9 @@ def test_other_token_stops_flush_too(tok: Tokenizer, eos: int, how: str) -> None
     params = SamplingParams(max_tokens=99)
     if how == "eos":
         r = run(tok, [*ids, eos], params, eos=eos)
-    elif how == "stop_token":
-        r = run(tok, [*ids, eos], SamplingParams(max_tokens=99, stop_token_ids=[eos]))
+    elif how == "stop_token":  # a token with text: the stop token's text is not flushed
+        (ok,) = tok.encode(" ok").ids
+        r = run(tok, [*ids, ok], SamplingParams(max_tokens=99, stop_token_ids=[ok]))
     else:
         r = run(tok, [*ids, *ids], params, grammar_done_at=len(ids) - 1)
     assert r.last.finish_reason == "stop"
